@@ -1,0 +1,16 @@
+"""linforge: a compiler for linear attention.
+
+Write a variant as a short spec (state update plus readout); ``linforge.compile`` parses it,
+proves the structure of its update and returns a differentiable op::
+
+    attn = linforge.compile(open("gla.lin").read())
+    o, state = attn(q=q, k=k, v=v, g=g, output_final_state=True)
+"""
+
+from . import library
+from .api import Attention, compile, load
+from .dsl.errors import SpecError
+from .ir.transition import TransitionClass
+
+__all__ = ["Attention", "SpecError", "TransitionClass", "compile", "library", "load"]
+__version__ = "0.1.0"

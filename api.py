@@ -1,0 +1,266 @@
+"""Public API: ``compile`` a spec into an ``Attention`` op and call it on tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import sympy
+import torch
+
+from .dsl import SpecError, parse
+from .dsl.ast import Spec
+from .ir.analysis import Analysis, analyse
+from .ir.interpret import run_reference
+from .ir.lower import lower, show_dims
+
+FORMS = ("auto", "recurrent", "chunk", "parallel", "reference")
+
+
+@dataclass(frozen=True)
+class Bound:
+    """Validated call arguments: per-token inputs, per-head params and all sizes."""
+
+    inputs: dict[str, torch.Tensor]
+    params: dict[str, torch.Tensor]
+    sizes: dict[str, int]
+    batch: int           # B, or N sequences with cu_seqlens
+    length: int          # T
+    out_dtype: torch.dtype
+
+
+class Attention:
+    """A compiled spec. Call it like an fla op::
+
+        o, final_state = attn(q=q, k=k, v=v, initial_state=None, output_final_state=False)
+
+    Inputs are ``[B, T, H, *dims]``, params ``[H, *dims]``, states a dict name ->
+    ``[B, H, *dims]`` (``[N, H, *dims]`` for N packed sequences with ``cu_seqlens``).
+    """
+
+    def __init__(self, spec: Spec, analysis: Analysis, filename: str | None = None):
+        self.spec = spec
+        self.analysis = analysis
+        self.program = analysis.program
+        self.filename = filename
+
+    @property
+    def name(self) -> str:
+        """The spec's name."""
+        return self.program.name
+
+    def __repr__(self) -> str:
+        return (f"Attention({self.name!r}, class={self.analysis.transition_class.value!r}, "
+                f"forms={self.analysis.forms})")
+
+    # ------------------------------------------------------------------ info
+    def info(self) -> dict:
+        """Dims, inputs, params, states, transition class, readout and supported forms."""
+        a, p = self.analysis, self.program
+        return {
+            "name": p.name,
+            "noncausal": p.noncausal,
+            "dims": {d: (None if s is None else str(s)) for d, s in p.dims.items()},
+            "inputs": {n: list(d.dims) for n, d in p.inputs.items()},
+            "params": {n: list(d.dims) for n, d in p.params.items()},
+            "states": {n: list(d.dims) for n, d in p.states.items()},
+            "state_classes": {s: c.value for s, c in a.classes.items()},
+            "transition_class": a.transition_class.value,
+            "normalizers": {nz.vector: nz.matrix for nz in a.normalizers},
+            "readout": a.readout.kind.value,
+            "forms": list(a.forms),
+            "kernels": [],
+            "auto_form": "reference (no generated kernels yet)",
+        }
+
+    # ------------------------------------------------------------------ calls
+    def __call__(self, *, initial_state: dict | None = None, output_final_state: bool = False,
+                 cu_seqlens: torch.Tensor | None = None, form: str = "auto", **tensors):
+        """Run the op; returns ``(o [B, T, H, *o_dims], final_state or None)``.
+
+        ``form="auto"`` currently runs the reference interpreter (float64 inside, results cast
+        to the input dtype for ``o`` and float32 for states); generated kernels take over as
+        the codegen forms land. Other forms raise until their kernels exist.
+        """
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
+        if form not in ("auto", "reference"):
+            supported = ", ".join(self.analysis.forms)
+            if form not in self.analysis.forms:
+                raise ValueError(f"spec '{self.name}' ({self.analysis.transition_class.value}) "
+                                 f"does not support form={form!r}; it supports: {supported}")
+            raise NotImplementedError(f"form={form!r} has no generated kernel yet; use "
+                                      "form='auto' (reference interpreter)")
+        o, final = self.reference(initial_state=initial_state,
+                                  output_final_state=output_final_state,
+                                  cu_seqlens=cu_seqlens, **tensors)
+        bound = self.bind(tensors, initial_state, cu_seqlens)
+        state_dtype = (next(iter(initial_state.values())).dtype if initial_state
+                       else torch.float32)
+        final = {s: x.to(state_dtype) for s, x in final.items()} if final is not None else None
+        return o.to(bound.out_dtype), final
+
+    def reference(self, *, initial_state: dict | None = None, output_final_state: bool = False,
+                  cu_seqlens: torch.Tensor | None = None, dtype: torch.dtype = torch.float64,
+                  **tensors):
+        """Run the reference interpreter (the test oracle) in ``dtype`` (float64 default).
+
+        Same arguments as ``__call__``; returns ``(o, final_state or None)`` in ``dtype``.
+        """
+        bound = self.bind(tensors, initial_state, cu_seqlens)
+        o, final = run_reference(self.program, bound.inputs, bound.params, bound.sizes,
+                                 initial_state=initial_state, cu_seqlens=cu_seqlens, dtype=dtype)
+        return o, (final if output_final_state else None)
+
+    # ------------------------------------------------------------------ validation
+    def bind(self, tensors: dict, initial_state: dict | None,
+             cu_seqlens: torch.Tensor | None) -> Bound:
+        """Check names, shapes, dtypes and devices of call arguments; infer every size."""
+        p = self.program
+        missing = [n for n in (*p.inputs, *p.params) if n not in tensors]
+        if missing:
+            raise ValueError(f"{self.name}: missing argument(s) {', '.join(missing)}; "
+                             f"expects inputs {', '.join(p.inputs)}"
+                             + (f" and params {', '.join(p.params)}" if p.params else ""))
+        unknown = [n for n in tensors if n not in p.inputs and n not in p.params]
+        if unknown:
+            raise ValueError(f"{self.name}: unknown argument(s) {', '.join(unknown)}; "
+                             f"expects {', '.join([*p.inputs, *p.params])}")
+        sizes: dict[str, int] = {}
+        where: dict[str, str] = {}
+        device = None
+
+        def take(size_name: str, value: int, arg: str):
+            if size_name in sizes and sizes[size_name] != value:
+                raise ValueError(
+                    f"{self.name}: size of {size_name} is {sizes[size_name]} from "
+                    f"{where[size_name]} but {value} from {arg}")
+            sizes[size_name], where[size_name] = value, arg
+
+        for kind, table, lead in (("input", p.inputs, ("B", "T", "H")),
+                                  ("param", p.params, ("H",))):
+            for name, decl in table.items():
+                x = tensors[name]
+                expect = f"[{', '.join([*lead, *decl.dims])}]"
+                if not isinstance(x, torch.Tensor):
+                    raise ValueError(f"{self.name}: {kind} '{name}' must be a torch.Tensor "
+                                     f"{expect}, got {type(x).__name__}")
+                if not x.is_floating_point():
+                    raise ValueError(f"{self.name}: {kind} '{name}' must be a floating-point "
+                                     f"tensor, got {x.dtype}")
+                if x.dim() != len(lead) + len(decl.dims):
+                    raise ValueError(f"{self.name}: {kind} '{name}' must have shape {expect}, "
+                                     f"got {tuple(x.shape)} ({x.dim()} dims)")
+                if device is None:
+                    device = x.device
+                elif x.device != device:
+                    raise ValueError(f"{self.name}: {kind} '{name}' is on {x.device} but other "
+                                     f"arguments are on {device}")
+                for d, n in zip([*lead, *decl.dims], x.shape):
+                    take(d, int(n), f"'{name}' {expect}")
+        self._check_declared_sizes(sizes)
+        out_dtype = next((tensors[n].dtype for n, d in p.inputs.items() if "V" in d.dims),
+                         next(iter(tensors.values())).dtype)
+        batch = sizes.get("B", 1)
+        if cu_seqlens is not None:
+            batch = self._check_cu_seqlens(cu_seqlens, sizes, device)
+        self._check_states(initial_state, sizes, batch, device)
+        inputs = {n: tensors[n] for n in p.inputs}
+        params = {n: tensors[n] for n in p.params}
+        return Bound(inputs, params, sizes, batch, sizes.get("T", 0), out_dtype)
+
+    def _check_declared_sizes(self, sizes: dict[str, int]) -> None:
+        for d, expr in self.program.dims.items():
+            if expr is None:
+                continue
+            missing = [str(s) for s in expr.free_symbols if str(s) not in sizes]
+            if missing:
+                raise ValueError(f"{self.name}: cannot size dim {d}: "
+                                 f"{', '.join(missing)} not given by any tensor")
+            value = int(expr.subs({sympy.Symbol(k, positive=True, integer=True): v
+                                   for k, v in sizes.items()}))
+            if d in sizes and sizes[d] != value:
+                raise ValueError(f"{self.name}: dim {d} = {expr} = {value}, but a tensor "
+                                 f"has {d} = {sizes[d]}")
+            sizes[d] = value
+        for d in self.program.dims:
+            if d not in sizes:
+                raise ValueError(f"{self.name}: dim {d} is used by no input or param, so its "
+                                 "size is unknown; give it a size: `dim " + d + " = ...`")
+
+    def _check_cu_seqlens(self, cu: torch.Tensor, sizes: dict, device) -> int:
+        if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.is_floating_point():
+            raise ValueError(f"{self.name}: cu_seqlens must be a 1-D integer tensor [N + 1]")
+        if sizes.get("B", 1) != 1:
+            raise ValueError(f"{self.name}: with cu_seqlens the batch size B must be 1 "
+                             f"(sequences packed along T), got B = {sizes['B']}")
+        values = cu.tolist()
+        if len(values) < 2 or values[0] != 0 or values[-1] != sizes.get("T") or any(
+                b < a for a, b in zip(values, values[1:])):
+            raise ValueError(f"{self.name}: cu_seqlens must start at 0, never decrease and end "
+                             f"at T = {sizes.get('T')}, got {values}")
+        return len(values) - 1
+
+    def _check_states(self, initial_state, sizes, batch, device) -> None:
+        if initial_state is None:
+            return
+        p = self.program
+        if not isinstance(initial_state, dict):
+            raise ValueError(f"{self.name}: initial_state must be a dict state name -> tensor "
+                             f"(states: {', '.join(p.states)})")
+        wrong = set(initial_state) ^ set(p.states)
+        if wrong:
+            raise ValueError(f"{self.name}: initial_state must have exactly the states "
+                             f"{', '.join(p.states)}, got {', '.join(initial_state)}")
+        for s, decl in p.states.items():
+            x = initial_state[s]
+            want = (batch, sizes["H"], *(sizes[d] for d in decl.dims))
+            if not isinstance(x, torch.Tensor) or tuple(x.shape) != want:
+                got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ValueError(f"{self.name}: initial_state['{s}'] must have shape "
+                                 f"[N, H, {', '.join(decl.dims)}] = {want}, got {got}")
+            if x.device != device:
+                raise ValueError(f"{self.name}: initial_state['{s}'] is on {x.device}, "
+                                 f"inputs on {device}")
+
+
+def _read(text_or_path: str | Path) -> tuple[str, str | None]:
+    if isinstance(text_or_path, Path):
+        return text_or_path.read_text(), str(text_or_path)
+    if "\n" not in text_or_path and text_or_path.endswith(".lin"):
+        path = Path(text_or_path)
+        if not path.exists():
+            raise FileNotFoundError(f"spec file not found: {text_or_path}")
+        return path.read_text(), str(path)
+    return text_or_path, None
+
+
+def load(text_or_path: str | Path) -> dict[str, Attention]:
+    """Compile every spec in a text or ``.lin`` file; returns name -> ``Attention``."""
+    text, filename = _read(text_or_path)
+    out = {}
+    for spec in parse(text, filename):
+        if spec.name in out:
+            raise SpecError(f"two specs are named '{spec.name}'", spec.span, spec.source,
+                            filename=filename)
+        out[spec.name] = Attention(spec, analyse(lower(spec, filename), filename), filename)
+    return out
+
+
+def compile(text_or_path: str | Path, *, name: str | None = None) -> Attention:  # noqa: A001
+    """Compile a spec (text, or a path to a ``.lin`` file) into an ``Attention`` op.
+
+    With several specs in one text, ``name`` picks one.
+    """
+    specs = load(text_or_path)
+    if name is None:
+        if len(specs) > 1:
+            raise ValueError(f"the text holds {len(specs)} specs ({', '.join(specs)}); "
+                             "pick one with name=...")
+        return next(iter(specs.values()))
+    if name not in specs:
+        raise ValueError(f"no spec named {name!r}; found {', '.join(specs)}")
+    return specs[name]
+
+
+__all__ = ["Attention", "compile", "load", "show_dims"]

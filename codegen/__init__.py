@@ -1,0 +1,1 @@
+"""Code generation (Triton kernels per form); filled by the codegen issues."""
