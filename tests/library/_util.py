@@ -1,0 +1,57 @@
+"""Shared helpers for the library tests: random inputs in paper ranges, comparison, gradcheck."""
+
+from __future__ import annotations
+
+import torch
+
+import linforge
+
+DTYPE = torch.float64
+TOL = 1e-9   # float64 reference interpreter vs independent float64 reference
+
+
+def randn(*shape, scale: float = 1.0, seed_offset: int = 0) -> torch.Tensor:
+    """Standard normal float64 tensor (scaled)."""
+    return torch.randn(*shape, dtype=DTYPE) * scale
+
+
+def log_decay(*shape, low: float = 0.5, high: float = 0.999) -> torch.Tensor:
+    """log of a decay drawn uniformly in (low, high) -- a log decay as fla passes it."""
+    return torch.log(torch.empty(*shape, dtype=DTYPE).uniform_(low, high))
+
+
+def l2normalize(x: torch.Tensor) -> torch.Tensor:
+    """x / ||x|| over the last dim."""
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float = TOL, what=""):
+    """Max abs error relative to the max magnitude of ``expected`` below ``tol``."""
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    scale = expected.abs().max().clamp_min(1.0)
+    err = ((actual - expected).abs().max() / scale).item()
+    assert err < tol, f"{what}: relative error {err:.3e} >= {tol:.1e}"
+
+
+def run_spec(name: str, tensors: dict, initial_state=None, output_final_state=True):
+    """The library spec ``name`` through the reference interpreter in float64."""
+    attn = linforge.library.get(name)
+    return attn.reference(initial_state=initial_state, output_final_state=output_final_state,
+                          **tensors)
+
+
+def gradcheck_spec(name: str, tensors: dict, initial_state: dict | None = None) -> bool:
+    """torch.autograd.gradcheck of o (and the final states) w.r.t. every tensor and state."""
+    attn = linforge.library.get(name)
+    names = list(tensors)
+    state_names = list(initial_state or {})
+    leaves = [tensors[n].detach().clone().requires_grad_() for n in names]
+    leaves += [initial_state[s].detach().clone().requires_grad_() for s in state_names]
+
+    def fn(*xs):
+        kw = dict(zip(names, xs[:len(names)]))
+        init = dict(zip(state_names, xs[len(names):])) or None
+        o, final = attn.reference(initial_state=init, output_final_state=True, **kw)
+        return (o, *final.values())
+
+    return torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-5, rtol=1e-4)
