@@ -79,14 +79,14 @@ class Node:
 
     def walk(self):
         """Yield every distinct node of the DAG below (and including) this one, children first."""
-        seen: set[int] = set()
+        seen: set[Node] = set()
         stack = [(self, False)]
         while stack:
             node, expanded = stack.pop()
-            if id(node) in seen:
+            if node in seen:
                 continue
             if expanded:
-                seen.add(id(node))
+                seen.add(node)
                 yield node
             else:
                 stack.append((node, True))
