@@ -7,10 +7,14 @@ proves the structure of its update and returns a differentiable op::
     o, state = attn(q=q, k=k, v=v, g=g, output_final_state=True)
 """
 
-from . import library
-from .api import Attention, compile, load
-from .dsl.errors import SpecError
-from .ir.transition import TransitionClass
+from .codegen.launch import ensure_backend
+
+ensure_backend()  # before anything imports triton
+
+from . import library  # noqa: E402
+from .api import Attention, compile, load  # noqa: E402
+from .dsl.errors import SpecError  # noqa: E402
+from .ir.transition import TransitionClass  # noqa: E402
 
 __all__ = ["Attention", "SpecError", "TransitionClass", "compile", "library", "load"]
 __version__ = "0.1.0"

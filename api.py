@@ -12,6 +12,7 @@ from .dsl import SpecError, parse
 from .dsl.ast import Spec
 from .ir.analysis import Analysis, analyse
 from .ir.interpret import run_reference
+from .codegen.ops import recurrent_forward, recurrent_source
 from .ir.lower import lower, show_dims
 
 FORMS = ("auto", "recurrent", "chunk", "parallel", "reference")
@@ -69,8 +70,9 @@ class Attention:
             "normalizers": {nz.vector: nz.matrix for nz in a.normalizers},
             "readout": a.readout.kind.value,
             "forms": list(a.forms),
-            "kernels": [],
-            "auto_form": "reference (no generated kernels yet)",
+            "kernels": ["recurrent fwd"],
+            "auto_form": "recurrent kernel without gradients; reference interpreter with "
+                         "gradients (no kernel backward yet)",
         }
 
     # ------------------------------------------------------------------ calls
@@ -78,27 +80,93 @@ class Attention:
                  cu_seqlens: torch.Tensor | None = None, form: str = "auto", **tensors):
         """Run the op; returns ``(o [B, T, H, *o_dims], final_state or None)``.
 
-        ``form="auto"`` currently runs the reference interpreter (float64 inside, results cast
-        to the input dtype for ``o`` and float32 for states); generated kernels take over as
-        the codegen forms land. Other forms raise until their kernels exist.
+        ``form="recurrent"`` runs the generated recurrent Triton kernel (Triton's interpreter
+        for CPU tensors). Its backward is not generated yet, so it refuses inputs that need
+        gradients. ``form="auto"`` runs that kernel when no gradient is needed and otherwise
+        the reference interpreter (float64 inside, ``o`` cast to the dtype of the input over
+        V, states to float32 or the initial state's dtype), so training stays correct until
+        the kernel backward lands. ``form="reference"`` always runs the interpreter.
         """
         if form not in FORMS:
             raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
-        if form not in ("auto", "reference"):
-            supported = ", ".join(self.analysis.forms)
-            if form not in self.analysis.forms:
-                raise ValueError(f"spec '{self.name}' ({self.analysis.transition_class.value}) "
-                                 f"does not support form={form!r}; it supports: {supported}")
+        if form not in ("auto", "reference") and form not in self.analysis.forms:
+            raise ValueError(f"spec '{self.name}' ({self.analysis.transition_class.value}) "
+                             f"does not support form={form!r}; it supports: "
+                             f"{', '.join(self.analysis.forms)}")
+        bound = self.bind(tensors, initial_state, cu_seqlens)
+        needs_grad = torch.is_grad_enabled() and any(
+            x.requires_grad for x in [*tensors.values(), *(initial_state or {}).values()])
+        if form == "auto":
+            form = "reference" if needs_grad else "recurrent"
+        if form in ("chunk", "parallel"):
             raise NotImplementedError(f"form={form!r} has no generated kernel yet; use "
-                                      "form='auto' (reference interpreter)")
+                                      "form='recurrent' or 'auto'")
+        if form == "recurrent":
+            if needs_grad:
+                raise NotImplementedError(
+                    "the recurrent backward kernel is not generated yet: use form='auto' or "
+                    "'reference' for gradients, or call under torch.no_grad()")
+            return recurrent_forward(
+                self.analysis, bound.inputs, bound.params, bound.sizes, batch=bound.batch,
+                out_dtype=bound.out_dtype, initial_state=initial_state,
+                output_final_state=output_final_state, cu_seqlens=cu_seqlens)
         o, final = self.reference(initial_state=initial_state,
                                   output_final_state=output_final_state,
                                   cu_seqlens=cu_seqlens, **tensors)
-        bound = self.bind(tensors, initial_state, cu_seqlens)
         state_dtype = (next(iter(initial_state.values())).dtype if initial_state
                        else torch.float32)
         final = {s: x.to(state_dtype) for s, x in final.items()} if final is not None else None
         return o.to(bound.out_dtype), final
+
+    def step(self, state: dict, *, inplace: bool = False, **tensors):
+        """Decode one token per sequence: inputs ``[B, H, *dims]`` or ``[B, 1, H, *dims]``.
+
+        ``state`` maps every state name to ``[B, H, *dims]``. Returns ``(o, new_state)`` with
+        ``o`` shaped like the inputs' leading dims; with ``inplace=True`` the state tensors
+        are updated in place and returned.
+        """
+        p = self.program
+        single = None
+        shaped = {}
+        for n, x in tensors.items():
+            if n in p.inputs:
+                extra = x.dim() - 2 - len(p.inputs[n].dims)
+                if extra not in (0, 1) or (extra == 1 and x.shape[1] != 1):
+                    raise ValueError(
+                        f"{self.name}.step: input '{n}' must be [B, H, "
+                        f"{', '.join(p.inputs[n].dims)}] or [B, 1, H, ...], got {tuple(x.shape)}")
+                single = extra == 0 if single is None else single
+                shaped[n] = x.unsqueeze(1) if extra == 0 else x
+            else:
+                shaped[n] = x
+        bound = self.bind(shaped, state, None)
+        if bound.length != 1:
+            raise ValueError(f"{self.name}.step takes one token per sequence")
+        with torch.no_grad():
+            o, new = recurrent_forward(
+                self.analysis, bound.inputs, bound.params, bound.sizes, batch=bound.batch,
+                out_dtype=bound.out_dtype, initial_state=state, output_final_state=True,
+                cu_seqlens=None, final_out=self._inplace_targets(state) if inplace else None)
+        if inplace:
+            for s, x in new.items():
+                if x is not state[s]:
+                    state[s].copy_(x)
+            new = state
+        return (o[:, 0] if single else o), new
+
+    def _inplace_targets(self, state: dict) -> dict:
+        """States each kernel program reads and writes only in its own V block; the others
+        (vectors without V, read by every block) get a fresh buffer copied back after."""
+        return {s: state[s] for s, d in self.program.states.items()
+                if "V" in d.dims and state[s].is_contiguous()}
+
+    def source(self, form: str = "recurrent", direction: str = "fwd") -> str:
+        """The generated Triton source of ``form`` ('recurrent') and ``direction``."""
+        if form != "recurrent":
+            raise NotImplementedError(f"no generated {form!r} kernel yet; available: recurrent")
+        if direction not in ("fwd", "bwd"):
+            raise ValueError(f"direction must be 'fwd' or 'bwd', got {direction!r}")
+        return recurrent_source(self.analysis, direction)
 
     def reference(self, *, initial_state: dict | None = None, output_final_state: bool = False,
                   cu_seqlens: torch.Tensor | None = None, dtype: torch.dtype = torch.float64,

@@ -185,7 +185,7 @@ def run_reference(program: Program, inputs: dict[str, torch.Tensor],
     outs, finals = [], []
     for n, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
         seq = {k: v[:, lo:hi] for k, v in inputs.items()}
-        state0 = ({s: x[n:n + 1] for s, x in zeros(1).items()} if initial_state is None else
+        state0 = (zeros(1) if initial_state is None else
                   {s: x[n:n + 1].to(dtype) for s, x in initial_state.items()})
         o, final = _run_sequence(program, seq, params, state0, sizes, dtype, device)
         if o is not None:

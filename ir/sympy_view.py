@@ -72,9 +72,9 @@ class SympyView:
     def symbol(self, n: Node) -> sympy.Symbol:
         if n not in self.symbols:
             name = format_node(n)
-            while sympy.Symbol(name) in self.leaves:
+            while sympy.Symbol(name, real=True) in self.leaves:
                 name += "'"
-            s = sympy.Symbol(name)
+            s = sympy.Symbol(name, real=True)
             self.symbols[n], self.leaves[s] = s, n
         return self.symbols[n]
 

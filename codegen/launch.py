@@ -1,0 +1,41 @@
+"""Launch generated kernels: Triton's interpreter for CPU tensors, the compiler for CUDA.
+
+Triton decides at import time whether ``@triton.jit`` compiles or interprets (its standard
+library functions are jit functions too), so the choice is made once per process:
+``linforge`` turns the interpreter on (``TRITON_INTERPRET=1``) before triton is imported
+when CUDA is unavailable. See ``ensure_backend``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def ensure_backend() -> None:
+    """Select Triton's interpreter when this process has no CUDA device.
+
+    Must run before ``triton`` is imported; afterwards it only leaves things as they are.
+    """
+    if "triton" in sys.modules or "TRITON_INTERPRET" in os.environ:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its interpreter in this process."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def for_device(jit_fn, device) -> object:
+    """The kernel to launch for tensors on ``device``; a clear error when the process
+    compiles for the GPU but the tensors live on the CPU."""
+    if getattr(device, "type", device) == "cpu" and not interpreting():
+        raise ValueError(
+            "linforge kernels got CPU tensors but Triton compiles for the GPU in this process; "
+            "move the tensors to CUDA, or set TRITON_INTERPRET=1 before importing triton (or "
+            "linforge) to run kernels on the CPU through Triton's interpreter")
+    return jit_fn

@@ -1,0 +1,86 @@
+"""Random inputs and params for any library spec, in the ranges its paper uses.
+
+One table, shared by every kernel test: decays are log decays in (log 0.5, log 0.999),
+gates go through the spec's own nonlinearity, delta-rule keys are normalised by the spec.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import linforge
+
+
+def _log_decay(shape, g):
+    return torch.log(torch.empty(shape).uniform_(0.5, 0.999, generator=g))
+
+
+def _unit(shape, g):
+    x = torch.randn(shape, generator=g)
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+# (spec, name) overrides first, then name-only defaults; each gets (shape, generator, T)
+INPUTS = {
+    ("gated_rfa", "g"): lambda s, g, T: torch.randn(s, generator=g),
+    ("rwkv7", "a"): None,   # drawn together with b below
+    "g": lambda s, g, T: _log_decay(s, g),
+    "w": lambda s, g, T: _log_decay(s, g),
+    "beta": lambda s, g, T: torch.sigmoid(torch.randn(s, generator=g)),
+    "dt": lambda s, g, T: torch.randn(s, generator=g) * 0.5 - 1.0,
+}
+PARAMS = {
+    ("mamba2", "A"): lambda s, g, T: -torch.exp(torch.randn(s, generator=g) * 0.5),
+    ("mamba", "A"): lambda s, g, T: -torch.empty(s).uniform_(0.5, 2.0, generator=g),
+    ("s4d", "A"): lambda s, g, T: -torch.empty(s).uniform_(0.5, 2.0, generator=g),
+    ("s4d", "log_dt"): lambda s, g, T: torch.log(torch.empty(s).uniform_(0.01, 0.1,
+                                                                           generator=g)),
+    ("cosformer", "M"): lambda s, g, T: torch.full(s, float(T + 5)),
+    ("lightning_attention", "lam"): lambda s, g, T: torch.empty(s).uniform_(0.8, 0.99,
+                                                                             generator=g),
+}
+
+
+def make_inputs(attn, *, B: int, T: int, H: int, sizes: dict[str, int], seed: int = 0,
+                dtype=torch.float32, device="cpu") -> dict[str, torch.Tensor]:
+    """Inputs ``[B, T, H, dims]`` and params ``[H, dims]`` for ``attn`` in paper ranges."""
+    g = torch.Generator().manual_seed(seed)
+    p = attn.program
+    out = {}
+    for name, decl in p.inputs.items():
+        shape = (B, T, H, *(sizes[d] for d in decl.dims))
+        make = INPUTS.get((p.name, name), INPUTS.get(name))
+        out[name] = make(shape, g, T) if make else torch.randn(shape, generator=g)
+    if p.name == "rwkv7":   # a = -kappa, b = kappa * a_in with kappa a unit vector
+        kappa = _unit(out["a"].shape, g)
+        out["a"] = -kappa
+        out["b"] = kappa * torch.sigmoid(torch.randn(kappa.shape, generator=g))
+    for name, decl in p.params.items():
+        shape = (H, *(sizes[d] for d in decl.dims))
+        make = PARAMS.get((p.name, name))
+        out[name] = make(shape, g, T) if make else torch.randn(shape, generator=g) * 0.5
+    return {k: v.to(dtype=dtype, device=device) for k, v in out.items()}
+
+
+def make_state(attn, *, N: int, H: int, sizes: dict[str, int], seed: int = 1,
+               device="cpu") -> dict[str, torch.Tensor]:
+    """A random fp32 initial state (normalizer-like vector states kept positive)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for s, decl in attn.program.states.items():
+        x = torch.randn(N, H, *(sizes[d] for d in decl.dims), generator=g) * 0.5
+        out[s] = (x.abs() + 0.5 if len(decl.dims) == 1 else x).to(device)
+    return out
+
+
+def spec_sizes(attn, K: int = 12, V: int = 10, M: int = 8) -> dict[str, int]:
+    """Dim sizes for a spec: K, V, M as given; declared dims from their size expressions."""
+    sizes = {"K": K, "V": V, "M": M}
+    for d, expr in attn.program.dims.items():
+        if expr is not None:
+            sizes[d] = int(expr.subs({s: sizes[str(s)] for s in expr.free_symbols}))
+    return sizes
+
+
+__all__ = ["make_inputs", "make_state", "spec_sizes", "linforge", "F"]
