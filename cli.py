@@ -53,6 +53,20 @@ def _check(args) -> int:
     return 0
 
 
+def _paper(text: str) -> str:
+    """The citation of a library header: authors (year), "title", from the second line on."""
+    import re
+
+    header = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line.lstrip("#").strip())
+    joined = " ".join(header[1:])
+    m = re.match(r'(.*?\((?:19|20)\d\d\),\s*"[^"]+")', joined)
+    return m.group(1) if m else (header[1] if len(header) > 1 else "")
+
+
 def _list(args) -> int:
     rows = []
     for name in library.names():
@@ -65,6 +79,12 @@ def _list(args) -> int:
         except SpecError as e:  # a broken library spec is shown, not hidden
             cls, forms = f"error: {e.reason}", ""
         rows.append((name, cls, str(lines), forms))
+    if args.markdown:
+        print("| model | paper | lines | transition class | forms |")
+        print("|---|---|---|---|---|")
+        for name, cls, lines, forms in rows:
+            print(f"| {name} | {_paper(library.source(name))} | {lines} | {cls} | {forms} |")
+        return 0
     head = ("name", "transition class", "lines", "forms")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
     for r in [head, *rows]:
@@ -88,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("spec")
     check.set_defaults(run=_check)
     lst = sub.add_parser("list", help="list the library's specs")
+    lst.add_argument("--markdown", action="store_true", help="a markdown table with papers")
     lst.set_defaults(run=_list)
     args = ap.parse_args(argv)
     try:
