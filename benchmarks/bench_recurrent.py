@@ -1,0 +1,167 @@
+"""Recurrent forward and decode step: linforge's generated kernels beside fla 0.6.0.
+
+Usage (on a CUDA machine): python benchmarks/bench_recurrent.py --out DIR
+Writes DIR/recurrent.json and DIR/recurrent.md (median ms of triton.testing.do_bench, peak
+memory above the inputs, first-call time including generation and compilation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import triton
+
+import linforge
+
+B, T, H, K, V = 4, 4096, 16, 128, 128
+DECODE_B = 64
+
+
+def inputs(name: str, batch: int, length: int, dtype=torch.bfloat16, seed: int = 0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def rnd(*s):
+        return torch.randn(*s, device="cuda", generator=g)
+    x = dict(q=rnd(batch, length, H, K), k=rnd(batch, length, H, K), v=rnd(batch, length, H, V))
+    if name in ("gla", "rwkv6"):
+        decay = torch.nn.functional.logsigmoid(rnd(batch, length, H, K)) / 16
+        x["g" if name == "gla" else "w"] = decay
+    if name in ("gated_deltanet",):
+        x["g"] = torch.nn.functional.logsigmoid(rnd(batch, length, H)) / 16
+    if name in ("deltanet", "gated_deltanet"):
+        x["beta"] = torch.sigmoid(rnd(batch, length, H))
+    if name == "rwkv6":
+        x["r"] = x.pop("q")
+        x["u"] = rnd(H, K) * 0.5
+    return {k: (v.to(dtype) if k in ("q", "k", "v", "r") else v.float()) for k, v in x.items()}
+
+
+def fla_op(name: str):
+    """fla's fused_recurrent op for the same math, as f(x, initial_state, final) -> (o, S)."""
+    if name == "gla":
+        from fla.ops.gla import fused_recurrent_gla
+        return lambda x, s0, fin: fused_recurrent_gla(x["q"], x["k"], x["v"], gk=x["g"],
+                                                      initial_state=s0, output_final_state=fin)
+    if name == "rwkv6":
+        from fla.ops.rwkv6 import fused_recurrent_rwkv6
+        return lambda x, s0, fin: fused_recurrent_rwkv6(x["r"], x["k"], x["v"], x["w"], x["u"],
+                                                        scale=1.0, initial_state=s0,
+                                                        output_final_state=fin)
+    if name == "retnet":
+        from fla.ops.retention import fused_recurrent_retention
+        return lambda x, s0, fin: fused_recurrent_retention(x["q"], x["k"], x["v"],
+                                                            initial_state=s0,
+                                                            output_final_state=fin)
+    if name == "gated_deltanet":
+        from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
+        return lambda x, s0, fin: fused_recurrent_gated_delta_rule(
+            x["q"], x["k"], x["v"], g=x["g"], beta=x["beta"], initial_state=s0,
+            output_final_state=fin, use_qk_l2norm_in_kernel=True)
+    if name == "deltanet":
+        from fla.ops.delta_rule import fused_recurrent_delta_rule
+        return lambda x, s0, fin: fused_recurrent_delta_rule(
+            x["q"], x["k"], x["v"], beta=x["beta"], initial_state=s0, output_final_state=fin,
+            use_qk_l2norm_in_kernel=True)
+    raise KeyError(name)
+
+
+def measure(fn) -> dict:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    del out
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    ms = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+    return {"ms": ms, "peak_mib": peak, "first_call_s": first}
+
+
+def rel_err(a, b) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--ops", default="gla,retnet,rwkv6,deltanet,gated_deltanet")
+    ap.add_argument("--decode", default="gla,gated_deltanet", help="ops for the decode step")
+    ap.add_argument("--tag", default="recurrent", help="output file stem")
+    args = ap.parse_args()
+    rows = []
+    for name in filter(None, args.ops.split(",")):
+        attn = linforge.library.get(name)
+        x = inputs(name, B, T)
+        ours = measure(lambda: attn(**x, form="recurrent"))
+        row = {"op": name, "kind": "recurrent fwd", "shape": f"B{B} T{T} H{H} K{K} V{V} bf16",
+               "linforge": ours}
+        try:
+            f = fla_op(name)
+            row["fla"] = measure(lambda: f(x, None, False))
+            row["max_rel_diff_vs_fla"] = rel_err(attn(**x, form="recurrent")[0], f(x, None, False)[0])
+        except Exception as e:  # record, do not hide, why fla could not run
+            row["fla_error"] = f"{type(e).__name__}: {e}"[:300]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    for name in filter(None, args.decode.split(",")):
+        attn = linforge.library.get(name)
+        x = {k: (v[:, 0] if v.dim() >= 3 and k != "u" else v)
+             for k, v in inputs(name, DECODE_B, 1).items()}
+        state = {"S": torch.randn(DECODE_B, H, K, V, device="cuda") * 0.1}
+        ours = measure(lambda: attn.step(state, inplace=True, **x))
+        floor_src = torch.empty_like(state["S"])
+        floor = measure(lambda: floor_src.copy_(state["S"]))
+        row = {"op": name, "kind": "decode step", "shape": f"B{DECODE_B} H{H} K{K} V{V} "
+               "fp32 state", "linforge": ours, "state_rw_floor": floor}
+        try:
+            f = fla_op(name)
+            xs = {k: (v.unsqueeze(1) if k != "u" else v) for k, v in x.items()}
+            s0 = state["S"].clone()
+            row["fla"] = measure(lambda: f(xs, s0, True))
+        except Exception as e:
+            row["fla_error"] = f"{type(e).__name__}: {e}"[:300]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    dev = torch.cuda.get_device_name()
+    meta = {"device": dev, "torch": torch.__version__, "triton": triton.__version__}
+    try:
+        import fla
+        meta["fla"] = fla.__version__
+    except Exception:
+        meta["fla"] = "not installed"
+    with open(f"{args.out}/{args.tag}.json", "w") as fh:
+        json.dump({"meta": meta, "rows": rows}, fh, indent=1)
+    lines = [f"Device: {dev}; torch {meta['torch']}, triton {meta['triton']}, "
+             f"fla {meta['fla']}.", "",
+             "| op | kind | shape | linforge ms | fla ms | speedup | linforge peak MiB | "
+             "fla peak MiB | linforge first call s | fla first call s | floor ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ours, fla_r = r["linforge"], r.get("fla")
+        fl = r.get("state_rw_floor")
+        lines.append(
+            f"| {r['op']} | {r['kind']} | {r['shape']} | {ours['ms']:.3f} | "
+            f"{fla_r['ms']:.3f} | {fla_r['ms'] / ours['ms']:.2f}x | {ours['peak_mib']:.0f} | "
+            f"{fla_r['peak_mib']:.0f} | {ours['first_call_s']:.1f} | {fla_r['first_call_s']:.1f}"
+            f" | {fl['ms']:.3f} |" if fla_r and fl else
+            f"| {r['op']} | {r['kind']} | {r['shape']} | {ours['ms']:.3f} | "
+            + (f"{fla_r['ms']:.3f} | {fla_r['ms'] / ours['ms']:.2f}x | {ours['peak_mib']:.0f} | "
+               f"{fla_r['peak_mib']:.0f} | {ours['first_call_s']:.1f} | "
+               f"{fla_r['first_call_s']:.1f} | - |" if fla_r else
+               f"error | - | {ours['peak_mib']:.0f} | - | {ours['first_call_s']:.1f} | - | "
+               + (f"{fl['ms']:.3f} |" if fl else "- |")))
+    with open(f"{args.out}/{args.tag}.md", "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
