@@ -56,8 +56,8 @@ GOLDEN = {
     "tanh": (sympy.tanh(a), (f"tl.where(tl.abs(a) < 0.1, a * (1.0 + {_A2} * (-0.3333333333333333"
                              f" + {_A2} * (0.13333333333333333 - {_A2} * 0.05396825396825397))),"
                              " 1.0 - 2.0 / (tl.exp(2.0 * a) + 1.0))")),
-    "cos": (sympy.cos(a), "tl.cos(a)"),
-    "sin": (sympy.sin(a), "tl.sin(a)"),
+    "cos": (sympy.cos(a), "tl.cos(a - tl.floor(a * 0.15915494309189535 + 0.5) * 6.28125 - tl.floor(a * 0.15915494309189535 + 0.5) * 0.0019353071795864769)"),
+    "sin": (sympy.sin(a), "tl.sin(a - tl.floor(a * 0.15915494309189535 + 0.5) * 6.28125 - tl.floor(a * 0.15915494309189535 + 0.5) * 0.0019353071795864769)"),
     "Abs": (sympy.Abs(a), "tl.abs(a)"),
     "sqrt": (sympy.sqrt(a), "tl.sqrt(a)"),
     "rsqrt": (1 / sympy.sqrt(a), "tl.rsqrt(a)"),
@@ -89,7 +89,7 @@ GOLDEN = {
     "sub": (a - 2 * b + 3, "a - 2.0 * b + 3.0"),
     "neg": (-a, "-a"),
     "div-by-sum": (-a * b / (a + 2 * b), "-a * b / (a + 2.0 * b)"),
-    "div-by-product": (a / (b * sympy.cos(a)), "a / (b * tl.cos(a))"),
+    "div-by-product": (a / (b * sympy.cos(a)), "a / (b * tl.cos(a - tl.floor(a * 0.15915494309189535 + 0.5) * 6.28125 - tl.floor(a * 0.15915494309189535 + 0.5) * 0.0019353071795864769))"),
     "div-by-power": (a / b**2, "a / (b * b)"),
     "neg-reciprocal": (-1 / (a + b), "-1.0 / (a + b)"),
     "mul-sum": (a * (a + b) * sympy.exp(b), "a * (a + b) * tl.exp(b)"),
