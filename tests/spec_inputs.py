@@ -36,6 +36,9 @@ PARAMS = {
     ("s4d", "A"): lambda s, g, T: -torch.empty(s).uniform_(0.5, 2.0, generator=g),
     ("s4d", "log_dt"): lambda s, g, T: torch.log(torch.empty(s).uniform_(0.01, 0.1,
                                                                            generator=g)),
+    # random-feature projections scaled so W @ q is O(1), as the papers draw them
+    ("gated_rfa", "W"): lambda s, g, T: torch.randn(s, generator=g) / s[-1] ** 0.5,
+    ("performer", "W"): lambda s, g, T: torch.randn(s, generator=g) / s[-1] ** 0.5,
     ("cosformer", "M"): lambda s, g, T: torch.full(s, float(T + 5)),
     ("lightning_attention", "lam"): lambda s, g, T: torch.empty(s).uniform_(0.8, 0.99,
                                                                              generator=g),
