@@ -171,8 +171,7 @@ def {kernel_name(p)}(''')
             for u in p.updates:
                 em.emit(f"# {p.line_of(u.span)}")
                 value = em(u.value)
-                em.emit(f"{s}_{u.version} = {value}".replace(f"{s}_", f"{u.state}_", 1)
-                        if False else f"{u.state}_{u.version} = {value}")
+                em.emit(f"{u.state}_{u.version} = {value}")
         if with_output:
             em.emit(f"# {p.line_of(p.output_span)}")
             o = em(p.output)

@@ -12,8 +12,6 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-import sympy
-
 from ..ir.nodes import ELEMENTWISE, L2NORM_EPS, Node, Op, Program
 from ..ir.sympy_view import SympyView, format_node
 from .printer import print_triton
@@ -58,34 +56,6 @@ def view(expr: str, src: tuple[str, ...], dst: tuple[str, ...]) -> str:
         return expr
     index = ", ".join(":" if d in src else "None" for d in dst)
     return f"{expr}[{index}]"
-
-
-class _KernelView(SympyView):
-    """A SympyView that stops at values the emitter keeps in variables."""
-
-    def __init__(self, stops):
-        super().__init__()
-        self.stops = stops
-
-    def expr_of(self, root: Node) -> sympy.Expr:
-        return self._walk(root, root)
-
-    def _walk(self, n: Node, root: Node) -> sympy.Expr:
-        if n.op is Op.CONST:
-            return self.to_sympy(n)
-        if n is not root and n in self.stops:
-            return self.symbol(n)
-        if n.op not in ELEMENTWISE:
-            return self.symbol(n)
-        args = [self._walk(a, root) for a in n.args]
-        fake = {Op.ADD: lambda a, b: a + b, Op.SUB: lambda a, b: a - b,
-                Op.MUL: lambda a, b: a * b, Op.DIV: lambda a, b: a / b,
-                Op.POW: lambda a, b: a ** b, Op.NEG: lambda a: -a,
-                Op.MAX: sympy.Max, Op.MIN: sympy.Min}
-        if n.op in fake:
-            return fake[n.op](*args)
-        from ..ir.functions import ELEMENTWISE as FUNCS
-        return FUNCS[n.attr].sympy_fn(args[0])
 
 
 class StepEmitter:
@@ -156,8 +126,8 @@ class StepEmitter:
     def _compute(self, n: Node) -> str:
         op = n.op
         if op in ELEMENTWISE:
-            kv = _KernelView(self.keep)
-            expr = kv.expr_of(n)
+            kv = SympyView(stops=self.keep)
+            expr = kv.to_sympy(n)
             names = {s: view(self(leaf), leaf.dims, n.dims) for leaf, s in kv.symbols.items()}
             text = print_triton(expr, names)
             if n.dims and not any(leaf.dims == n.dims for leaf in kv.symbols):

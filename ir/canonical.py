@@ -282,7 +282,8 @@ def _split_outer(n: Node, rows: tuple[str, ...]) -> list[Outer] | None:
     return None
 
 
-def _sum_nodes(nodes: list[Node], dims) -> Node:
+def sum_nodes(nodes: list[Node]) -> Node:
+    """The sum of one or more nodes."""
     out = nodes[0]
     for x in nodes[1:]:
         out = _add(out, x)
@@ -301,7 +302,7 @@ def canonicalize(program: Program, filename: str | None = None) -> dict[str, Can
         if reads:  # cannot happen for well-typed specs: a read has the wrong dims
             raise SpecError(f"the update of '{name}' is not a state-shaped value", span,
                             program.source, filename=filename)
-        scale = _sum_nodes(scales, decl.dims) if scales else const(0.0)
+        scale = sum_nodes(scales) if scales else const(0.0)
         if lf.rest is None:
             inputs: tuple[Outer, ...] | None = ()
         elif len(decl.dims) == 2:

@@ -65,9 +65,10 @@ def format_node(n: Node, state_names: dict[tuple[str, int], str] | None = None) 
 class SympyView:
     """Maps IR subtrees to sympy and back; one instance keeps symbol names consistent."""
 
-    def __init__(self):
+    def __init__(self, stops=frozenset()):
         self.symbols: dict[Node, sympy.Symbol] = {}
         self.leaves: dict[sympy.Symbol, Node] = {}
+        self.stops = stops  # values kept as symbols even when elementwise
 
     def symbol(self, n: Node) -> sympy.Symbol:
         if n not in self.symbols:
@@ -78,15 +79,17 @@ class SympyView:
             self.symbols[n], self.leaves[s] = s, n
         return self.symbols[n]
 
-    def to_sympy(self, n: Node) -> sympy.Expr:
-        """The elementwise expression of ``n``; non-elementwise parts become symbols."""
+    def to_sympy(self, n: Node, root: Node | None = None) -> sympy.Expr:
+        """The elementwise expression of ``n``; non-elementwise parts, and values in
+        ``stops`` other than ``root`` (default ``n``), become symbols."""
+        root = n if root is None else root
         op = n.op
         if op is Op.CONST:
             v = n.attr
             return sympy.Integer(int(v)) if v == int(v) else sympy.Float(v)
-        if op not in ELEMENTWISE_OPS:
+        if op not in ELEMENTWISE_OPS or (n is not root and n in self.stops):
             return self.symbol(n)
-        a = [self.to_sympy(x) for x in n.args]
+        a = [self.to_sympy(x, root) for x in n.args]
         if op is Op.ADD:
             return a[0] + a[1]
         if op is Op.SUB:

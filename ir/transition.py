@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import dataclass
 from enum import Enum
 
-from .canonical import CanonicalUpdate
+from .canonical import CanonicalUpdate, sum_nodes
 from .nodes import Node, Op
 from .sympy_view import equal, is_one
 
@@ -112,13 +112,6 @@ class Normalizer:
     rides_along: bool
 
 
-def _sum(nodes: list[Node]) -> Node:
-    out = nodes[0]
-    for x in nodes[1:]:
-        out = Node(Op.ADD, out.dims, (out, x))
-    return out
-
-
 def find_normalizers(updates: dict[str, CanonicalUpdate]) -> list[Normalizer]:
     """Vector states whose transition equals that of a matrix state over the same rows."""
     found = []
@@ -128,7 +121,7 @@ def find_normalizers(updates: dict[str, CanonicalUpdate]) -> list[Normalizer]:
         for s, cs in updates.items():
             if len(cs.dims) == 2 and same_transition(cz, cs):
                 rides = bool(cz.forcing is not None and cs.inputs and equal(
-                    cz.forcing, _sum([t.x for t in cs.inputs])))
+                    cz.forcing, sum_nodes([t.x for t in cs.inputs])))
                 found.append(Normalizer(z, s, rides))
                 break
     return found
