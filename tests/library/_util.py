@@ -33,6 +33,16 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float = TOL,
     assert err < tol, f"{what}: relative error {err:.3e} >= {tol:.1e}"
 
 
+def global_normalized_attention(phi_q, phi_k, v, eps):
+    """Noncausal linear attention in matrix form over feature-mapped ``[B, T, H, *]`` inputs:
+    ``o = phi(Q) (phi(K)^T V) / (phi(Q) sum phi(K) + eps)``; returns ``(o, K^T V, sum K)``."""
+    Q, Kf, Vh = phi_q.transpose(1, 2), phi_k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, *]
+    kv = Kf.transpose(-1, -2) @ Vh                                              # [B, H, K, V]
+    ksum = Kf.sum(-2)                                                           # [B, H, K]
+    o = (Q @ kv) / ((Q @ ksum[..., None]) + eps)
+    return o.transpose(1, 2), kv, ksum
+
+
 def run_spec(name: str, tensors: dict, initial_state=None, output_final_state=True):
     """The library spec ``name`` through the reference interpreter in float64."""
     attn = linforge.library.get(name)
