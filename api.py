@@ -70,9 +70,8 @@ class Attention:
             "normalizers": {nz.vector: nz.matrix for nz in a.normalizers},
             "readout": a.readout.kind.value,
             "forms": list(a.forms),
-            "kernels": ["recurrent fwd"],
-            "auto_form": "recurrent kernel without gradients; reference interpreter with "
-                         "gradients (no kernel backward yet)",
+            "kernels": ["recurrent fwd", "recurrent bwd"],
+            "auto_form": "recurrent (the only generated form so far)",
         }
 
     # ------------------------------------------------------------------ calls
@@ -80,12 +79,11 @@ class Attention:
                  cu_seqlens: torch.Tensor | None = None, form: str = "auto", **tensors):
         """Run the op; returns ``(o [B, T, H, *o_dims], final_state or None)``.
 
-        ``form="recurrent"`` runs the generated recurrent Triton kernel (Triton's interpreter
-        for CPU tensors). Its backward is not generated yet, so it refuses inputs that need
-        gradients. ``form="auto"`` runs that kernel when no gradient is needed and otherwise
-        the reference interpreter (float64 inside, ``o`` cast to the dtype of the input over
-        V, states to float32 or the initial state's dtype), so training stays correct until
-        the kernel backward lands. ``form="reference"`` always runs the interpreter.
+        ``form="recurrent"`` runs the generated recurrent Triton kernels (Triton's
+        interpreter for CPU tensors), differentiable through the generated backward kernel.
+        ``form="auto"`` picks the best generated form (today: recurrent).
+        ``form="reference"`` runs the float64 interpreter (``o`` cast to the dtype of the
+        input over V, states to float32 or the initial state's dtype).
         """
         if form not in FORMS:
             raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
@@ -94,18 +92,12 @@ class Attention:
                              f"does not support form={form!r}; it supports: "
                              f"{', '.join(self.analysis.forms)}")
         bound = self.bind(tensors, initial_state, cu_seqlens)
-        needs_grad = torch.is_grad_enabled() and any(
-            x.requires_grad for x in [*tensors.values(), *(initial_state or {}).values()])
         if form == "auto":
-            form = "reference" if needs_grad else "recurrent"
+            form = "recurrent"
         if form in ("chunk", "parallel"):
             raise NotImplementedError(f"form={form!r} has no generated kernel yet; use "
                                       "form='recurrent' or 'auto'")
         if form == "recurrent":
-            if needs_grad:
-                raise NotImplementedError(
-                    "the recurrent backward kernel is not generated yet: use form='auto' or "
-                    "'reference' for gradients, or call under torch.no_grad()")
             return recurrent_forward(
                 self.analysis, bound.inputs, bound.params, bound.sizes, batch=bound.batch,
                 out_dtype=bound.out_dtype, initial_state=initial_state,
