@@ -6,6 +6,8 @@ gates go through the spec's own nonlinearity, delta-rule keys are normalised by 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
@@ -42,6 +44,8 @@ PARAMS = {
     ("cosformer", "M"): lambda s, g, T: torch.full(s, float(T + 5)),
     ("lightning_attention", "lam"): lambda s, g, T: torch.empty(s).uniform_(0.8, 0.99,
                                                                              generator=g),
+    # RWKV-5's decay w = exp(-exp(omega)) drawn in (0.5, 0.999) like every other decay
+    ("rwkv5", "omega"): lambda s, g, T: torch.log(-_log_decay(s, g)),
 }
 
 
@@ -86,4 +90,21 @@ def spec_sizes(attn, K: int = 12, V: int = 10, M: int = 8) -> dict[str, int]:
     return sizes
 
 
-__all__ = ["make_inputs", "make_state", "spec_sizes", "linforge", "F"]
+DESIGN_SPECS = Path(__file__).parent / "specs" / "design.lin"
+
+
+def all_specs() -> dict[str, object]:
+    """Every library spec, and every DESIGN.md spec as ``design:<name>``."""
+    out = {n: linforge.library.get(n) for n in linforge.library.names()}
+    out.update({f"design:{n}": a for n, a in linforge.load(DESIGN_SPECS).items()})
+    return out
+
+
+def kernel_sizes(attn) -> dict[str, int]:
+    """Small sizes for CPU kernel tests: K != V, neither a power of two (Based's feature
+    dim 1 + K + K*K grows fast, so its K is smaller)."""
+    return spec_sizes(attn, K=6 if attn.name == "based" else 12, V=10)
+
+
+__all__ = ["make_inputs", "make_state", "spec_sizes", "all_specs", "kernel_sizes", "linforge",
+           "F"]
