@@ -87,11 +87,3 @@ def test_generated_source_is_readable():
     assert "def gated_deltanet_recurrent_fwd(" in src
     assert "# S = exp(g) * (S - beta * outer(k, k @ S)) + beta * outer(k, v)" in src
     compile(src, "<generated>", "exec")
-
-
-def test_recurrent_refuses_gradients_until_backward_exists():
-    attn = linforge.library.get("gla")
-    x = make_inputs(attn, B=1, T=3, H=1, sizes=spec_sizes(attn))
-    x["q"].requires_grad_()
-    with pytest.raises(NotImplementedError, match="backward"):
-        attn(**x, form="recurrent")
