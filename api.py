@@ -12,7 +12,7 @@ from .dsl import SpecError, parse
 from .dsl.ast import Spec
 from .ir.analysis import Analysis, analyse
 from .ir.interpret import run_reference
-from .codegen.ops import recurrent_forward, recurrent_source
+from .codegen.ops import Decoder, recurrent_forward, recurrent_source
 from .ir.lower import lower, show_dims
 
 FORMS = ("auto", "recurrent", "chunk", "parallel", "reference")
@@ -44,6 +44,7 @@ class Attention:
         self.analysis = analysis
         self.program = analysis.program
         self.filename = filename
+        self._decoders: dict = {}  # decode-call signature -> prepared Decoder
 
     @property
     def name(self) -> str:
@@ -115,13 +116,30 @@ class Attention:
 
         ``state`` maps every state name to ``[B, H, *dims]``. Returns ``(o, new_state)`` with
         ``o`` shaped like the inputs' leading dims; with ``inplace=True`` the state tensors
-        are updated in place and returned.
+        are updated in place and returned. Arguments are validated on the first call with a
+        given signature (names, shapes, dtypes, strides, device); later calls with the same
+        signature go straight to the kernel.
         """
+        key = (inplace, *((n, x.shape, x.dtype, x.stride(), x.device) if isinstance(
+            x, torch.Tensor) else (n, None) for n, x in (*tensors.items(), *state.items())))
+        entry = self._decoders.get(key)
+        if entry is None:
+            entry = self._decoders[key] = self._prepare_step(state, inplace, tensors)
+        decoder, single = entry
+        p = self.program
+        inputs = [tensors[n] if tensors[n].is_contiguous() else tensors[n].contiguous()
+                  for n in p.inputs]
+        params = [tensors[n].contiguous() for n in p.params]
+        o, new = decoder(inputs, params, state, inplace)
+        return (o[:, 0] if single else o), new
+
+    def _prepare_step(self, state: dict, inplace: bool, tensors: dict):
+        """Validate a decode call and build its ``Decoder``; returns (decoder, single)."""
         p = self.program
         single = None
         shaped = {}
         for n, x in tensors.items():
-            if n in p.inputs:
+            if n in p.inputs and isinstance(x, torch.Tensor):
                 extra = x.dim() - 2 - len(p.inputs[n].dims)
                 if extra not in (0, 1) or (extra == 1 and x.shape[1] != 1):
                     raise ValueError(
@@ -131,26 +149,23 @@ class Attention:
                 shaped[n] = x.unsqueeze(1) if extra == 0 else x
             else:
                 shaped[n] = x
+        if not isinstance(state, dict) or not state:
+            raise ValueError(f"{self.name}.step: state must be a dict state name -> tensor "
+                             f"[B, H, ...] (states: {', '.join(p.states)})")
         bound = self.bind(shaped, state, None)
         if bound.length != 1:
             raise ValueError(f"{self.name}.step takes one token per sequence")
-        with torch.no_grad():
-            o, new = recurrent_forward(
-                self.analysis, bound.inputs, bound.params, bound.sizes, batch=bound.batch,
-                out_dtype=bound.out_dtype, initial_state=state, output_final_state=True,
-                cu_seqlens=None, final_out=self._inplace_targets(state) if inplace else None)
+        state_dtype = next(iter(state.values())).dtype
         if inplace:
-            for s, x in new.items():
-                if x is not state[s]:
-                    state[s].copy_(x)
-            new = state
-        return (o[:, 0] if single else o), new
-
-    def _inplace_targets(self, state: dict) -> dict:
-        """States each kernel program reads and writes only in its own V block; the others
-        (vectors without V, read by every block) get a fresh buffer copied back after."""
-        return {s: state[s] for s, d in self.program.states.items()
-                if "V" in d.dims and state[s].is_contiguous()}
+            for s, x in state.items():
+                if x.dtype != state_dtype:
+                    raise ValueError(f"{self.name}.step: in-place states must share one dtype,"
+                                     f" got {x.dtype} for '{s}' and {state_dtype}")
+        x0 = next(iter(bound.inputs.values()))
+        decoder = Decoder(self.analysis, bound.sizes, batch=bound.batch, H=bound.sizes["H"],
+                          device=x0.device, out_dtype=bound.out_dtype, state_dtype=state_dtype,
+                          inplace=inplace and all(x.is_contiguous() for x in state.values()))
+        return decoder, bool(single)
 
     def source(self, form: str = "recurrent", direction: str = "fwd") -> str:
         """The generated Triton source of ``form`` ('recurrent') and ``direction``."""

@@ -89,28 +89,64 @@ def rel_err(a, b) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+def fwd_bwd(f, x: dict, do: torch.Tensor):
+    """A training step of op ``f`` (forward, then backward of ``o`` against ``do``)."""
+    def run():
+        o = f(x)
+        o.backward(do)
+        return o
+    return run
+
+
+def with_grads(x: dict) -> dict:
+    return {k: v.detach().requires_grad_() for k, v in x.items()}
+
+
+def cell(r: dict | None, key: str, fmt: str) -> str:
+    return format(r[key], fmt) if r else "-"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--ops", default="gla,retnet,rwkv6,deltanet,gated_deltanet")
+    ap.add_argument("--backward", default="gla,retnet,rwkv6,deltanet,gated_deltanet",
+                    help="ops timed forward + backward")
     ap.add_argument("--decode", default="gla,gated_deltanet", help="ops for the decode step")
     ap.add_argument("--tag", default="recurrent", help="output file stem")
     args = ap.parse_args()
     rows = []
+    shape = f"B{B} T{T} H{H} K{K} V{V} bf16"
+
+    def add(row):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
     for name in filter(None, args.ops.split(",")):
         attn = linforge.library.get(name)
         x = inputs(name, B, T)
-        ours = measure(lambda: attn(**x, form="recurrent"))
-        row = {"op": name, "kind": "recurrent fwd", "shape": f"B{B} T{T} H{H} K{K} V{V} bf16",
-               "linforge": ours}
+        row = {"op": name, "kind": "recurrent fwd", "shape": shape,
+               "linforge": measure(lambda: attn(**x, form="recurrent"))}
         try:
             f = fla_op(name)
             row["fla"] = measure(lambda: f(x, None, False))
-            row["max_rel_diff_vs_fla"] = rel_err(attn(**x, form="recurrent")[0], f(x, None, False)[0])
+            row["max_rel_diff_vs_fla"] = rel_err(attn(**x, form="recurrent")[0],
+                                                 f(x, None, False)[0])
         except Exception as e:  # record, do not hide, why fla could not run
             row["fla_error"] = f"{type(e).__name__}: {e}"[:300]
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        add(row)
+    for name in filter(None, args.backward.split(",")):
+        attn = linforge.library.get(name)
+        x = with_grads(inputs(name, B, T))
+        do = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
+        row = {"op": name, "kind": "recurrent fwd+bwd", "shape": shape,
+               "linforge": measure(fwd_bwd(lambda x: attn(**x, form="recurrent")[0], x, do))}
+        try:
+            f = fla_op(name)
+            row["fla"] = measure(fwd_bwd(lambda x: f(x, None, False)[0], x, do))
+        except Exception as e:
+            row["fla_error"] = f"{type(e).__name__}: {e}"[:300]
+        add(row)
     for name in filter(None, args.decode.split(",")):
         attn = linforge.library.get(name)
         x = {k: (v[:, 0] if v.dim() >= 3 and k != "u" else v)
@@ -118,9 +154,9 @@ def main() -> None:
         state = {"S": torch.randn(DECODE_B, H, K, V, device="cuda") * 0.1}
         ours = measure(lambda: attn.step(state, inplace=True, **x))
         floor_src = torch.empty_like(state["S"])
-        floor = measure(lambda: floor_src.copy_(state["S"]))
         row = {"op": name, "kind": "decode step", "shape": f"B{DECODE_B} H{H} K{K} V{V} "
-               "fp32 state", "linforge": ours, "state_rw_floor": floor}
+               "fp32 state", "linforge": ours,
+               "state_rw_floor": measure(lambda: floor_src.copy_(state["S"]))}
         try:
             f = fla_op(name)
             xs = {k: (v.unsqueeze(1) if k != "u" else v) for k, v in x.items()}
@@ -128,8 +164,7 @@ def main() -> None:
             row["fla"] = measure(lambda: f(xs, s0, True))
         except Exception as e:
             row["fla_error"] = f"{type(e).__name__}: {e}"[:300]
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        add(row)
     dev = torch.cuda.get_device_name()
     meta = {"device": dev, "torch": torch.__version__, "triton": triton.__version__}
     try:
@@ -141,23 +176,17 @@ def main() -> None:
         json.dump({"meta": meta, "rows": rows}, fh, indent=1)
     lines = [f"Device: {dev}; torch {meta['torch']}, triton {meta['triton']}, "
              f"fla {meta['fla']}.", "",
-             "| op | kind | shape | linforge ms | fla ms | speedup | linforge peak MiB | "
+             "| op | kind | shape | linforge ms | fla ms | fla / linforge | linforge peak MiB | "
              "fla peak MiB | linforge first call s | fla first call s | floor ms |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        ours, fla_r = r["linforge"], r.get("fla")
-        fl = r.get("state_rw_floor")
+        ours, theirs, fl = r["linforge"], r.get("fla"), r.get("state_rw_floor")
+        ratio = f"{theirs['ms'] / ours['ms']:.2f}x" if theirs else "-"
         lines.append(
             f"| {r['op']} | {r['kind']} | {r['shape']} | {ours['ms']:.3f} | "
-            f"{fla_r['ms']:.3f} | {fla_r['ms'] / ours['ms']:.2f}x | {ours['peak_mib']:.0f} | "
-            f"{fla_r['peak_mib']:.0f} | {ours['first_call_s']:.1f} | {fla_r['first_call_s']:.1f}"
-            f" | {fl['ms']:.3f} |" if fla_r and fl else
-            f"| {r['op']} | {r['kind']} | {r['shape']} | {ours['ms']:.3f} | "
-            + (f"{fla_r['ms']:.3f} | {fla_r['ms'] / ours['ms']:.2f}x | {ours['peak_mib']:.0f} | "
-               f"{fla_r['peak_mib']:.0f} | {ours['first_call_s']:.1f} | "
-               f"{fla_r['first_call_s']:.1f} | - |" if fla_r else
-               f"error | - | {ours['peak_mib']:.0f} | - | {ours['first_call_s']:.1f} | - | "
-               + (f"{fl['ms']:.3f} |" if fl else "- |")))
+            f"{cell(theirs, 'ms', '.3f')} | {ratio} | {ours['peak_mib']:.0f} | "
+            f"{cell(theirs, 'peak_mib', '.0f')} | {ours['first_call_s']:.1f} | "
+            f"{cell(theirs, 'first_call_s', '.1f')} | {cell(fl, 'ms', '.3f')} |")
     with open(f"{args.out}/{args.tag}.md", "w") as fh:
         fh.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -39,3 +39,42 @@ def for_device(jit_fn, device) -> object:
             "move the tensors to CUDA, or set TRITON_INTERPRET=1 before importing triton (or "
             "linforge) to run kernels on the CPU through Triton's interpreter")
     return jit_fn
+
+
+def _signature(value) -> object:
+    """What Triton specializes a launch on, for one argument."""
+    if hasattr(value, "data_ptr"):
+        return (value.dtype, value.data_ptr() % 16 == 0)
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return (value == 1, value % 16 == 0, value >= 2 ** 31)
+    return value
+
+
+class Launcher:
+    """Launches one jit kernel with little Python overhead (decode steps are one token).
+
+    The first launch for an argument signature (dtypes, 16-byte alignment, integers equal
+    to 1 or divisible by 16: what Triton specializes on) goes through Triton's normal path,
+    which compiles; later launches call the compiled kernel directly. Under the interpreter
+    every launch takes the normal path.
+    """
+
+    def __init__(self, jit_fn):
+        self.fn = jit_fn
+        self.names = list(jit_fn.arg_names)
+        self.compiled: dict = {}
+
+    def __call__(self, grid: tuple, *args, **constexprs) -> None:
+        """``kernel[grid](*args, **constexprs)``."""
+        if interpreting():
+            self.fn[grid](*args, **constexprs)
+            return
+        key = (tuple(_signature(a) for a in args), tuple(constexprs.items()))
+        kernel = self.compiled.get(key)
+        if kernel is None:
+            self.compiled[key] = self.fn[grid](*args, **constexprs)
+            return
+        rest = [constexprs[n] for n in self.names[len(args):]]
+        kernel[(*grid, 1, 1)[:3]](*args, *rest)

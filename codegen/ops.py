@@ -12,7 +12,7 @@ import triton
 from ..ir.analysis import Analysis
 from ..ir.show import show_ir
 from .cache import cache_key, load_module
-from .launch import for_device
+from .launch import Launcher, for_device
 from .recurrent import (choose_bv, emit_recurrent_bwd, emit_recurrent_fwd, kernel_name,
                         used_dims)
 
@@ -27,12 +27,21 @@ def recurrent_source(analysis: Analysis, direction: str) -> str:
     return _EMITTERS[direction](analysis)
 
 
-def _kernel(analysis: Analysis, direction: str, device):
-    p = analysis.program
-    key = cache_key(show_ir(p), "recurrent", direction)
-    module = load_module(key, kernel_name(p, direction),
-                         lambda: _EMITTERS[direction](analysis))
-    return for_device(getattr(module, kernel_name(p, direction)), device)
+_launchers: dict[tuple[int, str], tuple[Analysis, Launcher]] = {}
+
+
+def _kernel(analysis: Analysis, direction: str, device) -> Launcher:
+    """The launcher of a generated kernel (source from the disk cache when there)."""
+    entry = _launchers.get((id(analysis), direction))
+    if entry is None or entry[0] is not analysis:
+        p = analysis.program
+        key = cache_key(show_ir(p), "recurrent", direction)
+        module = load_module(key, kernel_name(p, direction),
+                             lambda: _EMITTERS[direction](analysis))
+        entry = (analysis, Launcher(getattr(module, kernel_name(p, direction))))
+        _launchers[(id(analysis), direction)] = entry
+    for_device(entry[1].fn, device)
+    return entry[1]
 
 
 def _pow2(n: int) -> int:
@@ -116,7 +125,7 @@ def _forward(L: Launch, inputs: dict, params: dict, initial: dict | None, *,
         ckpts = {s: torch.empty(L.state_shape(s, (L.n_chunks, L.H)), dtype=torch.float32,
                                 device=device) for s in p.states}
     kernel = _kernel(L.analysis, "fwd", device)
-    kernel[(L.nv, L.batch * L.H)](
+    kernel((L.nv, L.batch * L.H),
         *(inputs[n] for n in p.inputs), *(params[n] for n in p.params), o,
         *(initial[s] if initial else o for s in p.states),
         *(finals.get(s, o) for s in p.states), *(ckpts.get(s, o) for s in p.states),
@@ -160,7 +169,7 @@ def _backward(L: Launch, inputs: dict, params: dict, ckpts: dict, totals: dict,
               torch.zeros(L.state_shape(s, (L.batch, L.H)), device=device)) if use_dT else do
           for s in p.states}
     kernel = _kernel(L.analysis, "bwd", device)
-    kernel[(L.nv, L.batch * L.H)](
+    kernel((L.nv, L.batch * L.H),
         *(inputs[n] for n in p.inputs), *(params[n] for n in p.params), do,
         *(ckpts[s] for s in p.states), *(scratch[s] for s in p.states),
         *((totals[s] for s in p.states) if p.noncausal else ()),
@@ -246,3 +255,42 @@ def recurrent_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dic
     o, finals, _ = _forward(L, inputs, params, initial, store_final=output_final_state,
                             save_checkpoints=False, final_out=final_out)
     return o, (finals if output_final_state else None)
+
+
+class Decoder:
+    """The decode step prepared for one argument signature (shapes, dtypes, device): one
+    token per sequence, the state read and written once, no validation per call."""
+
+    def __init__(self, analysis: Analysis, sizes: dict, *, batch: int, H: int, device,
+                 out_dtype: torch.dtype, state_dtype: torch.dtype, inplace: bool):
+        p = analysis.program
+        self.program = p
+        L = plan(analysis, sizes, batch=batch, B=batch, T=1, H=H, device=device,
+                 out_dtype=out_dtype, state_dtype=state_dtype, cu_seqlens=None)
+        self.kernel = _kernel(analysis, "fwd", device)
+        self.grid = (L.nv, batch * H)
+        self.o_shape = (batch, 1, H, *(sizes[d] for d in p.output.dims))
+        self.state_shapes = {s: L.state_shape(s, (batch, H)) for s in p.states}
+        self.out_dtype, self.state_dtype, self.device = out_dtype, state_dtype, device
+        # states over V are updated where they are (each program owns its V block); the
+        # others are read by every V block, so they get a fresh buffer copied back after
+        self.in_place = {s for s, d in p.states.items() if inplace and "V" in d.dims}
+        self.constexprs = dict(H=H, **L.dims, **L.blocks, CHUNK=L.chunk, USE_INITIAL_STATE=True,
+                               STORE_FINAL_STATE=True, SAVE_CHECKPOINTS=False, IS_VARLEN=False)
+
+    def __call__(self, inputs: list, params: list, state: dict, inplace: bool):
+        """``(o [B, 1, H, *o_dims], new states)``; inputs and params in program order."""
+        o = torch.empty(self.o_shape, dtype=self.out_dtype, device=self.device)
+        new = {s: state[s] if s in self.in_place else
+               torch.empty(shape, dtype=self.state_dtype, device=self.device)
+               for s, shape in self.state_shapes.items()}
+        states = list(self.program.states)
+        self.kernel(self.grid, *inputs, *params, o, *(state[s].contiguous() for s in states),
+                    *(new[s] for s in states), *(o for _ in states), o, o, 1,
+                    **self.constexprs)
+        if inplace:
+            for s in states:
+                if s not in self.in_place:
+                    state[s].copy_(new[s])
+            new = state
+        return o, new

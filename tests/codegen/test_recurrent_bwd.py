@@ -34,10 +34,13 @@ def run_with_grads(attn, x, init, *, dtype, form, cu_seqlens=None, seed=0):
         o, final = attn(**xs, initial_state=st, output_final_state=True, form=form,
                         cu_seqlens=cu_seqlens)
     g = torch.Generator().manual_seed(seed)
-    loss = (o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64)).sum()
+
+    def weights(t):
+        return torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device)
+
+    loss = (o.double() * weights(o)).sum()
     for s in sorted(final):
-        loss = loss + (final[s].double() * torch.randn(final[s].shape, generator=g,
-                                                       dtype=torch.float64)).sum()
+        loss = loss + (final[s].double() * weights(final[s])).sum()
     loss.backward()
     grads = {n: v.grad for n, v in xs.items()}
     grads.update({f"{s}0": v.grad for s, v in (st or {}).items()})

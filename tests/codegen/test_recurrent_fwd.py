@@ -87,3 +87,30 @@ def test_generated_source_is_readable():
     assert "def gated_deltanet_recurrent_fwd(" in src
     assert "# S = exp(g) * (S - beta * outer(k, k @ S)) + beta * outer(k, v)" in src
     compile(src, "<generated>", "exec")
+
+
+def test_decode_with_noncontiguous_state_and_token_axis():
+    attn = linforge.library.get("mlstm")  # S[K, V] and a vector state
+    sizes = sizes_for(attn)
+    x = make_inputs(attn, B=2, T=1, H=2, sizes=sizes, seed=6)
+    init = make_state(attn, N=2, H=2, sizes=sizes)
+    o_ref, st_ref = attn(**x, initial_state=init, output_final_state=True, form="recurrent")
+    # the same state stored transposed in memory: [B, H, V, K] viewed as [B, H, K, V]
+    state = {s: (v.transpose(-1, -2).contiguous().transpose(-1, -2) if v.dim() == 4 else
+                 v.clone()) for s, v in init.items()}
+    o, new = attn.step(state, inplace=True, **x)  # inputs keep their [B, 1, H, ...] shape
+    assert o.shape == o_ref.shape and rel_err(o, o_ref) < 1e-6
+    for s in st_ref:
+        assert new[s] is state[s] and rel_err(state[s], st_ref[s]) < 1e-6
+
+
+def test_decode_rejects_wrong_shapes_with_a_clear_error():
+    attn = linforge.library.get("gla")
+    sizes = sizes_for(attn)
+    x = make_inputs(attn, B=2, T=2, H=2, sizes=sizes)
+    state = make_state(attn, N=2, H=2, sizes=sizes)
+    with pytest.raises(ValueError, match=r"must be \[B, H, K\] or \[B, 1, H"):
+        attn.step(state, **x)
+    bad = dict(state, S=state["S"][:, :, :5])
+    with pytest.raises(ValueError, match=r"initial_state\['S'\] must have shape"):
+        attn.step(bad, **{k: v[:, 0] for k, v in x.items()})

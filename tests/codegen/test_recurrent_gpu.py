@@ -29,3 +29,51 @@ def test_recurrent_fwd_gpu(name, dtype):
     for s in st_ref:
         e = ((st[s].double() - st_ref[s]).abs().max() / st_ref[s].abs().max()).item()
         assert e < 1e-4, f"{name}: state {s} rel err {e:.2e}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", linforge.library.names())
+def test_recurrent_bwd_gpu(name, dtype):
+    """Gradients at real sizes: V = 72 split in blocks of 32, T = 300 in ~10 chunks."""
+    from test_recurrent_bwd import check_against_reference
+
+    attn = linforge.library.get(name)
+    sizes = spec_sizes(attn, K=8 if name == "based" else 100, V=72, M=32)
+    B, T, H = 2, 300, 3
+    x = make_inputs(attn, B=B, T=T, H=H, sizes=sizes, seed=7, device="cuda")
+    init = None if attn.program.noncausal else make_state(attn, N=B, H=H, sizes=sizes,
+                                                          device="cuda")
+    check_against_reference(attn, x, init, dtype)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["gla", "gated_deltanet", "mlstm"])
+def test_recurrent_bwd_gpu_varlen(name):
+    from test_recurrent_bwd import check_against_reference
+
+    attn = linforge.library.get(name)
+    sizes = spec_sizes(attn, K=64, V=64)
+    cu = torch.tensor([0, 100, 101, 700, 1000], device="cuda")
+    x = make_inputs(attn, B=1, T=1000, H=2, sizes=sizes, seed=8, device="cuda")
+    init = make_state(attn, N=4, H=2, sizes=sizes, device="cuda")
+    check_against_reference(attn, x, init, torch.float32, cu_seqlens=cu)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["gla", "gated_deltanet", "rwkv6", "mlstm"])
+def test_decode_gpu_equals_full_sequence(name):
+    attn = linforge.library.get(name)
+    sizes = spec_sizes(attn, K=128, V=128)
+    B, T, H = 4, 16, 4
+    x = make_inputs(attn, B=B, T=T, H=H, sizes=sizes, seed=9, device="cuda")
+    init = make_state(attn, N=B, H=H, sizes=sizes, device="cuda")
+    o_full, st_full = attn(**x, initial_state=init, output_final_state=True, form="recurrent")
+    state = {s: v.clone() for s, v in init.items()}
+    outs = []
+    for t in range(T):
+        o_t, state = attn.step(state, inplace=True, **{k: (v[:, t] if k in attn.program.inputs
+                                                            else v) for k, v in x.items()})
+        outs.append(o_t)
+    err = ((torch.stack(outs, 1) - o_full).abs().max() / o_full.abs().max()).item()
+    assert err < 1e-5
