@@ -16,8 +16,10 @@ from .launch import Launcher, for_device
 from .recurrent import (choose_bv, emit_recurrent_bwd, emit_recurrent_fwd, kernel_name,
                         used_dims)
 
-#: Tests set this to split V over programs on the CPU too (the GPU splits V by default).
+#: Overrides for tests and tuning sweeps: the V block (tests set it to split V over programs
+#: on the CPU too) and the warps per program.
 FORCE_BLOCK_V: int | None = None
+FORCE_NUM_WARPS: int | None = None
 
 _EMITTERS = {"fwd": emit_recurrent_fwd, "bwd": emit_recurrent_bwd}
 
@@ -66,6 +68,7 @@ class Launch:
     n_chunks: int        # checkpoints per head over all sequences
     out_dtype: torch.dtype
     state_dtype: torch.dtype
+    options: dict        # Triton launch options (num_warps)
 
     @property
     def dims(self) -> dict:
@@ -103,8 +106,9 @@ def plan(analysis: Analysis, sizes: dict, *, batch: int, B: int, T: int, H: int,
     else:
         chunk_offsets = None
         n_chunks = batch * triton.cdiv(T, chunk)
+    options = {"num_warps": FORCE_NUM_WARPS} if FORCE_NUM_WARPS else {}
     return Launch(analysis, sizes, batch, B, T, H, blocks, nv, chunk, cu_seqlens, chunk_offsets,
-                  n_chunks, out_dtype, state_dtype)
+                  n_chunks, out_dtype, state_dtype, options)
 
 
 def _forward(L: Launch, inputs: dict, params: dict, initial: dict | None, *,
@@ -130,7 +134,8 @@ def _forward(L: Launch, inputs: dict, params: dict, initial: dict | None, *,
         *(initial[s] if initial else o for s in p.states),
         *(finals.get(s, o) for s in p.states), *(ckpts.get(s, o) for s in p.states),
         _or(L.cu_seqlens, o), _or(L.chunk_offsets, o), L.T, H=L.H, **L.dims, **L.blocks,
-        CHUNK=L.chunk, USE_INITIAL_STATE=initial is not None, STORE_FINAL_STATE=store_final,
+        **L.options, CHUNK=L.chunk, USE_INITIAL_STATE=initial is not None,
+        STORE_FINAL_STATE=store_final,
         SAVE_CHECKPOINTS=save_checkpoints, IS_VARLEN=L.cu_seqlens is not None)
     return o, finals, ckpts
 
@@ -176,7 +181,7 @@ def _backward(L: Launch, inputs: dict, params: dict, ckpts: dict, totals: dict,
         *(dT[s] for s in p.states), *(d_in[n] for n in p.inputs),
         *(d_par[n] for n in p.params), *(d_init[s] for s in p.states),
         _or(L.cu_seqlens, do), _or(L.chunk_offsets, do), L.T, n_rows, H=L.H, **L.dims,
-        **L.blocks, CHUNK=L.chunk, NV=L.nv, USE_FINAL_STATE_GRAD=use_dT,
+        **L.blocks, **L.options, CHUNK=L.chunk, NV=L.nv, USE_FINAL_STATE_GRAD=use_dT,
         IS_VARLEN=L.cu_seqlens is not None)
     grads_in = {n: (g if g.dim() == inputs[n].dim() else g.sum(0)).to(inputs[n].dtype)
                 for n, g in d_in.items()}
@@ -275,7 +280,8 @@ class Decoder:
         # states over V are updated where they are (each program owns its V block); the
         # others are read by every V block, so they get a fresh buffer copied back after
         self.in_place = {s for s, d in p.states.items() if inplace and "V" in d.dims}
-        self.constexprs = dict(H=H, **L.dims, **L.blocks, CHUNK=L.chunk, USE_INITIAL_STATE=True,
+        self.constexprs = dict(H=H, **L.dims, **L.blocks, **L.options, CHUNK=L.chunk,
+                               USE_INITIAL_STATE=True,
                                STORE_FINAL_STATE=True, SAVE_CHECKPOINTS=False, IS_VARLEN=False)
 
     def __call__(self, inputs: list, params: list, state: dict, inplace: bool):
