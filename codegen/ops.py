@@ -86,7 +86,13 @@ def plan(analysis: Analysis, sizes: dict, *, batch: int, B: int, T: int, H: int,
     blocks = {}
     for d in used_dims(p):
         if d == "V":
-            limit = FORCE_BLOCK_V if FORCE_BLOCK_V is not None else (32 if on_gpu else None)
+            # measured on an H100 (benchmarks/tune_recurrent.py): narrow V blocks (many
+            # programs, one warp each) for sequences, wide ones for one-token decode
+            limit = 64 if T == 1 else 8
+            if FORCE_BLOCK_V is not None:
+                limit = FORCE_BLOCK_V
+            elif not on_gpu:
+                limit = None  # the interpreter is fastest with the fewest programs
             blocks["BV"] = choose_bv(p, sizes[d], limit)
         else:
             blocks[f"B{d}"] = _pow2(sizes[d])
@@ -106,7 +112,12 @@ def plan(analysis: Analysis, sizes: dict, *, batch: int, B: int, T: int, H: int,
     else:
         chunk_offsets = None
         n_chunks = batch * triton.cdiv(T, chunk)
-    options = {"num_warps": FORCE_NUM_WARPS} if FORCE_NUM_WARPS else {}
+    options = {}
+    if FORCE_NUM_WARPS:
+        options["num_warps"] = FORCE_NUM_WARPS
+    elif on_gpu:  # about 32 fp32 state values per thread (2048 per warp)
+        state = max(math.prod(blocks[f"B{d}"] for d in decl.dims) for decl in p.states.values())
+        options["num_warps"] = max(1, min(8, state // 2048))
     return Launch(analysis, sizes, batch, B, T, H, blocks, nv, chunk, cu_seqlens, chunk_offsets,
                   n_chunks, out_dtype, state_dtype, options)
 

@@ -257,22 +257,55 @@ class _Writer:
             self.b("if i_v == 0:", depth)
             self.b(line, depth + 1)
 
-    def step(self, depth: int, *, updates: bool, output: bool, states: dict) -> StepEmitter:
+    def _roots(self, updates: bool, output: bool) -> list[Node]:
+        return ([*self.finals.values()] if updates else []) + ([self.out] if output else [])
+
+    def _used_inputs(self, updates: bool, output: bool) -> list[str]:
+        used = {x.attr for r in self._roots(updates, output) for x in r.walk()
+                if x.op is Op.INPUT}
+        return [n for n in self.p.inputs if n in used]
+
+    def _input_load(self, n: str, row: str) -> str:
+        """Load of input ``n`` at token row ``row`` (padded lanes masked)."""
+        dims = self.p.inputs[n].dims
+        return _load(f"{n}_ptr + {row} * ({_size_expr(dims)})", dims)
+
+    def prefetch_first(self, depth: int, *, updates: bool, output: bool) -> None:
+        """Before a loop with ``prefetch``: load the first token's inputs (the row is
+        clamped into the sequence, and to 0 for an empty one, so no load is out of bounds)."""
+        self.b("p_nx = tl.maximum(tl.minimum(bos, eos - 1), 0) * H + i_h  # next row to load",
+               depth)
+        for n in self._used_inputs(updates, output):
+            self.b(f"{n}_nx = {self._input_load(n, 'p_nx')}", depth)
+
+    def step(self, depth: int, *, updates: bool, output: bool, states: dict,
+             prefetch: bool = False) -> StepEmitter:
         """Statements of one step at time ``t`` (loop variable): input loads, then the
-        updated states (``{s}_new``) and/or the output. Returns the emitter (its values)."""
+        updated states (``{s}_new``) and/or the output. Returns the emitter (its values).
+
+        With ``prefetch`` the inputs of this step were loaded by the previous iteration
+        (``prefetch_first`` before the loop) and this one issues the next token's loads
+        before computing, so memory latency overlaps the step's arithmetic."""
         p = self.p
         self.naming.states = states
-        roots = ([*self.finals.values()] if updates else []) + ([self.out] if output else [])
+        roots = self._roots(updates, output)
         em = StepEmitter(p, self.naming, roots, INDENT * depth)
         em.vars.update(self.pre.vars)
         em.counter = self.pre.counter  # names stay unique across the kernel
         em.keep |= set(self.pre.vars)
         em.emit("p_tok = (bos + t) * H + i_h  # row of this token and head")
         em.emit("t_f = t * 1.0")
-        used = {x.attr for r in roots for x in r.walk() if x.op is Op.INPUT}
-        for n, decl in p.inputs.items():
-            if n in used:
-                em.emit(f"{n} = {_load(f'{n}_ptr + p_tok * ({_size_expr(decl.dims)})', decl.dims)}")
+        used = self._used_inputs(updates, output)
+        if prefetch:
+            for n in used:
+                em.emit(f"{n} = {n}_nx")
+            em.emit("# prefetch the next token's inputs (the last token again at the end)")
+            em.emit("p_nx = tl.minimum(bos + t + 1, eos - 1) * H + i_h")
+            for n in used:
+                em.emit(f"{n}_nx = {self._input_load(n, 'p_nx')}")
+        else:
+            for n in used:
+                em.emit(f"{n} = {self._input_load(n, 'p_tok')}")
         if updates:
             for s, value in self.finals.items():
                 em.emit(f"# {' / '.join(p.line_of(u.span) for u in p.updates if u.state == s)}")
@@ -326,20 +359,26 @@ def emit_recurrent_fwd(analysis: Analysis) -> str:
 
     if p.noncausal:
         b("# ---- pass 1: the state of the whole sequence (noncausal)")
+        w.prefetch_first(0, updates=True, output=False)
         b("for t in range(0, eos - bos):")
         checkpoint()
-        em = w.step(1, updates=True, output=False, states={(s, 0): s for s in p.states})
+        em = w.step(1, updates=True, output=False, states={(s, 0): s for s in p.states},
+                    prefetch=True)
         w.advance_states(em)
         w.body += em.lines
         b("# ---- pass 2: every token reads the whole-sequence state")
+        w.prefetch_first(0, updates=False, output=True)
         b("for t in range(0, eos - bos):")
-        em = w.step(1, updates=False, output=True, states={(s, TOTAL): s for s in p.states})
+        em = w.step(1, updates=False, output=True, states={(s, TOTAL): s for s in p.states},
+                    prefetch=True)
         w.store_output(em)
         w.body += em.lines
     else:
+        w.prefetch_first(0, updates=True, output=True)
         b("for t in range(0, eos - bos):")
         checkpoint()
-        em = w.step(1, updates=True, output=True, states={(s, 0): s for s in p.states})
+        em = w.step(1, updates=True, output=True, states={(s, 0): s for s in p.states},
+                    prefetch=True)
         w.store_output(em)
         w.advance_states(em)
         w.body += em.lines
