@@ -160,7 +160,6 @@ def _backward(L: Launch, inputs: dict, params: dict, ckpts: dict, totals: dict,
     """Gradients of every input, param and initial state (fp32 partials reduced here)."""
     p = L.analysis.program
     device = do.device
-    n_rows = L.B * L.T * L.H
     scratch = {}
     for s, decl in p.states.items():
         per_step = math.prod(L.blocks[f"B{d}"] for d in decl.dims)
@@ -169,11 +168,10 @@ def _backward(L: Launch, inputs: dict, params: dict, ckpts: dict, totals: dict,
     d_in = {}
     for n, decl in p.inputs.items():
         x = inputs[n]
-        if "V" in decl.dims or L.nv == 1:
-            d_in[n] = torch.empty(x.shape, dtype=x.dtype if L.nv == 1 else torch.float32,
-                                  device=device)
-        else:
-            d_in[n] = torch.empty(L.nv, *x.shape, dtype=torch.float32, device=device)
+        if "V" in decl.dims or L.nv == 1:  # written once per element
+            d_in[n] = torch.empty(x.shape, dtype=x.dtype, device=device)
+        else:  # every V block adds its part atomically
+            d_in[n] = torch.zeros(x.shape, dtype=torch.float32, device=device)
     d_par = {n: torch.zeros(L.nv, L.batch, *params[n].shape, dtype=torch.float32,
                             device=device) for n in p.params}
     d_init = {}
@@ -191,11 +189,10 @@ def _backward(L: Launch, inputs: dict, params: dict, ckpts: dict, totals: dict,
         *((totals[s] for s in p.states) if p.noncausal else ()),
         *(dT[s] for s in p.states), *(d_in[n] for n in p.inputs),
         *(d_par[n] for n in p.params), *(d_init[s] for s in p.states),
-        _or(L.cu_seqlens, do), _or(L.chunk_offsets, do), L.T, n_rows, H=L.H, **L.dims,
+        _or(L.cu_seqlens, do), _or(L.chunk_offsets, do), L.T, H=L.H, **L.dims,
         **L.blocks, **L.options, CHUNK=L.chunk, NV=L.nv, USE_FINAL_STATE_GRAD=use_dT,
         IS_VARLEN=L.cu_seqlens is not None)
-    grads_in = {n: (g if g.dim() == inputs[n].dim() else g.sum(0)).to(inputs[n].dtype)
-                for n, g in d_in.items()}
+    grads_in = {n: g.to(inputs[n].dtype) for n, g in d_in.items()}
     grads_par = {n: g.sum((0, 1)).to(params[n].dtype) for n, g in d_par.items()}
     grads_init = {s: (g if "V" in p.states[s].dims else g.sum(0)) for s, g in d_init.items()}
     return grads_in, grads_par, grads_init

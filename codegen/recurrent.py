@@ -147,11 +147,15 @@ def _load(base: str, dims: tuple[str, ...]) -> str:
     return f"tl.load({base} + {_offsets(dims)}, mask={m}, other=0.0).to(tl.float32)"
 
 
-def _store(base: str, dims: tuple[str, ...], value: str, ptr: str) -> str:
-    """Store ``value`` (cast to ``ptr``'s element type) to the block over ``dims``."""
+def _store(base: str, dims: tuple[str, ...], value: str, ptr: str, *,
+           atomic: bool = False) -> str:
+    """Store ``value`` (cast to ``ptr``'s element type) to the block over ``dims``; with
+    ``atomic``, add it to what is there."""
     m = _mask_of(dims)
     off = f" + {_offsets(dims)}" if dims else ""
     mask_arg = f", mask={m}" if m else ""
+    if atomic:
+        return f"tl.atomic_add({base}{off}, {value}{mask_arg}, sem='relaxed')"
     return f"tl.store({base}{off}, {value}.to({ptr}.dtype.element_ty){mask_arg})"
 
 
@@ -260,32 +264,37 @@ class _Writer:
     def _roots(self, updates: bool, output: bool) -> list[Node]:
         return ([*self.finals.values()] if updates else []) + ([self.out] if output else [])
 
-    def _used_inputs(self, updates: bool, output: bool) -> list[str]:
+    def _loads(self, updates: bool, output: bool, extra: tuple = ()) -> list[tuple]:
+        """(variable, pointer, dims) of every per-token tensor a step reads: the inputs its
+        values use, then ``extra`` (the backward's ``d_o``)."""
         used = {x.attr for r in self._roots(updates, output) for x in r.walk()
                 if x.op is Op.INPUT}
-        return [n for n in self.p.inputs if n in used]
+        return [(n, f"{n}_ptr", d.dims) for n, d in self.p.inputs.items() if n in used] + \
+            list(extra)
 
-    def _input_load(self, n: str, row: str) -> str:
-        """Load of input ``n`` at token row ``row`` (padded lanes masked)."""
-        dims = self.p.inputs[n].dims
-        return _load(f"{n}_ptr + {row} * ({_size_expr(dims)})", dims)
+    @staticmethod
+    def _token_load(ptr: str, dims: tuple[str, ...], row: str) -> str:
+        """Load of a per-token tensor at token row ``row`` (padded lanes masked)."""
+        return _load(f"{ptr} + {row} * ({_size_expr(dims)})", dims)
 
-    def prefetch_first(self, depth: int, *, updates: bool, output: bool) -> None:
-        """Before a loop with ``prefetch``: load the first token's inputs (the row is
-        clamped into the sequence, and to 0 for an empty one, so no load is out of bounds)."""
-        self.b("p_nx = tl.maximum(tl.minimum(bos, eos - 1), 0) * H + i_h  # next row to load",
-               depth)
-        for n in self._used_inputs(updates, output):
-            self.b(f"{n}_nx = {self._input_load(n, 'p_nx')}", depth)
+    def prefetch_first(self, depth: int, first: str, *, updates: bool, output: bool,
+                       extra: tuple = ()) -> None:
+        """Before a loop with ``prefetch``: load the tensors of the token at position
+        ``first`` (an in-bounds token index) into ``{name}_nx``."""
+        self.b(f"p_nx = ({first}) * H + i_h  # row of the next token to load", depth)
+        for var, ptr, dims in self._loads(updates, output, extra):
+            self.b(f"{var}_nx = {self._token_load(ptr, dims, 'p_nx')}", depth)
 
     def step(self, depth: int, *, updates: bool, output: bool, states: dict,
-             prefetch: bool = False) -> StepEmitter:
-        """Statements of one step at time ``t`` (loop variable): input loads, then the
-        updated states (``{s}_new``) and/or the output. Returns the emitter (its values).
+             prefetch: str | None = None, extra: tuple = ()) -> StepEmitter:
+        """Statements of one step at time ``t`` (loop variable): loads of the token's
+        tensors, then the updated states (``{s}_new``) and/or the output. Returns the
+        emitter (its values).
 
-        With ``prefetch`` the inputs of this step were loaded by the previous iteration
-        (``prefetch_first`` before the loop) and this one issues the next token's loads
-        before computing, so memory latency overlaps the step's arithmetic."""
+        With ``prefetch`` (the position of the token the next iteration handles, kept in
+        bounds) this step's tensors were loaded by the previous iteration (or by
+        ``prefetch_first``) and this one issues the next token's loads before computing,
+        so memory latency overlaps the step's arithmetic."""
         p = self.p
         self.naming.states = states
         roots = self._roots(updates, output)
@@ -295,17 +304,17 @@ class _Writer:
         em.keep |= set(self.pre.vars)
         em.emit("p_tok = (bos + t) * H + i_h  # row of this token and head")
         em.emit("t_f = t * 1.0")
-        used = self._used_inputs(updates, output)
+        loads = self._loads(updates, output, extra)
         if prefetch:
-            for n in used:
-                em.emit(f"{n} = {n}_nx")
-            em.emit("# prefetch the next token's inputs (the last token again at the end)")
-            em.emit("p_nx = tl.minimum(bos + t + 1, eos - 1) * H + i_h")
-            for n in used:
-                em.emit(f"{n}_nx = {self._input_load(n, 'p_nx')}")
+            for var, _, _ in loads:
+                em.emit(f"{var} = {var}_nx")
+            em.emit("# prefetch the next token's tensors")
+            em.emit(f"p_nx = ({prefetch}) * H + i_h")
+            for var, ptr, dims in loads:
+                em.emit(f"{var}_nx = {self._token_load(ptr, dims, 'p_nx')}")
         else:
-            for n in used:
-                em.emit(f"{n} = {self._input_load(n, 'p_tok')}")
+            for var, ptr, dims in loads:
+                em.emit(f"{var} = {self._token_load(ptr, dims, 'p_tok')}")
         if updates:
             for s, value in self.finals.items():
                 em.emit(f"# {' / '.join(p.line_of(u.span) for u in p.updates if u.state == s)}")
@@ -329,6 +338,11 @@ class _Writer:
 
 
 # ---------------------------------------------------------------------- forward
+# token positions for prefetching in a loop over a whole sequence: the first token (0 for
+# an empty sequence, so the load stays in bounds) and the next one (the last again at the end)
+FIRST = "tl.maximum(tl.minimum(bos, eos - 1), 0)"
+NEXT = "tl.minimum(bos + t + 1, eos - 1)"
+
 def emit_recurrent_fwd(analysis: Analysis) -> str:
     """Python source of the recurrent forward kernel of ``analysis.program``."""
     w = _Writer(analysis)
@@ -359,26 +373,26 @@ def emit_recurrent_fwd(analysis: Analysis) -> str:
 
     if p.noncausal:
         b("# ---- pass 1: the state of the whole sequence (noncausal)")
-        w.prefetch_first(0, updates=True, output=False)
+        w.prefetch_first(0, FIRST, updates=True, output=False)
         b("for t in range(0, eos - bos):")
         checkpoint()
         em = w.step(1, updates=True, output=False, states={(s, 0): s for s in p.states},
-                    prefetch=True)
+                    prefetch=NEXT)
         w.advance_states(em)
         w.body += em.lines
         b("# ---- pass 2: every token reads the whole-sequence state")
-        w.prefetch_first(0, updates=False, output=True)
+        w.prefetch_first(0, FIRST, updates=False, output=True)
         b("for t in range(0, eos - bos):")
         em = w.step(1, updates=False, output=True, states={(s, TOTAL): s for s in p.states},
-                    prefetch=True)
+                    prefetch=NEXT)
         w.store_output(em)
         w.body += em.lines
     else:
-        w.prefetch_first(0, updates=True, output=True)
+        w.prefetch_first(0, FIRST, updates=True, output=True)
         b("for t in range(0, eos - bos):")
         checkpoint()
         em = w.step(1, updates=True, output=True, states={(s, 0): s for s in p.states},
-                    prefetch=True)
+                    prefetch=NEXT)
         w.store_output(em)
         w.advance_states(em)
         w.body += em.lines
@@ -415,13 +429,13 @@ def emit_recurrent_bwd(analysis: Analysis) -> str:
     args += [f"d{s}T_ptr" for s in p.states]
     args += [f"d{n}_ptr" for n in p.inputs] + [f"d{n}_ptr" for n in p.params]
     args += [f"d{s}0_ptr" for s in p.states]
-    args += ["cu_seqlens_ptr", "chunk_offsets_ptr", "T", "n_rows"]
+    args += ["cu_seqlens_ptr", "chunk_offsets_ptr", "T"]
     args += ["CHUNK: tl.constexpr", "NV: tl.constexpr", "USE_FINAL_STATE_GRAD: tl.constexpr",
              "IS_VARLEN: tl.constexpr"]
     doc = ["Grid: (V blocks, sequences * heads), as the forward. Chunks are visited last to",
            "first: the chunk's states are recomputed from its checkpoint into this program's",
-           "scratch, then the steps are differentiated in reverse. Gradients of values",
-           "without V are this V block's partial sums (summed over blocks by the caller);",
+           "scratch, then the steps are differentiated in reverse. Gradients of inputs",
+           "without V are this V block's part, added atomically over the blocks;",
            "param gradients are per-program partials (summed over blocks and sequences)."]
     w.preamble()
     nprog = "tl.num_programs(1)"
@@ -448,10 +462,10 @@ def emit_recurrent_bwd(analysis: Analysis) -> str:
     total_leaves = {s: Node(Op.STATE, d.dims, (), (s, TOTAL)) for s, d in p.states.items()}
     names = {(s, 0): s for s in p.states} | {(s, TOTAL): f"{s}_total" for s in p.states}
 
-    def load_do(em: StepEmitter) -> str:
-        od = p.output.dims
-        em.emit(f"d_o = {_load(f'do_ptr + p_tok * ({_size_expr(od)})', od)}")
-        if "V" not in od:
+    d_o = (("d_o", "do_ptr", p.output.dims),)  # the output's adjoint, loaded per token
+
+    def seed_do(em: StepEmitter) -> str:
+        if "V" not in p.output.dims:
             em.emit("d_o = tl.where(i_v == 0, d_o, 0.0)  # counted once, by the first V block")
         return "d_o"
 
@@ -459,9 +473,10 @@ def emit_recurrent_bwd(analysis: Analysis) -> str:
         b("# ---- the whole sequence's state (saved by the forward) and its adjoint")
         for s, decl in p.states.items():
             b(f"{s}_total = {_load(w.state_ptr(s, f'{s}_total_ptr', 'i_nh'), decl.dims)}")
+        w.prefetch_first(0, FIRST, updates=False, output=True, extra=d_o)
         b("for t in range(0, eos - bos):")
-        em = w.step(1, updates=False, output=True, states=names)
-        got = AdjointEmitter(em, stops).grads([(w.out, load_do(em))],
+        em = w.step(1, updates=False, output=True, states=names, prefetch=NEXT, extra=d_o)
+        got = AdjointEmitter(em, stops).grads([(w.out, seed_do(em))],
                                               list(total_leaves.values()))
         for s, leaf in total_leaves.items():
             if leaf in got:
@@ -480,29 +495,38 @@ def emit_recurrent_bwd(analysis: Analysis) -> str:
     for s, decl in p.states.items():
         b(f"{s} = {_load(w.state_ptr(s, f'{s}_ckpt_ptr', w.ckpt_row('i_chunk')), decl.dims)}",
           1)
+    w.prefetch_first(1, "bos + t0", updates=True, output=False)
     b("for i_j in range(0, n_steps):", 1)
     b("t = t0 + i_j", 2)
     for s, decl in p.states.items():
         b(f"tl.store({scratch[s]} + {_scratch_offsets(decl.dims)}, {s})", 2)
-    em = w.step(2, updates=True, output=False, states=names)
+    em = w.step(2, updates=True, output=False, states=names,
+                prefetch="tl.minimum(t + 1, t0 + n_steps - 1) + bos")
     w.advance_states(em)
     w.body += em.lines
     b("tl.debug_barrier()  # scratch written by all threads before it is read", 1)
     b("# differentiate the chunk's steps, last to first", 1)
+    w.prefetch_first(1, "bos + t0 + n_steps - 1", updates=True, output=True, extra=d_o)
     b("for i_r in range(0, n_steps):", 1)
     b("i_j = n_steps - 1 - i_r", 2)
     b("t = t0 + i_j", 2)
     for s, decl in p.states.items():
         b(f"{s} = tl.load({scratch[s]} + {_scratch_offsets(decl.dims)})", 2)
-    em = w.step(2, updates=True, output=True, states=names)
-    seeds = [(w.finals[s], f"d_{s}") for s in p.states] + [(w.out, load_do(em))]
+    em = w.step(2, updates=True, output=True, states=names, extra=d_o,
+                prefetch="tl.maximum(t - 1, t0) + bos")
+    seeds = [(w.finals[s], f"d_{s}") for s in p.states] + [(w.out, seed_do(em))]
     targets = [*inputs.values(), *param_stops, *state_leaves.values()]
     got = AdjointEmitter(em, stops).grads(seeds, targets)
     for n, decl in p.inputs.items():
         g = got.get(inputs.get(n), _zeros(decl.dims))
-        block_of = "" if "V" in decl.dims else f"i_v * n_rows * ({_size_expr(decl.dims)}) + "
-        em.emit(_store(f"d{n}_ptr + {block_of}p_tok * ({_size_expr(decl.dims)})", decl.dims,
-                       g, f"d{n}_ptr"))
+        ptr = f"d{n}_ptr + p_tok * ({_size_expr(decl.dims)})"
+        if "V" in decl.dims:
+            em.emit(_store(ptr, decl.dims, g, f"d{n}_ptr"))
+            continue
+        em.emit("if NV == 1:")
+        em.emit(INDENT + _store(ptr, decl.dims, g, f"d{n}_ptr"))
+        em.emit("else:  # every V block adds its part (fp32 buffer, zeroed by the caller)")
+        em.emit(INDENT + _store(ptr, decl.dims, g, f"d{n}_ptr", atomic=True))
     for n, name in acc.items():
         if n in got:
             em.emit(f"{name} += {got[n]}")
