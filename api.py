@@ -12,10 +12,13 @@ from .dsl import SpecError, parse
 from .dsl.ast import Spec
 from .ir.analysis import Analysis, analyse
 from .ir.interpret import run_reference
+from .codegen.chunk_op import ChunkUnsupported, chunk_forward, chunk_plan
 from .codegen.ops import Decoder, recurrent_forward, recurrent_source
 from .ir.lower import lower, show_dims
 
 FORMS = ("auto", "recurrent", "chunk", "parallel", "reference")
+#: form="auto" uses the chunked kernels from this length on (one chunk of 64 tokens)
+AUTO_CHUNK_MIN_T = 64
 
 
 @dataclass(frozen=True)
@@ -71,8 +74,11 @@ class Attention:
             "normalizers": {nz.vector: nz.matrix for nz in a.normalizers},
             "readout": a.readout.kind.value,
             "forms": list(a.forms),
-            "kernels": ["recurrent fwd", "recurrent bwd"],
-            "auto_form": "recurrent (the only generated form so far)",
+            "kernels": ["recurrent fwd", "recurrent bwd"] + (
+                ["chunk fwd", "chunk bwd"] if self._chunk_reason() is None else []),
+            "auto_form": (f"chunk for T >= {AUTO_CHUNK_MIN_T}, recurrent below (and for "
+                          "decode)" if self._chunk_reason() is None else
+                          f"recurrent (no chunked kernel: {self._chunk_reason()})"),
         }
 
     # ------------------------------------------------------------------ calls
@@ -82,7 +88,9 @@ class Attention:
 
         ``form="recurrent"`` runs the generated recurrent Triton kernels (Triton's
         interpreter for CPU tensors), differentiable through the generated backward kernel.
-        ``form="auto"`` picks the best generated form (today: recurrent).
+        ``form="chunk"`` runs the chunked kernels (identity and scalar-decay transitions so
+        far). ``form="auto"`` picks chunk for sequences of 64 tokens or more when the spec has
+        a chunked kernel, and recurrent otherwise (``info()["auto_form"]`` says which).
         ``form="reference"`` runs the float64 interpreter (``o`` cast to the dtype of the
         input over V, states to float32 or the initial state's dtype).
         """
@@ -94,10 +102,18 @@ class Attention:
                              f"{', '.join(self.analysis.forms)}")
         bound = self.bind(tensors, initial_state, cu_seqlens)
         if form == "auto":
-            form = "recurrent"
-        if form in ("chunk", "parallel"):
-            raise NotImplementedError(f"form={form!r} has no generated kernel yet; use "
-                                      "form='recurrent' or 'auto'")
+            form = self._auto_form(bound)
+        if form == "chunk":
+            try:
+                return chunk_forward(
+                    self.analysis, bound.inputs, bound.params, bound.sizes, batch=bound.batch,
+                    out_dtype=bound.out_dtype, initial_state=initial_state,
+                    output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+            except ChunkUnsupported as e:
+                raise NotImplementedError(f"form='chunk': {e}; use form='recurrent'") from None
+        if form == "parallel":
+            raise NotImplementedError("form='parallel' has no generated kernel yet; use "
+                                      "form='recurrent' or 'chunk'")
         if form == "recurrent":
             return recurrent_forward(
                 self.analysis, bound.inputs, bound.params, bound.sizes, batch=bound.batch,
@@ -110,6 +126,23 @@ class Attention:
                        else torch.float32)
         final = {s: x.to(state_dtype) for s, x in final.items()} if final is not None else None
         return o.to(bound.out_dtype), final
+
+    def _auto_form(self, bound: Bound) -> str:
+        """Chunked for sequences of a chunk or more when the spec has a chunked kernel;
+        recurrent otherwise (short sequences, other classes)."""
+        if bound.length >= AUTO_CHUNK_MIN_T and self._chunk_reason() is None:
+            return "chunk"
+        return "recurrent"
+
+    def _chunk_reason(self) -> str | None:
+        """Why the chunked kernels cannot run this spec (None when they can)."""
+        if not hasattr(self, "_chunk_why"):
+            try:
+                chunk_plan(self.analysis)
+                self._chunk_why = None
+            except ChunkUnsupported as e:
+                self._chunk_why = str(e)
+        return self._chunk_why
 
     def step(self, state: dict, *, inplace: bool = False, **tensors):
         """Decode one token per sequence: inputs ``[B, H, *dims]`` or ``[B, 1, H, *dims]``.

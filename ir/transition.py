@@ -118,10 +118,12 @@ def find_normalizers(updates: dict[str, CanonicalUpdate]) -> list[Normalizer]:
     for z, cz in updates.items():
         if len(cz.dims) != 1:
             continue
+        matches = []
         for s, cs in updates.items():
             if len(cs.dims) == 2 and same_transition(cz, cs):
                 rides = bool(cz.forcing is not None and cs.inputs and equal(
                     cz.forcing, sum_nodes([t.x for t in cs.inputs])))
-                found.append(Normalizer(z, s, rides))
-                break
+                matches.append(Normalizer(z, s, rides))
+        if matches:  # prefer the matrix state whose inputs it shares (cosFormer's cos/sin)
+            found.append(max(matches, key=lambda nz: nz.rides_along))
     return found

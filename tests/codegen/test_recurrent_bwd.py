@@ -47,13 +47,12 @@ def run_with_grads(attn, x, init, *, dtype, form, cu_seqlens=None, seed=0):
     return o, final, grads
 
 
-def check_against_reference(attn, x, init, dtype, cu_seqlens=None):
+def check_against_reference(attn, x, init, dtype, cu_seqlens=None, form="recurrent"):
     # the reference sees the same rounded inputs the kernel sees
     xr = {k: v.to(dtype) for k, v in x.items()}
     o_ref, f_ref, g_ref = run_with_grads(attn, xr, init, dtype=torch.float64, form="reference",
                                          cu_seqlens=cu_seqlens)
-    o, f, g = run_with_grads(attn, xr, init, dtype=dtype, form="recurrent",
-                             cu_seqlens=cu_seqlens)
+    o, f, g = run_with_grads(attn, xr, init, dtype=dtype, form=form, cu_seqlens=cu_seqlens)
     errors = {"o": rel_err(o, o_ref)}
     errors.update({f"final {s}": rel_err(f[s], f_ref[s]) for s in f_ref})
     for n, ref in g_ref.items():

@@ -1,0 +1,291 @@
+"""The chunked form of a spec: its per-token maps around the chunked core (``chunk.py``).
+
+The compiler reads the analysed IR as ``S' = exp(lam) * S + outer(k^, v^)`` and
+``o = f(q^ @ S, q^ @ z, inputs)``: a query ``q^``, key ``k^``, value ``v^`` and a log decay
+``lam`` (derived with sympy from the transition's scale: ``log(exp(g)) = g``,
+``log(sigmoid(f)) = logsigmoid(f)``, ...), normalizer states riding along as extra columns
+of ``V``, and the readout ``f``. The per-token maps run as torch ops on all tokens at once
+(autograd through them); the state recurrence runs in the chunked Triton kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import sympy
+import torch
+import triton
+
+from ..ir.analysis import Analysis
+from ..ir.functions import ELEMENTWISE, logsigmoid, sigmoid
+from ..ir.interpret import StepEvaluator
+from ..ir.nodes import Node, Op
+from ..ir.readout import ReadoutKind
+from ..ir.sympy_view import SympyView
+from ..ir.transition import TransitionClass
+from .chunk import DOT_BF16, DOT_IEEE, DOT_TF32, chunk_bwd_kernel, chunk_fwd_kernel
+from . import ops
+from .launch import for_device, interpreting
+
+SUPPORTED = (TransitionClass.IDENTITY, TransitionClass.SCALAR)
+
+
+class ChunkUnsupported(ValueError):
+    """The spec's structure has no chunked kernel yet (the message says why)."""
+
+
+@dataclass(frozen=True)
+class StatePlan:
+    """How one matrix state maps onto the chunked core."""
+
+    state: str                       # the matrix state S[row, V]
+    row: str                         # its row dim
+    query: Node                      # q^ [row]
+    key: Node                        # k^ [row]
+    value: Node                      # v^ [V]
+    log_decay: sympy.Expr | None     # lam, a scalar per token and head; None: no decay
+    log_symbols: tuple[tuple[sympy.Symbol, Node], ...]
+    columns: tuple[str, ...]         # vector states riding along as extra V columns
+    reads: tuple[tuple[Node, int | None], ...]  # readout node q^ @ S -> column (None: S)
+    strict: bool                     # the readout sees the state before the token's update
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """The chunked form of a spec: one core call per matrix state, then the readout."""
+
+    states: tuple[StatePlan, ...]
+
+
+def _log_of(scale: Node) -> tuple[sympy.Expr, SympyView]:
+    view = SympyView()
+    expr = sympy.expand_log(sympy.log(view.to_sympy(scale)), force=True)
+    expr = expr.replace(lambda e: isinstance(e, sympy.log) and isinstance(e.args[0], sigmoid),
+                        lambda e: logsigmoid(e.args[0].args[0]))
+    return sympy.simplify(expr), view
+
+
+def _state_reads(p, s: str, columns: tuple[str, ...]):
+    """The readout's reads of ``s`` and its columns: (node, column), queries, read points."""
+    reads, queries, points = [], set(), set()
+    for n in p.output.walk():
+        stats = [a for a in n.args if a.op is Op.STATE]
+        if not stats or stats[0].attr[0] not in (s, *columns):
+            continue
+        if n.op is not Op.CONTRACT or n.args[1].op is not Op.STATE:
+            raise ChunkUnsupported(f"'{p.name}': the readout reads {stats[0].attr[0]} other "
+                                   "than through q @ S")
+        name, version = n.args[1].attr
+        queries.add(n.args[0])
+        points.add("pre" if version == 0 else "post")
+        reads.append((n, None if name == s else columns.index(name)))
+    if len(queries) != 1 or len(points) != 1:
+        raise ChunkUnsupported(f"'{p.name}': the readout must read {s} (and its normalizers) "
+                               "with one query and at one point of the step")
+    return tuple(reads), queries.pop(), points.pop() == "pre"
+
+
+def chunk_plan(analysis: Analysis) -> ChunkPlan:
+    """The chunked mapping of ``analysis``; raises ``ChunkUnsupported`` naming the reason."""
+    p = analysis.program
+    cls = analysis.transition_class
+    if p.noncausal:
+        raise ChunkUnsupported(f"'{p.name}' is noncausal: its kernels are the two-stage "
+                               "noncausal ones (state, then readout), not generated yet")
+    if cls not in SUPPORTED:
+        raise ChunkUnsupported(
+            f"'{p.name}' has a {cls.value} transition; chunked kernels exist so far for "
+            f"{', '.join(c.value for c in SUPPORTED)} transitions")
+    if analysis.readout.kind is ReadoutKind.GENERAL:
+        raise ChunkUnsupported(f"'{p.name}': the readout is not linear in the states")
+    matrices = [s for s, d in p.states.items() if len(d.dims) == 2]
+    rides = {nz.vector: nz.matrix for nz in analysis.normalizers if nz.rides_along}
+    alone = [z for z in p.states if z not in matrices and z not in rides]
+    if alone:
+        raise ChunkUnsupported(f"'{p.name}': vector state(s) {', '.join(alone)} do not ride "
+                               "along with a matrix state as normalizer columns")
+    plans = []
+    for s in matrices:
+        cu = analysis.updates[s]
+        if not cu.inputs or len(cu.inputs) != 1:
+            raise ChunkUnsupported(f"'{p.name}': the update of {s} is not one outer(k, v) "
+                                   "term")
+        row, col = cu.dims
+        if col != "V":
+            raise ChunkUnsupported(f"'{p.name}': the columns of {s} must be the dim V")
+        columns = tuple(z for z in p.states if rides.get(z) == s)
+        reads, query, strict = _state_reads(p, s, columns)
+        log_decay, symbols = None, ()
+        if analysis.classes[s] is TransitionClass.SCALAR:
+            log_decay, view = _log_of(cu.scale)
+            symbols = tuple((sym, node) for node, sym in view.symbols.items())
+        (out,) = cu.inputs
+        plans.append(StatePlan(s, row, query, out.x, out.y, log_decay, symbols, columns, reads,
+                               strict))
+    return ChunkPlan(tuple(plans))
+
+
+_TORCH = {name: e.torch_fn for name, e in ELEMENTWISE.items()}
+_TORCH.update({"Max": torch.maximum, "Min": torch.minimum, "Abs": torch.abs,
+               "sqrt": torch.sqrt, "exp": torch.exp, "log": torch.log})
+
+
+def _positions(B: int, T: int, cu_seqlens, device) -> torch.Tensor:
+    if cu_seqlens is None:
+        return torch.arange(T, device=device).repeat(B)
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lens)
+    return torch.arange(int(cu_seqlens[-1]), device=device) - starts
+
+
+class _Tokens:
+    """Evaluates state-free IR values on every token at once ([B*T, H, *dims])."""
+
+    def __init__(self, inputs: dict, params: dict, sizes: dict, cu_seqlens):
+        x0 = next(iter(inputs.values()))
+        self.B, self.T, H = x0.shape[:3]
+        device = x0.device
+        values = {("input", n): x.float().reshape(self.B * self.T, *x.shape[2:])
+                  for n, x in inputs.items()}
+        values.update({("param", n): x.float().unsqueeze(0) for n, x in params.items()})
+        values["h"] = torch.arange(H, device=device, dtype=torch.float32).reshape(1, H)
+        values["t"] = _positions(self.B, self.T, cu_seqlens, device).float().reshape(-1, 1)
+        self.ev = StepEvaluator(values, sizes, torch.float32, device)
+
+    def __call__(self, n: Node) -> torch.Tensor:
+        """``n`` over all tokens, ``[B, T, H, *dims]`` (broadcast to every token and head)."""
+        x = self.ev(n)
+        x = x.expand(self.B * self.T, self.ev.values["h"].shape[1], *x.shape[2:])
+        return x.reshape(self.B, self.T, *x.shape[1:])
+
+
+def _pow2(n: int, least: int = 16) -> int:
+    return max(least, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+class ChunkCore(torch.autograd.Function):
+    """``y = q @ S_t`` through the chunked kernels; differentiable in q, k, v, lam, S0."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, lam, s0, cfg: dict):
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        dev = q.device
+        y = torch.empty(B, T, H, V, dtype=torch.float32, device=dev)
+        N, cu, offsets, n_chunks = cfg["N"], cfg["cu"], cfg["offsets"], cfg["n_chunks"]
+        sT = torch.empty(N, H, K, V, dtype=torch.float32, device=dev)
+        ckpt = torch.empty(n_chunks, H, K, V, dtype=torch.float32, device=dev)
+        grid = (triton.cdiv(V, cfg["BV"]), N * H)
+        for_device(chunk_fwd_kernel, dev)[grid](
+            q, k, v, lam if lam is not None else q, y, s0 if s0 is not None else y, sT, ckpt,
+            cu if cu is not None else y, offsets if offsets is not None else y, T,
+            H=H, K=K, V=V, BK=cfg["BK"], BV=cfg["BV"], C=cfg["C"], DECAY=lam is not None,
+            STRICT=cfg["strict"], USE_INITIAL_STATE=s0 is not None, STORE_FINAL_STATE=True,
+            SAVE_CHECKPOINTS=True, IS_VARLEN=cu is not None, DOT=cfg["dot"],
+            **cfg["options"])
+        ctx.save_for_backward(q, k, v, lam, ckpt)
+        ctx.cfg = cfg
+        ctx.has_s0 = s0 is not None
+        return y, sT
+
+    @staticmethod
+    def backward(ctx, dy, dsT):
+        q, k, v, lam, ckpt = ctx.saved_tensors
+        cfg = ctx.cfg
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        dev = q.device
+        N, cu, offsets = cfg["N"], cfg["cu"], cfg["offsets"]
+        nv = triton.cdiv(V, cfg["BV"])
+        acc = torch.zeros if nv > 1 else torch.empty
+        dq = acc(q.shape, dtype=torch.float32, device=dev)
+        dk = acc(k.shape, dtype=torch.float32, device=dev)
+        dv = torch.empty(v.shape, dtype=torch.float32, device=dev)
+        dlam = acc(B, T, H, dtype=torch.float32, device=dev) if lam is not None else None
+        ds0 = torch.empty(N, H, K, V, dtype=torch.float32, device=dev)
+        dy = dy.contiguous()
+        for_device(chunk_bwd_kernel, dev)[(nv, N * H)](
+            q, k, v, lam if lam is not None else q, dy, ckpt,
+            dsT.contiguous() if dsT is not None else dy, dq, dk, dv,
+            dlam if dlam is not None else dq, ds0, cu if cu is not None else dy,
+            offsets if offsets is not None else dy, T, H=H, K=K, V=V, BK=cfg["BK"],
+            BV=cfg["BV"], C=cfg["C"], DECAY=lam is not None, STRICT=cfg["strict"], NV=nv,
+            USE_FINAL_STATE_GRAD=dsT is not None, IS_VARLEN=cu is not None, DOT=cfg["dot"],
+            **cfg["options"])
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dlam,
+                ds0 if ctx.has_s0 else None, None)
+
+
+def _core_config(batch: int, T: int, K: int, V: int, cu_seqlens, chunk_size: int,
+                 strict: bool, dot: int, device) -> dict:
+    if cu_seqlens is not None:
+        lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        offsets = torch.zeros(len(lens) + 1, dtype=torch.int64, device=device)
+        offsets[1:] = ((lens + chunk_size - 1) // chunk_size).cumsum(0)
+        n_chunks = int(offsets[-1])
+    else:
+        offsets, n_chunks = None, batch * triton.cdiv(T, chunk_size)
+    on_gpu = device.type == "cuda"
+    bv = min(_pow2(V), 64) if on_gpu else _pow2(V)
+    if ops.FORCE_BLOCK_V is not None:
+        bv = _pow2(min(bv, ops.FORCE_BLOCK_V))
+    return dict(N=batch, cu=cu_seqlens, offsets=offsets, n_chunks=n_chunks, C=chunk_size,
+                BK=_pow2(K), BV=bv, strict=strict,
+                dot=dot, options={"num_warps": 4} if on_gpu else {})
+
+
+def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *, batch: int,
+                  out_dtype: torch.dtype, initial_state: dict | None, output_final_state: bool,
+                  cu_seqlens: torch.Tensor | None, chunk_size: int = 64):
+    """Run the chunked form (differentiable); same contract as ``ops.recurrent_forward``."""
+    plan = chunk_plan(analysis)
+    p = analysis.program
+    ev = _Tokens(inputs, params, sizes, cu_seqlens)
+    x0 = next(iter(inputs.values()))
+    B, T, H = x0.shape[:3]
+    half = x0.dtype in (torch.bfloat16, torch.float16)
+    # A normalized readout divides by q^ @ z, which may cancel (cosFormer, random features):
+    # its q^, k^, v^ stay in fp32 (tf32 dots); others are stored and multiplied in bf16.
+    exact = not half or analysis.readout.kind is ReadoutKind.NORMALIZED
+    low = torch.float32 if exact else x0.dtype
+    if interpreting() or not half:
+        dot = DOT_IEEE  # the interpreter's bf16 dots are wrong; fp32 inputs want fp32 dots
+    else:
+        dot = DOT_TF32 if exact else DOT_BF16
+    state_dtype = next(iter(initial_state.values())).dtype if initial_state else torch.float32
+    V = sizes["V"]
+    final = {}
+    for sp in plan.states:
+        q = ev(sp.query).to(low).contiguous()
+        k = ev(sp.key).to(low).contiguous()
+        v = ev(sp.value)
+        if sp.columns:  # normalizers: extra columns of v fed with ones
+            v = torch.cat([v, v.new_ones(*v.shape[:-1], len(sp.columns))], dim=-1)
+        v = v.to(low).contiguous()
+        lam = None
+        if sp.log_decay is not None:
+            fn = sympy.lambdify([s for s, _ in sp.log_symbols], sp.log_decay,
+                                modules=[_TORCH, "math"])
+            lam = torch.as_tensor(fn(*(ev(n) for _, n in sp.log_symbols)),
+                                  dtype=torch.float32, device=q.device)
+            lam = lam.expand(B, T, H).contiguous()
+        s0 = None
+        if initial_state is not None:
+            s0 = torch.cat([initial_state[sp.state].float(),
+                            *(initial_state[z].float().unsqueeze(-1) for z in sp.columns)],
+                           dim=-1).contiguous()
+        cfg = _core_config(batch, T, q.shape[-1], v.shape[-1], cu_seqlens, chunk_size,
+                           sp.strict, dot, q.device)
+        y, sT = ChunkCore.apply(q, k, v, lam, s0, cfg)
+        # the readout's state reads become the kernel's columns
+        for node, col in sp.reads:
+            part = y[..., :V] if col is None else y[..., V + col]
+            ev.ev.memo[node] = part.reshape(B * T, H, *part.shape[3:])
+        final[sp.state] = sT[..., :V].to(state_dtype)
+        final.update({z: sT[..., V + i].to(state_dtype) for i, z in enumerate(sp.columns)})
+    o = ev(p.output).to(out_dtype)
+    return o, ({s: final[s] for s in p.states} if output_final_state else None)
+
+
+__all__ = ["ChunkPlan", "ChunkUnsupported", "StatePlan", "chunk_forward", "chunk_plan"]

@@ -1,0 +1,99 @@
+"""The chunked form (identity and scalar-decay transitions) against the float64 reference
+and the recurrent kernels: outputs, final states and every gradient, over several chunks
+with T not a multiple of the chunk, varlen, V split over programs, steep decays."""
+
+import pytest
+import torch
+from spec_inputs import kernel_sizes, make_inputs, make_state
+from test_recurrent_bwd import check_against_reference, rel_err, run_with_grads
+
+import linforge
+import linforge.codegen.ops as ops
+from linforge.codegen.chunk_op import ChunkUnsupported, chunk_plan
+
+NAMES = [n for n in linforge.library.names() if n not in ("mamba", "s4d")]
+
+
+def chunkable(name):
+    try:
+        chunk_plan(linforge.library.get(name).analysis)
+        return True
+    except ChunkUnsupported:
+        return False
+
+
+CHUNKED = [n for n in NAMES if chunkable(n)]
+
+
+def test_the_identity_and_scalar_library_specs_have_a_chunked_form():
+    assert set(CHUNKED) >= {"linear_attention", "retnet", "mamba2", "lightning_attention",
+                            "performer", "based", "cosformer", "gated_rfa", "mlstm"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", CHUNKED)
+def test_chunk_matches_reference(name, dtype):
+    attn = linforge.library.get(name)
+    sizes = kernel_sizes(attn)
+    x = make_inputs(attn, B=2, T=150, H=2, sizes=sizes, seed=11)  # 3 chunks of 64, one partial
+    init = make_state(attn, N=2, H=2, sizes=sizes)
+    check_against_reference(attn, x, init, dtype, form="chunk")
+
+
+@pytest.mark.parametrize("name", ["retnet", "linear_attention", "mamba2"])
+def test_chunk_matches_recurrent_without_initial_state(name):
+    attn = linforge.library.get(name)
+    sizes = kernel_sizes(attn)
+    x = make_inputs(attn, B=1, T=70, H=3, sizes=sizes, seed=12)
+    o_c, f_c, g_c = run_with_grads(attn, x, None, dtype=torch.float32, form="chunk")
+    o_r, f_r, g_r = run_with_grads(attn, x, None, dtype=torch.float32, form="recurrent")
+    assert rel_err(o_c, o_r) < 1e-5
+    for n in g_r:
+        assert rel_err(g_c[n], g_r[n]) < 1e-4, n
+
+
+@pytest.mark.parametrize("name", ["retnet", "linear_attention", "mamba2", "cosformer"])
+def test_chunk_varlen(name):
+    attn = linforge.library.get(name)
+    sizes = kernel_sizes(attn)
+    cu = torch.tensor([0, 5, 6, 100, 170])
+    x = make_inputs(attn, B=1, T=170, H=2, sizes=sizes, seed=13)
+    init = make_state(attn, N=4, H=2, sizes=sizes)
+    check_against_reference(attn, x, init, torch.float32, cu_seqlens=cu, form="chunk")
+
+
+@pytest.mark.parametrize("name", ["mamba2", "linear_attention"])
+def test_chunk_with_v_split(name, monkeypatch):
+    """V = 40 in blocks of 16: three programs per head, dq and dk added atomically."""
+    monkeypatch.setattr(ops, "FORCE_BLOCK_V", 16)
+    attn = linforge.library.get(name)
+    sizes = dict(kernel_sizes(attn), V=40)
+    x = make_inputs(attn, B=2, T=90, H=2, sizes=sizes, seed=14)
+    init = make_state(attn, N=2, H=2, sizes=sizes)
+    check_against_reference(attn, x, init, torch.float32, form="chunk")
+
+
+STEEP = """
+attention steep
+    inputs q[K], k[K], v[V], g
+    state  S[K, V]
+    S = exp(g) * S + outer(k, v)
+    o = q @ S
+"""
+
+
+def test_chunk_is_finite_and_exact_with_decays_down_to_exp_minus_20():
+    attn = linforge.compile(STEEP)
+    g = torch.Generator().manual_seed(15)
+    B, T, H, K, V = 1, 200, 2, 16, 16
+    x = {"q": torch.randn(B, T, H, K, generator=g), "k": torch.randn(B, T, H, K, generator=g),
+         "v": torch.randn(B, T, H, V, generator=g),
+         "g": -20 * torch.rand(B, T, H, generator=g)}
+    check_against_reference(attn, x, None, torch.float32, form="chunk")
+
+
+def test_unsupported_classes_get_a_clear_error():
+    attn = linforge.library.get("deltanet")
+    x = make_inputs(attn, B=1, T=4, H=1, sizes=kernel_sizes(attn))
+    with pytest.raises(NotImplementedError, match="delta rank-1 transition.*form='recurrent'"):
+        attn(**x, form="chunk")
