@@ -1,0 +1,125 @@
+"""Chunked form: linforge beside fla 0.6.0's chunk kernels (B=4, T=4096, H=16, K=V=128, bf16).
+
+Usage (CUDA): python benchmarks/bench_chunk.py --out DIR. Writes DIR/chunk.json and
+DIR/chunk.md: median ms (triton.testing.do_bench) of forward and forward+backward, peak
+memory above the inputs, first call. fla's ops get the same math: the per-token maps a
+linforge spec contains (feature maps, gates) run as torch ops inside fla's timed call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+import triton
+
+import linforge
+from bench_recurrent import cell, measure
+
+B, T, H, K, V = 4, 4096, 16, 128, 128
+
+
+def inputs(name: str, seed: int = 0) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def rnd(*s, dtype=torch.bfloat16):
+        return torch.randn(*s, device="cuda", generator=g).to(dtype)
+    if name == "mamba2":
+        return dict(x=rnd(B, T, H, V), B=rnd(B, T, H, K), C=rnd(B, T, H, K),
+                    dt=rnd(B, T, H, dtype=torch.float32) * 0.5 - 1.0,
+                    A=-torch.exp(rnd(H, dtype=torch.float32) * 0.5),
+                    D=rnd(H, dtype=torch.float32), dt_bias=rnd(H, dtype=torch.float32) * 0.1)
+    return dict(q=rnd(B, T, H, K), k=rnd(B, T, H, K), v=rnd(B, T, H, V))
+
+
+def fla_op(name: str):
+    """fla's chunk op computing the spec's math: f(x) -> o."""
+    if name == "linear_attention":
+        from fla.ops.linear_attn import chunk_linear_attn
+        return lambda x: chunk_linear_attn(F.elu(x["q"]) + 1, F.elu(x["k"]) + 1, x["v"],
+                                           scale=1.0, normalize=True)[0]
+    if name == "retnet":
+        from fla.ops.retention import chunk_retention
+        return lambda x: chunk_retention(x["q"], x["k"], x["v"])[0]
+    if name == "mamba2":
+        from fla.ops.simple_gla import chunk_simple_gla
+
+        def run(x):
+            dt = F.softplus(x["dt"] + x["dt_bias"])
+            o = chunk_simple_gla(x["C"], x["B"], x["x"] * dt[..., None].to(x["x"].dtype),
+                                 g=dt * x["A"], scale=1.0)[0]
+            return o + x["D"][:, None] * x["x"]
+        return run
+    raise KeyError(name)
+
+
+def train(f, x: dict, do: torch.Tensor):
+    def run():
+        o = f(x)
+        o.backward(do)
+        return o
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--ops", default="linear_attention,retnet,mamba2")
+    args = ap.parse_args()
+    rows = []
+    shape = f"B{B} T{T} H{H} K{K} V{V} bf16"
+    for name in args.ops.split(","):
+        attn = linforge.library.get(name)
+        x = inputs(name)
+        ours = lambda x: attn(**x, form="chunk")[0]  # noqa: E731
+        fla = fla_op(name)
+        row = {"op": name, "kind": "chunk fwd", "shape": shape, "linforge": measure(
+            lambda: ours(x))}
+        try:
+            row["fla"] = measure(lambda: fla(x))
+            a, b = ours(x).float(), fla(x).float()
+            row["max_rel_diff_vs_fla"] = ((a - b).abs().max() / b.abs().max()).item()
+        except Exception as e:
+            row["fla_error"] = f"{type(e).__name__}: {e}"[:300]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        xg = {k: v.detach().requires_grad_() for k, v in x.items()}
+        do = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
+        row = {"op": name, "kind": "chunk fwd+bwd", "shape": shape,
+               "linforge": measure(train(ours, xg, do))}
+        try:
+            row["fla"] = measure(train(fla, xg, do))
+        except Exception as e:
+            row["fla_error"] = f"{type(e).__name__}: {e}"[:300]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": triton.__version__}
+    try:
+        import fla
+        meta["fla"] = fla.__version__
+    except Exception:
+        meta["fla"] = "not installed"
+    with open(f"{args.out}/chunk.json", "w") as fh:
+        json.dump({"meta": meta, "rows": rows}, fh, indent=1)
+    lines = [f"Device: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}, "
+             f"fla {meta['fla']}.", "",
+             "| op | kind | linforge ms | fla ms | fla / linforge | linforge peak MiB | "
+             "fla peak MiB | linforge first call s | fla first call s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ours_r, theirs = r["linforge"], r.get("fla")
+        ratio = f"{theirs['ms'] / ours_r['ms']:.2f}x" if theirs else "-"
+        lines.append(f"| {r['op']} | {r['kind']} | {ours_r['ms']:.3f} | "
+                     f"{cell(theirs, 'ms', '.3f')} | {ratio} | {ours_r['peak_mib']:.0f} | "
+                     f"{cell(theirs, 'peak_mib', '.0f')} | {ours_r['first_call_s']:.1f} | "
+                     f"{cell(theirs, 'first_call_s', '.1f')} |")
+    with open(f"{args.out}/chunk.md", "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
