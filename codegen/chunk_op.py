@@ -197,7 +197,7 @@ class ChunkCore(torch.autograd.Function):
         V = v.shape[-1]
         dev = q.device
         N, cu, offsets = cfg["N"], cfg["cu"], cfg["offsets"]
-        nv = triton.cdiv(V, cfg["BV"])
+        nv = triton.cdiv(V, cfg["BV_bwd"])
         acc = torch.zeros if nv > 1 else torch.empty
         dq = acc(q.shape, dtype=torch.float32, device=dev)
         dk = acc(k.shape, dtype=torch.float32, device=dev)
@@ -210,7 +210,7 @@ class ChunkCore(torch.autograd.Function):
             dsT.contiguous() if dsT is not None else dy, dq, dk, dv,
             dlam if dlam is not None else dq, ds0, cu if cu is not None else dy,
             offsets if offsets is not None else dy, T, H=H, K=K, V=V, BK=cfg["BK"],
-            BV=cfg["BV"], C=cfg["C"], DECAY=lam is not None, STRICT=cfg["strict"], NV=nv,
+            BV=cfg["BV_bwd"], C=cfg["C"], DECAY=lam is not None, STRICT=cfg["strict"], NV=nv,
             USE_FINAL_STATE_GRAD=dsT is not None, IS_VARLEN=cu is not None, DOT=cfg["dot"],
             **cfg["options"])
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dlam,
@@ -232,7 +232,9 @@ def _core_config(batch: int, T: int, K: int, V: int, cu_seqlens, chunk_size: int
         bv = _pow2(min(bv, ops.FORCE_BLOCK_V))
     return dict(N=batch, cu=cu_seqlens, offsets=offsets, n_chunks=n_chunks, C=chunk_size,
                 BK=_pow2(K), BV=bv, strict=strict,
-                dot=dot, options={"num_warps": 4} if on_gpu else {})
+                BV_bwd=min(bv, 32) if on_gpu else bv, dot=dot,
+                # the chunk loop carries the state: no software pipelining (shared memory)
+                options={"num_warps": 4, "num_stages": 1} if on_gpu else {})
 
 
 def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *, batch: int,
