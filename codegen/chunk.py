@@ -1,12 +1,14 @@
 """The chunked form's core: ``y_t = q_t @ S_t`` for ``S_t = exp(lam_t) S_{t-1} + outer(k_t, v_t)``
-with a scalar log decay ``lam`` per token and head (or none), in chunks of ``C`` tokens.
+in chunks of ``C`` tokens, with no decay (DECAY 0), a scalar log decay per token and head
+(DECAY 1, ``lam [T*, H]``) or a diagonal one over K (DECAY 2, ``lam [T*, H, K]``).
 
-Per chunk: intra-chunk scores through ``tl.dot`` with the causal decay mask
-``exp(b_t - b_s)`` (``b`` the in-chunk cumulative log decay, in fp32), the previous chunks
-through the state carried in registers, and the state passed on as
-``exp(b_last) S + (k * exp(b_last - b))^T v``. Every exponent is <= 0, so decays down to 0
-never overflow. One program per (sequence, head, V block) walks the chunks in order (the
-backward in reverse, from the checkpointed chunk states).
+Per chunk: intra-chunk scores with the causal decay mask ``exp(b_t - b_s)`` (``b`` the
+in-chunk cumulative log decay, in fp32), the previous chunks through the state carried in
+registers, and the state passed on as ``exp(b_last) S + (k * exp(b_last - b))^T v``. Every
+exponent is <= 0, so decays down to 0 never overflow: scalar decays scale ``tl.dot`` scores;
+diagonal decays differ per K channel, so their intra-chunk scores are built one query row at
+a time with the row's own exponents. One program per (sequence, head, V block) walks the
+chunks in order (the backward in reverse, from the checkpointed chunk states).
 
 ``codegen/chunk_op.py`` maps a spec onto this core (feature maps, gates and readouts
 around it); ``STRICT`` makes the readout see the state before the token's own update
@@ -49,6 +51,53 @@ def _bounds(cu_seqlens_ptr, chunk_offsets_ptr, i_n, T, C: tl.constexpr,
 
 
 @triton.jit
+def _decays(lam_ptr, rows, m_t, r_k, m_k, K: tl.constexpr, DECAY: tl.constexpr,
+            STRICT: tl.constexpr):
+    """The chunk's cumulative log decays: b (keys), bq (queries; b - lam when STRICT) and
+    b_last (the whole chunk); [C] or [C, BK] (padded rows and lanes decay by exp(0))."""
+    if DECAY == 2:
+        lam = tl.load(lam_ptr + rows[:, None] * K + r_k[None, :],
+                      mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+    else:
+        lam = tl.load(lam_ptr + rows, mask=m_t, other=0.0).to(tl.float32)
+    b = tl.cumsum(lam, axis=0)
+    if STRICT:
+        bq = b - lam
+    else:
+        bq = b
+    return b, bq, tl.sum(lam, axis=0)
+
+
+@triton.jit
+def _diag_scores(q, k, bq, b, dA, r_c, C: tl.constexpr, STRICT: tl.constexpr,
+                 GRAD: tl.constexpr):
+    """Intra-chunk scores under a diagonal decay, A[t, s] = sum_k q[t,k] k[s,k]
+    exp(bq[t,k] - b[s,k]) for s <= t (s < t when STRICT), one row t at a time so that every
+    exponent is <= 0; with GRAD also dq and dk of that part given dA[t, s] = dy_t . v_s."""
+    qf = q.to(tl.float32)
+    kf = k.to(tl.float32)
+    A = tl.zeros([C, C], dtype=tl.float32)
+    dq = tl.zeros(qf.shape, dtype=tl.float32)
+    dk = tl.zeros(qf.shape, dtype=tl.float32)
+    for t in range(0, C):
+        row = (r_c == t)[:, None]
+        q_t = tl.sum(tl.where(row, qf, 0.0), axis=0)
+        bq_t = tl.sum(tl.where(row, bq, 0.0), axis=0)
+        if STRICT:
+            seen = r_c < t
+        else:
+            seen = r_c <= t
+        e = tl.where(seen[:, None], tl.exp(tl.minimum(bq_t[None, :] - b, 0.0)), 0.0)
+        ke = kf * e
+        A = tl.where(row, tl.sum(ke * q_t[None, :], axis=1)[None, :], A)
+        if GRAD:
+            dA_t = tl.sum(tl.where(row, dA, 0.0), axis=0)
+            dq = tl.where(row, tl.sum(dA_t[:, None] * ke, axis=0)[None, :], dq)
+            dk += dA_t[:, None] * e * q_t[None, :]
+    return A, dq, dk
+
+
+@triton.jit
 def chunk_fwd_kernel(
     q_ptr, k_ptr, v_ptr, lam_ptr, y_ptr, s0_ptr, sT_ptr, ckpt_ptr,
     cu_seqlens_ptr, chunk_offsets_ptr, T,
@@ -57,7 +106,7 @@ def chunk_fwd_kernel(
     USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
     SAVE_CHECKPOINTS: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
 ):
-    """Grid (V blocks, sequences * heads). q, k [T*, H, K]; v, y [T*, H, V]; lam [T*, H]."""
+    """Grid (V blocks, sequences * heads). q, k [T*, H, K]; v, y [T*, H, V]."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos, ck_base = _bounds(cu_seqlens_ptr, chunk_offsets_ptr, i_n, T, C, IS_VARLEN)
@@ -78,37 +127,36 @@ def chunk_fwd_kernel(
     for i_c in range(0, tl.cdiv(eos - bos, C)):
         t0 = bos + i_c * C
         m_t = t0 + r_c < eos
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
         rows = (t0 + r_c) * H + i_h
-        q = tl.load(q_ptr + rows[:, None] * K + r_k[None, :], mask=m_t[:, None] & m_k[None, :],
-                    other=0.0)
-        k = tl.load(k_ptr + rows[:, None] * K + r_k[None, :], mask=m_t[:, None] & m_k[None, :],
-                    other=0.0)
-        v = tl.load(v_ptr + rows[:, None] * V + r_v[None, :], mask=m_t[:, None] & m_v[None, :],
-                    other=0.0)
+        q = tl.load(q_ptr + rows[:, None] * K + r_k[None, :], mask=m_tk, other=0.0)
+        k = tl.load(k_ptr + rows[:, None] * K + r_k[None, :], mask=m_tk, other=0.0)
+        v = tl.load(v_ptr + rows[:, None] * V + r_v[None, :], mask=m_tv, other=0.0)
         if SAVE_CHECKPOINTS:
             tl.store(ckpt_ptr + ((ck_base + i_c) * H + i_h) * K * V + p_kv, S, mask=m_kv)
-        # previous chunks, through the state
-        y = _mm(q, S, DOT)
-        A = _mm(q, tl.trans(k), DOT)
-        if DECAY:
-            lam = tl.load(lam_ptr + rows, mask=m_t, other=0.0).to(tl.float32)
-            b = tl.cumsum(lam, axis=0)          # log decay from the chunk start, <= 0
-            if STRICT:
-                bq = b - lam
-            else:
-                bq = b
-            b_last = tl.sum(lam, axis=0)
-            y = y * tl.exp(bq)[:, None]
-            A = A * tl.exp(tl.minimum(bq[:, None] - b[None, :], 0.0))
+        if DECAY == 2:
+            b, bq, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)
+            y = _mm(q.to(tl.float32) * tl.exp(bq), S, DOT)    # previous chunks
+            A, _, _ = _diag_scores(q, k, bq, b, b, r_c, C, STRICT, False)
+            k_dec = k.to(tl.float32) * tl.exp(b_last[None, :] - b)
+            decay_last = tl.exp(b_last)[:, None]
+        elif DECAY == 1:
+            b, bq, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)
+            y = _mm(q, S, DOT) * tl.exp(bq)[:, None]
+            A = _mm(q, tl.trans(k), DOT) * tl.exp(tl.minimum(bq[:, None] - b[None, :], 0.0))
+            k_dec = k.to(tl.float32) * tl.exp(b_last - b)[:, None]
+            decay_last = tl.exp(b_last)
+        else:
+            y = _mm(q, S, DOT)
+            A = _mm(q, tl.trans(k), DOT)
+            k_dec = k
+            decay_last = 1.0
         A = tl.where(causal, A, 0.0)
         y += _mm(A, v, DOT)
         tl.store(y_ptr + rows[:, None] * V + r_v[None, :], y.to(y_ptr.dtype.element_ty),
-                 mask=m_t[:, None] & m_v[None, :])
-        if DECAY:
-            k_dec = k.to(tl.float32) * tl.exp(b_last - b)[:, None]
-            S = S * tl.exp(b_last) + _mm(tl.trans(k_dec), v, DOT)
-        else:
-            S += _mm(tl.trans(k), v, DOT)
+                 mask=m_tv)
+        S = S * decay_last + _mm(tl.trans(k_dec), v, DOT)
     if STORE_FINAL_STATE:
         tl.store(sT_ptr + i_nh * K * V + p_kv, S.to(sT_ptr.dtype.element_ty), mask=m_kv)
 
@@ -122,7 +170,7 @@ def chunk_bwd_kernel(
     C: tl.constexpr, DECAY: tl.constexpr, STRICT: tl.constexpr, NV: tl.constexpr,
     USE_FINAL_STATE_GRAD: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
 ):
-    """Chunks last to first from the forward's checkpoints. dq, dk (and dlam) are sums over
+    """Chunks last to first from the forward's checkpoints. dq, dk and dlam are sums over
     V blocks: added atomically (fp32 buffers zeroed by the caller) when NV > 1."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -154,53 +202,67 @@ def chunk_bwd_kernel(
         v = tl.load(v_ptr + rows[:, None] * V + r_v[None, :], mask=m_tv, other=0.0)
         dy = tl.load(dy_ptr + rows[:, None] * V + r_v[None, :], mask=m_tv, other=0.0)
         S = tl.load(ckpt_ptr + ((ck_base + i_c) * H + i_h) * K * V + p_kv, mask=m_kv, other=0.0)
-        A = _mm(q, tl.trans(k), DOT)
-        dA = _mm(dy, tl.trans(v), DOT)
-        dq = _mm(dy, tl.trans(S), DOT)        # previous chunks' part, before decay
-        dk = _mm(v, tl.trans(dS), DOT)        # next chunks' part, before decay
-        if DECAY:
-            lam = tl.load(lam_ptr + rows, mask=m_t, other=0.0).to(tl.float32)
-            b = tl.cumsum(lam, axis=0)
-            if STRICT:
-                bq = b - lam
-            else:
-                bq = b
-            b_last = tl.sum(lam, axis=0)
+        dA = tl.where(causal, _mm(dy, tl.trans(v), DOT), 0.0)   # d score[t, s] = dy_t . v_s
+        qf = q.to(tl.float32)
+        kf = k.to(tl.float32)
+        if DECAY == 2:
+            b, bq, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)
+            A, dq, dk = _diag_scores(q, k, bq, b, dA, r_c, C, STRICT, True)
+            dq += _mm(dy, tl.trans(S), DOT) * tl.exp(bq)
+            k_decay = tl.exp(b_last[None, :] - b)
+            dk += _mm(v, tl.trans(dS), DOT) * k_decay
+            q_dec = qf * tl.exp(bq)
+            decay_last = tl.exp(b_last)[:, None]
+        elif DECAY == 1:
+            b, bq, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)
             decay = tl.exp(tl.minimum(bq[:, None] - b[None, :], 0.0))
-            A = A * decay
+            A = tl.where(causal, _mm(q, tl.trans(k), DOT) * decay, 0.0)
             dA = dA * decay
-            dq = dq * tl.exp(bq)[:, None]
-            k_dec = k.to(tl.float32) * tl.exp(b_last - b)[:, None]
-            dk = dk * tl.exp(b_last - b)[:, None]
+            k_decay = tl.exp(b_last - b)[:, None]
+            dq = _mm(dy, tl.trans(S), DOT) * tl.exp(bq)[:, None] + _mm(dA, k, DOT)
+            dk = _mm(v, tl.trans(dS), DOT) * k_decay + _mm(tl.trans(dA), q, DOT)
+            q_dec = qf * tl.exp(bq)[:, None]
+            decay_last = tl.exp(b_last)
         else:
-            k_dec = k.to(tl.float32)
+            A = tl.where(causal, _mm(q, tl.trans(k), DOT), 0.0)
+            dq = _mm(dy, tl.trans(S), DOT) + _mm(dA, k, DOT)
+            dk = _mm(v, tl.trans(dS), DOT) + _mm(tl.trans(dA), q, DOT)
+            k_decay = 1.0
+            q_dec = qf
+            decay_last = 1.0
+        k_dec = kf * k_decay
         A = tl.where(causal, A, 0.0)
-        dA = tl.where(causal, dA, 0.0)
-        dq += _mm(dA, k, DOT)
-        dk += _mm(tl.trans(dA), q, DOT)
         dv = _mm(tl.trans(A), dy, DOT) + _mm(k_dec, dS, DOT)
-        if DECAY:
-            # d/db: q-side q * dq, k-side -k * dk, and the chunk's total decay sees the
-            # next state's sum(S' * dS'); lam_j enters every b_t with t >= j (t > j for bq
-            # of a strict readout)
-            S_next = S * tl.exp(b_last) + _mm(tl.trans(k_dec), v, DOT)
-            last = tl.sum(tl.sum(S_next * dS, axis=1), axis=0)
-            qdq = tl.sum(q.to(tl.float32) * dq, axis=1)
-            kdk = tl.sum(k.to(tl.float32) * dk, axis=1)
-            rq = tl.sum(qdq, axis=0) - tl.cumsum(qdq, axis=0)   # sum over t > j
-            rk = tl.sum(kdk, axis=0) - tl.cumsum(kdk, axis=0) + kdk
+        if DECAY > 0:
+            # d/db: the query side gives q * dq, the key side -k * dk, and the chunk's total
+            # decay sees sum(S_next * dS); lam_j enters every b_t with t >= j (and bq_t with
+            # t > j for a strict readout)
+            S_next = S * decay_last + _mm(tl.trans(k_dec), v, DOT)
+            if DECAY == 2:
+                last = tl.sum(S_next * dS, axis=1)[None, :]
+                qdq = qf * dq
+                kdk = kf * dk
+            else:
+                last = tl.sum(tl.sum(S_next * dS, axis=1), axis=0)
+                qdq = tl.sum(qf * dq, axis=1)
+                kdk = tl.sum(kf * dk, axis=1)
+            later_q = tl.sum(qdq, axis=0) - tl.cumsum(qdq, axis=0)  # over t > j
+            from_k = tl.sum(kdk, axis=0) - tl.cumsum(kdk, axis=0) + kdk  # over t >= j
             if STRICT:
-                dlam = rq - rk + last
+                dlam = later_q - from_k + last
             else:
-                dlam = rq + qdq - rk + last
+                dlam = later_q + qdq - from_k + last
+            if DECAY == 2:
+                p_lam = dlam_ptr + rows[:, None] * K + r_k[None, :]
+                m_lam = m_tk
+            else:
+                p_lam = dlam_ptr + rows
+                m_lam = m_t
             if NV == 1:
-                tl.store(dlam_ptr + rows, dlam, mask=m_t)
+                tl.store(p_lam, dlam, mask=m_lam)
             else:
-                tl.atomic_add(dlam_ptr + rows, dlam, mask=m_t, sem="relaxed")
-            dS = dS * tl.exp(b_last) + _mm(tl.trans(q.to(tl.float32) * tl.exp(bq)[:, None]),
-                                           dy, DOT)
-        else:
-            dS += _mm(tl.trans(q), dy, DOT)
+                tl.atomic_add(p_lam, dlam, mask=m_lam, sem="relaxed")
+        dS = dS * decay_last + _mm(tl.trans(q_dec), dy, DOT)
         if NV == 1:
             tl.store(dq_ptr + rows[:, None] * K + r_k[None, :],
                      dq.to(dq_ptr.dtype.element_ty), mask=m_tk)

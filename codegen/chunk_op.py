@@ -19,7 +19,7 @@ import triton
 
 from ..ir.analysis import Analysis
 from ..ir.functions import ELEMENTWISE, logsigmoid, sigmoid
-from ..ir.interpret import StepEvaluator
+from ..ir.interpret import StepEvaluator, align
 from ..ir.nodes import Node, Op
 from ..ir.readout import ReadoutKind
 from ..ir.sympy_view import SympyView
@@ -28,7 +28,9 @@ from .chunk import DOT_IEEE, DOT_TF32, chunk_bwd_kernel, chunk_fwd_kernel
 from . import ops
 from .launch import for_device, interpreting
 
-SUPPORTED = (TransitionClass.IDENTITY, TransitionClass.SCALAR)
+SUPPORTED = (TransitionClass.IDENTITY, TransitionClass.SCALAR, TransitionClass.DIAGONAL)
+#: the kernels' DECAY constexpr per transition class
+DECAY = {TransitionClass.IDENTITY: 0, TransitionClass.SCALAR: 1, TransitionClass.DIAGONAL: 2}
 
 
 class ChunkUnsupported(ValueError):
@@ -44,8 +46,9 @@ class StatePlan:
     query: Node                      # q^ [row]
     key: Node                        # k^ [row]
     value: Node                      # v^ [V]
-    log_decay: sympy.Expr | None     # lam, a scalar per token and head; None: no decay
+    log_decay: sympy.Expr | None     # lam per token and head (over row: diagonal); None: none
     log_symbols: tuple[tuple[sympy.Symbol, Node], ...]
+    decay: int                       # 0 none, 1 scalar, 2 diagonal over row
     columns: tuple[str, ...]         # vector states riding along as extra V columns
     reads: tuple[tuple[Node, int | None], ...]  # readout node q^ @ S -> column (None: S)
     strict: bool                     # the readout sees the state before the token's update
@@ -117,12 +120,13 @@ def chunk_plan(analysis: Analysis) -> ChunkPlan:
         columns = tuple(z for z in p.states if rides.get(z) == s)
         reads, query, strict = _state_reads(p, s, columns)
         log_decay, symbols = None, ()
-        if analysis.classes[s] is TransitionClass.SCALAR:
+        decay = DECAY[analysis.classes[s]]
+        if decay:
             log_decay, view = _log_of(cu.scale)
             symbols = tuple((sym, node) for node, sym in view.symbols.items())
         (out,) = cu.inputs
-        plans.append(StatePlan(s, row, query, out.x, out.y, log_decay, symbols, columns, reads,
-                               strict))
+        plans.append(StatePlan(s, row, query, out.x, out.y, log_decay, symbols, decay, columns,
+                               reads, strict))
     return ChunkPlan(tuple(plans))
 
 
@@ -153,6 +157,12 @@ class _Tokens:
         values["t"] = _positions(self.B, self.T, cu_seqlens, device).float().reshape(-1, 1)
         self.ev = StepEvaluator(values, sizes, torch.float32, device)
 
+    def aligned(self, n: Node, dims: tuple[str, ...]) -> torch.Tensor:
+        """``n`` over all tokens, its dims permuted and unsqueezed to broadcast as ``dims``."""
+        x = align(self.ev(n), n.dims, dims)
+        return x.expand(self.B * self.T, self.ev.values["h"].shape[1], *x.shape[2:]).reshape(
+            self.B, self.T, -1, *x.shape[2:])
+
     def __call__(self, n: Node) -> torch.Tensor:
         """``n`` over all tokens, ``[B, T, H, *dims]`` (broadcast to every token and head)."""
         x = self.ev(n)
@@ -180,7 +190,7 @@ class ChunkCore(torch.autograd.Function):
         for_device(chunk_fwd_kernel, dev)[grid](
             q, k, v, lam if lam is not None else q, y, s0 if s0 is not None else y, sT, ckpt,
             cu if cu is not None else y, offsets if offsets is not None else y, T,
-            H=H, K=K, V=V, BK=cfg["BK"], BV=cfg["BV"], C=cfg["C"], DECAY=lam is not None,
+            H=H, K=K, V=V, BK=cfg["BK"], BV=cfg["BV"], C=cfg["C"], DECAY=cfg["decay"],
             STRICT=cfg["strict"], USE_INITIAL_STATE=s0 is not None, STORE_FINAL_STATE=True,
             SAVE_CHECKPOINTS=True, IS_VARLEN=cu is not None, DOT=cfg["dot"],
             **cfg["options"])
@@ -202,7 +212,7 @@ class ChunkCore(torch.autograd.Function):
         dq = acc(q.shape, dtype=torch.float32, device=dev)
         dk = acc(k.shape, dtype=torch.float32, device=dev)
         dv = torch.empty(v.shape, dtype=torch.float32, device=dev)
-        dlam = acc(B, T, H, dtype=torch.float32, device=dev) if lam is not None else None
+        dlam = acc(lam.shape, dtype=torch.float32, device=dev) if lam is not None else None
         ds0 = torch.empty(N, H, K, V, dtype=torch.float32, device=dev)
         dy = dy.contiguous()
         for_device(chunk_bwd_kernel, dev)[(nv, N * H)](
@@ -210,7 +220,7 @@ class ChunkCore(torch.autograd.Function):
             dsT.contiguous() if dsT is not None else dy, dq, dk, dv,
             dlam if dlam is not None else dq, ds0, cu if cu is not None else dy,
             offsets if offsets is not None else dy, T, H=H, K=K, V=V, BK=cfg["BK"],
-            BV=cfg["BV_bwd"], C=cfg["C"], DECAY=lam is not None, STRICT=cfg["strict"], NV=nv,
+            BV=cfg["BV_bwd"], C=cfg["C"], DECAY=cfg["decay"], STRICT=cfg["strict"], NV=nv,
             USE_FINAL_STATE_GRAD=dsT is not None, IS_VARLEN=cu is not None, DOT=cfg["dot"],
             **cfg["options"])
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dlam,
@@ -269,11 +279,12 @@ def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *
         v = v.to(low).contiguous()
         lam = None
         if sp.log_decay is not None:
+            dims = (sp.row,) if sp.decay == 2 else ()
             fn = sympy.lambdify([s for s, _ in sp.log_symbols], sp.log_decay,
                                 modules=[_TORCH, "math"])
-            lam = torch.as_tensor(fn(*(ev(n) for _, n in sp.log_symbols)),
+            lam = torch.as_tensor(fn(*(ev.aligned(n, dims) for _, n in sp.log_symbols)),
                                   dtype=torch.float32, device=q.device)
-            lam = lam.expand(B, T, H).contiguous()
+            lam = lam.expand(B, T, H, *q.shape[3:4] if sp.decay == 2 else ()).contiguous()
         s0 = None
         if initial_state is not None:
             s0 = torch.cat([initial_state[sp.state].float(),
@@ -281,6 +292,7 @@ def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *
                            dim=-1).contiguous()
         cfg = _core_config(batch, T, q.shape[-1], v.shape[-1], cu_seqlens, chunk_size,
                            sp.strict, dot, q.device)
+        cfg["decay"] = sp.decay
         y, sT = ChunkCore.apply(q, k, v, lam, s0, cfg)
         # the readout's state reads become the kernel's columns
         for node, col in sp.reads:

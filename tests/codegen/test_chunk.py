@@ -1,4 +1,4 @@
-"""The chunked form (identity and scalar-decay transitions) against the float64 reference
+"""The chunked form (identity, scalar and diagonal decays) against the float64 reference
 and the recurrent kernels: outputs, final states and every gradient, over several chunks
 with T not a multiple of the chunk, varlen, V split over programs, steep decays."""
 
@@ -25,9 +25,10 @@ def chunkable(name):
 CHUNKED = [n for n in NAMES if chunkable(n)]
 
 
-def test_the_identity_and_scalar_library_specs_have_a_chunked_form():
+def test_the_identity_scalar_and_diagonal_library_specs_have_a_chunked_form():
     assert set(CHUNKED) >= {"linear_attention", "retnet", "mamba2", "lightning_attention",
-                            "performer", "based", "cosformer", "gated_rfa", "mlstm"}
+                            "performer", "based", "cosformer", "gated_rfa", "mlstm", "gla",
+                            "rwkv6", "rwkv5", "hgrn2"}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -52,7 +53,8 @@ def test_chunk_matches_recurrent_without_initial_state(name):
         assert rel_err(g_c[n], g_r[n]) < 1e-4, n
 
 
-@pytest.mark.parametrize("name", ["retnet", "linear_attention", "mamba2", "cosformer"])
+@pytest.mark.parametrize("name", ["retnet", "linear_attention", "mamba2", "cosformer", "gla",
+                                  "rwkv6"])
 def test_chunk_varlen(name):
     attn = linforge.library.get(name)
     sizes = kernel_sizes(attn)
@@ -62,7 +64,7 @@ def test_chunk_varlen(name):
     check_against_reference(attn, x, init, torch.float32, cu_seqlens=cu, form="chunk")
 
 
-@pytest.mark.parametrize("name", ["mamba2", "linear_attention"])
+@pytest.mark.parametrize("name", ["mamba2", "linear_attention", "rwkv6"])
 def test_chunk_with_v_split(name, monkeypatch):
     """V = 40 in blocks of 16: three programs per head, dq and dk added atomically."""
     monkeypatch.setattr(ops, "FORCE_BLOCK_V", 16)
@@ -75,24 +77,26 @@ def test_chunk_with_v_split(name, monkeypatch):
 
 STEEP = """
 attention steep
-    inputs q[K], k[K], v[V], g
+    inputs q[K], k[K], v[V], g{dims}
     state  S[K, V]
     S = exp(g) * S + outer(k, v)
     o = q @ S
 """
 
 
-def test_chunk_is_finite_and_exact_with_decays_down_to_exp_minus_20():
-    attn = linforge.compile(STEEP)
+@pytest.mark.parametrize("dims", ["", "[K]"], ids=["scalar", "diagonal"])
+def test_chunk_is_finite_and_exact_with_decays_down_to_exp_minus_20(dims):
+    attn = linforge.compile(STEEP.format(dims=dims))
     g = torch.Generator().manual_seed(15)
     B, T, H, K, V = 1, 200, 2, 16, 16
     x = {"q": torch.randn(B, T, H, K, generator=g), "k": torch.randn(B, T, H, K, generator=g),
          "v": torch.randn(B, T, H, V, generator=g),
-         "g": -20 * torch.rand(B, T, H, generator=g)}
+         "g": -20 * torch.rand(B, T, H, *([K] if dims else []), generator=g)}
     check_against_reference(attn, x, None, torch.float32, form="chunk")
 
 
 def test_unsupported_classes_get_a_clear_error():
+    """Delta-rule chunked kernels are the next issue: the error says so and what runs."""
     attn = linforge.library.get("deltanet")
     x = make_inputs(attn, B=1, T=4, H=1, sizes=kernel_sizes(attn))
     with pytest.raises(NotImplementedError, match="delta rank-1 transition.*form='recurrent'"):
