@@ -24,7 +24,8 @@ from ..ir.nodes import Node, Op
 from ..ir.readout import ReadoutKind
 from ..ir.sympy_view import SympyView
 from ..ir.transition import TransitionClass
-from .chunk import DOT_IEEE, DOT_TF32, chunk_bwd_kernel, chunk_fwd_kernel
+from .chunk import (DOT_IEEE, DOT_TF32, chunk_dstates_kernel, chunk_grads_kernel,
+                    chunk_output_kernel, chunk_states_kernel)
 from . import ops
 from .launch import for_device, interpreting
 
@@ -182,18 +183,20 @@ class ChunkCore(torch.autograd.Function):
         B, T, H, K = q.shape
         V = v.shape[-1]
         dev = q.device
+        N, n_chunks = cfg["N"], cfg["n_chunks"]
+        cu, offsets = cfg["cu"], cfg["offsets"]
         y = torch.empty(B, T, H, V, dtype=torch.float32, device=dev)
-        N, cu, offsets, n_chunks = cfg["N"], cfg["cu"], cfg["offsets"], cfg["n_chunks"]
         sT = torch.empty(N, H, K, V, dtype=torch.float32, device=dev)
         ckpt = torch.empty(n_chunks, H, K, V, dtype=torch.float32, device=dev)
-        grid = (triton.cdiv(V, cfg["BV"]), N * H)
-        for_device(chunk_fwd_kernel, dev)[grid](
-            q, k, v, lam if lam is not None else q, y, s0 if s0 is not None else y, sT, ckpt,
-            cu if cu is not None else y, offsets if offsets is not None else y, T,
-            H=H, K=K, V=V, BK=cfg["BK"], BV=cfg["BV"], C=cfg["C"], DECAY=cfg["decay"],
-            STRICT=cfg["strict"], USE_INITIAL_STATE=s0 is not None, STORE_FINAL_STATE=True,
-            SAVE_CHECKPOINTS=True, IS_VARLEN=cu is not None, DOT=cfg["dot"],
-            **cfg["options"])
+        nv = triton.cdiv(V, cfg["BV"])
+        blocks = dict(H=H, K=K, V=V, BK=cfg["BK"], BV=cfg["BV"], C=cfg["C"],
+                      DECAY=cfg["decay"], DOT=cfg["dot"], **cfg["options"])
+        lam_ = lam if lam is not None else q
+        for_device(chunk_states_kernel, dev)[(nv, N * H)](
+            k, v, lam_, s0 if s0 is not None else y, sT, ckpt, _or(cu, y), _or(offsets, y), T,
+            USE_INITIAL_STATE=s0 is not None, IS_VARLEN=cu is not None, **blocks)
+        chunk_output_kernel[(nv, n_chunks, H)](
+            q, k, v, lam_, y, ckpt, cfg["table"], STRICT=cfg["strict"], **blocks)
         ctx.save_for_backward(q, k, v, lam, ckpt)
         ctx.cfg = cfg
         ctx.has_s0 = s0 is not None
@@ -206,7 +209,8 @@ class ChunkCore(torch.autograd.Function):
         B, T, H, K = q.shape
         V = v.shape[-1]
         dev = q.device
-        N, cu, offsets = cfg["N"], cfg["cu"], cfg["offsets"]
+        N, n_chunks = cfg["N"], cfg["n_chunks"]
+        cu, offsets = cfg["cu"], cfg["offsets"]
         nv = triton.cdiv(V, cfg["BV_bwd"])
         acc = torch.zeros if nv > 1 else torch.empty
         dq = acc(q.shape, dtype=torch.float32, device=dev)
@@ -214,17 +218,40 @@ class ChunkCore(torch.autograd.Function):
         dv = torch.empty(v.shape, dtype=torch.float32, device=dev)
         dlam = acc(lam.shape, dtype=torch.float32, device=dev) if lam is not None else None
         ds0 = torch.empty(N, H, K, V, dtype=torch.float32, device=dev)
+        dckpt = torch.empty_like(ckpt)
         dy = dy.contiguous()
-        for_device(chunk_bwd_kernel, dev)[(nv, N * H)](
-            q, k, v, lam if lam is not None else q, dy, ckpt,
-            dsT.contiguous() if dsT is not None else dy, dq, dk, dv,
-            dlam if dlam is not None else dq, ds0, cu if cu is not None else dy,
-            offsets if offsets is not None else dy, T, H=H, K=K, V=V, BK=cfg["BK"],
-            BV=cfg["BV_bwd"], C=cfg["C"], DECAY=cfg["decay"], STRICT=cfg["strict"], NV=nv,
-            USE_FINAL_STATE_GRAD=dsT is not None, IS_VARLEN=cu is not None, DOT=cfg["dot"],
-            **cfg["options"])
+        lam_ = lam if lam is not None else q
+        blocks = dict(H=H, K=K, V=V, BK=cfg["BK"], BV=cfg["BV_bwd"], C=cfg["C"],
+                      DECAY=cfg["decay"], STRICT=cfg["strict"], DOT=cfg["dot"],
+                      **cfg["options"])
+        for_device(chunk_dstates_kernel, dev)[(nv, N * H)](
+            q, lam_, dy, _or(dsT, dy), ds0, dckpt, _or(cu, dy), _or(offsets, dy), T,
+            USE_FINAL_STATE_GRAD=dsT is not None, IS_VARLEN=cu is not None, **blocks)
+        chunk_grads_kernel[(nv, n_chunks, H)](
+            q, k, v, lam_, dy, ckpt, dckpt, cfg["table"], dq, dk, dv, _or(dlam, dq), NV=nv,
+            **blocks)
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dlam,
                 ds0 if ctx.has_s0 else None, None)
+
+
+def _or(x, fallback):
+    """``x``, or a placeholder tensor for a pointer argument the kernel will not read."""
+    return x.contiguous() if x is not None else fallback
+
+
+def _chunk_table(batch: int, T: int, cu_seqlens, C: int, device) -> torch.Tensor:
+    """[n_chunks, 2] int64: each chunk's first token row and the end of its sequence, in
+    the order of the state checkpoints (sequence by sequence)."""
+    if cu_seqlens is None:
+        starts = torch.arange(0, T, C, device=device)
+        t0 = (torch.arange(batch, device=device)[:, None] * T + starts[None, :]).flatten()
+        eos = (torch.arange(batch, device=device)[:, None] * T + T).expand(-1, len(starts))
+        return torch.stack([t0, eos.flatten()], 1).contiguous()
+    rows = []
+    bounds = cu_seqlens.tolist()
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        rows += [(t, hi) for t in range(lo, hi, C)]
+    return torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1, 2)
 
 
 def _core_config(batch: int, T: int, K: int, V: int, cu_seqlens, chunk_size: int,
@@ -237,10 +264,13 @@ def _core_config(batch: int, T: int, K: int, V: int, cu_seqlens, chunk_size: int
     else:
         offsets, n_chunks = None, batch * triton.cdiv(T, chunk_size)
     on_gpu = device.type == "cuda"
+    table = _chunk_table(batch, T, cu_seqlens, chunk_size, device)
+    assert len(table) == n_chunks
     bv = min(_pow2(V), 64) if on_gpu else _pow2(V)
     if ops.FORCE_BLOCK_V is not None:
         bv = _pow2(min(bv, ops.FORCE_BLOCK_V))
-    return dict(N=batch, cu=cu_seqlens, offsets=offsets, n_chunks=n_chunks, C=chunk_size,
+    return dict(N=batch, cu=cu_seqlens, offsets=offsets, n_chunks=n_chunks, table=table,
+                C=chunk_size,
                 BK=_pow2(K), BV=bv, strict=strict,
                 BV_bwd=min(bv, 32) if on_gpu else bv, dot=dot,
                 # the chunk loop carries the state: no software pipelining (shared memory)
