@@ -13,10 +13,9 @@ import json
 
 import torch
 import torch.nn.functional as F
-import triton
 
 import linforge
-from bench_recurrent import cell, measure
+from bench_recurrent import measure, write_report
 
 B, T, H, K, V = 4, 4096, 16, 128, 128
 
@@ -95,30 +94,7 @@ def main() -> None:
             row["fla_error"] = f"{type(e).__name__}: {e}"[:300]
         rows.append(row)
         print(json.dumps(row), flush=True)
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "triton": triton.__version__}
-    try:
-        import fla
-        meta["fla"] = fla.__version__
-    except Exception:
-        meta["fla"] = "not installed"
-    with open(f"{args.out}/chunk.json", "w") as fh:
-        json.dump({"meta": meta, "rows": rows}, fh, indent=1)
-    lines = [f"Device: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}, "
-             f"fla {meta['fla']}.", "",
-             "| op | kind | linforge ms | fla ms | fla / linforge | linforge peak MiB | "
-             "fla peak MiB | linforge first call s | fla first call s |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        ours_r, theirs = r["linforge"], r.get("fla")
-        ratio = f"{theirs['ms'] / ours_r['ms']:.2f}x" if theirs else "-"
-        lines.append(f"| {r['op']} | {r['kind']} | {ours_r['ms']:.3f} | "
-                     f"{cell(theirs, 'ms', '.3f')} | {ratio} | {ours_r['peak_mib']:.0f} | "
-                     f"{cell(theirs, 'peak_mib', '.0f')} | {ours_r['first_call_s']:.1f} | "
-                     f"{cell(theirs, 'first_call_s', '.1f')} |")
-    with open(f"{args.out}/chunk.md", "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(rows, args.out, "chunk")
 
 
 if __name__ == "__main__":

@@ -165,6 +165,11 @@ def main() -> None:
         except Exception as e:
             row["fla_error"] = f"{type(e).__name__}: {e}"[:300]
         add(row)
+    write_report(rows, args.out, args.tag)
+
+
+def write_report(rows: list[dict], out: str, tag: str) -> None:
+    """``out/tag.json`` (rows and versions) and ``out/tag.md`` (a table), printed too."""
     dev = torch.cuda.get_device_name()
     meta = {"device": dev, "torch": torch.__version__, "triton": triton.__version__}
     try:
@@ -172,7 +177,7 @@ def main() -> None:
         meta["fla"] = fla.__version__
     except Exception:
         meta["fla"] = "not installed"
-    with open(f"{args.out}/{args.tag}.json", "w") as fh:
+    with open(f"{out}/{tag}.json", "w") as fh:
         json.dump({"meta": meta, "rows": rows}, fh, indent=1)
     lines = [f"Device: {dev}; torch {meta['torch']}, triton {meta['triton']}, "
              f"fla {meta['fla']}.", "",
@@ -187,7 +192,7 @@ def main() -> None:
             f"{cell(theirs, 'ms', '.3f')} | {ratio} | {ours['peak_mib']:.0f} | "
             f"{cell(theirs, 'peak_mib', '.0f')} | {ours['first_call_s']:.1f} | "
             f"{cell(theirs, 'first_call_s', '.1f')} | {cell(fl, 'ms', '.3f')} |")
-    with open(f"{args.out}/{args.tag}.md", "w") as fh:
+    with open(f"{out}/{tag}.md", "w") as fh:
         fh.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
