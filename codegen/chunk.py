@@ -57,58 +57,11 @@ def _sequence(cu_seqlens_ptr, chunk_offsets_ptr, i_n, T, C: tl.constexpr,
 
 
 @triton.jit
-def _decays(lam_ptr, rows, m_t, r_k, m_k, K: tl.constexpr, DECAY: tl.constexpr,
-            STRICT: tl.constexpr):
-    """The chunk's cumulative log decays: b (keys), bq (queries; b - lam when STRICT) and
-    b_last (the whole chunk); [C] or [C, BK] (padded rows and lanes decay by exp(0))."""
-    if DECAY == 2:
-        lam = tl.load(lam_ptr + rows[:, None] * K + r_k[None, :],
-                      mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-    else:
-        lam = tl.load(lam_ptr + rows, mask=m_t, other=0.0).to(tl.float32)
-    b = tl.cumsum(lam, axis=0)
-    if STRICT:
-        bq = b - lam
-    else:
-        bq = b
-    return b, bq, tl.sum(lam, axis=0)
-
-
-@triton.jit
-def _diag_scores(q, k, bq, b, dA, r_c, C: tl.constexpr, STRICT: tl.constexpr,
-                 GRAD: tl.constexpr):
-    """Intra-chunk scores under a diagonal decay, A[t, s] = sum_k q[t,k] k[s,k]
-    exp(bq[t,k] - b[s,k]) for s <= t (s < t when STRICT), one row t at a time so that every
-    exponent is <= 0; with GRAD also dq and dk of that part given dA[t, s] = dy_t . v_s."""
-    qf = q.to(tl.float32)
-    kf = k.to(tl.float32)
-    A = tl.zeros([C, C], dtype=tl.float32)
-    dq = tl.zeros(qf.shape, dtype=tl.float32)
-    dk = tl.zeros(qf.shape, dtype=tl.float32)
-    for t in range(0, C):
-        row = (r_c == t)[:, None]
-        q_t = tl.sum(tl.where(row, qf, 0.0), axis=0)
-        bq_t = tl.sum(tl.where(row, bq, 0.0), axis=0)
-        if STRICT:
-            seen = r_c < t
-        else:
-            seen = r_c <= t
-        e = tl.where(seen[:, None], tl.exp(tl.minimum(bq_t[None, :] - b, 0.0)), 0.0)
-        ke = kf * e
-        A = tl.where(row, tl.sum(ke * q_t[None, :], axis=1)[None, :], A)
-        if GRAD:
-            dA_t = tl.sum(tl.where(row, dA, 0.0), axis=0)
-            dq = tl.where(row, tl.sum(dA_t[:, None] * ke, axis=0)[None, :], dq)
-            dk += dA_t[:, None] * e * q_t[None, :]
-    return A, dq, dk
-
-
-@triton.jit
 def _chunk(chunk_table_ptr, i_h, H: tl.constexpr, r_c):
     """Rows of a chunk's tokens for head ``i_h`` and their mask, from the chunk table
     (first token, end of its sequence)."""
-    t0 = tl.load(chunk_table_ptr + 2 * tl.program_id(1))
-    eos = tl.load(chunk_table_ptr + 2 * tl.program_id(1) + 1)
+    t0 = tl.load(chunk_table_ptr + 2 * tl.program_id(0))
+    eos = tl.load(chunk_table_ptr + 2 * tl.program_id(0) + 1)
     return (t0 + r_c) * H + i_h, t0 + r_c < eos
 
 
@@ -228,8 +181,8 @@ def chunk_output_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     C: tl.constexpr, DECAY: tl.constexpr, STRICT: tl.constexpr, DOT: tl.constexpr,
 ):
-    """Grid (V blocks, chunks, heads): y of one chunk from its start state and its tokens."""
-    i_v, i_g, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """Grid (chunks, V blocks, heads): y of one chunk from its start state and its tokens."""
+    i_g, i_v, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     r_c = tl.arange(0, C)
     r_k = tl.arange(0, BK)
     r_v = i_v * BV + tl.arange(0, BV)
@@ -307,10 +260,10 @@ def chunk_grads_kernel(
     C: tl.constexpr, DECAY: tl.constexpr, STRICT: tl.constexpr, NV: tl.constexpr,
     DOT: tl.constexpr,
 ):
-    """Grid (V blocks, chunks, heads): dq, dk, dv and dlam of one chunk from its start state
+    """Grid (chunks, V blocks, heads): dq, dk, dv and dlam of one chunk from its start state
     and the gradient of its end state. dq, dk and dlam are sums over V blocks: added
     atomically (fp32 buffers zeroed by the caller) when NV > 1."""
-    i_v, i_g, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_g, i_v, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     r_c = tl.arange(0, C)
     r_k = tl.arange(0, BK)
     r_v = i_v * BV + tl.arange(0, BV)

@@ -195,7 +195,7 @@ class ChunkCore(torch.autograd.Function):
         for_device(chunk_states_kernel, dev)[(nv, N * H)](
             k, v, lam_, s0 if s0 is not None else y, sT, ckpt, _or(cu, y), _or(offsets, y), T,
             USE_INITIAL_STATE=s0 is not None, IS_VARLEN=cu is not None, **blocks)
-        chunk_output_kernel[(nv, n_chunks, H)](
+        chunk_output_kernel[(n_chunks, nv, H)](
             q, k, v, lam_, y, ckpt, cfg["table"], STRICT=cfg["strict"], **blocks)
         ctx.save_for_backward(q, k, v, lam, ckpt)
         ctx.cfg = cfg
@@ -227,7 +227,7 @@ class ChunkCore(torch.autograd.Function):
         for_device(chunk_dstates_kernel, dev)[(nv, N * H)](
             q, lam_, dy, _or(dsT, dy), ds0, dckpt, _or(cu, dy), _or(offsets, dy), T,
             USE_FINAL_STATE_GRAD=dsT is not None, IS_VARLEN=cu is not None, **blocks)
-        chunk_grads_kernel[(nv, n_chunks, H)](
+        chunk_grads_kernel[(n_chunks, nv, H)](
             q, k, v, lam_, dy, ckpt, dckpt, cfg["table"], dq, dk, dv, _or(dlam, dq), NV=nv,
             **blocks)
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dlam,
