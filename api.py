@@ -75,10 +75,9 @@ class Attention:
             "readout": a.readout.kind.value,
             "forms": list(a.forms),
             "kernels": ["recurrent fwd", "recurrent bwd"] + (
-                ["chunk fwd", "chunk bwd"] if self._chunk_reason() is None else []),
-            "auto_form": (f"chunk for T >= {AUTO_CHUNK_MIN_T}, recurrent below (and for "
-                          "decode)" if self._chunk_reason() is None else
-                          f"recurrent (no chunked kernel: {self._chunk_reason()})"),
+                [] if self._chunk_reason() is not None else ["parallel (GEMM) fwd", "bwd"]
+                if self.program.noncausal else ["chunk fwd", "chunk bwd"]),
+            "auto_form": self._auto_form_text(),
         }
 
     # ------------------------------------------------------------------ calls
@@ -103,17 +102,17 @@ class Attention:
         bound = self.bind(tensors, initial_state, cu_seqlens)
         if form == "auto":
             form = self._auto_form(bound)
-        if form == "chunk":
+        if form == "chunk" or (form == "parallel" and self.program.noncausal):
             try:
                 return chunk_forward(
                     self.analysis, bound.inputs, bound.params, bound.sizes, batch=bound.batch,
                     out_dtype=bound.out_dtype, initial_state=initial_state,
                     output_final_state=output_final_state, cu_seqlens=cu_seqlens)
             except ChunkUnsupported as e:
-                raise NotImplementedError(f"form='chunk': {e}; use form='recurrent'") from None
+                raise NotImplementedError(f"form={form!r}: {e}; use form='recurrent'") from None
         if form == "parallel":
-            raise NotImplementedError("form='parallel' has no generated kernel yet; use "
-                                      "form='recurrent' or 'chunk'")
+            raise NotImplementedError("form='parallel' runs noncausal specs only so far (two "
+                                      "GEMM stages); use form='chunk' or 'recurrent'")
         if form == "recurrent":
             return recurrent_forward(
                 self.analysis, bound.inputs, bound.params, bound.sizes, batch=bound.batch,
@@ -130,9 +129,17 @@ class Attention:
     def _auto_form(self, bound: Bound) -> str:
         """Chunked for sequences of a chunk or more when the spec has a chunked kernel;
         recurrent otherwise (short sequences, other classes)."""
-        if bound.length >= AUTO_CHUNK_MIN_T and self._chunk_reason() is None:
-            return "chunk"
+        if self._chunk_reason() is None and (self.program.noncausal or
+                                              bound.length >= AUTO_CHUNK_MIN_T):
+            return "parallel" if self.program.noncausal else "chunk"
         return "recurrent"
+
+    def _auto_form_text(self) -> str:
+        if self._chunk_reason() is not None:
+            return f"recurrent (no chunked kernel: {self._chunk_reason()})"
+        if self.program.noncausal:
+            return "parallel (noncausal: two GEMM stages)"
+        return f"chunk for T >= {AUTO_CHUNK_MIN_T}, recurrent below (and for decode)"
 
     def _chunk_reason(self) -> str | None:
         """Why the chunked kernels cannot run this spec (None when they can)."""

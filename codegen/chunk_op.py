@@ -94,9 +94,8 @@ def chunk_plan(analysis: Analysis) -> ChunkPlan:
     """The chunked mapping of ``analysis``; raises ``ChunkUnsupported`` naming the reason."""
     p = analysis.program
     cls = analysis.transition_class
-    if p.noncausal:
-        raise ChunkUnsupported(f"'{p.name}' is noncausal: its kernels are the two-stage "
-                               "noncausal ones (state, then readout), not generated yet")
+    if analysis.kernel_blockers:
+        raise ChunkUnsupported(f"'{p.name}' uses {'; '.join(analysis.kernel_blockers)}")
     if cls not in SUPPORTED:
         raise ChunkUnsupported(
             f"'{p.name}' has a {cls.value} transition; chunked kernels exist so far for "
@@ -277,10 +276,31 @@ def _core_config(batch: int, T: int, K: int, V: int, cu_seqlens, chunk_size: int
                 options={"num_warps": 4, "num_stages": 1} if on_gpu else {})
 
 
+def _global_state_readout(q, k, v, s0, cu_seqlens, batch: int):
+    """Noncausal: ``S = S0 + sum_t outer(k_t, v_t)`` over each whole sequence, then
+    ``y_t = q_t @ S`` for every token: two batched GEMMs (torch, fp32 accumulation)."""
+    q, k, v = q.float(), k.float(), v.float()
+    if cu_seqlens is None:
+        S = torch.einsum("bthk,bthv->bhkv", k, v)
+        if s0 is not None:
+            S = S + s0
+        return torch.einsum("bthk,bhkv->bthv", q, S), S
+    bounds = cu_seqlens.tolist()
+    states, outs = [], []
+    for n, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        S = torch.einsum("thk,thv->hkv", k[0, lo:hi], v[0, lo:hi])
+        if s0 is not None:
+            S = S + s0[n]
+        states.append(S)
+        outs.append(torch.einsum("thk,hkv->thv", q[0, lo:hi], S))
+    return torch.cat(outs, 0).unsqueeze(0), torch.stack(states, 0)
+
+
 def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *, batch: int,
                   out_dtype: torch.dtype, initial_state: dict | None, output_final_state: bool,
                   cu_seqlens: torch.Tensor | None, chunk_size: int = 64):
-    """Run the chunked form (differentiable); same contract as ``ops.recurrent_forward``."""
+    """Run the chunked form (differentiable); same contract as ``ops.recurrent_forward``.
+    A noncausal spec runs as two GEMM stages (its parallel form)."""
     plan = chunk_plan(analysis)
     p = analysis.program
     ev = _Tokens(inputs, params, sizes, cu_seqlens)
@@ -320,10 +340,13 @@ def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *
             s0 = torch.cat([initial_state[sp.state].float(),
                             *(initial_state[z].float().unsqueeze(-1) for z in sp.columns)],
                            dim=-1).contiguous()
-        cfg = _core_config(batch, T, q.shape[-1], v.shape[-1], cu_seqlens, chunk_size,
-                           sp.strict, dot, q.device)
-        cfg["decay"] = sp.decay
-        y, sT = ChunkCore.apply(q, k, v, lam, s0, cfg)
+        if p.noncausal:  # two GEMM stages: the whole sequence's state, then every readout
+            y, sT = _global_state_readout(q, k, v, s0, cu_seqlens, batch)
+        else:
+            cfg = _core_config(batch, T, q.shape[-1], v.shape[-1], cu_seqlens, chunk_size,
+                               sp.strict, dot, q.device)
+            cfg["decay"] = sp.decay
+            y, sT = ChunkCore.apply(q, k, v, lam, s0, cfg)
         # the readout's state reads become the kernel's columns
         for node, col in sp.reads:
             part = y[..., :V] if col is None else y[..., V + col]

@@ -101,3 +101,44 @@ def test_unsupported_classes_get_a_clear_error():
     x = make_inputs(attn, B=1, T=4, H=1, sizes=kernel_sizes(attn))
     with pytest.raises(NotImplementedError, match="delta rank-1 transition.*form='recurrent'"):
         attn(**x, form="chunk")
+
+
+NONCAUSAL = [n for n in CHUNKED if linforge.library.get(n).program.noncausal]
+
+
+def test_noncausal_library_specs_have_the_parallel_form():
+    assert set(NONCAUSAL) >= {"efficientvit", "flatten", "slab", "linrec"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", NONCAUSAL)
+def test_noncausal_parallel_matches_reference(name, dtype):
+    """Two GEMM stages (state over the whole sequence, then every token's readout)."""
+    attn = linforge.library.get(name)
+    sizes = kernel_sizes(attn)
+    x = make_inputs(attn, B=2, T=50, H=2, sizes=sizes, seed=16)
+    init = make_state(attn, N=2, H=2, sizes=sizes)
+    check_against_reference(attn, x, init, dtype, form="parallel")
+
+
+@pytest.mark.parametrize("name", ["efficientvit", "slab"])
+def test_noncausal_parallel_varlen(name):
+    attn = linforge.library.get(name)
+    sizes = kernel_sizes(attn)
+    cu = torch.tensor([0, 7, 8, 40])
+    x = make_inputs(attn, B=1, T=40, H=2, sizes=sizes, seed=17)
+    check_against_reference(attn, x, None, torch.float32, cu_seqlens=cu, form="parallel")
+
+
+def test_auto_picks_parallel_for_noncausal_and_chunk_for_long_causal():
+    assert linforge.library.get("efficientvit").info()["auto_form"].startswith("parallel")
+    gla = linforge.library.get("gla")
+    x = make_inputs(gla, B=1, T=70, H=1, sizes=kernel_sizes(gla))
+    bound = gla.bind(x, None, None)
+    assert gla._auto_form(bound) == "chunk"
+    short = gla.bind(make_inputs(gla, B=1, T=10, H=1, sizes=kernel_sizes(gla)), None, None)
+    assert gla._auto_form(short) == "recurrent"
+    vit = linforge.library.get("efficientvit")
+    assert vit._auto_form(vit.bind(make_inputs(vit, B=1, T=10, H=1,
+                                               sizes=kernel_sizes(vit)), None, None)) \
+        == "parallel"
