@@ -94,8 +94,9 @@ def chunk_plan(analysis: Analysis) -> ChunkPlan:
     """The chunked mapping of ``analysis``; raises ``ChunkUnsupported`` naming the reason."""
     p = analysis.program
     cls = analysis.transition_class
-    if analysis.kernel_blockers:
-        raise ChunkUnsupported(f"'{p.name}' uses {'; '.join(analysis.kernel_blockers)}")
+    blockers = getattr(analysis, "kernel_blockers", ())
+    if blockers:
+        raise ChunkUnsupported(f"'{p.name}' uses {'; '.join(blockers)}")
     if cls not in SUPPORTED:
         raise ChunkUnsupported(
             f"'{p.name}' has a {cls.value} transition; chunked kernels exist so far for "
