@@ -12,7 +12,7 @@ from .dsl import SpecError, parse
 from .dsl.ast import Spec
 from .ir.analysis import Analysis, analyse
 from .ir.interpret import run_reference
-from .codegen.chunk_op import ChunkUnsupported, chunk_forward, chunk_plan
+from .codegen.chunk_op import ChunkUnsupported, chunk_forward, chunk_plan, chunk_source
 from .codegen.ops import Decoder, recurrent_forward, recurrent_source
 from .ir.lower import lower, show_dims
 
@@ -208,11 +208,18 @@ class Attention:
         return decoder, bool(single)
 
     def source(self, form: str = "recurrent", direction: str = "fwd") -> str:
-        """The generated Triton source of ``form`` ('recurrent') and ``direction``."""
-        if form != "recurrent":
-            raise NotImplementedError(f"no generated {form!r} kernel yet; available: recurrent")
+        """The Triton source of ``form`` ('recurrent' or 'chunk') and ``direction``: the
+        generated recurrent kernel, or the chunked form's mapping of the spec onto its core
+        kernels followed by their source."""
         if direction not in ("fwd", "bwd"):
             raise ValueError(f"direction must be 'fwd' or 'bwd', got {direction!r}")
+        if form == "chunk":
+            try:
+                return chunk_source(self.analysis, direction)
+            except ChunkUnsupported as e:
+                raise NotImplementedError(f"form='chunk': {e}") from None
+        if form != "recurrent":
+            raise NotImplementedError(f"no {form!r} kernel source; available: recurrent, chunk")
         return recurrent_source(self.analysis, direction)
 
     def reference(self, *, initial_state: dict | None = None, output_final_state: bool = False,

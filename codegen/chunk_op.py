@@ -277,6 +277,38 @@ def _core_config(batch: int, T: int, K: int, V: int, cu_seqlens, chunk_size: int
                 options={"num_warps": 4, "num_stages": 1} if on_gpu else {})
 
 
+def chunk_source(analysis: Analysis, direction: str) -> str:
+    """The chunked form as a reader sees it: how the spec maps onto the core (query, key,
+    value, log decay, normalizer columns, readout), then the core kernels' Triton source."""
+    import inspect
+
+    from ..ir.sympy_view import format_node
+    from . import chunk as core
+
+    plan = chunk_plan(analysis)
+    p = analysis.program
+    lines = [f"# Chunked form of spec '{p.name}' ({analysis.transition_class.value}), "
+             f"{'forward' if direction == 'fwd' else 'backward'}.", "#"]
+    for sp in plan.states:
+        lines += [f"# state {sp.state}[{sp.row}, V]:",
+                  f"#   query  q^ = {format_node(sp.query)}",
+                  f"#   key    k^ = {format_node(sp.key)}",
+                  f"#   value  v^ = {format_node(sp.value)}"
+                  + (f"  (+ {len(sp.columns)} column(s) of ones for {', '.join(sp.columns)})"
+                     if sp.columns else ""),
+                  f"#   log decay = {sp.log_decay}" if sp.log_decay is not None else
+                  "#   no decay",
+                  f"#   the readout sees the state {'before' if sp.strict else 'after'} "
+                  "the token's update"]
+    lines += [f"# readout: o = {format_node(p.output)}",
+              "# (q^, k^, v^, the log decay and the readout run as torch ops over all tokens;"
+              " the kernels below carry the state)", "", inspect.getsource(core)]
+    kernels = ("chunk_states_kernel", "chunk_output_kernel") if direction == "fwd" else (
+        "chunk_dstates_kernel", "chunk_grads_kernel")
+    lines.insert(-1, f"# this direction launches: {', '.join(kernels)}")
+    return "\n".join(lines)
+
+
 def _global_state_readout(q, k, v, s0, cu_seqlens, batch: int):
     """Noncausal: ``S = S0 + sum_t outer(k_t, v_t)`` over each whole sequence, then
     ``y_t = q_t @ S`` for every token: two batched GEMMs (torch, fp32 accumulation)."""
@@ -358,4 +390,5 @@ def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *
     return o, ({s: final[s] for s in p.states} if output_final_state else None)
 
 
-__all__ = ["ChunkPlan", "ChunkUnsupported", "StatePlan", "chunk_forward", "chunk_plan"]
+__all__ = ["ChunkPlan", "ChunkUnsupported", "StatePlan", "chunk_forward", "chunk_plan",
+           "chunk_source"]

@@ -142,3 +142,11 @@ def test_auto_picks_parallel_for_noncausal_and_chunk_for_long_causal():
     assert vit._auto_form(vit.bind(make_inputs(vit, B=1, T=10, H=1,
                                                sizes=kernel_sizes(vit)), None, None)) \
         == "parallel"
+
+
+def test_chunk_source_shows_the_mapping_and_the_kernels():
+    src = linforge.library.get("rwkv6").source("chunk", "bwd")
+    assert "key    k^ = k" in src and "log decay = w" in src
+    assert "before the token's update" in src and "def chunk_grads_kernel(" in src
+    with pytest.raises(NotImplementedError, match="delta rank-1"):
+        linforge.library.get("deltanet").source("chunk")
