@@ -11,6 +11,7 @@ import torch
 from .dsl import SpecError, parse
 from .dsl.ast import Spec
 from .ir.analysis import Analysis, analyse
+from .ir.transition import TransitionClass
 from .ir.interpret import run_reference
 from .codegen.chunk_op import ChunkUnsupported, chunk_forward, chunk_plan, chunk_source
 from .codegen.ops import Decoder, recurrent_forward, recurrent_source
@@ -87,8 +88,8 @@ class Attention:
 
         ``form="recurrent"`` runs the generated recurrent Triton kernels (Triton's
         interpreter for CPU tensors), differentiable through the generated backward kernel.
-        ``form="chunk"`` runs the chunked kernels (identity and scalar-decay transitions so
-        far). ``form="auto"`` picks chunk for sequences of 64 tokens or more when the spec has
+        ``form="chunk"`` runs the chunked kernels (identity, scalar and diagonal decays with
+        gradients; delta rules forward only). ``form="auto"`` picks chunk for sequences of 64 tokens or more when the spec has
         a chunked kernel, and recurrent otherwise (``info()["auto_form"]`` says which).
         ``form="reference"`` runs the float64 interpreter (``o`` cast to the dtype of the
         input over V, states to float32 or the initial state's dtype).
@@ -101,7 +102,10 @@ class Attention:
                              f"{', '.join(self.analysis.forms)}")
         bound = self.bind(tensors, initial_state, cu_seqlens)
         if form == "auto":
-            form = self._auto_form(bound)
+            needs_grad = torch.is_grad_enabled() and any(
+                isinstance(x, torch.Tensor) and x.requires_grad
+                for x in [*tensors.values(), *(initial_state or {}).values()])
+            form = self._auto_form(bound, needs_grad)
         if form == "chunk" or (form == "parallel" and self.program.noncausal):
             try:
                 return chunk_forward(
@@ -126,11 +130,13 @@ class Attention:
         final = {s: x.to(state_dtype) for s, x in final.items()} if final is not None else None
         return o.to(bound.out_dtype), final
 
-    def _auto_form(self, bound: Bound) -> str:
-        """Chunked for sequences of a chunk or more when the spec has a chunked kernel;
-        recurrent otherwise (short sequences, other classes)."""
-        if self._chunk_reason() is None and (self.program.noncausal or
-                                              bound.length >= AUTO_CHUNK_MIN_T):
+    def _auto_form(self, bound: Bound, needs_grad: bool = False) -> str:
+        """Chunked for sequences of a chunk or more when the spec has a chunked kernel
+        (delta rules: without gradients only), parallel for noncausal specs; recurrent
+        otherwise (short sequences, other classes)."""
+        delta = self.analysis.transition_class is TransitionClass.DELTA
+        if self._chunk_reason() is None and not (delta and needs_grad) and (
+                self.program.noncausal or bound.length >= AUTO_CHUNK_MIN_T):
             return "parallel" if self.program.noncausal else "chunk"
         return "recurrent"
 
@@ -139,6 +145,9 @@ class Attention:
             return f"recurrent (no chunked kernel: {self._chunk_reason()})"
         if self.program.noncausal:
             return "parallel (noncausal: two GEMM stages)"
+        if self.analysis.transition_class is TransitionClass.DELTA:
+            return (f"chunk for T >= {AUTO_CHUNK_MIN_T} without gradients (the chunked "
+                    "delta-rule backward is not generated yet), recurrent otherwise")
         return f"chunk for T >= {AUTO_CHUNK_MIN_T}, recurrent below (and for decode)"
 
     def _chunk_reason(self) -> str | None:

@@ -350,3 +350,71 @@ def chunk_grads_kernel(
         tl.atomic_add(dk_ptr + rows[:, None] * K + r_k[None, :], dk, mask=m_tk, sem="relaxed")
     tl.store(dv_ptr + rows[:, None] * V + r_v[None, :], dv.to(dv_ptr.dtype.element_ty),
              mask=m_tv)
+
+
+@triton.jit
+def delta_chunk_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, beta_ptr, lam_ptr, y_ptr, s0_ptr, sT_ptr, cu_seqlens_ptr, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    C: tl.constexpr, DECAY: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
+    STORE_FINAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
+):
+    """Delta rule S_t = exp(lam_t) (S - beta_t k_t k_t^T S) + beta_t k_t v_t^T, chunk by chunk
+    (grid: V blocks, sequences * heads). Within a chunk the updates u_t = beta_t (v_t -
+    S_{t-1}^T k_t) solve (I + A) U = beta * (V - exp(b) K S) with A[t, s] = beta_t k_t.k_s
+    exp(b_t - b_s) (s < t), a unit lower-triangular system solved by forward substitution
+    in fp32 (the WY form: U = U0 - W S with W, U0 = (I + A)^-1 [beta exp(b) K, beta V])."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos, _ = _sequence(cu_seqlens_ptr, cu_seqlens_ptr, i_n, T, C, IS_VARLEN)
+    r_c = tl.arange(0, C)
+    r_k = tl.arange(0, BK)
+    r_v = i_v * BV + tl.arange(0, BV)
+    m_k = r_k < K
+    m_v = r_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    p_kv = r_k[:, None] * V + r_v[None, :]
+    earlier = r_c[:, None] > r_c[None, :]
+    causal = r_c[:, None] >= r_c[None, :]
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_INITIAL_STATE:
+        S += tl.load(s0_ptr + i_nh * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
+    for i_c in range(0, tl.cdiv(eos - bos, C)):
+        m_t = bos + i_c * C + r_c < eos
+        rows = (bos + i_c * C + r_c) * H + i_h
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        q = tl.load(q_ptr + rows[:, None] * K + r_k[None, :], mask=m_tk, other=0.0)
+        k = tl.load(k_ptr + rows[:, None] * K + r_k[None, :], mask=m_tk, other=0.0)
+        v = tl.load(v_ptr + rows[:, None] * V + r_v[None, :], mask=m_tv, other=0.0)
+        beta = tl.load(beta_ptr + rows, mask=m_t, other=0.0).to(tl.float32)
+        kf = k.to(tl.float32)
+        if DECAY == 1:
+            b, _, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 1, False)
+            pair = tl.exp(tl.minimum(b[:, None] - b[None, :], 0.0))
+            Wb = kf * (beta * tl.exp(b))[:, None]
+            q_dec = q.to(tl.float32) * tl.exp(b)[:, None]
+            k_dec = kf * tl.exp(b_last - b)[:, None]
+            decay_last = tl.exp(b_last)
+        else:
+            pair = tl.full([C, C], 1.0, tl.float32)
+            Wb = kf * beta[:, None]
+            q_dec = q.to(tl.float32)
+            k_dec = kf
+            decay_last = 1.0
+        A = tl.where(earlier, _mm(k, tl.trans(k), DOT) * pair * beta[:, None], 0.0)
+        W = Wb
+        U = v.to(tl.float32) * beta[:, None]
+        for t in range(1, C):  # forward substitution, row t from the rows before it
+            row = (r_c == t)[:, None]
+            a_t = tl.sum(tl.where(row, A, 0.0), axis=0)
+            W = tl.where(row, W - tl.sum(a_t[:, None] * W, axis=0)[None, :], W)
+            U = tl.where(row, U - tl.sum(a_t[:, None] * U, axis=0)[None, :], U)
+        U = U - _mm(W, S, DOT)      # the chunk's updates u_t, now that S is known
+        scores = tl.where(causal, _mm(q, tl.trans(k), DOT) * pair, 0.0)
+        y = _mm(q_dec, S, DOT) + _mm(scores, U, DOT)
+        tl.store(y_ptr + rows[:, None] * V + r_v[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=m_tv)
+        S = S * decay_last + _mm(tl.trans(k_dec), U, DOT)
+    if STORE_FINAL_STATE:
+        tl.store(sT_ptr + i_nh * K * V + p_kv, S.to(sT_ptr.dtype.element_ty), mask=m_kv)

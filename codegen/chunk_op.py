@@ -22,10 +22,10 @@ from ..ir.functions import ELEMENTWISE, logsigmoid, sigmoid
 from ..ir.interpret import StepEvaluator, align
 from ..ir.nodes import Node, Op
 from ..ir.readout import ReadoutKind
-from ..ir.sympy_view import SympyView
+from ..ir.sympy_view import SympyView, is_one
 from ..ir.transition import TransitionClass
 from .chunk import (DOT_IEEE, DOT_TF32, chunk_dstates_kernel, chunk_grads_kernel,
-                    chunk_output_kernel, chunk_states_kernel)
+                    chunk_output_kernel, chunk_states_kernel, delta_chunk_fwd_kernel)
 from . import ops
 from .launch import for_device, interpreting
 
@@ -53,6 +53,8 @@ class StatePlan:
     columns: tuple[str, ...]         # vector states riding along as extra V columns
     reads: tuple[tuple[Node, int | None], ...]  # readout node q^ @ S -> column (None: S)
     strict: bool                     # the readout sees the state before the token's update
+    beta: sympy.Expr | None = None   # delta rule: S' = e^lam (S - beta k k^T S) + beta k v^T
+    beta_symbols: tuple[tuple[sympy.Symbol, Node], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,34 @@ def _state_reads(p, s: str, columns: tuple[str, ...]):
     return tuple(reads), queries.pop(), points.pop() == "pre"
 
 
+def _delta_plan(analysis: Analysis, s: str) -> StatePlan:
+    """``S' = e^lam (S - beta k (k @ S)) + beta outer(k, v)``: find k, beta, v and lam."""
+    p = analysis.program
+    cu = analysis.updates[s]
+    if len(cu.dims) != 2 or cu.dims[1] != "V" or cu.scale.dims or not cu.inputs or \
+            len(cu.inputs) != 1 or len(cu.rank_one) != 1:
+        raise ChunkUnsupported(f"'{p.name}': the chunked delta rule takes one matrix state "
+                               "with a scalar decay, one rank-one term and one outer(k, v)")
+    (r,), (out,) = cu.rank_one, cu.inputs
+    view = SympyView()
+    key, x, scale = view.to_sympy(r.w), view.to_sympy(r.x), view.to_sympy(cu.scale)
+    beta = sympy.simplify(view.to_sympy(out.x) / key)
+    beta_nodes = [n for n, sym in view.symbols.items() if sym in beta.free_symbols]
+    if any(n.dims for n in beta_nodes) or sympy.simplify(x + scale * beta * key) != 0:
+        raise ChunkUnsupported(f"'{p.name}': the update of {s} is not "
+                               "exp(lam) * (S - beta * outer(k, k @ S)) + beta * outer(k, v)")
+    reads, query, strict = _state_reads(p, s, ())
+    if strict:
+        raise ChunkUnsupported(f"'{p.name}': a delta-rule readout before the update")
+    log_decay, symbols = None, ()
+    if not is_one(cu.scale):
+        log_decay, lview = _log_of(cu.scale)
+        symbols = tuple((sym, node) for node, sym in lview.symbols.items())
+    return StatePlan(s, cu.dims[0], query, r.w, out.y, log_decay, symbols, int(bool(symbols)
+                     or log_decay is not None), (), reads, False, beta,
+                     tuple((view.symbols[n], n) for n in beta_nodes))
+
+
 def chunk_plan(analysis: Analysis) -> ChunkPlan:
     """The chunked mapping of ``analysis``; raises ``ChunkUnsupported`` naming the reason."""
     p = analysis.program
@@ -97,6 +127,8 @@ def chunk_plan(analysis: Analysis) -> ChunkPlan:
     blockers = getattr(analysis, "kernel_blockers", ())
     if blockers:
         raise ChunkUnsupported(f"'{p.name}' uses {'; '.join(blockers)}")
+    if cls is TransitionClass.DELTA:
+        return ChunkPlan(tuple(_delta_plan(analysis, s) for s in p.states))
     if cls not in SUPPORTED:
         raise ChunkUnsupported(
             f"'{p.name}' has a {cls.value} transition; chunked kernels exist so far for "
@@ -309,6 +341,40 @@ def chunk_source(analysis: Analysis, direction: str) -> str:
     return "\n".join(lines)
 
 
+def _lambdified(expr: sympy.Expr, symbols, ev: "_Tokens", dims: tuple[str, ...],
+                shape: tuple) -> torch.Tensor:
+    """A sympy expression over IR values, evaluated on every token (fp32, ``shape``)."""
+    fn = sympy.lambdify([s for s, _ in symbols], expr, modules=[_TORCH, "math"])
+    x0 = ev.ev.values["h"]
+    out = torch.as_tensor(fn(*(ev.aligned(n, dims) for _, n in symbols)), dtype=torch.float32,
+                          device=x0.device)
+    return out.expand(shape).contiguous()
+
+
+def _delta_forward(q, k, v, beta, lam, s0, cu_seqlens, batch: int, chunk_size: int, dot: int):
+    """The chunked delta rule, forward only (its backward is not generated yet)."""
+    if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, beta, lam, s0)):
+        raise ChunkUnsupported(
+            "the chunked backward of delta-rule transitions is not generated yet (the "
+            "chunked forward runs without gradients, for prefill); train with form='recurrent'")
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    on_gpu = q.device.type == "cuda"
+    bv = min(_pow2(V), 32) if on_gpu else _pow2(V)
+    if ops.FORCE_BLOCK_V is not None:
+        bv = _pow2(min(bv, ops.FORCE_BLOCK_V))
+    y = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
+    sT = torch.empty(batch, H, K, V, dtype=torch.float32, device=q.device)
+    for_device(delta_chunk_fwd_kernel, q.device)[(triton.cdiv(V, bv), batch * H)](
+        q, k, v, beta, lam if lam is not None else beta, y, s0 if s0 is not None else y, sT,
+        cu_seqlens if cu_seqlens is not None else y, T, H=H, K=K, V=V, BK=_pow2(K), BV=bv,
+        C=chunk_size, DECAY=int(lam is not None), USE_INITIAL_STATE=s0 is not None,
+        STORE_FINAL_STATE=True, IS_VARLEN=cu_seqlens is not None, DOT=dot,
+        **({"num_warps": 4, "num_stages": 1} if on_gpu else {}))
+    return y, sT
+
+
 def _global_state_readout(q, k, v, s0, cu_seqlens, batch: int):
     """Noncausal: ``S = S0 + sum_t outer(k_t, v_t)`` over each whole sequence, then
     ``y_t = q_t @ S`` for every token: two batched GEMMs (torch, fp32 accumulation)."""
@@ -363,11 +429,8 @@ def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *
         lam = None
         if sp.log_decay is not None:
             dims = (sp.row,) if sp.decay == 2 else ()
-            fn = sympy.lambdify([s for s, _ in sp.log_symbols], sp.log_decay,
-                                modules=[_TORCH, "math"])
-            lam = torch.as_tensor(fn(*(ev.aligned(n, dims) for _, n in sp.log_symbols)),
-                                  dtype=torch.float32, device=q.device)
-            lam = lam.expand(B, T, H, *q.shape[3:4] if sp.decay == 2 else ()).contiguous()
+            lam = _lambdified(sp.log_decay, sp.log_symbols, ev, dims,
+                              (B, T, H, *(q.shape[3:4] if sp.decay == 2 else ())))
         s0 = None
         if initial_state is not None:
             s0 = torch.cat([initial_state[sp.state].float(),
@@ -375,6 +438,9 @@ def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *
                            dim=-1).contiguous()
         if p.noncausal:  # two GEMM stages: the whole sequence's state, then every readout
             y, sT = _global_state_readout(q, k, v, s0, cu_seqlens, batch)
+        elif sp.beta is not None:
+            beta = _lambdified(sp.beta, sp.beta_symbols, ev, (), (B, T, H))
+            y, sT = _delta_forward(q, k, v, beta, lam, s0, cu_seqlens, batch, chunk_size, dot)
         else:
             cfg = _core_config(batch, T, q.shape[-1], v.shape[-1], cu_seqlens, chunk_size,
                                sp.strict, dot, q.device)

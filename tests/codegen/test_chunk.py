@@ -22,7 +22,9 @@ def chunkable(name):
         return False
 
 
-CHUNKED = [n for n in NAMES if chunkable(n)]
+# specs whose chunked form has a backward too (delta rules: forward only, tested below)
+CHUNKED = [n for n in NAMES if chunkable(n) and linforge.library.get(n).analysis.
+           transition_class.value != "delta rank-1"]
 
 
 def test_the_identity_scalar_and_diagonal_library_specs_have_a_chunked_form():
@@ -96,10 +98,11 @@ def test_chunk_is_finite_and_exact_with_decays_down_to_exp_minus_20(dims):
 
 
 def test_unsupported_classes_get_a_clear_error():
-    """Delta-rule chunked kernels are the next issue: the error says so and what runs."""
-    attn = linforge.library.get("deltanet")
+    """RWKV-7's diagonal-plus-low-rank transition has no chunked kernel yet: the error says
+    so and what runs."""
+    attn = linforge.library.get("rwkv7")
     x = make_inputs(attn, B=1, T=4, H=1, sizes=kernel_sizes(attn))
-    with pytest.raises(NotImplementedError, match="delta rank-1 transition.*form='recurrent'"):
+    with pytest.raises(NotImplementedError, match="diagonal plus low rank.*form='recurrent'"):
         attn(**x, form="chunk")
 
 
@@ -148,5 +151,37 @@ def test_chunk_source_shows_the_mapping_and_the_kernels():
     src = linforge.library.get("rwkv6").source("chunk", "bwd")
     assert "key    k^ = k" in src and "log decay = w" in src
     assert "before the token's update" in src and "def chunk_grads_kernel(" in src
-    with pytest.raises(NotImplementedError, match="delta rank-1"):
-        linforge.library.get("deltanet").source("chunk")
+    with pytest.raises(NotImplementedError, match="diagonal plus low rank"):
+        linforge.library.get("rwkv7").source("chunk")
+
+
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
+def test_chunked_delta_rule_forward_matches_reference(name):
+    """WY form with the unit lower-triangular solve per chunk (forward only for now)."""
+    attn = linforge.library.get(name)
+    sizes = kernel_sizes(attn)
+    x = make_inputs(attn, B=2, T=150, H=2, sizes=sizes, seed=18)
+    init = make_state(attn, N=2, H=2, sizes=sizes)
+    with torch.no_grad():
+        o, final = attn(**x, initial_state=init, output_final_state=True, form="chunk")
+    o_ref, f_ref = attn.reference(**{k: v.double() for k, v in x.items()}, initial_state=init,
+                                  output_final_state=True)
+    assert rel_err(o, o_ref) < 1e-4 and rel_err(final["S"], f_ref["S"]) < 1e-4
+    cu = torch.tensor([0, 3, 90, 100])
+    xv = make_inputs(attn, B=1, T=100, H=2, sizes=sizes, seed=19)
+    with torch.no_grad():
+        o, final = attn(**xv, cu_seqlens=cu, output_final_state=True, form="chunk")
+    o_ref, f_ref = attn.reference(**{k: v.double() for k, v in xv.items()}, cu_seqlens=cu,
+                                  output_final_state=True)
+    assert rel_err(o, o_ref) < 1e-4 and rel_err(final["S"], f_ref["S"]) < 1e-4
+
+
+def test_chunked_delta_rule_refuses_gradients_and_auto_trains_with_recurrent():
+    attn = linforge.library.get("gated_deltanet")
+    x = make_inputs(attn, B=1, T=70, H=1, sizes=kernel_sizes(attn))
+    x["q"].requires_grad_()
+    with pytest.raises(NotImplementedError, match="chunked backward of delta-rule"):
+        attn(**x, form="chunk")
+    bound = attn.bind(x, None, None)
+    assert attn._auto_form(bound, needs_grad=True) == "recurrent"
+    assert attn._auto_form(bound, needs_grad=False) == "chunk"
