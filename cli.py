@@ -49,8 +49,27 @@ def _check(args) -> int:
     text, filename = _spec_text(args.spec)
     for name, attn in load(Path(filename)).items():
         print(f"{name}: ok ({attn.analysis.transition_class.value}; "
-              f"forms: {', '.join(attn.analysis.forms)})")
+              f"forms: {_forms(attn.analysis)})")
+        for b in attn.analysis.kernel_blockers:
+            print(f"  no kernel yet for {b}")
     return 0
+
+
+def _forms(analysis) -> str:
+    """The forms a spec's kernels can take, or why only the reference interpreter runs it."""
+    return ", ".join(analysis.forms) or "reference only"
+
+
+def _spec_lines(text: str, name: str) -> int:
+    """Lines of the spec ``name`` in ``text`` (its `attention` line to its last statement),
+    comments and blank lines left out; a file may hold several specs."""
+    spec = next((s for s in parse(text) if s.name == name), None)
+    lines = text.splitlines()
+    if spec is None or not spec.body:
+        return sum(1 for x in lines if x.strip() and not x.strip().startswith("#"))
+    last = max(stmt.span.line for stmt in spec.body)
+    return sum(1 for x in lines[spec.span.line - 1:last]
+               if x.strip() and not x.strip().startswith("#"))
 
 
 def _paper(text: str) -> str:
@@ -71,12 +90,13 @@ def _list(args) -> int:
     rows = []
     for name in library.names():
         text = library.source(name)
-        lines = sum(1 for x in text.splitlines() if x.strip() and not x.strip().startswith("#"))
         try:
+            lines = _spec_lines(text, name)
             attn = library.get(name)
             cls = attn.analysis.transition_class.value
-            forms = ", ".join(attn.analysis.forms)
+            forms = _forms(attn.analysis)
         except SpecError as e:  # a broken library spec is shown, not hidden
+            lines = sum(1 for x in text.splitlines() if x.strip() and not x.strip().startswith("#"))
             cls, forms = f"error: {e.reason}", ""
         rows.append((name, cls, str(lines), forms))
     if args.markdown:
@@ -116,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as e:
         print(e, file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `linforge show ... | head`: the reader left, nothing is wrong
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -57,12 +57,19 @@ Expr = Num | Name | BinOp | Neg | Call
 
 @dataclass(frozen=True)
 class VarDecl:
-    """``name[D1, D2]`` in an ``inputs``, ``params`` or ``state`` line."""
+    """``name[D1, D2]`` in an ``inputs``, ``memory``, ``params`` or ``state`` line.
+
+    ``index`` holds, per dim, the index name written before ``<`` (``E[t < N, P]`` gives
+    ``("t", None)``: the param is indexed by the token's position below the dim ``N``), or
+    None for a plain dim.
+    """
 
     name: str
     dims: tuple[str, ...]
     span: Span = field(compare=False)
     dim_spans: tuple[Span, ...] = field(compare=False, default=())
+    index: tuple[str | None, ...] = ()
+    index_spans: tuple[Span | None, ...] = field(compare=False, default=())
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,7 @@ class Spec:
     span: Span = field(compare=False)
     flag_spans: tuple[Span, ...] = field(compare=False, default=())
     source: str = field(compare=False, default="", repr=False)
+    memory: tuple[VarDecl, ...] = ()
 
     @property
     def noncausal(self) -> bool:

@@ -20,6 +20,7 @@ _TERMINAL_NAMES = {
     "PLUS": "'+'", "MINUS": "'-'", "STAR": "'*'", "SLASH": "'/'", "__ANON_0": "'**'",
     "AT": "'@'", "DOUBLESTAR": "'**'", "$END": "end of text", "ATTENTION": "'attention'",
     "INPUTS": "'inputs'", "PARAMS": "'params'", "STATE": "'state'", "DIM": "'dim'",
+    "MEMORY": "'memory'", "LESSTHAN": "'<'",
 }
 
 
@@ -77,10 +78,20 @@ class _ToAst(Transformer):
         args = tuple(a for a in args if a is not None)
         return ast.Call(str(func), args, self._span(meta), _span_of(func))
 
+    def dim_plain(self, meta, children):
+        (dim,) = children
+        return dim, None
+
+    def dim_position(self, meta, children):
+        index, dim = children
+        return dim, index
+
     def vardecl(self, meta, children):
         name, *dims = children
-        return ast.VarDecl(str(name), tuple(str(d) for d in dims), _span_of(name),
-                           tuple(_span_of(d) for d in dims))
+        return ast.VarDecl(str(name), tuple(str(d) for d, _ in dims), _span_of(name),
+                           tuple(_span_of(d) for d, _ in dims),
+                           tuple(None if i is None else str(i) for _, i in dims),
+                           tuple(None if i is None else _span_of(i) for _, i in dims))
 
     def dimdef(self, meta, children):
         name, size = children
@@ -88,6 +99,9 @@ class _ToAst(Transformer):
 
     def decl_inputs(self, meta, children):
         return ("inputs", tuple(children))
+
+    def decl_memory(self, meta, children):
+        return ("memory", tuple(children))
 
     def decl_params(self, meta, children):
         return ("params", tuple(children))
@@ -108,7 +122,8 @@ class _ToAst(Transformer):
     def spec(self, meta, children):
         name, *rest = children
         flags = [c for c in rest if isinstance(c, Token)]
-        parts: dict[str, list] = {"inputs": [], "params": [], "states": [], "dims": []}
+        parts: dict[str, list] = {"inputs": [], "memory": [], "params": [], "states": [],
+                                  "dims": []}
         body = []
         for item in rest:
             if isinstance(item, tuple):
@@ -120,7 +135,7 @@ class _ToAst(Transformer):
             inputs=tuple(parts["inputs"]), params=tuple(parts["params"]),
             states=tuple(parts["states"]), dims=tuple(parts["dims"]), body=tuple(body),
             span=_span_of(name), flag_spans=tuple(_span_of(f) for f in flags),
-            source=self.source,
+            source=self.source, memory=tuple(parts["memory"]),
         )
 
     def start(self, meta, children):

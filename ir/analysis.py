@@ -3,11 +3,11 @@ checks that need them (a noncausal spec cannot decay) and the forms the spec sup
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..dsl.errors import SpecError
 from .canonical import CanonicalUpdate, canonicalize
-from .nodes import Program
+from .nodes import Node, Op, Program
 from .readout import Readout, ReadoutKind, analyse_readout
 from .transition import Normalizer, TransitionClass, classify, find_normalizers
 
@@ -21,6 +21,9 @@ class Analysis:
     classes: dict[str, TransitionClass]
     normalizers: tuple[Normalizer, ...]
     readout: Readout
+    #: why no generated kernel can run the spec yet: one line per language construct the
+    #: kernels do not lower (empty when the forms of the class are available)
+    kernel_blockers: list[str] = field(default_factory=list)
 
     @property
     def transition_class(self) -> TransitionClass:
@@ -29,7 +32,10 @@ class Analysis:
 
     @property
     def forms(self) -> tuple[str, ...]:
-        """Forms the spec's structure supports (kernels may not exist for all of them yet)."""
+        """Forms the spec's structure supports (kernels may not exist for all of them yet);
+        none while ``kernel_blockers`` names a construct the kernels cannot run."""
+        if self.kernel_blockers:
+            return ()
         forms = self.transition_class.forms
         structured = all(u.inputs is not None for u in self.updates.values()) and \
             self.readout.kind is not ReadoutKind.GENERAL
@@ -50,4 +56,36 @@ def analyse(program: Program, filename: str | None = None) -> Analysis:
                     hint="in a noncausal spec every token reads the sum over the whole "
                          f"sequence; write `{s} = {s} + ...` or drop `noncausal`")
     return Analysis(program, updates, classes, tuple(find_normalizers(updates)),
-                    analyse_readout(program))
+                    analyse_readout(program), kernel_blockers(program))
+
+
+def kernel_blockers(program: Program) -> list[str]:
+    """The constructs of ``program`` that no generated kernel runs yet, each with where it is
+    used; empty for specs the kernels of their transition class run."""
+    nodes: dict[Node, None] = {}
+    for root in (*(u.value for u in program.updates), program.output):
+        nodes.update(dict.fromkeys(root.walk()))
+
+    def where(found: list[Node]) -> str:
+        lines = sorted({n.span.line for n in found if n.span is not None})
+        return f" (line{'s' if len(lines) > 1 else ''} {', '.join(map(str, lines))})" \
+            if lines else ""
+
+    out = []
+    if program.memory:
+        out.append(f"memory inputs {', '.join(program.memory)}: keys and values from a second "
+                   "sequence (cross-attention)")
+    indexed = [d for d in program.params.values() if d.position is not None]
+    if indexed:
+        out.append("position-indexed params "
+                   + ", ".join(f"{d.name}[t < {d.position}]" for d in indexed))
+    for op, axis, what in ((Op.OVER_HEADS, "H", "a reduction over the heads at one token"),
+                           (Op.OVER_TOKENS, "T", "a reduction over the tokens of the sequence")):
+        found = [n for n in nodes if n.op is op]
+        if found:
+            calls = ", ".join(sorted({f"{n.attr}(..., {axis})" for n in found}))
+            out.append(f"{what}: {calls}{where(found)}")
+    found = [n for n in nodes if n.op is Op.LENGTH]
+    if found:
+        out.append(f"the sequence length T{where(found)}")
+    return out

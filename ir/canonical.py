@@ -185,6 +185,11 @@ class Linearizer:
                 terms.append(RankOne(x, t.w))
             rest = Node(Op.OUTER, n.dims, (x, lf.rest), None, n.span) if lf.rest else None
             return _LF(n.dims, tuple(terms), rest)
+        if op in (Op.OVER_HEADS, Op.OVER_TOKENS):
+            axis = "H" if op is Op.OVER_HEADS else "T"
+            raise self.not_linear(n, f"{n.attr}(..., {axis}) mixes the states of "
+                                  f"{'other heads' if axis == 'H' else 'other tokens'} into "
+                                  f"'{self.state}'")
         name = n.attr if op is Op.CALL else op.value
         raise self.not_linear(n, f"{name}(...) is applied to an expression of '{self.state}'")
 

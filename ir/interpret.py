@@ -4,6 +4,12 @@ It is the oracle every generated kernel is tested against, so it follows the sem
 literally: for each token, evaluate each state update in order, then the output; a read of a
 state sees the version named by its IR leaf. Autograd flows through it.
 
+Noncausal specs run the updates over every token first, then the output of every token
+against the final states. With memory inputs the updates run over the memory sequence and
+the output over the query sequence; ``t`` and ``T`` are the position and the length in the
+sequence being run. A reduction over tokens (``softmax(x, T)``) is computed before the pass
+that needs it, from its argument evaluated at every token of that sequence.
+
 Value layout: every value is a tensor ``[B', H', *dims]`` whose leading two axes broadcast
 against ``[B, H]`` (params have B' = 1, constants B' = H' = 1), paired with its dim names.
 """
@@ -16,6 +22,20 @@ import torch
 
 from .functions import ELEMENTWISE
 from .nodes import L2NORM_EPS, Node, Op, Program
+
+
+def reduce_axis(kind: str, x: torch.Tensor, axis: int) -> torch.Tensor:
+    """The reduction ``kind`` (sum, norm, l2norm, softmax) of ``x`` over ``axis``; sum and
+    norm keep the axis with size 1."""
+    if kind == "sum":
+        return x.sum(axis, keepdim=True)
+    if kind == "norm":
+        return (x * x).sum(axis, keepdim=True).sqrt()
+    if kind == "l2norm":
+        return x / torch.sqrt((x * x).sum(axis, keepdim=True) + L2NORM_EPS)
+    if kind == "softmax":
+        return torch.softmax(x, axis)
+    raise NotImplementedError(f"interpreter: no reduction {kind!r}")  # pragma: no cover
 
 
 def align(x: torch.Tensor, src: tuple[str, ...], dst: tuple[str, ...]) -> torch.Tensor:
@@ -46,7 +66,9 @@ class StepEvaluator:
 
     def __init__(self, values: dict, sizes: dict[str, int], dtype: torch.dtype,
                  device: torch.device):
-        self.values = values     # ("input", name) / ("param", name) / ("state", name, v) / "h" / "t"
+        # ("input", name) / ("memory", name) / ("param", name) / ("state", name, v) / "h" / "t"
+        # / "T"; a position-indexed param's entry is the row of this token
+        self.values = values
         self.sizes = sizes
         self.dtype = dtype
         self.device = device
@@ -65,8 +87,15 @@ class StepEvaluator:
         op = n.op
         if op is Op.INPUT:
             return self.values[("input", n.attr)]
-        if op is Op.PARAM:
+        if op is Op.MEMORY:
+            return self.values[("memory", n.attr)]
+        if op is Op.PARAM or op is Op.PARAM_AT:
             return self.values[("param", n.attr)]
+        if op is Op.LENGTH:
+            return self.values["T"]
+        if op is Op.OVER_TOKENS:
+            raise RuntimeError("interpreter: a reduction over tokens needs the whole sequence; "
+                               "run_reference computes it before the step")
         if op is Op.STATE:
             return self.values[("state", *n.attr)]
         if op is Op.CONST:
@@ -96,6 +125,8 @@ class StepEvaluator:
                     f"->...{_letters(n.dims, table)}")
             return torch.einsum(spec, a, b)
         x, src = args[0], n.args[0].dims
+        if op is Op.OVER_HEADS:
+            return reduce_axis(n.attr, x.expand(x.shape[0], self.sizes["H"], *x.shape[2:]), 1)
         if op is Op.TAYLOR2:
             ones = torch.ones_like(x[..., :1])
             quad = (x[..., :, None] * x[..., None, :]).flatten(-2) / math.sqrt(2.0)
@@ -112,27 +143,98 @@ class StepEvaluator:
         raise NotImplementedError(f"interpreter: no rule for {op}")  # pragma: no cover
 
 
+class _Pass:
+    """The tokens one pass of the interpreter runs over: the inputs, or the memory sequence
+    (``kind`` names the leaves its tensors fill)."""
+
+    def __init__(self, kind: str, tensors: dict, label: str):
+        self.kind = kind
+        self.tensors = tensors
+        self.label = label
+        self.length = next(iter(tensors.values())).shape[1] if tensors else 0
+
+
+def _roots_reading(roots: list[Node], op: Op) -> list[Node]:
+    """Distinct nodes with ``op`` below ``roots``, children before parents."""
+    found: dict[Node, None] = {}
+    for r in roots:
+        found.update(dict.fromkeys(n for n in r.walk() if n.op is op))
+    return list(found)
+
+
+def _check_positions(program: Program, roots: list[Node], seq: _Pass, sizes: dict) -> None:
+    """A sequence may not be longer than the maximum length of a position-indexed param."""
+    read = {n.attr for n in _roots_reading(roots, Op.PARAM_AT)}
+    for d in program.params.values():
+        if d.name not in read:
+            continue
+        if d.position not in sizes:
+            raise ValueError(f"{program.name}: no size for {d.position}, the maximum length of "
+                             f"the position-indexed param '{d.name}'")
+        if seq.length > sizes[d.position]:
+            raise ValueError(
+                f"{program.name}: {seq.label} has {seq.length} tokens, more than "
+                f"{d.position} = {sizes[d.position]}, the maximum length of the position-indexed "
+                f"param '{d.name}' (declared {d.name}[t < {d.position}, ...]); pass a longer "
+                f"'{d.name}' or split the sequence")
+
+
 def _run_sequence(program: Program, inputs: dict, params: dict, state0: dict,
-                  sizes: dict, dtype, device) -> tuple[torch.Tensor, dict]:
-    """One batch of equal-length sequences: inputs [B, T, H, ...] -> o [B, T, H, ...]."""
+                  sizes: dict, dtype, device, memory: dict | None = None,
+                  label: str = "the sequence") -> tuple[torch.Tensor, dict]:
+    """One batch of equal-length sequences: inputs [B, T, H, ...] -> o [B, T, H, ...]; with
+    memory inputs, the states are built from ``memory`` [B, S, H, ...]."""
     B, T = next(iter(inputs.values())).shape[:2] if inputs else (1, 0)
     H = sizes["H"]
     head = torch.arange(H, dtype=dtype, device=device).reshape(1, H)
-    base = {("param", k): v.unsqueeze(0) for k, v in params.items()}
+    indexed = {k: v for k, v in params.items() if program.params[k].position is not None}
+    base = {("param", k): v.unsqueeze(0) for k, v in params.items() if k not in indexed}
     base["h"] = head
     states = dict(state0)
     finals = {s: program.final_version(s) for s in program.states}
+    query = _Pass("input", inputs, label)
+    keys = _Pass("memory", memory, f"the memory of {label}") if program.memory else query
+    update_roots = [u.value for u in program.updates]
+    _check_positions(program, update_roots, keys, sizes)
+    _check_positions(program, [program.output], query, sizes)
 
-    def leaves(t: int, state_values: dict) -> dict:
+    def scalar(x: float) -> torch.Tensor:
+        return torch.full((1, 1), float(x), dtype=dtype, device=device)
+
+    def leaves(seq: _Pass, t: int, state_values: dict) -> dict:
         vals = dict(base)
-        vals.update({("input", k): v[:, t] for k, v in inputs.items()})
-        vals["t"] = torch.full((1, 1), float(t), dtype=dtype, device=device)
+        vals.update({(seq.kind, k): v[:, t] for k, v in seq.tensors.items()})
+        vals["t"] = scalar(t)
+        vals["T"] = scalar(seq.length)
+        for k, v in indexed.items():
+            decl = program.params[k]
+            vals[("param", k)] = v.select(1 + decl.dims.index(decl.position), t).unsqueeze(0)
         vals.update({("state", s, 0): x for s, x in state_values.items()})
         return vals
 
+    def over_tokens(seq: _Pass, roots: list[Node]) -> list[dict]:
+        """Per token, the value of every reduction over tokens below ``roots``."""
+        per_token: list[dict] = [{} for _ in range(seq.length)]
+        for r in _roots_reading(roots, Op.OVER_TOKENS):
+            values = []
+            for t in range(seq.length):
+                ev = StepEvaluator(leaves(seq, t, {}), sizes, dtype, device)
+                ev.memo.update(per_token[t])
+                values.append(ev(r.args[0]))
+            x = reduce_axis(r.attr, torch.stack(torch.broadcast_tensors(*values)), 0)
+            for t in range(seq.length):
+                per_token[t][r] = x[0] if x.shape[0] == 1 else x[t]
+        return per_token
+
+    if keys is query:
+        reduced_keys = reduced_query = over_tokens(query, [*update_roots, program.output])
+    else:
+        reduced_keys = over_tokens(keys, update_roots)
+        reduced_query = over_tokens(query, [program.output])
     outputs = []
-    for t in range(T):
-        ev = StepEvaluator(leaves(t, states), sizes, dtype, device)
+    for t in range(keys.length):
+        ev = StepEvaluator(leaves(keys, t, states), sizes, dtype, device)
+        ev.memo.update(reduced_keys[t])
         for u in program.updates:
             ev.values[("state", u.state, u.version)] = ev(u.value)
         states = {s: ev.values[("state", s, finals[s])] for s in program.states}
@@ -141,7 +243,8 @@ def _run_sequence(program: Program, inputs: dict, params: dict, state0: dict,
     if program.noncausal:
         # every token reads the state of the whole sequence, whatever version it names
         for t in range(T):
-            ev = StepEvaluator(leaves(t, states), sizes, dtype, device)
+            ev = StepEvaluator(leaves(query, t, states), sizes, dtype, device)
+            ev.memo.update(reduced_query[t])
             for s in program.states:
                 for v in range(finals[s] + 1):
                     ev.values[("state", s, v)] = states[s]
@@ -152,23 +255,54 @@ def _run_sequence(program: Program, inputs: dict, params: dict, state0: dict,
     return out, {s: x.expand(B, H, *x.shape[2:]) for s, x in states.items()}
 
 
+def _check_memory(program: Program, inputs: dict, memory: dict | None, cu_seqlens,
+                  cu_seqlens_memory) -> None:
+    name = program.name
+    if not program.memory:
+        if memory or cu_seqlens_memory is not None:
+            raise ValueError(f"{name}: memory inputs given, but the spec declares none")
+        return
+    if memory is None or set(memory) != set(program.memory):
+        raise ValueError(f"{name}: memory must map exactly the memory inputs "
+                         f"{', '.join(program.memory)} to tensors [B, S, H, dims], got "
+                         f"{', '.join(memory or {}) or 'none'}")
+    B = next(iter(inputs.values())).shape[0]
+    lengths = {k: v.shape[1] for k, v in memory.items()}
+    if len(set(lengths.values())) > 1 or any(v.shape[0] != B for v in memory.values()):
+        raise ValueError(f"{name}: memory inputs must all be [B, S, H, dims] with the inputs' "
+                         f"B = {B} and one length S, got "
+                         + ", ".join(f"{k} {tuple(v.shape)}" for k, v in memory.items()))
+    if (cu_seqlens is None) != (cu_seqlens_memory is None):
+        raise ValueError(f"{name}: varlen cross-attention needs both cu_seqlens (queries) and "
+                         "cu_seqlens_memory (memory), with the same number of sequences")
+
+
 def run_reference(program: Program, inputs: dict[str, torch.Tensor],
                   params: dict[str, torch.Tensor], sizes: dict[str, int], *,
                   initial_state: dict[str, torch.Tensor] | None = None,
                   cu_seqlens: torch.Tensor | None = None,
-                  dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, dict]:
+                  dtype: torch.dtype = torch.float64,
+                  memory: dict[str, torch.Tensor] | None = None,
+                  cu_seqlens_memory: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Run ``program`` token by token.
 
-    inputs: name -> ``[B, T, H, *dims]``; params: name -> ``[H, *dims]``; sizes: every dim
-    size plus ``H``; initial_state: name -> ``[N, H, *dims]`` (N = B, or the number of
-    sequences with ``cu_seqlens``). Returns ``o [B, T, H, *o_dims]`` and the final states
-    ``[N, H, *dims]``, all in ``dtype``. With ``cu_seqlens`` (B = 1) each packed sequence
-    starts from its own initial state and nothing leaks across sequences.
+    inputs: name -> ``[B, T, H, *dims]``; params: name -> ``[H, *dims]`` (a position-indexed
+    param ``E[t < N, P]`` is ``[H, N, P]``); sizes: every dim size plus ``H``;
+    initial_state: name -> ``[N, H, *dims]`` (N = B, or the number of sequences with
+    ``cu_seqlens``); memory: the memory inputs of a cross-attention spec, name ->
+    ``[B, S, H, *dims]`` with their own length S (``cu_seqlens_memory`` packs them as
+    ``cu_seqlens`` packs the inputs, sequence n of one with sequence n of the other).
+    Returns ``o [B, T, H, *o_dims]`` and the final states ``[N, H, *dims]``, all in
+    ``dtype``. With ``cu_seqlens`` (B = 1) each packed sequence starts from its own initial
+    state and nothing leaks across sequences. Raises ValueError when a sequence is longer
+    than the maximum length of a position-indexed param it reads.
     """
     any_input = next(iter(inputs.values()))
     device = any_input.device
+    _check_memory(program, inputs, memory, cu_seqlens, cu_seqlens_memory)
     inputs = {k: v.to(dtype) for k, v in inputs.items()}
     params = {k: v.to(dtype) for k, v in params.items()}
+    memory = {k: v.to(dtype) for k, v in memory.items()} if program.memory else None
     H = sizes["H"]
 
     def zeros(n: int) -> dict:
@@ -179,15 +313,22 @@ def run_reference(program: Program, inputs: dict[str, torch.Tensor],
         B = any_input.shape[0]
         state0 = zeros(B) if initial_state is None else {
             s: x.to(dtype) for s, x in initial_state.items()}
-        return _run_sequence(program, inputs, params, state0, sizes, dtype, device)
+        return _run_sequence(program, inputs, params, state0, sizes, dtype, device, memory)
 
     bounds = [int(x) for x in cu_seqlens.tolist()]
+    mbounds = [int(x) for x in cu_seqlens_memory.tolist()] if memory else bounds
+    if len(mbounds) != len(bounds):
+        raise ValueError(f"{program.name}: cu_seqlens has {len(bounds) - 1} sequences but "
+                         f"cu_seqlens_memory has {len(mbounds) - 1}")
     outs, finals = [], []
     for n, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
         seq = {k: v[:, lo:hi] for k, v in inputs.items()}
+        mem = {k: v[:, mbounds[n]:mbounds[n + 1]] for k, v in memory.items()} if memory \
+            else None
         state0 = (zeros(1) if initial_state is None else
                   {s: x[n:n + 1].to(dtype) for s, x in initial_state.items()})
-        o, final = _run_sequence(program, seq, params, state0, sizes, dtype, device)
+        o, final = _run_sequence(program, seq, params, state0, sizes, dtype, device, mem,
+                                 label=f"sequence {n} of cu_seqlens")
         if o is not None:
             outs.append(o)
         finals.append(final)

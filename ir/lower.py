@@ -18,7 +18,9 @@ from .functions import (BINARY_ELEMENTWISE, CONSTANTS, ELEMENTWISE, REDUCTIONS, 
 from .nodes import Decl, Node, Op, Program, Update, const
 
 BUILTIN_DIMS = ("K", "V")
-INDEX_NAMES = {"h": Op.HEAD, "H": Op.HEADS, "t": Op.POS}
+INDEX_NAMES = {"h": Op.HEAD, "H": Op.HEADS, "t": Op.POS, "T": Op.LENGTH}
+#: the second argument of a reduction that reduces across heads / tokens, not a named dim
+ACROSS = {"H": Op.OVER_HEADS, "T": Op.OVER_TOKENS}
 OUTPUT = "o"
 FLAGS = ("noncausal",)
 _REDUCE_OPS = {"sum": Op.SUM, "norm": Op.NORM, "l2norm": Op.L2NORM, "softmax": Op.SOFTMAX}
@@ -36,6 +38,7 @@ class _Lowering:
         self.filename = filename
         self.dims: dict[str, object] = {d: None for d in BUILTIN_DIMS}
         self.inputs: dict[str, Decl] = {}
+        self.memory: dict[str, Decl] = {}
         self.params: dict[str, Decl] = {}
         self.states: dict[str, Decl] = {}
         self.env: dict[str, Node] = {}          # locals and rebound inputs
@@ -70,12 +73,31 @@ class _Lowering:
         for d in spec.dims:
             self._claim(d.name, d.span, "dim")
             self.dims[d.name] = None if d.size is None else self._dim_size(d.size)
-        for kind, table in (("input", self.inputs), ("param", self.params),
-                            ("state", self.states)):
-            decls = {"input": spec.inputs, "param": spec.params, "state": spec.states}[kind]
+        if spec.memory and not spec.noncausal:
+            raise self.error(
+                "memory inputs need a noncausal spec", spec.memory[0].span,
+                hint="memory inputs are a second sequence (cross-attention keys and values) that "
+                     "every token reads whole; add `noncausal` after the spec's name")
+        for kind, table in (("input", self.inputs), ("memory input", self.memory),
+                            ("param", self.params), ("state", self.states)):
+            decls = {"input": spec.inputs, "memory input": spec.memory, "param": spec.params,
+                     "state": spec.states}[kind]
             for v in decls:
                 self._claim(v.name, v.span, kind)
+                position = self._position(v, kind)
                 for dim, dspan in zip(v.dims, v.dim_spans):
+                    if dim in ("t", "T") and dim != position and kind == "param":
+                        raise self.error(
+                            f"'{dim}' is not a dim: a param indexed by the token's position "
+                            f"needs a maximum length", dspan,
+                            hint=f"write `{v.name}[t < N, ...]` with `dim N = 4096` (or `dim N` "
+                                 f"to take the maximum length from {v.name}'s shape)")
+                    if dim in ("t", "T") and dim != position:
+                        raise self.error(
+                            f"'{dim}' is not a dim, and only params can be indexed by the "
+                            f"token's position", dspan,
+                            hint=f"{kind}s are per token already" if "input" in kind else
+                            "a state is one value per sequence, updated token by token")
                     if dim not in self.dims:
                         raise self.error(f"unknown dim '{dim}' in the declaration of '{v.name}'",
                                          dspan, hint=self._dim_hint())
@@ -84,12 +106,38 @@ class _Lowering:
                 if kind == "state" and len(v.dims) not in (1, 2):
                     raise self.error(f"state '{v.name}' must be a vector or a matrix, "
                                      f"got {show_dims(v.dims)}", v.span)
-                table[v.name] = Decl(v.name, v.dims, v.span)
+                table[v.name] = Decl(v.name, v.dims, v.span, position)
         for name in self.states:
             self.state_version[name] = 0
         if not self.states:
             raise self.error(f"spec '{spec.name}' declares no state", spec.span,
                              hint="add a line such as `state S[K, V]`")
+
+    def _position(self, v: ast.VarDecl, kind: str) -> str | None:
+        """The dim of ``v`` indexed by the token's position (``E[t < N, P]``: ``N``)."""
+        found = None
+        for dim, index, ispan in zip(v.dims, v.index or (None,) * len(v.dims),
+                                     v.index_spans or (None,) * len(v.dims)):
+            if index is None:
+                continue
+            if kind != "param":
+                raise self.error(f"only params can be indexed by position, but {kind} "
+                                 f"'{v.name}' is", ispan,
+                                 hint="inputs and states are per token already; write "
+                                      f"`params {v.name}[t < N, ...]` for a param that holds one "
+                                      "row per position")
+            if index != "t":
+                raise self.error(f"a position index must be 't' (the token's position), got "
+                                 f"'{index}'", ispan, hint=f"write `{v.name}[t < {dim}, ...]`")
+            if found is not None:
+                raise self.error(f"param '{v.name}' is indexed by position twice", ispan)
+            if dim in BUILTIN_DIMS:
+                raise self.error(f"the maximum length of '{v.name}' must be a declared dim, not "
+                                 f"the head dim {dim}", ispan,
+                                 hint="declare it: `dim N = 4096`, or `dim N` to take it from "
+                                      f"{v.name}'s shape")
+            found = dim
+        return found
 
     def _dim_hint(self) -> str:
         return ("dims in scope: " + ", ".join(self.dims)
@@ -123,11 +171,35 @@ class _Lowering:
             if self.state_version[name] == 0:
                 raise self.error(f"state '{name}' is never updated", decl.span,
                                  hint=f"add an update such as `{name} = {name} + ...`")
+        if self.memory:
+            self._check_memory_reads()
         return Program(
             name=self.spec.name, noncausal=self.spec.noncausal, dims=dict(self.dims),
             inputs=self.inputs, params=self.params, states=self.states,
             updates=tuple(self.updates), output=self.output, output_span=self.output_span,
-            source=self.spec.source)
+            source=self.spec.source, memory=self.memory)
+
+    def _check_memory_reads(self) -> None:
+        """With memory inputs the updates run over the memory tokens and the readout over the
+        query tokens: an update may not read a query input, nor the readout a memory input."""
+        memory = ", ".join(self.memory)
+        if not self.inputs:
+            raise self.error(f"spec '{self.spec.name}' has memory inputs but no inputs",
+                             self.spec.span, hint="declare the query side: `inputs q[K]`")
+        for u in self.updates:
+            leaf = next((x for x in u.value.walk() if x.op is Op.INPUT), None)
+            if leaf is not None:
+                raise self.error(
+                    f"the update of '{u.state}' reads input '{leaf.attr}' of the query sequence;"
+                    f" with memory inputs, states are sums over the memory sequence", leaf.span,
+                    hint=f"updates read the memory inputs ({memory}), params, t and T; the "
+                         "output `o` reads the inputs")
+        leaf = next((x for x in self.output.walk() if x.op is Op.MEMORY), None)
+        if leaf is not None:
+            raise self.error(
+                f"the output reads memory input '{leaf.attr}': the readout runs over the query "
+                "tokens and sees the memory sequence only through the states", leaf.span,
+                hint="add the memory term to a state update, e.g. `S = S + outer(k, v)`")
 
     def statement(self, stmt: ast.Assign) -> None:
         target, span = stmt.target, stmt.target_span
@@ -181,10 +253,21 @@ class _Lowering:
             return self.env[n]
         if n in self.inputs:
             return Node(Op.INPUT, self.inputs[n].dims, (), n, e.span)
+        if n in self.memory:
+            return Node(Op.MEMORY, self.memory[n].dims, (), n, e.span)
         if n in self.params:
-            return Node(Op.PARAM, self.params[n].dims, (), n, e.span)
+            decl = self.params[n]
+            if decl.position is not None:
+                return Node(Op.PARAM_AT, decl.value_dims, (), n, e.span)
+            return Node(Op.PARAM, decl.dims, (), n, e.span)
         if n in self.states:
             return Node(Op.STATE, self.states[n].dims, (), (n, self.state_version[n]), e.span)
+        if n == "T" and not self.spec.noncausal:
+            raise self.error(
+                "undefined name 'T': the sequence length T exists only in noncausal specs",
+                e.span, hint="a causal token cannot see how long its sequence is; add "
+                             "`noncausal` after the spec's name if every token reads the whole "
+                             "sequence")
         if n in INDEX_NAMES:
             return Node(INDEX_NAMES[n], (), (), None, e.span)
         if n in self.dims:
@@ -193,8 +276,9 @@ class _Lowering:
             return const(CONSTANTS[n], e.span)
         if n == OUTPUT:
             raise self.error("the output `o` cannot be read", e.span)
-        known = [*self.env, *self.inputs, *self.params, *self.states, *INDEX_NAMES,
-                 *self.dims, *CONSTANTS]
+        known = [*self.env, *self.inputs, *self.memory, *self.params, *self.states,
+                 *(i for i in INDEX_NAMES if i != "T" or self.spec.noncausal), *self.dims,
+                 *CONSTANTS]
         close = difflib.get_close_matches(n, known, n=1)
         hint = f"did you mean '{close[0]}'?" if close else "names in scope: " + ", ".join(known)
         if n in supported_functions():
@@ -273,6 +357,8 @@ class _Lowering:
             raise self.error(f"{e.func} takes a value and optionally a dim, "
                              f"got {len(e.args)} arguments", e.span)
         x = self.expr(e.args[0])
+        if len(e.args) == 2 and isinstance(e.args[1], ast.Name) and e.args[1].id in ACROSS:
+            return self.reduce_across(e, x, e.args[1])
         if len(e.args) == 2:
             dim_arg = e.args[1]
             if not isinstance(dim_arg, ast.Name) or dim_arg.id not in self.dims:
@@ -291,6 +377,25 @@ class _Lowering:
         op = _REDUCE_OPS[e.func]
         dims = x.dims if op in (Op.L2NORM, Op.SOFTMAX) else tuple(a for a in x.dims if a != d)
         return Node(op, dims, (x,), d, e.span)
+
+    def reduce_across(self, e: ast.Call, x: Node, axis: ast.Name) -> Node:
+        """``sum(x, H)``: over the heads at this token; ``softmax(x, T)``: over the tokens of
+        the sequence (noncausal specs). The value keeps its dims."""
+        f = e.func
+        if axis.id == "T":
+            if not self.spec.noncausal:
+                raise self.error(
+                    f"{f} over T (the tokens of the sequence) needs a noncausal spec",
+                    axis.span, hint="in a causal spec a token sees only the tokens before it; "
+                                    "add `noncausal` after the spec's name if every token reads "
+                                    "the whole sequence")
+            leaf = next((n for n in x.walk() if n.op is Op.STATE), None)
+            if leaf is not None:
+                raise self.error(
+                    f"a reduction over the tokens cannot read a state ('{leaf.attr[0]}')",
+                    leaf.span, hint="states are sums over the sequence already; reduce the "
+                                    "per-token values the state is built from")
+        return Node(ACROSS[axis.id], x.dims, (x,), f, e.span)
 
 
 def _transpose_to(value: Node, dims: tuple[str, ...]) -> Node:

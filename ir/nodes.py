@@ -27,6 +27,10 @@ class Op(Enum):
     HEADS = "H"          # number of heads
     POS = "t"            # position of the token in its sequence, 0-based
     SIZE = "size"        # attr: dim name; the size of a dim as a number
+    MEMORY = "memory"    # attr: name; a per-token, per-head tensor of the second (memory)
+                         # sequence [B, S, H, dims], read by state updates (cross-attention)
+    PARAM_AT = "param[t]"  # attr: name; row t of a position-indexed param [H, N, dims]
+    LENGTH = "T"         # the number of tokens of the sequence (noncausal specs only)
     # elementwise (broadcast by dim name)
     ADD = "+"
     SUB = "-"
@@ -45,9 +49,15 @@ class Op(Enum):
     L2NORM = "l2norm"    # attr: the normalised dim; x / sqrt(sum(x^2) + 1e-6)
     SOFTMAX = "softmax"  # attr: the dim
     TAYLOR2 = "taylor2"  # attr: (in_dim, out_dim); [1, x, vec(x x^T) / sqrt(2)]
+    # across the batch layout: attr is the reduction (sum, norm, l2norm or softmax)
+    OVER_HEADS = "over H"   # over the heads at one token (``sum(x, H)``); same dims as x
+    OVER_TOKENS = "over T"  # over the tokens of the sequence (``softmax(x, T)``, noncausal)
 
 
-LEAVES = frozenset({Op.INPUT, Op.PARAM, Op.STATE, Op.CONST, Op.HEAD, Op.HEADS, Op.POS, Op.SIZE})
+LEAVES = frozenset({Op.INPUT, Op.PARAM, Op.STATE, Op.CONST, Op.HEAD, Op.HEADS, Op.POS, Op.SIZE,
+                    Op.MEMORY, Op.PARAM_AT, Op.LENGTH})
+#: reductions across heads or tokens, the ops ``OVER_HEADS`` and ``OVER_TOKENS`` take
+CROSS_REDUCTIONS = ("sum", "norm", "l2norm", "softmax")
 ELEMENTWISE = frozenset({Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.POW, Op.NEG, Op.MAX, Op.MIN, Op.CALL})
 
 L2NORM_EPS = 1e-6
@@ -104,11 +114,20 @@ def const(value: float, span: Span | None = None) -> Node:
 
 @dataclass(frozen=True)
 class Decl:
-    """A declared input, param or state: its name, dims and where it was declared."""
+    """A declared input, memory input, param or state: its name, dims and where it was
+    declared. ``dims`` are the dims of the tensor after the leading ``[B, T, H]`` (``[H]`` for
+    params); ``position`` names the dim indexed by the token's position (``E[t < N, P]``:
+    ``position = "N"``, and a token reads the ``[P]`` row ``E[t]``)."""
 
     name: str
     dims: tuple[str, ...]
     span: Span | None = field(default=None, compare=False)
+    position: str | None = None
+
+    @property
+    def value_dims(self) -> tuple[str, ...]:
+        """The dims of the value one token reads (``dims`` without the position dim)."""
+        return tuple(d for d in self.dims if d != self.position)
 
 
 @dataclass(frozen=True)
@@ -128,7 +147,9 @@ class Program:
     ``dims`` maps every dim name to its size expression (a sympy expression over other dims)
     or None when the size comes from the tensors at call time (``K``, ``V``, ``dim M``).
     ``output`` reads states through ``STATE`` leaves whose version says which value it sees
-    (0: before this token's updates, as in RWKV-6's bonus readout).
+    (0: before this token's updates, as in RWKV-6's bonus readout). ``memory`` holds the
+    inputs of a second sequence (noncausal cross-attention): the updates run over its tokens,
+    the output over the tokens of ``inputs``.
     """
 
     name: str
@@ -141,6 +162,7 @@ class Program:
     output: Node
     output_span: Span | None = field(default=None, compare=False)
     source: str = field(default="", compare=False, repr=False)
+    memory: dict[str, Decl] = field(default_factory=dict)
 
     def final_version(self, state: str) -> int:
         """The version of ``state`` after all of this step's updates."""

@@ -32,7 +32,7 @@ def show_ast(spec: ast.Spec) -> str:
             return
         simple = {f.name: getattr(obj, f.name) for f in fields(obj)
                   if f.name not in ("span", "source", "dim_spans", "flag_spans", "func_span",
-                                    "target_span")}
+                                    "target_span", "index_spans")}
         children = {k: v for k, v in simple.items() if is_dataclass(v) or isinstance(v, tuple)
                     and v and is_dataclass(v[0])}
         scalars = ", ".join(f"{k}={v!r}" for k, v in simple.items() if k not in children)
@@ -49,12 +49,18 @@ def _decls(p: Program) -> list[str]:
     lines = [f"attention {p.name}" + (" noncausal" if p.noncausal else "")]
     dims = ", ".join(d if s is None else f"{d} = {s}" for d, s in p.dims.items())
     lines.append(f"  dims    {dims}")
-    for label, table in (("inputs", p.inputs), ("params", p.params), ("state", p.states)):
+    for label, table in (("inputs", p.inputs), ("memory", p.memory), ("params", p.params),
+                         ("state", p.states)):
         if table:
-            body = ", ".join(f"{d.name}{show_dims(d.dims) if d.dims else ''}"
+            body = ", ".join(f"{d.name}{_decl_dims(d) if d.dims else ''}"
                              for d in table.values())
             lines.append(f"  {label:<7} {body}")
     return lines
+
+
+def _decl_dims(d) -> str:
+    """``[K, V]``, or ``[t < N, P]`` for a position-indexed param."""
+    return "[" + ", ".join(f"t < {x}" if x == d.position else x for x in d.dims) + "]"
 
 
 def version_names(p: Program) -> dict[tuple[str, int], str]:
@@ -105,5 +111,7 @@ def show_canonical(a: Analysis) -> str:
     lines.append(f"      readout: {a.readout.kind.value}; reads {reads}"
                  + ("; with a state-free term" if a.readout.skip else ""))
     lines.append(f"  transition class: {a.transition_class.value}")
-    lines.append(f"  forms: {', '.join(a.forms)}")
+    lines.append(f"  forms: {', '.join(a.forms) or 'none yet (reference interpreter only)'}")
+    for b in a.kernel_blockers:
+        lines.append(f"      no kernel yet for {b}")
     return "\n".join(lines)

@@ -21,8 +21,14 @@ def format_node(n: Node, state_names: dict[tuple[str, int], str] | None = None) 
 
     def fmt(n: Node, parent: int = 0, right: bool = False) -> str:
         op = n.op
-        if op in (Op.INPUT, Op.PARAM, Op.SIZE):
+        if op in (Op.INPUT, Op.PARAM, Op.SIZE, Op.MEMORY):
             return n.attr
+        if op is Op.PARAM_AT:
+            return f"{n.attr}[t]"
+        if op is Op.LENGTH:
+            return "T"
+        if op in (Op.OVER_HEADS, Op.OVER_TOKENS):
+            return f"{n.attr}({fmt(n.args[0])}, {'H' if op is Op.OVER_HEADS else 'T'})"
         if op is Op.STATE:
             if state_names and n.attr in state_names:
                 return state_names[n.attr]

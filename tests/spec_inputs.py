@@ -100,11 +100,25 @@ def all_specs() -> dict[str, object]:
     return out
 
 
+def kernel_specs() -> dict[str, object]:
+    """``all_specs()`` less the specs that no generated kernel runs yet: those whose
+    ``analysis.kernel_blockers`` name a construct the kernels do not lower (memory inputs,
+    position-indexed params, reductions over heads or tokens, the length T). The kernel tests
+    iterate over these; the reference interpreter and tests/library cover the others."""
+    return {n: a for n, a in all_specs().items() if not a.analysis.kernel_blockers}
+
+
+def kernel_names() -> list[str]:
+    """The library names among ``kernel_specs()``."""
+    return [n for n in linforge.library.names()
+            if not linforge.library.get(n).analysis.kernel_blockers]
+
+
 def kernel_sizes(attn) -> dict[str, int]:
     """Small sizes for CPU kernel tests: K != V, neither a power of two (Based's feature
     dim 1 + K + K*K grows fast, so its K is smaller)."""
     return spec_sizes(attn, K=6 if attn.name == "based" else 12, V=10)
 
 
-__all__ = ["make_inputs", "make_state", "spec_sizes", "all_specs", "kernel_sizes", "linforge",
-           "F"]
+__all__ = ["make_inputs", "make_state", "spec_sizes", "all_specs", "kernel_specs",
+           "kernel_names", "kernel_sizes", "linforge", "F"]

@@ -6,6 +6,7 @@ import torch
 
 import linforge
 from linforge.ir.interpret import StepEvaluator, align
+from linforge.ir.nodes import Op
 
 torch.manual_seed(0)
 F64 = torch.float64
@@ -125,7 +126,9 @@ def test_canonical_form_equals_updates_as_written(name):
     p = attn.program
     sizes = {"K": 3, "V": 2, "H": 2, "M": 4}
     for d, expr in p.dims.items():
-        if expr is not None:
+        if expr is None:
+            sizes.setdefault(d, 4)   # sized by the tensors (M; Linformer's P and N)
+        else:
             sizes[d] = int(expr.subs({s: sizes[str(s)] for s in expr.free_symbols}))
     B, H = 2, 2
 
@@ -133,12 +136,17 @@ def test_canonical_form_equals_updates_as_written(name):
         return torch.rand(*lead, *(sizes[d] for d in dims), dtype=F64) * 0.8 + 0.1
 
     values = {("input", n): rnd(d.dims, (B, H)) for n, d in p.inputs.items()}
-    values.update({("param", n): rnd(d.dims, (1, H)) for n, d in p.params.items()})
+    values.update({("memory", n): rnd(d.dims, (B, H)) for n, d in p.memory.items()})
+    # a position-indexed param: the row this token reads
+    values.update({("param", n): rnd(d.value_dims, (1, H)) for n, d in p.params.items()})
     values.update({("state", s, 0): torch.randn(B, H, *(sizes[x] for x in d.dims), dtype=F64)
                    for s, d in p.states.items()})
     values["h"] = torch.arange(H, dtype=F64).reshape(1, H)
     values["t"] = torch.full((1, 1), 3.0, dtype=F64)
+    values["T"] = torch.full((1, 1), 7.0, dtype=F64)
     ev = StepEvaluator(values, sizes, F64, torch.device("cpu"))
+    for u in p.updates:  # a reduction over tokens is a given per-token value within one step
+        ev.memo.update({n: rnd(n.dims, (B, H)) for n in u.value.walk() if n.op is Op.OVER_TOKENS})
     for u in p.updates:
         ev.values[("state", u.state, u.version)] = ev(u.value)
     for s, upd in attn.analysis.updates.items():

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from spec_inputs import make_inputs, make_state, spec_sizes
+from spec_inputs import kernel_names, make_inputs, make_state, spec_sizes
 
 import linforge
 
@@ -12,7 +12,7 @@ TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("name", linforge.library.names())
+@pytest.mark.parametrize("name", kernel_names())
 def test_recurrent_fwd_gpu(name, dtype):
     attn = linforge.library.get(name)
     sizes = spec_sizes(attn, K=8 if name == "based" else 100, V=72, M=32)
@@ -33,7 +33,7 @@ def test_recurrent_fwd_gpu(name, dtype):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("name", linforge.library.names())
+@pytest.mark.parametrize("name", kernel_names())
 def test_recurrent_bwd_gpu(name, dtype):
     """Gradients at real sizes: V = 72 split in blocks of 32, T = 300 in ~10 chunks."""
     from test_recurrent_bwd import check_against_reference
@@ -80,7 +80,7 @@ def test_decode_gpu_equals_full_sequence(name):
 
 
 CHUNKED = ["linear_attention", "retnet", "mamba2", "lightning_attention", "performer",
-           "cosformer", "gated_rfa", "mlstm", "based"]
+           "cosformer", "gated_rfa", "mlstm", "based", "gla", "rwkv6", "rwkv5", "hgrn2"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -98,11 +98,12 @@ def test_chunk_gpu(name, dtype):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_chunk_gpu_long_steep_decays():
+@pytest.mark.parametrize("dims", ["", "[K]"], ids=["scalar", "diagonal"])
+def test_chunk_gpu_long_steep_decays(dims):
     """T = 16384 with log decays down to -20 per step: finite and equal to the recurrent."""
-    attn = linforge.compile("""
+    attn = linforge.compile(f"""
 attention steep
-    inputs q[K], k[K], v[V], g
+    inputs q[K], k[K], v[V], g{dims}
     state  S[K, V]
     S = exp(g) * S + outer(k, v)
     o = q @ S
@@ -112,7 +113,7 @@ attention steep
     x = {"q": torch.randn(B, T, H, K, device="cuda", generator=g),
          "k": torch.randn(B, T, H, K, device="cuda", generator=g),
          "v": torch.randn(B, T, H, V, device="cuda", generator=g),
-         "g": -20 * torch.rand(B, T, H, device="cuda", generator=g)}
+         "g": -20 * torch.rand(B, T, H, *([K] if dims else []), device="cuda", generator=g)}
     xs = {k: v.requires_grad_() for k, v in x.items()}
     o, _ = attn(**xs, form="chunk")
     o.sum().backward()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 import linforge
+from linforge.ir.interpret import run_reference
 
 DTYPE = torch.float64
 TOL = 1e-9   # float64 reference interpreter vs independent float64 reference
@@ -48,6 +49,20 @@ def run_spec(name: str, tensors: dict, initial_state=None, output_final_state=Tr
     attn = linforge.library.get(name)
     return attn.reference(initial_state=initial_state, output_final_state=output_final_state,
                           **tensors)
+
+
+def run_cross(attn, inputs: dict, memory: dict, params: dict | None = None, **kw):
+    """A spec with memory inputs (cross-attention) through the float64 reference interpreter,
+    sizes read off the shapes (``Attention.__call__`` does not take memory inputs yet).
+    ``kw``: initial_state, cu_seqlens, cu_seqlens_memory."""
+    p, params = attn.program, params or {}
+    sizes: dict[str, int] = {}
+    for table, tensors, lead in ((p.inputs, inputs, 3), (p.memory, memory, 3),
+                                 (p.params, params, 1)):
+        for n, decl in table.items():
+            sizes["H"] = tensors[n].shape[lead - 1]
+            sizes.update(zip(decl.dims, tensors[n].shape[lead:]))
+    return run_reference(p, inputs, params, sizes, memory=memory, dtype=DTYPE, **kw)
 
 
 def gradcheck_spec(name: str, tensors: dict, initial_state: dict | None = None) -> bool:
