@@ -32,6 +32,7 @@ class Bound:
     batch: int           # B, or N sequences with cu_seqlens
     length: int          # T
     out_dtype: torch.dtype
+    memory: dict[str, torch.Tensor] | None = None   # cross-attention keys and values
 
 
 class Attention:
@@ -83,7 +84,8 @@ class Attention:
 
     # ------------------------------------------------------------------ calls
     def __call__(self, *, initial_state: dict | None = None, output_final_state: bool = False,
-                 cu_seqlens: torch.Tensor | None = None, form: str = "auto", **tensors):
+                 cu_seqlens: torch.Tensor | None = None, form: str = "auto",
+                 cu_seqlens_memory: torch.Tensor | None = None, **tensors):
         """Run the op; returns ``(o [B, T, H, *o_dims], final_state or None)``.
 
         ``form="recurrent"`` runs the generated recurrent Triton kernels (Triton's
@@ -96,11 +98,18 @@ class Attention:
         """
         if form not in FORMS:
             raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
+        blockers = getattr(self.analysis, "kernel_blockers", ())
+        if form not in ("auto", "reference") and blockers:
+            raise NotImplementedError(
+                f"spec '{self.name}' runs in the reference interpreter only for now (no kernel "
+                f"lowers {'; '.join(blockers)}); use form='reference' or 'auto'")
         if form not in ("auto", "reference") and form not in self.analysis.forms:
             raise ValueError(f"spec '{self.name}' ({self.analysis.transition_class.value}) "
                              f"does not support form={form!r}; it supports: "
                              f"{', '.join(self.analysis.forms)}")
         bound = self.bind(tensors, initial_state, cu_seqlens)
+        if form == "auto" and blockers:
+            form = "reference"
         if form == "auto":
             needs_grad = torch.is_grad_enabled() and any(
                 isinstance(x, torch.Tensor) and x.requires_grad
@@ -124,7 +133,8 @@ class Attention:
                 output_final_state=output_final_state, cu_seqlens=cu_seqlens)
         o, final = self.reference(initial_state=initial_state,
                                   output_final_state=output_final_state,
-                                  cu_seqlens=cu_seqlens, **tensors)
+                                  cu_seqlens=cu_seqlens, cu_seqlens_memory=cu_seqlens_memory,
+                                  **tensors)
         state_dtype = (next(iter(initial_state.values())).dtype if initial_state
                        else torch.float32)
         final = {s: x.to(state_dtype) for s, x in final.items()} if final is not None else None
@@ -233,14 +243,17 @@ class Attention:
 
     def reference(self, *, initial_state: dict | None = None, output_final_state: bool = False,
                   cu_seqlens: torch.Tensor | None = None, dtype: torch.dtype = torch.float64,
-                  **tensors):
+                  cu_seqlens_memory: torch.Tensor | None = None, **tensors):
         """Run the reference interpreter (the test oracle) in ``dtype`` (float64 default).
 
-        Same arguments as ``__call__``; returns ``(o, final_state or None)`` in ``dtype``.
+        Same arguments as ``__call__`` (memory inputs of a cross-attention spec are
+        ``[B, S, H, *dims]``, packed by ``cu_seqlens_memory`` as ``cu_seqlens`` packs the
+        inputs); returns ``(o, final_state or None)`` in ``dtype``.
         """
         bound = self.bind(tensors, initial_state, cu_seqlens)
         o, final = run_reference(self.program, bound.inputs, bound.params, bound.sizes,
-                                 initial_state=initial_state, cu_seqlens=cu_seqlens, dtype=dtype)
+                                 initial_state=initial_state, cu_seqlens=cu_seqlens, dtype=dtype,
+                                 memory=bound.memory, cu_seqlens_memory=cu_seqlens_memory)
         return o, (final if output_final_state else None)
 
     # ------------------------------------------------------------------ validation
@@ -248,15 +261,18 @@ class Attention:
              cu_seqlens: torch.Tensor | None) -> Bound:
         """Check names, shapes, dtypes and devices of call arguments; infer every size."""
         p = self.program
-        missing = [n for n in (*p.inputs, *p.params) if n not in tensors]
+        memory = getattr(p, "memory", {})
+        names = [*p.inputs, *memory, *p.params]
+        missing = [n for n in names if n not in tensors]
         if missing:
             raise ValueError(f"{self.name}: missing argument(s) {', '.join(missing)}; "
                              f"expects inputs {', '.join(p.inputs)}"
+                             + (f", memory inputs {', '.join(memory)}" if memory else "")
                              + (f" and params {', '.join(p.params)}" if p.params else ""))
-        unknown = [n for n in tensors if n not in p.inputs and n not in p.params]
+        unknown = [n for n in tensors if n not in names]
         if unknown:
             raise ValueError(f"{self.name}: unknown argument(s) {', '.join(unknown)}; "
-                             f"expects {', '.join([*p.inputs, *p.params])}")
+                             f"expects {', '.join(names)}")
         sizes: dict[str, int] = {}
         where: dict[str, str] = {}
         device = None
@@ -269,6 +285,7 @@ class Attention:
             sizes[size_name], where[size_name] = value, arg
 
         for kind, table, lead in (("input", p.inputs, ("B", "T", "H")),
+                                  ("memory input", memory, ("B", "memory length", "H")),
                                   ("param", p.params, ("H",))):
             for name, decl in table.items():
                 x = tensors[name]
@@ -298,7 +315,8 @@ class Attention:
         self._check_states(initial_state, sizes, batch, device)
         inputs = {n: tensors[n] for n in p.inputs}
         params = {n: tensors[n] for n in p.params}
-        return Bound(inputs, params, sizes, batch, sizes.get("T", 0), out_dtype)
+        return Bound(inputs, params, sizes, batch, sizes.get("T", 0), out_dtype,
+                     {n: tensors[n] for n in memory} or None)
 
     def _check_declared_sizes(self, sizes: dict[str, int]) -> None:
         for d, expr in self.program.dims.items():

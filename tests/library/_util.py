@@ -53,7 +53,7 @@ def run_spec(name: str, tensors: dict, initial_state=None, output_final_state=Tr
 
 def run_cross(attn, inputs: dict, memory: dict, params: dict | None = None, **kw):
     """A spec with memory inputs (cross-attention) through the float64 reference interpreter,
-    sizes read off the shapes (``Attention.__call__`` does not take memory inputs yet).
+    sizes read off the shapes (independent of ``Attention.bind``).
     ``kw``: initial_state, cu_seqlens, cu_seqlens_memory."""
     p, params = attn.program, params or {}
     sizes: dict[str, int] = {}
