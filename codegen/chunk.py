@@ -57,6 +57,16 @@ def _sequence(cu_seqlens_ptr, chunk_offsets_ptr, i_n, T, C: tl.constexpr,
 
 
 @triton.jit
+def _lanes(i_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Lanes of K and of this program's V block, their masks, and a state block's offsets."""
+    r_k = tl.arange(0, BK)
+    r_v = i_v * BV + tl.arange(0, BV)
+    m_k = r_k < K
+    m_v = r_v < V
+    return r_k, r_v, m_k, m_v, m_k[:, None] & m_v[None, :], r_k[:, None] * V + r_v[None, :]
+
+
+@triton.jit
 def _chunk(chunk_table_ptr, i_h, H: tl.constexpr, r_c):
     """Rows of a chunk's tokens for head ``i_h`` and their mask, from the chunk table
     (first token, end of its sequence)."""
@@ -153,12 +163,7 @@ def chunk_states_kernel(
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos, ck_base = _sequence(cu_seqlens_ptr, chunk_offsets_ptr, i_n, T, C, IS_VARLEN)
     r_c = tl.arange(0, C)
-    r_k = tl.arange(0, BK)
-    r_v = i_v * BV + tl.arange(0, BV)
-    m_k = r_k < K
-    m_v = r_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
-    p_kv = r_k[:, None] * V + r_v[None, :]
+    r_k, r_v, m_k, m_v, m_kv, p_kv = _lanes(i_v, K, V, BK, BV)
     S = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_INITIAL_STATE:
         S += tl.load(s0_ptr + i_nh * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
@@ -184,10 +189,7 @@ def chunk_output_kernel(
     """Grid (chunks, V blocks, heads): y of one chunk from its start state and its tokens."""
     i_g, i_v, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     r_c = tl.arange(0, C)
-    r_k = tl.arange(0, BK)
-    r_v = i_v * BV + tl.arange(0, BV)
-    m_k = r_k < K
-    m_v = r_v < V
+    r_k, r_v, m_k, m_v, m_kv, p_kv = _lanes(i_v, K, V, BK, BV)
     rows, m_t = _chunk(chunk_table_ptr, i_h, H, r_c)
     m_tk = m_t[:, None] & m_k[None, :]
     m_tv = m_t[:, None] & m_v[None, :]
@@ -228,12 +230,7 @@ def chunk_dstates_kernel(
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos, ck_base = _sequence(cu_seqlens_ptr, chunk_offsets_ptr, i_n, T, C, IS_VARLEN)
     r_c = tl.arange(0, C)
-    r_k = tl.arange(0, BK)
-    r_v = i_v * BV + tl.arange(0, BV)
-    m_k = r_k < K
-    m_v = r_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
-    p_kv = r_k[:, None] * V + r_v[None, :]
+    r_k, r_v, m_k, m_v, m_kv, p_kv = _lanes(i_v, K, V, BK, BV)
     dS = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_FINAL_STATE_GRAD:
         dS += tl.load(dsT_ptr + i_nh * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
@@ -265,15 +262,11 @@ def chunk_grads_kernel(
     atomically (fp32 buffers zeroed by the caller) when NV > 1."""
     i_g, i_v, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     r_c = tl.arange(0, C)
-    r_k = tl.arange(0, BK)
-    r_v = i_v * BV + tl.arange(0, BV)
-    m_k = r_k < K
-    m_v = r_v < V
+    r_k, r_v, m_k, m_v, m_kv, p_kv = _lanes(i_v, K, V, BK, BV)
     rows, m_t = _chunk(chunk_table_ptr, i_h, H, r_c)
     m_tk = m_t[:, None] & m_k[None, :]
     m_tv = m_t[:, None] & m_v[None, :]
-    p_state = (i_g * H + i_h) * K * V + r_k[:, None] * V + r_v[None, :]
-    m_kv = m_k[:, None] & m_v[None, :]
+    p_state = (i_g * H + i_h) * K * V + p_kv
     S = tl.load(ckpt_ptr + p_state, mask=m_kv, other=0.0)
     dS = tl.load(dckpt_ptr + p_state, mask=m_kv, other=0.0)
     q = tl.load(q_ptr + rows[:, None] * K + r_k[None, :], mask=m_tk, other=0.0)
@@ -368,12 +361,7 @@ def delta_chunk_fwd_kernel(
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos, _ = _sequence(cu_seqlens_ptr, cu_seqlens_ptr, i_n, T, C, IS_VARLEN)
     r_c = tl.arange(0, C)
-    r_k = tl.arange(0, BK)
-    r_v = i_v * BV + tl.arange(0, BV)
-    m_k = r_k < K
-    m_v = r_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
-    p_kv = r_k[:, None] * V + r_v[None, :]
+    r_k, r_v, m_k, m_v, m_kv, p_kv = _lanes(i_v, K, V, BK, BV)
     earlier = r_c[:, None] > r_c[None, :]
     causal = r_c[:, None] >= r_c[None, :]
     S = tl.zeros([BK, BV], dtype=tl.float32)
