@@ -15,7 +15,11 @@ import torch
 import torch.nn.functional as F
 
 import linforge
+from bench_recurrent import inputs as recurrent_inputs
 from bench_recurrent import measure, write_report
+
+#: ops whose chunked form has no backward yet: timed forward only, without gradients
+FORWARD_ONLY = ("deltanet", "gated_deltanet")
 
 B, T, H, K, V = 4, 4096, 16, 128, 128
 
@@ -30,6 +34,8 @@ def inputs(name: str, seed: int = 0) -> dict:
                     dt=rnd(B, T, H, dtype=torch.float32) * 0.5 - 1.0,
                     A=-torch.exp(rnd(H, dtype=torch.float32) * 0.5),
                     D=rnd(H, dtype=torch.float32), dt_bias=rnd(H, dtype=torch.float32) * 0.1)
+    if name in ("gla", "rwkv6", "deltanet", "gated_deltanet"):
+        return recurrent_inputs(name, B, T)
     return dict(q=rnd(B, T, H, K), k=rnd(B, T, H, K), v=rnd(B, T, H, V))
 
 
@@ -51,6 +57,20 @@ def fla_op(name: str):
                                  g=dt * x["A"], scale=1.0)[0]
             return o + x["D"][:, None] * x["x"]
         return run
+    if name == "gla":
+        from fla.ops.gla import chunk_gla
+        return lambda x: chunk_gla(x["q"], x["k"], x["v"], g=x["g"])[0]
+    if name == "rwkv6":
+        from fla.ops.rwkv6 import chunk_rwkv6
+        return lambda x: chunk_rwkv6(x["r"], x["k"], x["v"], x["w"], x["u"], scale=1.0)[0]
+    if name == "deltanet":
+        from fla.ops.delta_rule import chunk_delta_rule
+        return lambda x: chunk_delta_rule(x["q"], x["k"], x["v"], x["beta"],
+                                          use_qk_l2norm_in_kernel=True)[0]
+    if name == "gated_deltanet":
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        return lambda x: chunk_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"],
+                                                use_qk_l2norm_in_kernel=True)[0]
     raise KeyError(name)
 
 
@@ -65,7 +85,8 @@ def train(f, x: dict, do: torch.Tensor):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
-    ap.add_argument("--ops", default="linear_attention,retnet,mamba2")
+    ap.add_argument("--ops", default="linear_attention,retnet,mamba2,gla,rwkv6,deltanet,"
+                                     "gated_deltanet")
     args = ap.parse_args()
     rows = []
     shape = f"B{B} T{T} H{H} K{K} V{V} bf16"
@@ -74,16 +95,19 @@ def main() -> None:
         x = inputs(name)
         ours = lambda x: attn(**x, form="chunk")[0]  # noqa: E731
         fla = fla_op(name)
-        row = {"op": name, "kind": "chunk fwd", "shape": shape, "linforge": measure(
-            lambda: ours(x))}
+        row = {"op": name, "kind": "chunk fwd", "shape": shape,
+               "linforge": measure(torch.no_grad()(lambda: ours(x)))}
         try:
-            row["fla"] = measure(lambda: fla(x))
-            a, b = ours(x).float(), fla(x).float()
+            row["fla"] = measure(torch.no_grad()(lambda: fla(x)))
+            with torch.no_grad():
+                a, b = ours(x).float(), fla(x).float()
             row["max_rel_diff_vs_fla"] = ((a - b).abs().max() / b.abs().max()).item()
         except Exception as e:
             row["fla_error"] = f"{type(e).__name__}: {e}"[:300]
         rows.append(row)
         print(json.dumps(row), flush=True)
+        if name in FORWARD_ONLY:
+            continue
         xg = {k: v.detach().requires_grad_() for k, v in x.items()}
         do = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
         row = {"op": name, "kind": "chunk fwd+bwd", "shape": shape,
