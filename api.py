@@ -69,8 +69,12 @@ class Attention:
             "noncausal": p.noncausal,
             "dims": {d: (None if s is None else str(s)) for d, s in p.dims.items()},
             "inputs": {n: list(d.dims) for n, d in p.inputs.items()},
+            "memory": {n: list(d.dims) for n, d in getattr(p, "memory", {}).items()},
             "params": {n: list(d.dims) for n, d in p.params.items()},
+            "position_indexed_params": {n: d.position for n, d in p.params.items()
+                                        if getattr(d, "position", None)},
             "states": {n: list(d.dims) for n, d in p.states.items()},
+            "kernel_blockers": list(getattr(a, "kernel_blockers", ())),
             "state_classes": {s: c.value for s, c in a.classes.items()},
             "transition_class": a.transition_class.value,
             "normalizers": {nz.vector: nz.matrix for nz in a.normalizers},
@@ -151,6 +155,9 @@ class Attention:
         return "recurrent"
 
     def _auto_form_text(self) -> str:
+        blockers = getattr(self.analysis, "kernel_blockers", ())
+        if blockers:
+            return f"reference (no kernel lowers {'; '.join(blockers)})"
         if self._chunk_reason() is not None:
             return f"recurrent (no chunked kernel: {self._chunk_reason()})"
         if self.program.noncausal:

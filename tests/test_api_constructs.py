@@ -32,3 +32,12 @@ def test_missing_memory_input_is_a_clear_error():
     attn = linforge.library.get("modular_linearized")
     with pytest.raises(ValueError, match="missing argument.*memory inputs k, v"):
         attn(q=torch.randn(1, 3, 1, 4))
+
+
+def test_info_lists_memory_inputs_position_params_and_blockers():
+    info = linforge.library.get("modular_linearized").info()
+    assert info["memory"] == {"k": ["K"], "v": ["V"]} and info["kernel_blockers"]
+    assert info["auto_form"].startswith("reference (no kernel lowers memory inputs")
+    lin = linforge.library.get("linformer").info()
+    assert lin["position_indexed_params"] and any("position" in b
+                                                  for b in lin["kernel_blockers"])
