@@ -15,6 +15,7 @@ from . import library  # noqa: E402
 from .api import Attention, compile, load  # noqa: E402
 from .dsl.errors import SpecError  # noqa: E402
 from .ir.transition import TransitionClass  # noqa: E402
+from . import nn  # noqa: E402  (linforge.nn.LinearAttention; torch.nn stays torch.nn)
 
-__all__ = ["Attention", "SpecError", "TransitionClass", "compile", "library", "load"]
+__all__ = ["Attention", "SpecError", "TransitionClass", "compile", "library", "load", "nn"]
 __version__ = "0.1.0"

@@ -100,25 +100,12 @@ class Attention:
         ``form="reference"`` runs the float64 interpreter (``o`` cast to the dtype of the
         input over V, states to float32 or the initial state's dtype).
         """
-        if form not in FORMS:
-            raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
-        blockers = getattr(self.analysis, "kernel_blockers", ())
-        if form not in ("auto", "reference") and blockers:
-            raise NotImplementedError(
-                f"spec '{self.name}' runs in the reference interpreter only for now (no kernel "
-                f"lowers {'; '.join(blockers)}); use form='reference' or 'auto'")
-        if form not in ("auto", "reference") and form not in self.analysis.forms:
-            raise ValueError(f"spec '{self.name}' ({self.analysis.transition_class.value}) "
-                             f"does not support form={form!r}; it supports: "
-                             f"{', '.join(self.analysis.forms)}")
+        self._check_form(form)
         bound = self.bind(tensors, initial_state, cu_seqlens)
-        if form == "auto" and blockers:
-            form = "reference"
-        if form == "auto":
-            needs_grad = torch.is_grad_enabled() and any(
-                isinstance(x, torch.Tensor) and x.requires_grad
-                for x in [*tensors.values(), *(initial_state or {}).values()])
-            form = self._auto_form(bound, needs_grad)
+        needs_grad = torch.is_grad_enabled() and any(
+            isinstance(x, torch.Tensor) and x.requires_grad
+            for x in [*tensors.values(), *(initial_state or {}).values()])
+        form = self.resolve_form(form, bound.length, needs_grad=needs_grad)
         if form == "chunk" or (form == "parallel" and self.program.noncausal):
             try:
                 return chunk_forward(
@@ -143,6 +130,31 @@ class Attention:
                        else torch.float32)
         final = {s: x.to(state_dtype) for s, x in final.items()} if final is not None else None
         return o.to(bound.out_dtype), final
+
+    def _check_form(self, form: str) -> None:
+        """A clear error for a form that does not exist or that this spec cannot run."""
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
+        blockers = getattr(self.analysis, "kernel_blockers", ())
+        if form not in ("auto", "reference") and blockers:
+            raise NotImplementedError(
+                f"spec '{self.name}' runs in the reference interpreter only for now (no kernel "
+                f"lowers {'; '.join(blockers)}); use form='reference' or 'auto'")
+        if form not in ("auto", "reference") and form not in self.analysis.forms:
+            raise ValueError(f"spec '{self.name}' ({self.analysis.transition_class.value}) "
+                             f"does not support form={form!r}; it supports: "
+                             f"{', '.join(self.analysis.forms)}")
+
+    def resolve_form(self, form: str, length: int, *, needs_grad: bool = False) -> str:
+        """The form a call with ``form`` runs for sequences of ``length`` tokens: ``form``
+        itself after checking that the spec supports it, or what ``'auto'`` picks (see
+        ``info()["auto_form"]``; ``needs_grad``: the call must be differentiable)."""
+        self._check_form(form)
+        if form != "auto":
+            return form
+        if getattr(self.analysis, "kernel_blockers", ()):
+            return "reference"
+        return self._auto_form(Bound({}, {}, {}, 0, length, torch.float32), needs_grad)
 
     def _auto_form(self, bound: Bound, needs_grad: bool = False) -> str:
         """Chunked for sequences of a chunk or more when the spec has a chunked kernel

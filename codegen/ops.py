@@ -79,8 +79,9 @@ class Launch:
 
 
 def plan(analysis: Analysis, sizes: dict, *, batch: int, B: int, T: int, H: int,
-         device, out_dtype, state_dtype, cu_seqlens) -> Launch:
-    """Blocks, V split and checkpoint chunking for a call."""
+         device, out_dtype, state_dtype, cu_seqlens, chunk: int | None = None) -> Launch:
+    """Blocks, V split and checkpoint chunking for a call; ``chunk`` overrides the tokens
+    between checkpoints (``codegen.torch_op`` picks it from shapes alone)."""
     p = analysis.program
     on_gpu = device.type == "cuda"
     blocks = {}
@@ -103,7 +104,7 @@ def plan(analysis: Analysis, sizes: dict, *, batch: int, B: int, T: int, H: int,
     else:
         longest = T
     # checkpoints every ~sqrt(T) steps balance checkpoint and scratch memory
-    chunk = min(256, max(4, _pow2(math.isqrt(max(longest, 1)))))
+    chunk = chunk or min(256, max(4, _pow2(math.isqrt(max(longest, 1)))))
     if cu_seqlens is not None:
         per_seq = (lens + chunk - 1) // chunk
         chunk_offsets = torch.zeros(len(lens) + 1, dtype=torch.int64, device=device)
