@@ -58,12 +58,9 @@ def _sequence(cu_seqlens_ptr, chunk_offsets_ptr, i_n, T, C: tl.constexpr,
 
 @triton.jit
 def _lanes(i_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """Lanes of K and of this program's V block, their masks, and a state block's offsets."""
-    r_k = tl.arange(0, BK)
-    r_v = i_v * BV + tl.arange(0, BV)
-    m_k = r_k < K
-    m_v = r_v < V
-    return r_k, r_v, m_k, m_v, m_k[:, None] & m_v[None, :], r_k[:, None] * V + r_v[None, :]
+    """Lanes of all of K and of this program's V block, their masks, and a state block's
+    offsets."""
+    return _tile(0, i_v, K, V, BK, BV)
 
 
 @triton.jit
@@ -123,57 +120,131 @@ def _diag_scores(q, k, bq, b, dA, r_c, C: tl.constexpr, STRICT: tl.constexpr,
 
 
 @triton.jit
+def _key_factor(lam_ptr, rows, m_t, r_k, m_k, K: tl.constexpr, DECAY: tl.constexpr):
+    """exp(b_last - b), what decays a key's term to the chunk's end ([C, BK], [C, 1] or 1),
+    and exp(b_last), the decay of the whole chunk ([BK, 1], scalar or 1)."""
+    if DECAY == 2:
+        b, _, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, False)
+        return tl.exp(b_last[None, :] - b), tl.exp(b_last)[:, None]
+    elif DECAY == 1:
+        b, _, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, False)
+        return tl.exp(b_last - b)[:, None], tl.exp(b_last)
+    else:
+        return 1.0, 1.0
+
+
+@triton.jit
+def _query_factor(lam_ptr, rows, m_t, r_k, m_k, K: tl.constexpr, DECAY: tl.constexpr,
+                  STRICT: tl.constexpr):
+    """exp(bq), how a query sees the chunk's start state ([C, BK], [C, 1] or 1), and
+    exp(b_last)."""
+    if DECAY == 2:
+        _, bq, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)
+        return tl.exp(bq), tl.exp(b_last)[:, None]
+    elif DECAY == 1:
+        _, bq, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)
+        return tl.exp(bq)[:, None], tl.exp(b_last)
+    else:
+        return 1.0, 1.0
+
+
+@triton.jit
 def _key_decay(k, lam_ptr, rows, m_t, r_k, m_k, K: tl.constexpr, DECAY: tl.constexpr,
                STRICT: tl.constexpr):
     """k * exp(b_last - b) (what a key adds to the chunk's end state) and exp(b_last)."""
-    if DECAY == 2:
-        b, _, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)
-        return k.to(tl.float32) * tl.exp(b_last[None, :] - b), tl.exp(b_last)[:, None]
-    elif DECAY == 1:
-        b, _, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)
-        return k.to(tl.float32) * tl.exp(b_last - b)[:, None], tl.exp(b_last)
-    else:
-        return k.to(tl.float32), 1.0
+    factor, decay_last = _key_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY)
+    return k.to(tl.float32) * factor, decay_last
 
 
 @triton.jit
 def _query_decay(q, lam_ptr, rows, m_t, r_k, m_k, K: tl.constexpr, DECAY: tl.constexpr,
                  STRICT: tl.constexpr):
     """q * exp(bq) (how a query sees the chunk's start state) and exp(b_last)."""
-    if DECAY == 2:
-        _, bq, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)
-        return q.to(tl.float32) * tl.exp(bq), tl.exp(b_last)[:, None]
-    elif DECAY == 1:
-        _, bq, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)
-        return q.to(tl.float32) * tl.exp(bq)[:, None], tl.exp(b_last)
+    factor, decay_last = _query_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)
+    return q.to(tl.float32) * factor, decay_last
+
+
+@triton.jit
+def _tile(i_k, i_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Lanes of K block ``i_k`` and V block ``i_v``, their masks, and the state tile's offsets."""
+    r_k = i_k * BK + tl.arange(0, BK)
+    r_v = i_v * BV + tl.arange(0, BV)
+    m_k = r_k < K
+    m_v = r_v < V
+    return r_k, r_v, m_k, m_v, m_k[:, None] & m_v[None, :], r_k[:, None] * V + r_v[None, :]
+
+
+@triton.jit
+def _block(i, B: tl.constexpr, N: tl.constexpr):
+    """Lanes of block ``i`` of size ``B`` over a dim of ``N``, and their mask."""
+    r = i * B + tl.arange(0, B)
+    return r, r < N
+
+
+@triton.jit
+def _rows_of(ptr, rows, m_t, r, m_r, W: tl.constexpr):
+    """A chunk's rows of a [T*, H, W] tensor on lanes ``r`` ([C, len(r)], zero outside)."""
+    return tl.load(ptr + rows[:, None] * W + r[None, :], mask=m_t[:, None] & m_r[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _causal(r_c, STRICT: tl.constexpr):
+    """Which (t, s) pairs of a chunk a readout sees: s <= t (s < t when STRICT)."""
+    if STRICT:
+        return r_c[:, None] > r_c[None, :]
     else:
-        return q.to(tl.float32), 1.0
+        return r_c[:, None] >= r_c[None, :]
+
+
+@triton.jit
+def _chunk_scores(q_ptr, k_ptr, lam_ptr, rows, m_t, r_c, K: tl.constexpr, BK: tl.constexpr,
+                  NK: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr, STRICT: tl.constexpr,
+                  DOT: tl.constexpr):
+    """A chunk's causal scores A[t, s] = q_t . (k_s exp(bq_t - b_s)) summed over the K
+    blocks, and the scalar decay mask exp(bq_t - b_s) (1 for other decays)."""
+    A = tl.zeros([C, C], dtype=tl.float32)
+    for i_k in tl.static_range(NK):
+        r_k, m_k = _block(i_k, BK, K)
+        q = _rows_of(q_ptr, rows, m_t, r_k, m_k, K)
+        k = _rows_of(k_ptr, rows, m_t, r_k, m_k, K)
+        if DECAY == 2:
+            b, bq, _ = _decays(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)
+            A_k, _, _ = _diag_scores(q, k, bq, b, b, r_c, C, STRICT, False)
+            A += A_k
+        else:
+            A += _mm(q, tl.trans(k), DOT)
+    mask = 1.0
+    if DECAY == 1:
+        b, bq, _ = _decays(lam_ptr, rows, m_t, r_c, m_t, K, DECAY, STRICT)
+        mask = tl.exp(tl.minimum(bq[:, None] - b[None, :], 0.0))
+        A = A * mask
+    return tl.where(_causal(r_c, STRICT), A, 0.0), mask
 
 
 @triton.jit
 def chunk_states_kernel(
     k_ptr, v_ptr, lam_ptr, s0_ptr, sT_ptr, ckpt_ptr, cu_seqlens_ptr, chunk_offsets_ptr, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    C: tl.constexpr, DECAY: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
+    NV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
 ):
-    """Grid (V blocks, sequences * heads): the state at every chunk start (ckpt) and after
-    the last token (sT), in chunk order."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    """Grid (K blocks * V blocks, sequences * heads): one state tile at every chunk start
+    (ckpt) and after the last token (sT), in chunk order."""
+    i_kv, i_nh = tl.program_id(0), tl.program_id(1)
+    i_k, i_v = i_kv // NV, i_kv % NV
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos, ck_base = _sequence(cu_seqlens_ptr, chunk_offsets_ptr, i_n, T, C, IS_VARLEN)
     r_c = tl.arange(0, C)
-    r_k, r_v, m_k, m_v, m_kv, p_kv = _lanes(i_v, K, V, BK, BV)
+    r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
     S = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_INITIAL_STATE:
         S += tl.load(s0_ptr + i_nh * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
     for i_c in range(0, tl.cdiv(eos - bos, C)):
         m_t = bos + i_c * C + r_c < eos
         rows = (bos + i_c * C + r_c) * H + i_h
-        k = tl.load(k_ptr + rows[:, None] * K + r_k[None, :], mask=m_t[:, None] & m_k[None, :],
-                    other=0.0)
-        v = tl.load(v_ptr + rows[:, None] * V + r_v[None, :], mask=m_t[:, None] & m_v[None, :],
-                    other=0.0)
+        k = _rows_of(k_ptr, rows, m_t, r_k, m_k, K)
+        v = _rows_of(v_ptr, rows, m_t, r_v, m_v, V)
         tl.store(ckpt_ptr + ((ck_base + i_c) * H + i_h) * K * V + p_kv, S, mask=m_kv)
         k_dec, decay_last = _key_decay(k, lam_ptr, rows, m_t, r_k, m_k, K, DECAY, False)
         S = S * decay_last + _mm(tl.trans(k_dec), v, DOT)
@@ -184,53 +255,52 @@ def chunk_states_kernel(
 def chunk_output_kernel(
     q_ptr, k_ptr, v_ptr, lam_ptr, y_ptr, ckpt_ptr, chunk_table_ptr,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    C: tl.constexpr, DECAY: tl.constexpr, STRICT: tl.constexpr, DOT: tl.constexpr,
+    NK: tl.constexpr, NV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
+    STRICT: tl.constexpr, DOT: tl.constexpr,
 ):
-    """Grid (chunks, V blocks, heads): y of one chunk from its start state and its tokens."""
-    i_g, i_v, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """Grid (chunks, heads): y of one chunk. The scores are built once over the K blocks;
+    each V block of y is then scores @ v plus the queries, decayed to the chunk start,
+    times the start state."""
+    i_g, i_h = tl.program_id(0), tl.program_id(1)
     r_c = tl.arange(0, C)
-    r_k, r_v, m_k, m_v, m_kv, p_kv = _lanes(i_v, K, V, BK, BV)
     rows, m_t = _chunk(chunk_table_ptr, i_h, H, r_c)
-    m_tk = m_t[:, None] & m_k[None, :]
-    m_tv = m_t[:, None] & m_v[None, :]
-    S = tl.load(ckpt_ptr + (i_g * H + i_h) * K * V + r_k[:, None] * V + r_v[None, :],
-                mask=m_k[:, None] & m_v[None, :], other=0.0)
-    q = tl.load(q_ptr + rows[:, None] * K + r_k[None, :], mask=m_tk, other=0.0)
-    k = tl.load(k_ptr + rows[:, None] * K + r_k[None, :], mask=m_tk, other=0.0)
-    v = tl.load(v_ptr + rows[:, None] * V + r_v[None, :], mask=m_tv, other=0.0)
-    if STRICT:
-        causal = r_c[:, None] > r_c[None, :]
-    else:
-        causal = r_c[:, None] >= r_c[None, :]
-    if DECAY == 2:
-        b, bq, _ = _decays(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)
-        y = _mm(q.to(tl.float32) * tl.exp(bq), S, DOT)    # earlier chunks, through S
-        A, _, _ = _diag_scores(q, k, bq, b, b, r_c, C, STRICT, False)
-    elif DECAY == 1:
-        b, bq, _ = _decays(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)
-        y = _mm(q, S, DOT) * tl.exp(bq)[:, None]
-        A = _mm(q, tl.trans(k), DOT) * tl.exp(tl.minimum(bq[:, None] - b[None, :], 0.0))
-    else:
-        y = _mm(q, S, DOT)
-        A = _mm(q, tl.trans(k), DOT)
-    y += _mm(tl.where(causal, A, 0.0), v, DOT)
-    tl.store(y_ptr + rows[:, None] * V + r_v[None, :], y.to(y_ptr.dtype.element_ty), mask=m_tv)
+    A, _ = _chunk_scores(q_ptr, k_ptr, lam_ptr, rows, m_t, r_c, K, BK, NK, C, DECAY, STRICT,
+                         DOT)
+    for i_v in tl.static_range(NV):
+        r_v, m_v = _block(i_v, BV, V)
+        y = tl.zeros([C, BV], dtype=tl.float32)        # earlier chunks, through S
+        for i_k in tl.static_range(NK):
+            r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
+            S = tl.load(ckpt_ptr + (i_g * H + i_h) * K * V + p_kv, mask=m_kv, other=0.0)
+            q = _rows_of(q_ptr, rows, m_t, r_k, m_k, K)
+            if DECAY == 2:
+                q_dec, _ = _query_decay(q, lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)
+                y += _mm(q_dec, S, DOT)
+            else:
+                y += _mm(q, S, DOT)
+        if DECAY == 1:
+            q_factor, _ = _query_factor(lam_ptr, rows, m_t, r_c, m_t, K, DECAY, STRICT)
+            y = y * q_factor
+        y += _mm(A, _rows_of(v_ptr, rows, m_t, r_v, m_v, V), DOT)
+        tl.store(y_ptr + rows[:, None] * V + r_v[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=m_t[:, None] & m_v[None, :])
 
 
 @triton.jit
 def chunk_dstates_kernel(
     q_ptr, lam_ptr, dy_ptr, dsT_ptr, ds0_ptr, dckpt_ptr, cu_seqlens_ptr, chunk_offsets_ptr, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    C: tl.constexpr, DECAY: tl.constexpr, STRICT: tl.constexpr,
+    NV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr, STRICT: tl.constexpr,
     USE_FINAL_STATE_GRAD: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
 ):
-    """Grid (V blocks, sequences * heads), chunks last to first: the gradient of every
-    chunk's end state (dckpt) and of the initial state (ds0)."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    """Grid (K blocks * V blocks, sequences * heads), chunks last to first: one tile of the
+    gradient of every chunk's end state (dckpt) and of the initial state (ds0)."""
+    i_kv, i_nh = tl.program_id(0), tl.program_id(1)
+    i_k, i_v = i_kv // NV, i_kv % NV
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos, ck_base = _sequence(cu_seqlens_ptr, chunk_offsets_ptr, i_n, T, C, IS_VARLEN)
     r_c = tl.arange(0, C)
-    r_k, r_v, m_k, m_v, m_kv, p_kv = _lanes(i_v, K, V, BK, BV)
+    r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
     dS = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_FINAL_STATE_GRAD:
         dS += tl.load(dsT_ptr + i_nh * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
@@ -240,13 +310,24 @@ def chunk_dstates_kernel(
         m_t = bos + i_c * C + r_c < eos
         rows = (bos + i_c * C + r_c) * H + i_h
         tl.store(dckpt_ptr + ((ck_base + i_c) * H + i_h) * K * V + p_kv, dS, mask=m_kv)
-        q = tl.load(q_ptr + rows[:, None] * K + r_k[None, :], mask=m_t[:, None] & m_k[None, :],
-                    other=0.0)
-        dy = tl.load(dy_ptr + rows[:, None] * V + r_v[None, :],
-                     mask=m_t[:, None] & m_v[None, :], other=0.0)
+        q = _rows_of(q_ptr, rows, m_t, r_k, m_k, K)
+        dy = _rows_of(dy_ptr, rows, m_t, r_v, m_v, V)
         q_dec, decay_last = _query_decay(q, lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)
         dS = dS * decay_last + _mm(tl.trans(q_dec), dy, DOT)
     tl.store(ds0_ptr + i_nh * K * V + p_kv, dS, mask=m_kv)
+
+
+@triton.jit
+def _dlam(qdq, kdk, last, STRICT: tl.constexpr):
+    """Gradient of the log decays lam_j from the per-token q.dq and k.dk (over K lanes, or
+    summed) and the chunk total decay's term: lam_j enters every b_t with t >= j (bq_t with
+    t > j when STRICT) and b_last."""
+    later_q = tl.sum(qdq, axis=0) - tl.cumsum(qdq, axis=0)        # over t > j
+    from_k = tl.sum(kdk, axis=0) - tl.cumsum(kdk, axis=0) + kdk   # over t >= j
+    if STRICT:
+        return later_q - from_k + last
+    else:
+        return later_q + qdq - from_k + last
 
 
 @triton.jit
@@ -254,95 +335,84 @@ def chunk_grads_kernel(
     q_ptr, k_ptr, v_ptr, lam_ptr, dy_ptr, ckpt_ptr, dckpt_ptr, chunk_table_ptr,
     dq_ptr, dk_ptr, dv_ptr, dlam_ptr,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    C: tl.constexpr, DECAY: tl.constexpr, STRICT: tl.constexpr, NV: tl.constexpr,
-    DOT: tl.constexpr,
+    NK: tl.constexpr, NV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
+    STRICT: tl.constexpr, DOT: tl.constexpr,
 ):
-    """Grid (chunks, V blocks, heads): dq, dk, dv and dlam of one chunk from its start state
-    and the gradient of its end state. dq, dk and dlam are sums over V blocks: added
-    atomically (fp32 buffers zeroed by the caller) when NV > 1."""
-    i_g, i_v, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """Grid (chunks, heads): dq, dk, dv and dlam of one chunk from its start state S and the
+    gradient dS of its end state, every K and V block in one program (no atomics):
+    dA = dy v^T; dv = A^T dy + k_dec dS per V block; dq = dy S^T exp(bq) + dA k and
+    dk = v dS^T exp(b_last - b) + dA^T q per K block (diagonal decays: dA through the
+    row-by-row scores)."""
+    i_g, i_h = tl.program_id(0), tl.program_id(1)
     r_c = tl.arange(0, C)
-    r_k, r_v, m_k, m_v, m_kv, p_kv = _lanes(i_v, K, V, BK, BV)
     rows, m_t = _chunk(chunk_table_ptr, i_h, H, r_c)
-    m_tk = m_t[:, None] & m_k[None, :]
-    m_tv = m_t[:, None] & m_v[None, :]
-    p_state = (i_g * H + i_h) * K * V + p_kv
-    S = tl.load(ckpt_ptr + p_state, mask=m_kv, other=0.0)
-    dS = tl.load(dckpt_ptr + p_state, mask=m_kv, other=0.0)
-    q = tl.load(q_ptr + rows[:, None] * K + r_k[None, :], mask=m_tk, other=0.0)
-    k = tl.load(k_ptr + rows[:, None] * K + r_k[None, :], mask=m_tk, other=0.0)
-    v = tl.load(v_ptr + rows[:, None] * V + r_v[None, :], mask=m_tv, other=0.0)
-    dy = tl.load(dy_ptr + rows[:, None] * V + r_v[None, :], mask=m_tv, other=0.0)
-    if STRICT:
-        causal = r_c[:, None] > r_c[None, :]
-    else:
-        causal = r_c[:, None] >= r_c[None, :]
-    dA = tl.where(causal, _mm(dy, tl.trans(v), DOT), 0.0)   # d score[t, s] = dy_t . v_s
-    qf = q.to(tl.float32)
-    kf = k.to(tl.float32)
-    if DECAY == 2:
-        b, bq, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)
-        A, dq, dk = _diag_scores(q, k, bq, b, dA, r_c, C, STRICT, True)
-        dq += _mm(dy, tl.trans(S), DOT) * tl.exp(bq)
-        k_decay = tl.exp(b_last[None, :] - b)
-        dk += _mm(v, tl.trans(dS), DOT) * k_decay
-        decay_last = tl.exp(b_last)[:, None]
-    elif DECAY == 1:
-        b, bq, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)
-        decay = tl.exp(tl.minimum(bq[:, None] - b[None, :], 0.0))
-        A = _mm(q, tl.trans(k), DOT) * decay
-        dA = dA * decay
-        k_decay = tl.exp(b_last - b)[:, None]
-        dq = _mm(dy, tl.trans(S), DOT) * tl.exp(bq)[:, None] + _mm(dA, k, DOT)
-        dk = _mm(v, tl.trans(dS), DOT) * k_decay + _mm(tl.trans(dA), q, DOT)
-        decay_last = tl.exp(b_last)
-    else:
-        A = _mm(q, tl.trans(k), DOT)
-        dq = _mm(dy, tl.trans(S), DOT) + _mm(dA, k, DOT)
-        dk = _mm(v, tl.trans(dS), DOT) + _mm(tl.trans(dA), q, DOT)
-        k_decay = 1.0
-        decay_last = 1.0
-    k_dec = kf * k_decay
-    dv = _mm(tl.trans(tl.where(causal, A, 0.0)), dy, DOT) + _mm(k_dec, dS, DOT)
-    if DECAY > 0:
-        # d/db: the query side gives q * dq, the key side -k * dk, and the chunk's total
-        # decay sees sum(S_next * dS); lam_j enters every b_t with t >= j (and bq_t with
-        # t > j for a strict readout)
-        S_next = S * decay_last + _mm(tl.trans(k_dec), v, DOT)
+    p_state = (i_g * H + i_h) * K * V
+    dA = tl.zeros([C, C], dtype=tl.float32)       # d score[t, s] = dy_t . v_s
+    for i_v in tl.static_range(NV):
+        r_v, m_v = _block(i_v, BV, V)
+        dA += _mm(_rows_of(dy_ptr, rows, m_t, r_v, m_v, V),
+                  tl.trans(_rows_of(v_ptr, rows, m_t, r_v, m_v, V)), DOT)
+    dA = tl.where(_causal(r_c, STRICT), dA, 0.0)
+    A, mask = _chunk_scores(q_ptr, k_ptr, lam_ptr, rows, m_t, r_c, K, BK, NK, C, DECAY, STRICT,
+                            DOT)
+    for i_v in tl.static_range(NV):
+        r_v, m_v = _block(i_v, BV, V)
+        dv = _mm(tl.trans(A), _rows_of(dy_ptr, rows, m_t, r_v, m_v, V), DOT)
+        for i_k in tl.static_range(NK):
+            r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
+            k_dec, _ = _key_decay(_rows_of(k_ptr, rows, m_t, r_k, m_k, K), lam_ptr, rows, m_t,
+                                  r_k, m_k, K, DECAY, False)
+            dv += _mm(k_dec, tl.load(dckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0), DOT)
+        tl.store(dv_ptr + rows[:, None] * V + r_v[None, :], dv.to(dv_ptr.dtype.element_ty),
+                 mask=m_t[:, None] & m_v[None, :])
+    # scalar decays sum q.dq, k.dk and S_next.dS over every K block before dlam
+    qdq_all = tl.zeros([C], dtype=tl.float32)
+    kdk_all = tl.zeros([C], dtype=tl.float32)
+    last_all = tl.zeros([BK], dtype=tl.float32)
+    for i_k in tl.static_range(NK):
+        r_k, m_k = _block(i_k, BK, K)
+        m_tk = m_t[:, None] & m_k[None, :]
+        q = _rows_of(q_ptr, rows, m_t, r_k, m_k, K)
+        k = _rows_of(k_ptr, rows, m_t, r_k, m_k, K)
+        k_factor, decay_last = _key_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY)
+        q_factor, _ = _query_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)
+        dq = tl.zeros([C, BK], dtype=tl.float32)
+        dk = tl.zeros([C, BK], dtype=tl.float32)
+        last = tl.zeros([BK], dtype=tl.float32)
+        for i_v in tl.static_range(NV):
+            r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
+            S = tl.load(ckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0)
+            dS = tl.load(dckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0)
+            v = _rows_of(v_ptr, rows, m_t, r_v, m_v, V)
+            dq += _mm(_rows_of(dy_ptr, rows, m_t, r_v, m_v, V), tl.trans(S), DOT)
+            dk += _mm(v, tl.trans(dS), DOT)
+            if DECAY > 0:
+                S_next = S * decay_last + _mm(tl.trans(k.to(tl.float32) * k_factor), v, DOT)
+                last += tl.sum(S_next * dS, axis=1)
+        dq = dq * q_factor
+        dk = dk * k_factor
         if DECAY == 2:
-            last = tl.sum(S_next * dS, axis=1)[None, :]
-            qdq = qf * dq
-            kdk = kf * dk
+            b, bq, _ = _decays(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)
+            _, dq_in, dk_in = _diag_scores(q, k, bq, b, dA, r_c, C, STRICT, True)
+            dq += dq_in
+            dk += dk_in
         else:
-            last = tl.sum(tl.sum(S_next * dS, axis=1), axis=0)
-            qdq = tl.sum(qf * dq, axis=1)
-            kdk = tl.sum(kf * dk, axis=1)
-        later_q = tl.sum(qdq, axis=0) - tl.cumsum(qdq, axis=0)  # over t > j
-        from_k = tl.sum(kdk, axis=0) - tl.cumsum(kdk, axis=0) + kdk  # over t >= j
-        if STRICT:
-            dlam = later_q - from_k + last
-        else:
-            dlam = later_q + qdq - from_k + last
-        if DECAY == 2:
-            p_lam = dlam_ptr + rows[:, None] * K + r_k[None, :]
-            m_lam = m_tk
-        else:
-            p_lam = dlam_ptr + rows
-            m_lam = m_t
-        if NV == 1:
-            tl.store(p_lam, dlam, mask=m_lam)
-        else:
-            tl.atomic_add(p_lam, dlam, mask=m_lam, sem="relaxed")
-    if NV == 1:
+            dq += _mm(dA * mask, k, DOT)
+            dk += _mm(tl.trans(dA * mask), q, DOT)
         tl.store(dq_ptr + rows[:, None] * K + r_k[None, :], dq.to(dq_ptr.dtype.element_ty),
                  mask=m_tk)
         tl.store(dk_ptr + rows[:, None] * K + r_k[None, :], dk.to(dk_ptr.dtype.element_ty),
                  mask=m_tk)
-    else:
-        tl.atomic_add(dq_ptr + rows[:, None] * K + r_k[None, :], dq, mask=m_tk, sem="relaxed")
-        tl.atomic_add(dk_ptr + rows[:, None] * K + r_k[None, :], dk, mask=m_tk, sem="relaxed")
-    tl.store(dv_ptr + rows[:, None] * V + r_v[None, :], dv.to(dv_ptr.dtype.element_ty),
-             mask=m_tv)
+        if DECAY == 2:
+            dlam = _dlam(q.to(tl.float32) * dq, k.to(tl.float32) * dk, last[None, :], STRICT)
+            tl.store(dlam_ptr + rows[:, None] * K + r_k[None, :], dlam, mask=m_tk)
+        elif DECAY == 1:
+            qdq_all += tl.sum(q.to(tl.float32) * dq, axis=1)
+            kdk_all += tl.sum(k.to(tl.float32) * dk, axis=1)
+            last_all += last
+    if DECAY == 1:
+        tl.store(dlam_ptr + rows, _dlam(qdq_all, kdk_all, tl.sum(last_all, axis=0), STRICT),
+                 mask=m_t)
 
 
 @triton.jit

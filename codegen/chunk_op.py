@@ -176,6 +176,19 @@ def _positions(B: int, T: int, cu_seqlens, device) -> torch.Tensor:
     return torch.arange(int(cu_seqlens[-1]), device=device) - starts
 
 
+class _OnFirstUse(dict):
+    """A dict whose entries in ``lazy`` are computed by their thunk when first read (inputs
+    converted to fp32 only where a per-token map needs them)."""
+
+    def __init__(self, lazy: dict):
+        super().__init__()
+        self.lazy = lazy
+
+    def __missing__(self, key):
+        value = self[key] = self.lazy[key]()
+        return value
+
+
 class _Tokens:
     """Evaluates state-free IR values on every token at once ([B*T, H, *dims])."""
 
@@ -183,12 +196,21 @@ class _Tokens:
         x0 = next(iter(inputs.values()))
         self.B, self.T, H = x0.shape[:3]
         device = x0.device
-        values = {("input", n): x.float().reshape(self.B * self.T, *x.shape[2:])
-                  for n, x in inputs.items()}
+        self.inputs = inputs
+        lazy = {("input", n): (lambda x=x: x.float().reshape(self.B * self.T, *x.shape[2:]))
+                for n, x in inputs.items()}
+        lazy["t"] = lambda: _positions(self.B, self.T, cu_seqlens, device).float().reshape(-1, 1)
+        values = _OnFirstUse(lazy)
         values.update({("param", n): x.float().unsqueeze(0) for n, x in params.items()})
         values["h"] = torch.arange(H, device=device, dtype=torch.float32).reshape(1, H)
-        values["t"] = _positions(self.B, self.T, cu_seqlens, device).float().reshape(-1, 1)
         self.ev = StepEvaluator(values, sizes, torch.float32, device)
+
+    def operand(self, n: Node, dtype: torch.dtype) -> torch.Tensor:
+        """``n`` over all tokens in ``dtype``, contiguous: a plain input as it came when it
+        has that dtype (no fp32 round trip), else evaluated in fp32 and cast."""
+        if n.op is Op.INPUT and self.inputs[n.attr].dtype == dtype:
+            return self.inputs[n.attr].contiguous()
+        return self(n).to(dtype).contiguous()
 
     def aligned(self, n: Node, dims: tuple[str, ...]) -> torch.Tensor:
         """``n`` over all tokens, its dims permuted and unsqueezed to broadcast as ``dims``."""
@@ -201,6 +223,12 @@ class _Tokens:
         x = self.ev(n)
         x = x.expand(self.B * self.T, self.ev.values["h"].shape[1], *x.shape[2:])
         return x.reshape(self.B, self.T, *x.shape[1:])
+
+
+#: tuning and experiments: the dots' operand precision (DOT_*) on a GPU, None: chosen
+FORCE_DOT: int | None = None
+#: normalized readouts keep q^, k^, v^ in fp32 for half inputs (denominators may cancel)
+NORMALIZED_IN_FP32 = True
 
 
 def _pow2(n: int, least: int = 16) -> int:
@@ -217,18 +245,16 @@ class ChunkCore(torch.autograd.Function):
         dev = q.device
         N, n_chunks = cfg["N"], cfg["n_chunks"]
         cu, offsets = cfg["cu"], cfg["offsets"]
-        y = torch.empty(B, T, H, V, dtype=torch.float32, device=dev)
+        y = torch.empty(B, T, H, V, dtype=cfg["y_dtype"], device=dev)
         sT = torch.empty(N, H, K, V, dtype=torch.float32, device=dev)
         ckpt = torch.empty(n_chunks, H, K, V, dtype=torch.float32, device=dev)
-        nv = triton.cdiv(V, cfg["BV"])
-        blocks = dict(H=H, K=K, V=V, BK=cfg["BK"], BV=cfg["BV"], C=cfg["C"],
-                      DECAY=cfg["decay"], DOT=cfg["dot"], **cfg["options"])
+        blocks = _blocks(cfg, H, K, V)
         lam_ = lam if lam is not None else q
-        for_device(chunk_states_kernel, dev)[(nv, N * H)](
+        for_device(chunk_states_kernel, dev)[(blocks["NK"] * blocks["NV"], N * H)](
             k, v, lam_, s0 if s0 is not None else y, sT, ckpt, _or(cu, y), _or(offsets, y), T,
-            USE_INITIAL_STATE=s0 is not None, IS_VARLEN=cu is not None, **blocks)
-        chunk_output_kernel[(n_chunks, nv, H)](
-            q, k, v, lam_, y, ckpt, cfg["table"], STRICT=cfg["strict"], **blocks)
+            USE_INITIAL_STATE=s0 is not None, IS_VARLEN=cu is not None,
+            **_without(blocks, "NK", "STRICT"))
+        chunk_output_kernel[(n_chunks, H)](q, k, v, lam_, y, ckpt, cfg["table"], **blocks)
         ctx.save_for_backward(q, k, v, lam, ckpt)
         ctx.cfg = cfg
         ctx.has_s0 = s0 is not None
@@ -243,27 +269,35 @@ class ChunkCore(torch.autograd.Function):
         dev = q.device
         N, n_chunks = cfg["N"], cfg["n_chunks"]
         cu, offsets = cfg["cu"], cfg["offsets"]
-        nv = triton.cdiv(V, cfg["BV_bwd"])
-        acc = torch.zeros if nv > 1 else torch.empty
-        dq = acc(q.shape, dtype=torch.float32, device=dev)
-        dk = acc(k.shape, dtype=torch.float32, device=dev)
+        dq = torch.empty(q.shape, dtype=torch.float32, device=dev)
+        dk = torch.empty(k.shape, dtype=torch.float32, device=dev)
         dv = torch.empty(v.shape, dtype=torch.float32, device=dev)
-        dlam = acc(lam.shape, dtype=torch.float32, device=dev) if lam is not None else None
+        dlam = torch.empty(lam.shape, dtype=torch.float32, device=dev) if lam is not None \
+            else None
         ds0 = torch.empty(N, H, K, V, dtype=torch.float32, device=dev)
         dckpt = torch.empty_like(ckpt)
         dy = dy.contiguous()
         lam_ = lam if lam is not None else q
-        blocks = dict(H=H, K=K, V=V, BK=cfg["BK"], BV=cfg["BV_bwd"], C=cfg["C"],
-                      DECAY=cfg["decay"], STRICT=cfg["strict"], DOT=cfg["dot"],
-                      **cfg["options"])
-        for_device(chunk_dstates_kernel, dev)[(nv, N * H)](
+        blocks = _blocks(cfg, H, K, V)
+        for_device(chunk_dstates_kernel, dev)[(blocks["NK"] * blocks["NV"], N * H)](
             q, lam_, dy, _or(dsT, dy), ds0, dckpt, _or(cu, dy), _or(offsets, dy), T,
-            USE_FINAL_STATE_GRAD=dsT is not None, IS_VARLEN=cu is not None, **blocks)
-        chunk_grads_kernel[(n_chunks, nv, H)](
-            q, k, v, lam_, dy, ckpt, dckpt, cfg["table"], dq, dk, dv, _or(dlam, dq), NV=nv,
-            **blocks)
+            USE_FINAL_STATE_GRAD=dsT is not None, IS_VARLEN=cu is not None,
+            **_without(blocks, "NK"))
+        chunk_grads_kernel[(n_chunks, H)](
+            q, k, v, lam_, dy, ckpt, dckpt, cfg["table"], dq, dk, dv, _or(dlam, dq), **blocks)
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dlam,
                 ds0 if ctx.has_s0 else None, None)
+
+
+def _blocks(cfg: dict, H: int, K: int, V: int) -> dict:
+    """The core kernels' constexprs for a call (K and V tiles of BK and BV lanes)."""
+    return dict(H=H, K=K, V=V, BK=cfg["BK"], BV=cfg["BV"], NK=triton.cdiv(K, cfg["BK"]),
+                NV=triton.cdiv(V, cfg["BV"]), C=cfg["C"], DECAY=cfg["decay"],
+                STRICT=cfg["strict"], DOT=cfg["dot"], **cfg["options"])
+
+
+def _without(d: dict, *keys) -> dict:
+    return {k: x for k, x in d.items() if k not in keys}
 
 
 def _or(x, fallback):
@@ -298,15 +332,26 @@ def _core_config(batch: int, T: int, K: int, V: int, cu_seqlens, chunk_size: int
     on_gpu = device.type == "cuda"
     table = _chunk_table(batch, T, cu_seqlens, chunk_size, device)
     assert len(table) == n_chunks
-    bv = min(_pow2(V), 64) if on_gpu else _pow2(V)
-    if ops.FORCE_BLOCK_V is not None:
-        bv = _pow2(min(bv, ops.FORCE_BLOCK_V))
+    bk, bv = _tiles(K, V, on_gpu)
     return dict(N=batch, cu=cu_seqlens, offsets=offsets, n_chunks=n_chunks, table=table,
-                C=chunk_size,
-                BK=_pow2(K), BV=bv, strict=strict,
-                BV_bwd=min(bv, 32) if on_gpu else bv, dot=dot,
+                C=chunk_size, BK=bk, BV=bv, strict=strict, dot=dot,
                 # the chunk loop carries the state: no software pipelining (shared memory)
-                options={"num_warps": 4, "num_stages": 1} if on_gpu else {})
+                options={"num_warps": ops.FORCE_NUM_WARPS or 4, "num_stages": 1}
+                if on_gpu else {})
+
+
+def _tiles(K: int, V: int, on_gpu: bool) -> tuple[int, int]:
+    """K and V tile sizes: 64 lanes on a GPU (the V tile smaller where it wastes fewer
+    padded lanes, e.g. V + 1 normalizer column), 16 in the interpreter so that CPU tests
+    cover several tiles; ``ops.FORCE_BLOCK_V`` caps both."""
+    limit = 64 if on_gpu else 16
+    if ops.FORCE_BLOCK_V is not None:
+        limit = min(limit, ops.FORCE_BLOCK_V)
+    bk = min(_pow2(K), _pow2(limit))
+    bv = min(_pow2(V), _pow2(limit))
+    if bv == 64 and V % 64 and (-V) % 32 < (-V) % 64:
+        bv = 32
+    return bk, bv
 
 
 def chunk_source(analysis: Analysis, direction: str) -> str:
@@ -408,9 +453,12 @@ def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *
     half = x0.dtype in (torch.bfloat16, torch.float16)
     # A normalized readout divides by q^ @ z, which may cancel (cosFormer, random features):
     # its q^, k^, v^ stay in fp32 (tf32 dots); others are stored and multiplied in bf16.
-    exact = not half or analysis.readout.kind is ReadoutKind.NORMALIZED
+    exact = not half or (analysis.readout.kind is ReadoutKind.NORMALIZED
+                         and NORMALIZED_IN_FP32)
     low = torch.float32 if exact else x0.dtype
-    if interpreting() or not half:
+    if FORCE_DOT is not None and not interpreting():
+        dot = FORCE_DOT
+    elif interpreting() or not half:
         dot = DOT_IEEE  # the interpreter's bf16 dots are wrong; fp32 inputs want fp32 dots
     else:
         # bf16 operands (DOT_BF16) hit an illegal memory access on an H100 with Triton 3.6
@@ -420,12 +468,14 @@ def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *
     V = sizes["V"]
     final = {}
     for sp in plan.states:
-        q = ev(sp.query).to(low).contiguous()
-        k = ev(sp.key).to(low).contiguous()
-        v = ev(sp.value)
+        q = ev.operand(sp.query, low)
+        k = ev.operand(sp.key, low)
         if sp.columns:  # normalizers: extra columns of v fed with ones
+            v = ev(sp.value)
             v = torch.cat([v, v.new_ones(*v.shape[:-1], len(sp.columns))], dim=-1)
-        v = v.to(low).contiguous()
+            v = v.to(low).contiguous()
+        else:
+            v = ev.operand(sp.value, low)
         lam = None
         if sp.log_decay is not None:
             dims = (sp.row,) if sp.decay == 2 else ()
@@ -445,6 +495,9 @@ def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *
             cfg = _core_config(batch, T, q.shape[-1], v.shape[-1], cu_seqlens, chunk_size,
                                sp.strict, dot, q.device)
             cfg["decay"] = sp.decay
+            # an output that is the state read itself is stored in its dtype by the kernel
+            direct = not sp.columns and any(node == p.output for node, _ in sp.reads)
+            cfg["y_dtype"] = out_dtype if direct else torch.float32
             y, sT = ChunkCore.apply(q, k, v, lam, s0, cfg)
         # the readout's state reads become the kernel's columns
         for node, col in sp.reads:

@@ -68,12 +68,23 @@ def test_chunk_varlen(name):
 
 @pytest.mark.parametrize("name", ["mamba2", "linear_attention", "rwkv6"])
 def test_chunk_with_v_split(name, monkeypatch):
-    """V = 40 in blocks of 16: three programs per head, dq and dk added atomically."""
+    """V = 40 in tiles of 16: three V tiles per program (the last one partial)."""
     monkeypatch.setattr(ops, "FORCE_BLOCK_V", 16)
     attn = linforge.library.get(name)
     sizes = dict(kernel_sizes(attn), V=40)
     x = make_inputs(attn, B=2, T=90, H=2, sizes=sizes, seed=14)
     init = make_state(attn, N=2, H=2, sizes=sizes)
+    check_against_reference(attn, x, init, torch.float32, form="chunk")
+
+
+@pytest.mark.parametrize("name", ["retnet", "gla", "linear_attention", "rwkv6"])
+def test_chunk_with_several_k_and_v_tiles(name):
+    """K = 40 and V = 24 in tiles of 16: three K tiles (the last partial) and two V tiles,
+    scores summed over K tiles, state tiles from their own programs."""
+    attn = linforge.library.get(name)
+    sizes = dict(kernel_sizes(attn), K=40, V=24)
+    x = make_inputs(attn, B=1, T=80, H=2, sizes=sizes, seed=16)
+    init = make_state(attn, N=1, H=2, sizes=sizes)
     check_against_reference(attn, x, init, torch.float32, form="chunk")
 
 
