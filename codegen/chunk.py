@@ -387,8 +387,11 @@ def chunk_grads_kernel(
             dq += _mm(_rows_of(dy_ptr, rows, m_t, r_v, m_v, V), tl.trans(S), DOT)
             dk += _mm(v, tl.trans(dS), DOT)
             if DECAY > 0:
-                S_next = S * decay_last + _mm(tl.trans(k.to(tl.float32) * k_factor), v, DOT)
-                last += tl.sum(S_next * dS, axis=1)
+                last += tl.sum(S * dS * decay_last, axis=1)
+        if DECAY > 0:
+            # sum over V of S_next * dS, S_next = exp(b_last) S + (k exp(b_last - b))^T v:
+            # its second part is sum over s of k_dec[s] * (v dS^T)[s], which dk holds now
+            last += tl.sum(k.to(tl.float32) * k_factor * dk, axis=0)
         dq = dq * q_factor
         dk = dk * k_factor
         if DECAY == 2:

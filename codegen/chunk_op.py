@@ -10,7 +10,9 @@ of ``V``, and the readout ``f``. The per-token maps run as torch ops on all toke
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Callable
 from dataclasses import dataclass
 
 import sympy
@@ -227,6 +229,8 @@ class _Tokens:
 
 #: tuning and experiments: the dots' operand precision (DOT_*) on a GPU, None: chosen
 FORCE_DOT: int | None = None
+#: experiments: the dot precision of one kernel ("states", "output", "dstates", "grads")
+KERNEL_DOT: dict[str, int] = {}
 #: normalized readouts keep q^, k^, v^ in fp32 for half inputs (denominators may cancel)
 NORMALIZED_IN_FP32 = True
 
@@ -253,8 +257,9 @@ class ChunkCore(torch.autograd.Function):
         for_device(chunk_states_kernel, dev)[(blocks["NK"] * blocks["NV"], N * H)](
             k, v, lam_, s0 if s0 is not None else y, sT, ckpt, _or(cu, y), _or(offsets, y), T,
             USE_INITIAL_STATE=s0 is not None, IS_VARLEN=cu is not None,
-            **_without(blocks, "NK", "STRICT"))
-        chunk_output_kernel[(n_chunks, H)](q, k, v, lam_, y, ckpt, cfg["table"], **blocks)
+            **_for("states", _without(blocks, "NK", "STRICT")))
+        chunk_output_kernel[(n_chunks, H)](q, k, v, lam_, y, ckpt, cfg["table"],
+                                           **_for("output", blocks))
         ctx.save_for_backward(q, k, v, lam, ckpt)
         ctx.cfg = cfg
         ctx.has_s0 = s0 is not None
@@ -282,9 +287,10 @@ class ChunkCore(torch.autograd.Function):
         for_device(chunk_dstates_kernel, dev)[(blocks["NK"] * blocks["NV"], N * H)](
             q, lam_, dy, _or(dsT, dy), ds0, dckpt, _or(cu, dy), _or(offsets, dy), T,
             USE_FINAL_STATE_GRAD=dsT is not None, IS_VARLEN=cu is not None,
-            **_without(blocks, "NK"))
+            **_for("dstates", _without(blocks, "NK")))
         chunk_grads_kernel[(n_chunks, H)](
-            q, k, v, lam_, dy, ckpt, dckpt, cfg["table"], dq, dk, dv, _or(dlam, dq), **blocks)
+            q, k, v, lam_, dy, ckpt, dckpt, cfg["table"], dq, dk, dv, _or(dlam, dq),
+            **_for("grads", blocks))
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dlam,
                 ds0 if ctx.has_s0 else None, None)
 
@@ -294,6 +300,11 @@ def _blocks(cfg: dict, H: int, K: int, V: int) -> dict:
     return dict(H=H, K=K, V=V, BK=cfg["BK"], BV=cfg["BV"], NK=triton.cdiv(K, cfg["BK"]),
                 NV=triton.cdiv(V, cfg["BV"]), C=cfg["C"], DECAY=cfg["decay"],
                 STRICT=cfg["strict"], DOT=cfg["dot"], **cfg["options"])
+
+
+def _for(kernel: str, blocks: dict) -> dict:
+    """``blocks`` with the dot precision ``KERNEL_DOT`` sets for ``kernel``, if any."""
+    return dict(blocks, DOT=KERNEL_DOT[kernel]) if kernel in KERNEL_DOT else blocks
 
 
 def _without(d: dict, *keys) -> dict:
@@ -386,10 +397,17 @@ def chunk_source(analysis: Analysis, direction: str) -> str:
     return "\n".join(lines)
 
 
+@functools.lru_cache(maxsize=256)
+def _torch_function(expr: sympy.Expr, symbols: tuple) -> "Callable":
+    """``expr`` as a Python function of ``symbols`` over torch tensors (lambdify generates
+    and compiles source: milliseconds, so once per expression)."""
+    return sympy.lambdify(list(symbols), expr, modules=[_TORCH, "math"])
+
+
 def _lambdified(expr: sympy.Expr, symbols, ev: "_Tokens", dims: tuple[str, ...],
                 shape: tuple) -> torch.Tensor:
     """A sympy expression over IR values, evaluated on every token (fp32, ``shape``)."""
-    fn = sympy.lambdify([s for s, _ in symbols], expr, modules=[_TORCH, "math"])
+    fn = _torch_function(expr, tuple(s for s, _ in symbols))
     x0 = ev.ev.values["h"]
     out = torch.as_tensor(fn(*(ev.aligned(n, dims) for _, n in symbols)), dtype=torch.float32,
                           device=x0.device)
