@@ -3,11 +3,12 @@ in chunks of ``C`` tokens, with no decay (DECAY 0), a scalar log decay per token
 (DECAY 1, ``lam [T*, H]``) or a diagonal one over K (DECAY 2, ``lam [T*, H, K]``).
 
 Per chunk: intra-chunk scores with the causal decay mask ``exp(b_t - b_s)`` (``b`` the
-in-chunk cumulative log decay, in fp32), the previous chunks through the state carried in
-registers, and the state passed on as ``exp(b_last) S + (k * exp(b_last - b))^T v``. Every
-exponent is <= 0, so decays down to 0 never overflow: scalar decays scale ``tl.dot`` scores;
-diagonal decays differ per K channel, so their intra-chunk scores are built one query row at
-a time with the row's own exponents.
+in-chunk cumulative log decay, in fp32), the previous chunks through the state, and the state
+passed on as ``exp(b_last) S + (k * exp(b_last - b))^T v``. Every exponent is <= 0, so decays
+down to 0 never overflow: scalar decays scale ``tl.dot`` scores; diagonal decays differ per K
+channel, so their scores go by sub-chunks of SUB tokens: pairs in different sub-chunks
+through one dot with both sides decayed against a reference point between them, pairs within
+a sub-chunk one query row at a time. K and V are cut into tiles of BK and BV lanes.
 
 Four kernels, as fla's chunked ops: ``chunk_states_kernel`` walks each sequence's chunks in
 order (one program per sequence, head and V block) and stores the state at every chunk start;
@@ -201,19 +202,14 @@ def _causal(r_c, STRICT: tl.constexpr):
 def _chunk_scores(q_ptr, k_ptr, lam_ptr, rows, m_t, r_c, K: tl.constexpr, BK: tl.constexpr,
                   NK: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr, STRICT: tl.constexpr,
                   DOT: tl.constexpr):
-    """A chunk's causal scores A[t, s] = q_t . (k_s exp(bq_t - b_s)) summed over the K
-    blocks, and the scalar decay mask exp(bq_t - b_s) (1 for other decays)."""
+    """A chunk's causal scores A[t, s] = q_t . k_s exp(bq_t - b_s) summed over the K blocks
+    (no or scalar decays), and the scalar decay mask exp(bq_t - b_s) (1 without decay)."""
     A = tl.zeros([C, C], dtype=tl.float32)
     for i_k in tl.static_range(NK):
         r_k, m_k = _block(i_k, BK, K)
         q = _rows_of(q_ptr, rows, m_t, r_k, m_k, K)
         k = _rows_of(k_ptr, rows, m_t, r_k, m_k, K)
-        if DECAY == 2:
-            b, bq, _ = _decays(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)
-            A_k, _, _ = _diag_scores(q, k, bq, b, b, r_c, C, STRICT, False)
-            A += A_k
-        else:
-            A += _mm(q, tl.trans(k), DOT)
+        A += _mm(q, tl.trans(k), DOT)
     mask = 1.0
     if DECAY == 1:
         b, bq, _ = _decays(lam_ptr, rows, m_t, r_c, m_t, K, DECAY, STRICT)
@@ -252,38 +248,97 @@ def chunk_states_kernel(
 
 
 @triton.jit
+def _subchunk_decays(lam_ptr, rows, m_t, rows_i, m_i, r_c, start, r_k, m_k,
+                     K: tl.constexpr, STRICT: tl.constexpr):
+    """Cumulative log decays around sub-chunk rows ``rows_i`` (from chunk row ``start``):
+    b_ref (b just before the sub-chunk, [BK]), b_i and bq_i of its rows ([SUB, BK]) and
+    b_end (b at its last row), all relative to the chunk start."""
+    lam = _rows_of(lam_ptr, rows, m_t, r_k, m_k, K).to(tl.float32)
+    b_ref = tl.sum(tl.where((r_c < start)[:, None], lam, 0.0), axis=0)
+    b_i, bq_i, total = _decays(lam_ptr, rows_i, m_i, r_k, m_k, K, 2, STRICT)
+    return b_ref, b_i + b_ref[None, :], bq_i + b_ref[None, :], b_ref + total
+
+
+@triton.jit
+def _diagonal_output(q_ptr, k_ptr, v_ptr, lam_ptr, y_ptr, ckpt_ptr, chunk_table_ptr,
+                     rows, m_t, r_c, i_s, i_g, i_h, H: tl.constexpr, K: tl.constexpr,
+                     V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr,
+                     NV: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr,
+                     STRICT: tl.constexpr, DOT: tl.constexpr):
+    """y of sub-chunk ``i_s`` (SUB queries) under a diagonal decay. Keys of earlier
+    sub-chunks go through one dot, each side decayed against the reference b_ref = b just
+    before the sub-chunk: q exp(bq - b_ref) and k exp(b_ref - b) both have exponents <= 0
+    (b falls along the chunk); keys of the sub-chunk itself go row by row
+    (``_diag_scores``)."""
+    r_s = tl.arange(0, SUB)
+    start = i_s * SUB
+    rows_i, m_i = _chunk(chunk_table_ptr, i_h, H, start + r_s)
+    earlier = r_c < start
+    A = tl.zeros([SUB, C], dtype=tl.float32)       # scores against earlier sub-chunks
+    D = tl.zeros([SUB, SUB], dtype=tl.float32)     # scores within the sub-chunk
+    for i_k in tl.static_range(NK):
+        r_k, m_k = _block(i_k, BK, K)
+        b, _, _ = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 2, False)
+        b_ref, b_i, bq_i, _ = _subchunk_decays(lam_ptr, rows, m_t, rows_i, m_i, r_c, start,
+                                               r_k, m_k, K, STRICT)
+        q_i = _rows_of(q_ptr, rows_i, m_i, r_k, m_k, K)
+        k = _rows_of(k_ptr, rows, m_t, r_k, m_k, K)
+        k_ref = tl.where(earlier[:, None],
+                         k.to(tl.float32) * tl.exp(tl.minimum(b_ref[None, :] - b, 0.0)), 0.0)
+        A += _mm(q_i.to(tl.float32) * tl.exp(bq_i - b_ref[None, :]), tl.trans(k_ref), DOT)
+        D_k, _, _ = _diag_scores(q_i, _rows_of(k_ptr, rows_i, m_i, r_k, m_k, K), bq_i, b_i,
+                                 b_i, r_s, SUB, STRICT, False)
+        D += D_k
+    for i_v in tl.static_range(NV):
+        r_v, m_v = _block(i_v, BV, V)
+        y = _mm(A, _rows_of(v_ptr, rows, m_t, r_v, m_v, V), DOT)
+        y += _mm(D, _rows_of(v_ptr, rows_i, m_i, r_v, m_v, V), DOT)
+        for i_k in tl.static_range(NK):
+            r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
+            S = tl.load(ckpt_ptr + (i_g * H + i_h) * K * V + p_kv, mask=m_kv, other=0.0)
+            _, _, bq_i, _ = _subchunk_decays(lam_ptr, rows, m_t, rows_i, m_i, r_c, start,
+                                             r_k, m_k, K, STRICT)
+            q_i = _rows_of(q_ptr, rows_i, m_i, r_k, m_k, K)
+            y += _mm(q_i.to(tl.float32) * tl.exp(bq_i), S, DOT)
+        tl.store(y_ptr + rows_i[:, None] * V + r_v[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=m_i[:, None] & m_v[None, :])
+
+
+@triton.jit
 def chunk_output_kernel(
     q_ptr, k_ptr, v_ptr, lam_ptr, y_ptr, ckpt_ptr, chunk_table_ptr,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NK: tl.constexpr, NV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
-    STRICT: tl.constexpr, DOT: tl.constexpr,
+    STRICT: tl.constexpr, DOT: tl.constexpr, SUB: tl.constexpr = 16,
 ):
     """Grid (chunks, heads): y of one chunk. The scores are built once over the K blocks;
     each V block of y is then scores @ v plus the queries, decayed to the chunk start,
-    times the start state."""
+    times the start state. Diagonal decays go sub-chunk by sub-chunk of SUB queries
+    (``_diagonal_output``)."""
     i_g, i_h = tl.program_id(0), tl.program_id(1)
     r_c = tl.arange(0, C)
     rows, m_t = _chunk(chunk_table_ptr, i_h, H, r_c)
-    A, _ = _chunk_scores(q_ptr, k_ptr, lam_ptr, rows, m_t, r_c, K, BK, NK, C, DECAY, STRICT,
-                         DOT)
-    for i_v in tl.static_range(NV):
-        r_v, m_v = _block(i_v, BV, V)
-        y = tl.zeros([C, BV], dtype=tl.float32)        # earlier chunks, through S
-        for i_k in tl.static_range(NK):
-            r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
-            S = tl.load(ckpt_ptr + (i_g * H + i_h) * K * V + p_kv, mask=m_kv, other=0.0)
-            q = _rows_of(q_ptr, rows, m_t, r_k, m_k, K)
-            if DECAY == 2:
-                q_dec, _ = _query_decay(q, lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)
-                y += _mm(q_dec, S, DOT)
-            else:
-                y += _mm(q, S, DOT)
-        if DECAY == 1:
-            q_factor, _ = _query_factor(lam_ptr, rows, m_t, r_c, m_t, K, DECAY, STRICT)
-            y = y * q_factor
-        y += _mm(A, _rows_of(v_ptr, rows, m_t, r_v, m_v, V), DOT)
-        tl.store(y_ptr + rows[:, None] * V + r_v[None, :], y.to(y_ptr.dtype.element_ty),
-                 mask=m_t[:, None] & m_v[None, :])
+    if DECAY == 2:
+        for i_s in tl.static_range(C // SUB):
+            _diagonal_output(q_ptr, k_ptr, v_ptr, lam_ptr, y_ptr, ckpt_ptr, chunk_table_ptr,
+                             rows, m_t, r_c, i_s, i_g, i_h, H, K, V, BK, BV, NK, NV, C, SUB,
+                             STRICT, DOT)
+    else:
+        A, _ = _chunk_scores(q_ptr, k_ptr, lam_ptr, rows, m_t, r_c, K, BK, NK, C, DECAY,
+                             STRICT, DOT)
+        for i_v in tl.static_range(NV):
+            r_v, m_v = _block(i_v, BV, V)
+            y = tl.zeros([C, BV], dtype=tl.float32)        # earlier chunks, through S
+            for i_k in tl.static_range(NK):
+                r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
+                S = tl.load(ckpt_ptr + (i_g * H + i_h) * K * V + p_kv, mask=m_kv, other=0.0)
+                y += _mm(_rows_of(q_ptr, rows, m_t, r_k, m_k, K), S, DOT)
+            if DECAY == 1:
+                q_factor, _ = _query_factor(lam_ptr, rows, m_t, r_c, m_t, K, DECAY, STRICT)
+                y = y * q_factor
+            y += _mm(A, _rows_of(v_ptr, rows, m_t, r_v, m_v, V), DOT)
+            tl.store(y_ptr + rows[:, None] * V + r_v[None, :], y.to(y_ptr.dtype.element_ty),
+                     mask=m_t[:, None] & m_v[None, :])
 
 
 @triton.jit
@@ -331,12 +386,122 @@ def _dlam(qdq, kdk, last, STRICT: tl.constexpr):
 
 
 @triton.jit
+def _diagonal_grads(q_ptr, k_ptr, v_ptr, lam_ptr, dy_ptr, ckpt_ptr, dckpt_ptr, chunk_table_ptr,
+                    dq_ptr, dk_ptr, dv_ptr, dlam_ptr, rows, m_t, r_c, i_g, i_h,
+                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                    BV: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, C: tl.constexpr,
+                    SUB: tl.constexpr, STRICT: tl.constexpr, DOT: tl.constexpr):
+    """dq, dk, dlam and dv of one chunk under a diagonal decay, sub-chunk by sub-chunk of
+    SUB rows as in ``_diagonal_output``: pairs in different sub-chunks through dots with
+    both sides decayed against a reference between them (exponents <= 0), pairs within a
+    sub-chunk row by row. dlam's sums over later tokens run last sub-chunk first."""
+    r_s = tl.arange(0, SUB)
+    NS: tl.constexpr = C // SUB
+    p_state = (i_g * H + i_h) * K * V
+    for i_k in tl.static_range(NK):
+        r_k, m_k = _block(i_k, BK, K)
+        b, bq, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 2, STRICT)
+        q = _rows_of(q_ptr, rows, m_t, r_k, m_k, K).to(tl.float32)
+        k = _rows_of(k_ptr, rows, m_t, r_k, m_k, K).to(tl.float32)
+        k_dec = k * tl.exp(b_last[None, :] - b)
+        last = tl.zeros([BK], dtype=tl.float32)     # sum over V of S_next * dS
+        for i_v in tl.static_range(NV):
+            r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
+            S = tl.load(ckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0)
+            dS = tl.load(dckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0)
+            S_next = S * tl.exp(b_last)[:, None] + _mm(tl.trans(k_dec),
+                                                       _rows_of(v_ptr, rows, m_t, r_v, m_v, V),
+                                                       DOT)
+            last += tl.sum(S_next * dS, axis=1)
+        later_q = tl.zeros([BK], dtype=tl.float32)  # sums of q.dq and k.dk over later rows
+        later_k = tl.zeros([BK], dtype=tl.float32)
+        for j in tl.static_range(NS):
+            start = (NS - 1 - j) * SUB
+            rows_i, m_i = _chunk(chunk_table_ptr, i_h, H, start + r_s)
+            b_ref, b_i, bq_i, b_end = _subchunk_decays(lam_ptr, rows, m_t, rows_i, m_i, r_c,
+                                                       start, r_k, m_k, K, STRICT)
+            q_i = _rows_of(q_ptr, rows_i, m_i, r_k, m_k, K).to(tl.float32)
+            k_i = _rows_of(k_ptr, rows_i, m_i, r_k, m_k, K).to(tl.float32)
+            k_ref = tl.where((r_c < start)[:, None],
+                             k * tl.exp(tl.minimum(b_ref[None, :] - b, 0.0)), 0.0)
+            q_end = tl.where((r_c >= start + SUB)[:, None],
+                             q * tl.exp(tl.minimum(bq - b_end[None, :], 0.0)), 0.0)
+            dq_i = tl.zeros([SUB, BK], dtype=tl.float32)
+            dk_i = tl.zeros([SUB, BK], dtype=tl.float32)
+            dA_rows = tl.zeros([SUB, C], dtype=tl.float32)   # dy_i . v_s
+            dA_cols = tl.zeros([C, SUB], dtype=tl.float32)   # dy_t . v_i
+            dD = tl.zeros([SUB, SUB], dtype=tl.float32)
+            for i_v in tl.static_range(NV):
+                r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
+                dy_i = _rows_of(dy_ptr, rows_i, m_i, r_v, m_v, V)
+                v_i = _rows_of(v_ptr, rows_i, m_i, r_v, m_v, V)
+                dq_i += _mm(dy_i, tl.trans(tl.load(ckpt_ptr + p_state + p_kv, mask=m_kv,
+                                                   other=0.0)), DOT)
+                dk_i += _mm(v_i, tl.trans(tl.load(dckpt_ptr + p_state + p_kv, mask=m_kv,
+                                                  other=0.0)), DOT)
+                dA_rows += _mm(dy_i, tl.trans(_rows_of(v_ptr, rows, m_t, r_v, m_v, V)), DOT)
+                dA_cols += _mm(_rows_of(dy_ptr, rows, m_t, r_v, m_v, V), tl.trans(v_i), DOT)
+                dD += _mm(dy_i, tl.trans(v_i), DOT)
+            dq_i = dq_i * tl.exp(bq_i) + _mm(dA_rows, k_ref, DOT) * tl.exp(bq_i - b_ref[None, :])
+            dk_i = (dk_i * tl.exp(b_last[None, :] - b_i)
+                    + _mm(tl.trans(dA_cols), q_end, DOT) * tl.exp(b_end[None, :] - b_i))
+            dD = tl.where(_causal(r_s, STRICT), dD, 0.0)
+            _, dq_in, dk_in = _diag_scores(q_i, k_i, bq_i, b_i, dD, r_s, SUB, STRICT, True)
+            dq_i += dq_in
+            dk_i += dk_in
+            m_ik = m_i[:, None] & m_k[None, :]
+            p_i = rows_i[:, None] * K + r_k[None, :]
+            tl.store(dq_ptr + p_i, dq_i.to(dq_ptr.dtype.element_ty), mask=m_ik)
+            tl.store(dk_ptr + p_i, dk_i.to(dk_ptr.dtype.element_ty), mask=m_ik)
+            qdq = q_i * dq_i
+            kdk = k_i * dk_i
+            dlam = _dlam(qdq, kdk, last[None, :], STRICT) + (later_q - later_k)[None, :]
+            tl.store(dlam_ptr + p_i, dlam, mask=m_ik)
+            later_q += tl.sum(qdq, axis=0)
+            later_k += tl.sum(kdk, axis=0)
+    for i_s in tl.static_range(NS):
+        start = i_s * SUB
+        rows_i, m_i = _chunk(chunk_table_ptr, i_h, H, start + r_s)
+        A_cols = tl.zeros([C, SUB], dtype=tl.float32)    # scores of later queries on keys i
+        D = tl.zeros([SUB, SUB], dtype=tl.float32)
+        for i_k in tl.static_range(NK):
+            r_k, m_k = _block(i_k, BK, K)
+            _, bq, _ = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 2, STRICT)
+            b_ref, b_i, bq_i, b_end = _subchunk_decays(lam_ptr, rows, m_t, rows_i, m_i, r_c,
+                                                       start, r_k, m_k, K, STRICT)
+            q = _rows_of(q_ptr, rows, m_t, r_k, m_k, K).to(tl.float32)
+            q_i = _rows_of(q_ptr, rows_i, m_i, r_k, m_k, K)
+            k_i = _rows_of(k_ptr, rows_i, m_i, r_k, m_k, K)
+            q_end = tl.where((r_c >= start + SUB)[:, None],
+                             q * tl.exp(tl.minimum(bq - b_end[None, :], 0.0)), 0.0)
+            A_cols += _mm(q_end, tl.trans(k_i.to(tl.float32) * tl.exp(b_end[None, :] - b_i)),
+                          DOT)
+            D_k, _, _ = _diag_scores(q_i, k_i, bq_i, b_i, b_i, r_s, SUB, STRICT, False)
+            D += D_k
+        for i_v in tl.static_range(NV):
+            r_v, m_v = _block(i_v, BV, V)
+            dv = (_mm(tl.trans(A_cols), _rows_of(dy_ptr, rows, m_t, r_v, m_v, V), DOT)
+                  + _mm(tl.trans(D), _rows_of(dy_ptr, rows_i, m_i, r_v, m_v, V), DOT))
+            for i_k in tl.static_range(NK):
+                r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
+                # exp(b_last - b) for the sub-chunk's keys: the chunk's decay after them
+                _, _, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 2, False)
+                b_ref, b_i, _, _ = _subchunk_decays(lam_ptr, rows, m_t, rows_i, m_i, r_c,
+                                                    start, r_k, m_k, K, False)
+                k_i = _rows_of(k_ptr, rows_i, m_i, r_k, m_k, K).to(tl.float32)
+                dv += _mm(k_i * tl.exp(b_last[None, :] - b_i),
+                          tl.load(dckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0), DOT)
+            tl.store(dv_ptr + rows_i[:, None] * V + r_v[None, :],
+                     dv.to(dv_ptr.dtype.element_ty), mask=m_i[:, None] & m_v[None, :])
+
+
+@triton.jit
 def chunk_grads_kernel(
     q_ptr, k_ptr, v_ptr, lam_ptr, dy_ptr, ckpt_ptr, dckpt_ptr, chunk_table_ptr,
     dq_ptr, dk_ptr, dv_ptr, dlam_ptr,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NK: tl.constexpr, NV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
-    STRICT: tl.constexpr, DOT: tl.constexpr,
+    STRICT: tl.constexpr, DOT: tl.constexpr, SUB: tl.constexpr = 16,
 ):
     """Grid (chunks, heads): dq, dk, dv and dlam of one chunk from its start state S and the
     gradient dS of its end state, every K and V block in one program (no atomics):
@@ -346,76 +511,72 @@ def chunk_grads_kernel(
     i_g, i_h = tl.program_id(0), tl.program_id(1)
     r_c = tl.arange(0, C)
     rows, m_t = _chunk(chunk_table_ptr, i_h, H, r_c)
-    p_state = (i_g * H + i_h) * K * V
-    dA = tl.zeros([C, C], dtype=tl.float32)       # d score[t, s] = dy_t . v_s
-    for i_v in tl.static_range(NV):
-        r_v, m_v = _block(i_v, BV, V)
-        dA += _mm(_rows_of(dy_ptr, rows, m_t, r_v, m_v, V),
-                  tl.trans(_rows_of(v_ptr, rows, m_t, r_v, m_v, V)), DOT)
-    dA = tl.where(_causal(r_c, STRICT), dA, 0.0)
-    A, mask = _chunk_scores(q_ptr, k_ptr, lam_ptr, rows, m_t, r_c, K, BK, NK, C, DECAY, STRICT,
-                            DOT)
-    for i_v in tl.static_range(NV):
-        r_v, m_v = _block(i_v, BV, V)
-        dv = _mm(tl.trans(A), _rows_of(dy_ptr, rows, m_t, r_v, m_v, V), DOT)
-        for i_k in tl.static_range(NK):
-            r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
-            k_dec, _ = _key_decay(_rows_of(k_ptr, rows, m_t, r_k, m_k, K), lam_ptr, rows, m_t,
-                                  r_k, m_k, K, DECAY, False)
-            dv += _mm(k_dec, tl.load(dckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0), DOT)
-        tl.store(dv_ptr + rows[:, None] * V + r_v[None, :], dv.to(dv_ptr.dtype.element_ty),
-                 mask=m_t[:, None] & m_v[None, :])
-    # scalar decays sum q.dq, k.dk and S_next.dS over every K block before dlam
-    qdq_all = tl.zeros([C], dtype=tl.float32)
-    kdk_all = tl.zeros([C], dtype=tl.float32)
-    last_all = tl.zeros([BK], dtype=tl.float32)
-    for i_k in tl.static_range(NK):
-        r_k, m_k = _block(i_k, BK, K)
-        m_tk = m_t[:, None] & m_k[None, :]
-        q = _rows_of(q_ptr, rows, m_t, r_k, m_k, K)
-        k = _rows_of(k_ptr, rows, m_t, r_k, m_k, K)
-        k_factor, decay_last = _key_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY)
-        q_factor, _ = _query_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)
-        dq = tl.zeros([C, BK], dtype=tl.float32)
-        dk = tl.zeros([C, BK], dtype=tl.float32)
-        last = tl.zeros([BK], dtype=tl.float32)
+    if DECAY == 2:
+        _diagonal_grads(q_ptr, k_ptr, v_ptr, lam_ptr, dy_ptr, ckpt_ptr, dckpt_ptr,
+                        chunk_table_ptr, dq_ptr, dk_ptr, dv_ptr, dlam_ptr, rows, m_t, r_c, i_g,
+                        i_h, H, K, V, BK, BV, NK, NV, C, SUB, STRICT, DOT)
+    else:
+        p_state = (i_g * H + i_h) * K * V
+        dA = tl.zeros([C, C], dtype=tl.float32)       # d score[t, s] = dy_t . v_s
         for i_v in tl.static_range(NV):
-            r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
-            S = tl.load(ckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0)
-            dS = tl.load(dckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0)
-            v = _rows_of(v_ptr, rows, m_t, r_v, m_v, V)
-            dq += _mm(_rows_of(dy_ptr, rows, m_t, r_v, m_v, V), tl.trans(S), DOT)
-            dk += _mm(v, tl.trans(dS), DOT)
+            r_v, m_v = _block(i_v, BV, V)
+            dA += _mm(_rows_of(dy_ptr, rows, m_t, r_v, m_v, V),
+                      tl.trans(_rows_of(v_ptr, rows, m_t, r_v, m_v, V)), DOT)
+        dA = tl.where(_causal(r_c, STRICT), dA, 0.0)
+        A, mask = _chunk_scores(q_ptr, k_ptr, lam_ptr, rows, m_t, r_c, K, BK, NK, C, DECAY,
+                                STRICT, DOT)
+        for i_v in tl.static_range(NV):
+            r_v, m_v = _block(i_v, BV, V)
+            dv = _mm(tl.trans(A), _rows_of(dy_ptr, rows, m_t, r_v, m_v, V), DOT)
+            for i_k in tl.static_range(NK):
+                r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
+                k_dec, _ = _key_decay(_rows_of(k_ptr, rows, m_t, r_k, m_k, K), lam_ptr, rows,
+                                      m_t, r_k, m_k, K, DECAY, False)
+                dv += _mm(k_dec, tl.load(dckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0),
+                          DOT)
+            tl.store(dv_ptr + rows[:, None] * V + r_v[None, :],
+                     dv.to(dv_ptr.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+        # scalar decays sum q.dq, k.dk and S_next.dS over every K block before dlam
+        qdq_all = tl.zeros([C], dtype=tl.float32)
+        kdk_all = tl.zeros([C], dtype=tl.float32)
+        last_all = tl.zeros([BK], dtype=tl.float32)
+        for i_k in tl.static_range(NK):
+            r_k, m_k = _block(i_k, BK, K)
+            m_tk = m_t[:, None] & m_k[None, :]
+            q = _rows_of(q_ptr, rows, m_t, r_k, m_k, K)
+            k = _rows_of(k_ptr, rows, m_t, r_k, m_k, K)
+            k_factor, decay_last = _key_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY)
+            q_factor, _ = _query_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)
+            dq = tl.zeros([C, BK], dtype=tl.float32)
+            dk = tl.zeros([C, BK], dtype=tl.float32)
+            last = tl.zeros([BK], dtype=tl.float32)
+            for i_v in tl.static_range(NV):
+                r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
+                S = tl.load(ckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0)
+                dS = tl.load(dckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0)
+                v = _rows_of(v_ptr, rows, m_t, r_v, m_v, V)
+                dq += _mm(_rows_of(dy_ptr, rows, m_t, r_v, m_v, V), tl.trans(S), DOT)
+                dk += _mm(v, tl.trans(dS), DOT)
+                if DECAY > 0:
+                    last += tl.sum(S * dS * decay_last, axis=1)
             if DECAY > 0:
-                last += tl.sum(S * dS * decay_last, axis=1)
-        if DECAY > 0:
-            # sum over V of S_next * dS, S_next = exp(b_last) S + (k exp(b_last - b))^T v:
-            # its second part is sum over s of k_dec[s] * (v dS^T)[s], which dk holds now
-            last += tl.sum(k.to(tl.float32) * k_factor * dk, axis=0)
-        dq = dq * q_factor
-        dk = dk * k_factor
-        if DECAY == 2:
-            b, bq, _ = _decays(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)
-            _, dq_in, dk_in = _diag_scores(q, k, bq, b, dA, r_c, C, STRICT, True)
-            dq += dq_in
-            dk += dk_in
-        else:
+                # sum over V of S_next * dS, S_next = exp(b_last) S + (k exp(b_last - b))^T v:
+                # its second part is sum over s of k_dec[s] * (v dS^T)[s], which dk holds now
+                last += tl.sum(k.to(tl.float32) * k_factor * dk, axis=0)
+            dq = dq * q_factor
+            dk = dk * k_factor
             dq += _mm(dA * mask, k, DOT)
             dk += _mm(tl.trans(dA * mask), q, DOT)
-        tl.store(dq_ptr + rows[:, None] * K + r_k[None, :], dq.to(dq_ptr.dtype.element_ty),
-                 mask=m_tk)
-        tl.store(dk_ptr + rows[:, None] * K + r_k[None, :], dk.to(dk_ptr.dtype.element_ty),
-                 mask=m_tk)
-        if DECAY == 2:
-            dlam = _dlam(q.to(tl.float32) * dq, k.to(tl.float32) * dk, last[None, :], STRICT)
-            tl.store(dlam_ptr + rows[:, None] * K + r_k[None, :], dlam, mask=m_tk)
-        elif DECAY == 1:
-            qdq_all += tl.sum(q.to(tl.float32) * dq, axis=1)
-            kdk_all += tl.sum(k.to(tl.float32) * dk, axis=1)
-            last_all += last
-    if DECAY == 1:
-        tl.store(dlam_ptr + rows, _dlam(qdq_all, kdk_all, tl.sum(last_all, axis=0), STRICT),
-                 mask=m_t)
+            p_tk = rows[:, None] * K + r_k[None, :]
+            tl.store(dq_ptr + p_tk, dq.to(dq_ptr.dtype.element_ty), mask=m_tk)
+            tl.store(dk_ptr + p_tk, dk.to(dk_ptr.dtype.element_ty), mask=m_tk)
+            if DECAY == 1:
+                qdq_all += tl.sum(q.to(tl.float32) * dq, axis=1)
+                kdk_all += tl.sum(k.to(tl.float32) * dk, axis=1)
+                last_all += last
+        if DECAY == 1:
+            tl.store(dlam_ptr + rows,
+                     _dlam(qdq_all, kdk_all, tl.sum(last_all, axis=0), STRICT), mask=m_t)
 
 
 @triton.jit

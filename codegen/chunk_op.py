@@ -123,7 +123,24 @@ def _delta_plan(analysis: Analysis, s: str) -> StatePlan:
 
 
 def chunk_plan(analysis: Analysis) -> ChunkPlan:
-    """The chunked mapping of ``analysis``; raises ``ChunkUnsupported`` naming the reason."""
+    """The chunked mapping of ``analysis`` (derived once per analysis: the sympy work takes
+    milliseconds); raises ``ChunkUnsupported`` naming the reason."""
+    key = id(analysis)
+    hit = _PLANS.get(key)
+    if hit is None or hit[0] is not analysis:
+        try:
+            hit = _PLANS[key] = (analysis, _derive_plan(analysis))
+        except ChunkUnsupported as e:
+            hit = _PLANS[key] = (analysis, e)
+    if isinstance(hit[1], ChunkUnsupported):
+        raise ChunkUnsupported(str(hit[1]))
+    return hit[1]
+
+
+_PLANS: dict[int, tuple] = {}
+
+
+def _derive_plan(analysis: Analysis) -> ChunkPlan:
     p = analysis.program
     cls = analysis.transition_class
     blockers = getattr(analysis, "kernel_blockers", ())
