@@ -26,7 +26,7 @@ from ..ir.nodes import Node, Op
 from ..ir.readout import ReadoutKind
 from ..ir.sympy_view import SympyView, is_one
 from ..ir.transition import TransitionClass
-from .chunk import (DOT_IEEE, DOT_TF32, chunk_dstates_kernel, chunk_grads_kernel,
+from .chunk import (DOT_BF16, DOT_IEEE, DOT_TF32, chunk_dstates_kernel, chunk_grads_kernel,
                     chunk_output_kernel, chunk_states_kernel, delta_chunk_fwd_kernel)
 from . import ops
 from .launch import for_device, interpreting
@@ -495,9 +495,12 @@ def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *
         dot = FORCE_DOT
     elif interpreting() or not half:
         dot = DOT_IEEE  # the interpreter's bf16 dots are wrong; fp32 inputs want fp32 dots
+    elif low is not torch.float32:
+        dot = DOT_BF16  # half storage: bf16 operands, fp32 accumulation (as fla)
     else:
-        # bf16 operands (DOT_BF16) hit an illegal memory access on an H100 with Triton 3.6
-        # (retnet, 2026-11-23) and are off until that is understood; tf32 is verified there
+        # fp32 storage of half inputs (normalized readouts): tf32 operands. bf16 operands
+        # cast from fp32 storage hit an illegal memory access on an H100 with Triton 3.6
+        # (linear_attention, 2026-11-23; not yet understood)
         dot = DOT_TF32
     state_dtype = next(iter(initial_state.values())).dtype if initial_state else torch.float32
     V = sizes["V"]
@@ -525,7 +528,9 @@ def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *
             y, sT = _global_state_readout(q, k, v, s0, cu_seqlens, batch)
         elif sp.beta is not None:
             beta = _lambdified(sp.beta, sp.beta_symbols, ev, (), (B, T, H))
-            y, sT = _delta_forward(q, k, v, beta, lam, s0, cu_seqlens, batch, chunk_size, dot)
+            # the delta kernels are verified on the GPU with tf32 dots only
+            y, sT = _delta_forward(q, k, v, beta, lam, s0, cu_seqlens, batch, chunk_size,
+                                   DOT_TF32 if dot == DOT_BF16 else dot)
         else:
             cfg = _core_config(batch, T, q.shape[-1], v.shape[-1], cu_seqlens, chunk_size,
                                sp.strict, dot, q.device)
