@@ -361,6 +361,10 @@ def _core_config(batch: int, T: int, K: int, V: int, cu_seqlens, chunk_size: int
     table = _chunk_table(batch, T, cu_seqlens, chunk_size, device)
     assert len(table) == n_chunks
     bk, bv = _tiles(K, V, on_gpu)
+    if dot == DOT_BF16 and (K % bk or V % bv):
+        # bf16 operands with partial tiles (K = 100, or V + 1 normalizer columns) hit an
+        # illegal memory access on an H100 with Triton 3.6 (2026-11-23, not yet understood)
+        dot = DOT_TF32
     return dict(N=batch, cu=cu_seqlens, offsets=offsets, n_chunks=n_chunks, table=table,
                 C=chunk_size, BK=bk, BV=bv, strict=strict, dot=dot,
                 # the chunk loop carries the state: no software pipelining (shared memory)
@@ -498,10 +502,7 @@ def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *
     elif low is not torch.float32:
         dot = DOT_BF16  # half storage: bf16 operands, fp32 accumulation (as fla)
     else:
-        # fp32 storage of half inputs (normalized readouts): tf32 operands. bf16 operands
-        # cast from fp32 storage hit an illegal memory access on an H100 with Triton 3.6
-        # (linear_attention, 2026-11-23; not yet understood)
-        dot = DOT_TF32
+        dot = DOT_TF32  # fp32 storage of half inputs (normalized readouts): tf32 operands
     state_dtype = next(iter(initial_state.values())).dtype if initial_state else torch.float32
     V = sizes["V"]
     final = {}
