@@ -196,3 +196,15 @@ def test_chunked_delta_rule_refuses_gradients_and_auto_trains_with_recurrent():
     bound = attn.bind(x, None, None)
     assert attn._auto_form(bound, needs_grad=True) == "recurrent"
     assert attn._auto_form(bound, needs_grad=False) == "chunk"
+
+
+def test_mlstm_chunk_with_input_gates_up_to_plus_30_is_finite_and_exact():
+    """exp(i) up to e^30 (~1e13) scales every key and the normalizer: without a running-max
+    stabilizer the fp32 kernels still hold it (fp32 reaches 3e38), outputs and gradients
+    equal the float64 reference."""
+    attn = linforge.library.get("mlstm")
+    sizes = kernel_sizes(attn)
+    x = make_inputs(attn, B=1, T=150, H=2, sizes=sizes, seed=17)
+    g = torch.Generator().manual_seed(17)
+    x["i"] = 20 + 10 * torch.rand(x["i"].shape, generator=g)      # input gates in [20, 30]
+    check_against_reference(attn, x, None, torch.float32, form="chunk")
