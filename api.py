@@ -20,6 +20,12 @@ from .ir.lower import lower, show_dims
 FORMS = ("auto", "recurrent", "chunk", "parallel", "reference")
 #: form="auto" uses the chunked kernels from this length on (one chunk of 64 tokens)
 AUTO_CHUNK_MIN_T = 64
+#: classes whose generated recurrent kernels measured faster than their chunked ones at
+#: training lengths, so form="auto" keeps them recurrent: NVIDIA H100, B=4, T=4096, H=16,
+#: K=V=128, bf16 (BENCHMARKS.md, 2026-11-23): diagonal decays, gla forward 2.64 ms recurrent
+#: vs 5.48 ms chunk and forward+backward 18.7 vs 19.8 ms, rwkv6 forward 2.95 vs 5.80 ms
+#: (scalar decays go the other way: retnet forward 1.97 vs 1.12 ms, fwd+bwd 17.4 vs 3.46 ms)
+AUTO_RECURRENT_CLASSES = frozenset({TransitionClass.DIAGONAL})
 
 
 @dataclass(frozen=True)
@@ -95,8 +101,10 @@ class Attention:
         ``form="recurrent"`` runs the generated recurrent Triton kernels (Triton's
         interpreter for CPU tensors), differentiable through the generated backward kernel.
         ``form="chunk"`` runs the chunked kernels (identity, scalar and diagonal decays with
-        gradients; delta rules forward only). ``form="auto"`` picks chunk for sequences of 64 tokens or more when the spec has
-        a chunked kernel, and recurrent otherwise (``info()["auto_form"]`` says which).
+        gradients; delta rules forward only). ``form="auto"`` picks chunk for sequences of 64
+        tokens or more when the spec has a chunked kernel that measured faster than the
+        recurrent one (not yet for diagonal decays), and recurrent otherwise
+        (``info()["auto_form"]`` says which and why).
         ``form="reference"`` runs the float64 interpreter (``o`` cast to the dtype of the
         input over V, states to float32 or the initial state's dtype).
         """
@@ -160,10 +168,13 @@ class Attention:
         """Chunked for sequences of a chunk or more when the spec has a chunked kernel
         (delta rules: without gradients only), parallel for noncausal specs; recurrent
         otherwise (short sequences, other classes)."""
-        delta = self.analysis.transition_class is TransitionClass.DELTA
+        cls = self.analysis.transition_class
+        delta = cls is TransitionClass.DELTA
+        if self.program.noncausal and self._chunk_reason() is None:
+            return "parallel"
         if self._chunk_reason() is None and not (delta and needs_grad) and (
-                self.program.noncausal or bound.length >= AUTO_CHUNK_MIN_T):
-            return "parallel" if self.program.noncausal else "chunk"
+                bound.length >= AUTO_CHUNK_MIN_T and cls not in AUTO_RECURRENT_CLASSES):
+            return "chunk"
         return "recurrent"
 
     def _auto_form_text(self) -> str:
@@ -174,6 +185,9 @@ class Attention:
             return f"recurrent (no chunked kernel: {self._chunk_reason()})"
         if self.program.noncausal:
             return "parallel (noncausal: two GEMM stages)"
+        if self.analysis.transition_class in AUTO_RECURRENT_CLASSES:
+            return ("recurrent (measured faster than this class's chunked kernels on an H100 "
+                    "at T=4096, see AUTO_RECURRENT_CLASSES; form='chunk' runs them)")
         if self.analysis.transition_class is TransitionClass.DELTA:
             return (f"chunk for T >= {AUTO_CHUNK_MIN_T} without gradients (the chunked "
                     "delta-rule backward is not generated yet), recurrent otherwise")

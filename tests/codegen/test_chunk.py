@@ -146,12 +146,17 @@ def test_noncausal_parallel_varlen(name):
 
 def test_auto_picks_parallel_for_noncausal_and_chunk_for_long_causal():
     assert linforge.library.get("efficientvit").info()["auto_form"].startswith("parallel")
+    retnet = linforge.library.get("retnet")
+    x = make_inputs(retnet, B=1, T=70, H=1, sizes=kernel_sizes(retnet))
+    assert retnet._auto_form(retnet.bind(x, None, None)) == "chunk"
+    short = retnet.bind(make_inputs(retnet, B=1, T=10, H=1, sizes=kernel_sizes(retnet)), None,
+                        None)
+    assert retnet._auto_form(short) == "recurrent"
+    # diagonal decays: the recurrent kernels measured faster than the chunked ones
     gla = linforge.library.get("gla")
-    x = make_inputs(gla, B=1, T=70, H=1, sizes=kernel_sizes(gla))
-    bound = gla.bind(x, None, None)
-    assert gla._auto_form(bound) == "chunk"
-    short = gla.bind(make_inputs(gla, B=1, T=10, H=1, sizes=kernel_sizes(gla)), None, None)
-    assert gla._auto_form(short) == "recurrent"
+    long = gla.bind(make_inputs(gla, B=1, T=70, H=1, sizes=kernel_sizes(gla)), None, None)
+    assert gla._auto_form(long) == "recurrent"
+    assert "measured faster" in gla.info()["auto_form"]
     vit = linforge.library.get("efficientvit")
     assert vit._auto_form(vit.bind(make_inputs(vit, B=1, T=10, H=1,
                                                sizes=kernel_sizes(vit)), None, None)) \
