@@ -114,17 +114,16 @@ class Attention:
             isinstance(x, torch.Tensor) and x.requires_grad
             for x in [*tensors.values(), *(initial_state or {}).values()])
         form = self.resolve_form(form, bound.length, needs_grad=needs_grad)
-        if form == "chunk" or (form == "parallel" and self.program.noncausal):
+        if form in ("chunk", "parallel"):
             try:
                 return chunk_forward(
                     self.analysis, bound.inputs, bound.params, bound.sizes, batch=bound.batch,
                     out_dtype=bound.out_dtype, initial_state=initial_state,
-                    output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+                    output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                    parallel=form == "parallel")
             except ChunkUnsupported as e:
-                raise NotImplementedError(f"form={form!r}: {e}; use form='recurrent'") from None
-        if form == "parallel":
-            raise NotImplementedError("form='parallel' runs noncausal specs only so far (two "
-                                      "GEMM stages); use form='chunk' or 'recurrent'")
+                hint = "" if "form=" in str(e) else "; use form='recurrent'"
+                raise NotImplementedError(f"form={form!r}: {e}{hint}") from None
         if form == "recurrent":
             return recurrent_forward(
                 self.analysis, bound.inputs, bound.params, bound.sizes, batch=bound.batch,

@@ -67,10 +67,31 @@ def _lanes(i_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.const
 @triton.jit
 def _chunk(chunk_table_ptr, i_h, H: tl.constexpr, r_c):
     """Rows of a chunk's tokens for head ``i_h`` and their mask, from the chunk table
-    (first token, end of its sequence)."""
-    t0 = tl.load(chunk_table_ptr + 2 * tl.program_id(0))
-    eos = tl.load(chunk_table_ptr + 2 * tl.program_id(0) + 1)
+    (first token, end of its sequence, start of its sequence)."""
+    t0, eos, _ = _span(chunk_table_ptr)
     return (t0 + r_c) * H + i_h, t0 + r_c < eos
+
+
+@triton.jit
+def _span(chunk_table_ptr):
+    """This program's chunk table row: the chunk's first token, the end and the start of
+    its sequence."""
+    row = chunk_table_ptr + 3 * tl.program_id(0)
+    return tl.load(row), tl.load(row + 1), tl.load(row + 2)
+
+
+@triton.jit
+def _pair_decay(lam_ptr, rows_q, m_q, rows_k, m_kr, gap, DECAY: tl.constexpr,
+                STRICT: tl.constexpr):
+    """Parallel form, scalar decays: exp(bq_t - b_s) for queries of one block and keys of
+    an earlier block, as (bq_t from the query block's start) + gap (the blocks between) +
+    (b at the key block's end - b_s), each part <= 0; 1 without decay."""
+    if DECAY == 1:
+        _, bq, _ = _decays(lam_ptr, rows_q, m_q, rows_q, m_q, 1, DECAY, STRICT)
+        b, _, b_end = _decays(lam_ptr, rows_k, m_kr, rows_k, m_kr, 1, DECAY, False)
+        return tl.exp(bq[:, None] + gap + (b_end - b)[None, :])
+    else:
+        return 1.0
 
 
 @triton.jit
@@ -118,6 +139,96 @@ def _diag_scores(q, k, bq, b, dA, r_c, C: tl.constexpr, STRICT: tl.constexpr,
             dq = tl.where(row, tl.sum(dA_t[:, None] * ke, axis=0)[None, :], dq)
             dk += dA_t[:, None] * e * q_t[None, :]
     return A, dq, dk
+
+
+@triton.jit
+def _cross_block_grads(q_ptr, k_ptr, v_ptr, lam_ptr, dy_ptr, chunk_table_ptr, rows, m_t, r_c,
+                       r_k, m_k, i_h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                       BV: tl.constexpr, NV: tl.constexpr, DECAY: tl.constexpr,
+                       STRICT: tl.constexpr, DOT: tl.constexpr):
+    """Parallel form: the parts of this block's dq from keys of earlier blocks and of its dk
+    from queries of later blocks (same sequence), on K lanes ``r_k``, pair by pair."""
+    t0, eos, bos = _span(chunk_table_ptr)
+    C: tl.constexpr = r_c.shape[0]
+    dq = tl.zeros([C, r_k.shape[0]], dtype=tl.float32)
+    dk = tl.zeros([C, r_k.shape[0]], dtype=tl.float32)
+    gap = tl.sum(tl.zeros([1], dtype=tl.float32), axis=0)
+    for jj in range(0, (t0 - bos) // C):          # earlier blocks, nearest first
+        j0 = t0 - (jj + 1) * C
+        rows_j, m_j = (j0 + r_c) * H + i_h, j0 + r_c < eos
+        dA = tl.zeros([C, C], dtype=tl.float32)
+        for i_v in tl.static_range(NV):
+            r_v, m_v = _block(i_v, BV, V)
+            dA += _mm(_rows_of(dy_ptr, rows, m_t, r_v, m_v, V),
+                      tl.trans(_rows_of(v_ptr, rows_j, m_j, r_v, m_v, V)), DOT)
+        dA = dA * _pair_decay(lam_ptr, rows, m_t, rows_j, m_j, gap, DECAY, STRICT)
+        dq += _mm(dA, _rows_of(k_ptr, rows_j, m_j, r_k, m_k, K), DOT)
+        if DECAY == 1:
+            gap += tl.sum(tl.load(lam_ptr + rows_j, mask=m_j, other=0.0).to(tl.float32), axis=0)
+    gap = tl.sum(tl.zeros([1], dtype=tl.float32), axis=0)
+    for l0 in range(t0 + C, eos, C):              # later blocks, nearest first
+        rows_l, m_l = (l0 + r_c) * H + i_h, l0 + r_c < eos
+        dA = tl.zeros([C, C], dtype=tl.float32)
+        for i_v in tl.static_range(NV):
+            r_v, m_v = _block(i_v, BV, V)
+            dA += _mm(_rows_of(dy_ptr, rows_l, m_l, r_v, m_v, V),
+                      tl.trans(_rows_of(v_ptr, rows, m_t, r_v, m_v, V)), DOT)
+        dA = dA * _pair_decay(lam_ptr, rows_l, m_l, rows, m_t, gap, DECAY, STRICT)
+        dk += _mm(tl.trans(dA), _rows_of(q_ptr, rows_l, m_l, r_k, m_k, K), DOT)
+        if DECAY == 1:
+            gap += tl.sum(tl.load(lam_ptr + rows_l, mask=m_l, other=0.0).to(tl.float32), axis=0)
+    return dq, dk
+
+
+@triton.jit
+def _cross_block_output(q_ptr, k_ptr, v_ptr, lam_ptr, chunk_table_ptr, rows, m_t, r_c, r_v,
+                        m_v, i_h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                        BK: tl.constexpr, NK: tl.constexpr, DECAY: tl.constexpr,
+                        STRICT: tl.constexpr, DOT: tl.constexpr):
+    """Parallel form: this block's y on V lanes ``r_v`` from the keys and values of the
+    earlier blocks of its sequence (what the chunked form reads from the state)."""
+    t0, eos, bos = _span(chunk_table_ptr)
+    C: tl.constexpr = r_c.shape[0]
+    y = tl.zeros([C, r_v.shape[0]], dtype=tl.float32)
+    gap = tl.sum(tl.zeros([1], dtype=tl.float32), axis=0)
+    for jj in range(0, (t0 - bos) // C):          # earlier blocks, nearest first
+        j0 = t0 - (jj + 1) * C
+        rows_j, m_j = (j0 + r_c) * H + i_h, j0 + r_c < eos
+        A = tl.zeros([C, C], dtype=tl.float32)
+        for i_k in tl.static_range(NK):
+            r_k, m_k = _block(i_k, BK, K)
+            A += _mm(_rows_of(q_ptr, rows, m_t, r_k, m_k, K),
+                     tl.trans(_rows_of(k_ptr, rows_j, m_j, r_k, m_k, K)), DOT)
+        A = A * _pair_decay(lam_ptr, rows, m_t, rows_j, m_j, gap, DECAY, STRICT)
+        y += _mm(A, _rows_of(v_ptr, rows_j, m_j, r_v, m_v, V), DOT)
+        if DECAY == 1:
+            gap += tl.sum(tl.load(lam_ptr + rows_j, mask=m_j, other=0.0).to(tl.float32), axis=0)
+    return y
+
+
+@triton.jit
+def _later_blocks_dv(q_ptr, k_ptr, lam_ptr, dy_ptr, chunk_table_ptr, rows, m_t, r_c, r_v, m_v,
+                     i_h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                     NK: tl.constexpr, DECAY: tl.constexpr, STRICT: tl.constexpr,
+                     DOT: tl.constexpr):
+    """Parallel form: the part of this block's dv from queries of later blocks (V lanes
+    ``r_v``): the scores of later queries on this block's keys, transposed, times their dy."""
+    t0, eos, bos = _span(chunk_table_ptr)
+    C: tl.constexpr = r_c.shape[0]
+    dv = tl.zeros([C, r_v.shape[0]], dtype=tl.float32)
+    gap = tl.sum(tl.zeros([1], dtype=tl.float32), axis=0)
+    for l0 in range(t0 + C, eos, C):              # later blocks, nearest first
+        rows_l, m_l = (l0 + r_c) * H + i_h, l0 + r_c < eos
+        A = tl.zeros([C, C], dtype=tl.float32)
+        for i_k in tl.static_range(NK):
+            r_k, m_k = _block(i_k, BK, K)
+            A += _mm(_rows_of(q_ptr, rows_l, m_l, r_k, m_k, K),
+                     tl.trans(_rows_of(k_ptr, rows, m_t, r_k, m_k, K)), DOT)
+        A = A * _pair_decay(lam_ptr, rows_l, m_l, rows, m_t, gap, DECAY, STRICT)
+        dv += _mm(tl.trans(A), _rows_of(dy_ptr, rows_l, m_l, r_v, m_v, V), DOT)
+        if DECAY == 1:
+            gap += tl.sum(tl.load(lam_ptr + rows_l, mask=m_l, other=0.0).to(tl.float32), axis=0)
+    return dv
 
 
 @triton.jit
@@ -310,6 +421,7 @@ def chunk_output_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NK: tl.constexpr, NV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
     STRICT: tl.constexpr, DOT: tl.constexpr, SUB: tl.constexpr = 16,
+    PARALLEL: tl.constexpr = False,
 ):
     """Grid (chunks, heads): y of one chunk. The scores are built once over the K blocks;
     each V block of y is then scores @ v plus the queries, decayed to the chunk start,
@@ -328,14 +440,20 @@ def chunk_output_kernel(
                              STRICT, DOT)
         for i_v in tl.static_range(NV):
             r_v, m_v = _block(i_v, BV, V)
-            y = tl.zeros([C, BV], dtype=tl.float32)        # earlier chunks, through S
-            for i_k in tl.static_range(NK):
-                r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
-                S = tl.load(ckpt_ptr + (i_g * H + i_h) * K * V + p_kv, mask=m_kv, other=0.0)
-                y += _mm(_rows_of(q_ptr, rows, m_t, r_k, m_k, K), S, DOT)
-            if DECAY == 1:
-                q_factor, _ = _query_factor(lam_ptr, rows, m_t, r_c, m_t, K, DECAY, STRICT)
-                y = y * q_factor
+            if PARALLEL:    # earlier chunks, pair by pair
+                y = _cross_block_output(q_ptr, k_ptr, v_ptr, lam_ptr, chunk_table_ptr, rows,
+                                        m_t, r_c, r_v, m_v, i_h, H, K, V, BK, NK, DECAY,
+                                        STRICT, DOT)
+            else:           # earlier chunks, through S
+                y = tl.zeros([C, BV], dtype=tl.float32)
+                for i_k in tl.static_range(NK):
+                    r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
+                    S = tl.load(ckpt_ptr + (i_g * H + i_h) * K * V + p_kv, mask=m_kv,
+                                other=0.0)
+                    y += _mm(_rows_of(q_ptr, rows, m_t, r_k, m_k, K), S, DOT)
+                if DECAY == 1:
+                    q_factor, _ = _query_factor(lam_ptr, rows, m_t, r_c, m_t, K, DECAY, STRICT)
+                    y = y * q_factor
             y += _mm(A, _rows_of(v_ptr, rows, m_t, r_v, m_v, V), DOT)
             tl.store(y_ptr + rows[:, None] * V + r_v[None, :], y.to(y_ptr.dtype.element_ty),
                      mask=m_t[:, None] & m_v[None, :])
@@ -502,6 +620,7 @@ def chunk_grads_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NK: tl.constexpr, NV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
     STRICT: tl.constexpr, DOT: tl.constexpr, SUB: tl.constexpr = 16,
+    PARALLEL: tl.constexpr = False,
 ):
     """Grid (chunks, heads): dq, dk, dv and dlam of one chunk from its start state S and the
     gradient dS of its end state, every K and V block in one program (no atomics):
@@ -528,12 +647,16 @@ def chunk_grads_kernel(
         for i_v in tl.static_range(NV):
             r_v, m_v = _block(i_v, BV, V)
             dv = _mm(tl.trans(A), _rows_of(dy_ptr, rows, m_t, r_v, m_v, V), DOT)
-            for i_k in tl.static_range(NK):
-                r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
-                k_dec, _ = _key_decay(_rows_of(k_ptr, rows, m_t, r_k, m_k, K), lam_ptr, rows,
-                                      m_t, r_k, m_k, K, DECAY, False)
-                dv += _mm(k_dec, tl.load(dckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0),
-                          DOT)
+            if PARALLEL:
+                dv += _later_blocks_dv(q_ptr, k_ptr, lam_ptr, dy_ptr, chunk_table_ptr, rows, m_t,
+                                       r_c, r_v, m_v, i_h, H, K, V, BK, NK, DECAY, STRICT, DOT)
+            else:
+                for i_k in tl.static_range(NK):
+                    r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
+                    k_dec, _ = _key_decay(_rows_of(k_ptr, rows, m_t, r_k, m_k, K), lam_ptr,
+                                          rows, m_t, r_k, m_k, K, DECAY, False)
+                    dv += _mm(k_dec, tl.load(dckpt_ptr + p_state + p_kv, mask=m_kv,
+                                             other=0.0), DOT)
             tl.store(dv_ptr + rows[:, None] * V + r_v[None, :],
                      dv.to(dv_ptr.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
         # scalar decays sum q.dq, k.dk and S_next.dS over every K block before dlam
@@ -550,7 +673,7 @@ def chunk_grads_kernel(
             dq = tl.zeros([C, BK], dtype=tl.float32)
             dk = tl.zeros([C, BK], dtype=tl.float32)
             last = tl.zeros([BK], dtype=tl.float32)
-            for i_v in tl.static_range(NV):
+            for i_v in tl.static_range(NV * (1 - PARALLEL)):
                 r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
                 S = tl.load(ckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0)
                 dS = tl.load(dckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0)
@@ -565,16 +688,20 @@ def chunk_grads_kernel(
                 last += tl.sum(k.to(tl.float32) * k_factor * dk, axis=0)
             dq = dq * q_factor
             dk = dk * k_factor
+            if PARALLEL:
+                dq, dk = _cross_block_grads(q_ptr, k_ptr, v_ptr, lam_ptr, dy_ptr,
+                                            chunk_table_ptr, rows, m_t, r_c, r_k, m_k, i_h, H,
+                                            K, V, BV, NV, DECAY, STRICT, DOT)
             dq += _mm(dA * mask, k, DOT)
             dk += _mm(tl.trans(dA * mask), q, DOT)
             p_tk = rows[:, None] * K + r_k[None, :]
             tl.store(dq_ptr + p_tk, dq.to(dq_ptr.dtype.element_ty), mask=m_tk)
             tl.store(dk_ptr + p_tk, dk.to(dk_ptr.dtype.element_ty), mask=m_tk)
-            if DECAY == 1:
+            if DECAY == 1 and not PARALLEL:     # (the parallel form's dlam: see chunk_op)
                 qdq_all += tl.sum(q.to(tl.float32) * dq, axis=1)
                 kdk_all += tl.sum(k.to(tl.float32) * dk, axis=1)
                 last_all += last
-        if DECAY == 1:
+        if DECAY == 1 and not PARALLEL:
             tl.store(dlam_ptr + rows,
                      _dlam(qdq_all, kdk_all, tl.sum(last_all, axis=0), STRICT), mask=m_t)
 

@@ -268,16 +268,20 @@ class ChunkCore(torch.autograd.Function):
         cu, offsets = cfg["cu"], cfg["offsets"]
         y = torch.empty(B, T, H, V, dtype=cfg["y_dtype"], device=dev)
         sT = torch.empty(N, H, K, V, dtype=torch.float32, device=dev)
-        ckpt = torch.empty(n_chunks, H, K, V, dtype=torch.float32, device=dev)
+        ckpt = None if cfg["parallel"] else torch.empty(n_chunks, H, K, V,
+                                                         dtype=torch.float32, device=dev)
         blocks = _blocks(cfg, H, K, V)
         lam_ = lam if lam is not None else q
-        for_device(chunk_states_kernel, dev)[(blocks["NK"] * blocks["NV"], N * H)](
-            k, v, lam_, s0 if s0 is not None else y, sT, ckpt, _or(cu, y), _or(offsets, y), T,
-            USE_INITIAL_STATE=s0 is not None, IS_VARLEN=cu is not None,
-            **_for("states", _without(blocks, "NK", "STRICT")))
+        if cfg["parallel"]:     # no states: every chunk reads the earlier ones directly
+            ckpt = y
+        else:
+            for_device(chunk_states_kernel, dev)[(blocks["NK"] * blocks["NV"], N * H)](
+                k, v, lam_, s0 if s0 is not None else y, sT, ckpt, _or(cu, y),
+                _or(offsets, y), T, USE_INITIAL_STATE=s0 is not None,
+                IS_VARLEN=cu is not None, **_for("states", _without(blocks, "NK", "STRICT")))
         chunk_output_kernel[(n_chunks, H)](q, k, v, lam_, y, ckpt, cfg["table"],
-                                           **_for("output", blocks))
-        ctx.save_for_backward(q, k, v, lam, ckpt)
+                                           PARALLEL=cfg["parallel"], **_for("output", blocks))
+        ctx.save_for_backward(q, k, v, lam, ckpt if not cfg["parallel"] else None)
         ctx.cfg = cfg
         ctx.has_s0 = s0 is not None
         return y, sT
@@ -296,18 +300,23 @@ class ChunkCore(torch.autograd.Function):
         dv = torch.empty(v.shape, dtype=torch.float32, device=dev)
         dlam = torch.empty(lam.shape, dtype=torch.float32, device=dev) if lam is not None \
             else None
-        ds0 = torch.empty(N, H, K, V, dtype=torch.float32, device=dev)
-        dckpt = torch.empty_like(ckpt)
         dy = dy.contiguous()
         lam_ = lam if lam is not None else q
         blocks = _blocks(cfg, H, K, V)
-        for_device(chunk_dstates_kernel, dev)[(blocks["NK"] * blocks["NV"], N * H)](
-            q, lam_, dy, _or(dsT, dy), ds0, dckpt, _or(cu, dy), _or(offsets, dy), T,
-            USE_FINAL_STATE_GRAD=dsT is not None, IS_VARLEN=cu is not None,
-            **_for("dstates", _without(blocks, "NK")))
+        if cfg["parallel"]:
+            ds0 = ckpt = dckpt = None
+        else:
+            ds0 = torch.empty(N, H, K, V, dtype=torch.float32, device=dev)
+            dckpt = torch.empty_like(ckpt)
+            for_device(chunk_dstates_kernel, dev)[(blocks["NK"] * blocks["NV"], N * H)](
+                q, lam_, dy, _or(dsT, dy), ds0, dckpt, _or(cu, dy), _or(offsets, dy), T,
+                USE_FINAL_STATE_GRAD=dsT is not None, IS_VARLEN=cu is not None,
+                **_for("dstates", _without(blocks, "NK")))
         chunk_grads_kernel[(n_chunks, H)](
-            q, k, v, lam_, dy, ckpt, dckpt, cfg["table"], dq, dk, dv, _or(dlam, dq),
-            **_for("grads", blocks))
+            q, k, v, lam_, dy, _or(ckpt, dy), _or(dckpt, dy), cfg["table"], dq, dk, dv,
+            _or(dlam, dq), PARALLEL=cfg["parallel"], **_for("grads", blocks))
+        if cfg["parallel"] and dlam is not None:
+            dlam = _parallel_decay_grad(q, k, dq, dk, cu, cfg["strict"])
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dlam,
                 ds0 if ctx.has_s0 else None, None)
 
@@ -317,6 +326,47 @@ def _blocks(cfg: dict, H: int, K: int, V: int) -> dict:
     return dict(H=H, K=K, V=V, BK=cfg["BK"], BV=cfg["BV"], NK=triton.cdiv(K, cfg["BK"]),
                 NV=triton.cdiv(V, cfg["BV"]), C=cfg["C"], DECAY=cfg["decay"],
                 STRICT=cfg["strict"], DOT=cfg["dot"], **cfg["options"])
+
+
+def _check_parallel(plan: ChunkPlan, name: str, initial_state, output_final_state: bool):
+    """The causal parallel form's limits, as errors that say what runs instead."""
+    if initial_state is not None or output_final_state:
+        raise ChunkUnsupported(f"'{name}': the causal parallel form carries no state "
+                               "(initial_state / output_final_state need form='chunk' or "
+                               "'recurrent')")
+    for sp in plan.states:
+        if sp.beta is not None or sp.decay == 2:
+            raise ChunkUnsupported(
+                f"'{name}': the causal parallel form is generated for identity and scalar "
+                "decays so far (this spec's diagonal decay or delta rule is not); use "
+                "form='chunk' or 'recurrent'")
+
+
+def _parallel_decay_grad(q, k, dq, dk, cu_seqlens, strict: bool) -> torch.Tensor:
+    """Parallel form, scalar decay: lam_j enters the exponent bq_t - b_s of every pair with
+    t >= j (t > j when strict) on the query side and s >= j on the key side, so
+    dlam_j = sum_{t >= j} q_t . dq_t - sum_{s >= j} k_s . dk_s over the rest of its sequence
+    (the query sum from t = j + 1 when strict)."""
+    # the two sums are large and nearly cancel: float64 ([B, T, H], cheap)
+    qdq = (q.float() * dq).sum(-1).double()
+    kdk = (k.float() * dk).sum(-1).double()
+    later_q = _suffix_sums(qdq, cu_seqlens)
+    if strict:
+        later_q = later_q - qdq
+    return (later_q - _suffix_sums(kdk, cu_seqlens)).float()
+
+
+def _suffix_sums(x: torch.Tensor, cu_seqlens) -> torch.Tensor:
+    """sum over t >= j within each sequence, along dim 1 of ``x`` [B, T, H]."""
+    total = x.flip(1).cumsum(1).flip(1)
+    if cu_seqlens is None:
+        return total
+    # packed sequences: subtract what the following sequences add
+    after = torch.cat([total, total.new_zeros(total.shape[0], 1, *total.shape[2:])], 1)
+    ends = cu_seqlens[1:].long()
+    seq = torch.repeat_interleave(torch.arange(len(ends), device=x.device),
+                                  (cu_seqlens[1:] - cu_seqlens[:-1]).long())
+    return total - after[:, ends[seq]]
 
 
 def _for(kernel: str, blocks: dict) -> dict:
@@ -334,18 +384,18 @@ def _or(x, fallback):
 
 
 def _chunk_table(batch: int, T: int, cu_seqlens, C: int, device) -> torch.Tensor:
-    """[n_chunks, 2] int64: each chunk's first token row and the end of its sequence, in
-    the order of the state checkpoints (sequence by sequence)."""
+    """[n_chunks, 3] int64: each chunk's first token row, the end and the start of its
+    sequence, in the order of the state checkpoints (sequence by sequence)."""
     if cu_seqlens is None:
         starts = torch.arange(0, T, C, device=device)
-        t0 = (torch.arange(batch, device=device)[:, None] * T + starts[None, :]).flatten()
-        eos = (torch.arange(batch, device=device)[:, None] * T + T).expand(-1, len(starts))
-        return torch.stack([t0, eos.flatten()], 1).contiguous()
+        bos = (torch.arange(batch, device=device)[:, None] * T).expand(-1, len(starts))
+        return torch.stack([(bos + starts[None, :]).flatten(), (bos + T).flatten(),
+                            bos.flatten()], 1).contiguous()
     rows = []
     bounds = cu_seqlens.tolist()
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        rows += [(t, hi) for t in range(lo, hi, C)]
-    return torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1, 2)
+        rows += [(t, hi, lo) for t in range(lo, hi, C)]
+    return torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1, 3)
 
 
 def _core_config(batch: int, T: int, K: int, V: int, cu_seqlens, chunk_size: int,
@@ -366,7 +416,7 @@ def _core_config(batch: int, T: int, K: int, V: int, cu_seqlens, chunk_size: int
         # illegal memory access on an H100 with Triton 3.6 (2026-11-23, not yet understood)
         dot = DOT_TF32
     return dict(N=batch, cu=cu_seqlens, offsets=offsets, n_chunks=n_chunks, table=table,
-                C=chunk_size, BK=bk, BV=bv, strict=strict, dot=dot,
+                C=chunk_size, BK=bk, BV=bv, strict=strict, dot=dot, parallel=False,
                 # the chunk loop carries the state: no software pipelining (shared memory)
                 options={"num_warps": ops.FORCE_NUM_WARPS or 4, "num_stages": 1}
                 if on_gpu else {})
@@ -481,11 +531,16 @@ def _global_state_readout(q, k, v, s0, cu_seqlens, batch: int):
 
 def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *, batch: int,
                   out_dtype: torch.dtype, initial_state: dict | None, output_final_state: bool,
-                  cu_seqlens: torch.Tensor | None, chunk_size: int = 64):
+                  cu_seqlens: torch.Tensor | None, chunk_size: int = 64, parallel: bool = False):
     """Run the chunked form (differentiable); same contract as ``ops.recurrent_forward``.
-    A noncausal spec runs as two GEMM stages (its parallel form)."""
+    A noncausal spec runs as two GEMM stages (its parallel form). ``parallel``: the causal
+    parallel form, every block of queries reading the keys and values of the earlier blocks
+    directly instead of through chunk states (identity and scalar decays; no state in or
+    out)."""
     plan = chunk_plan(analysis)
     p = analysis.program
+    if parallel and not p.noncausal:
+        _check_parallel(plan, p.name, initial_state, output_final_state)
     ev = _Tokens(inputs, params, sizes, cu_seqlens)
     x0 = next(iter(inputs.values()))
     B, T, H = x0.shape[:3]
@@ -536,6 +591,7 @@ def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *
             cfg = _core_config(batch, T, q.shape[-1], v.shape[-1], cu_seqlens, chunk_size,
                                sp.strict, dot, q.device)
             cfg["decay"] = sp.decay
+            cfg["parallel"] = parallel and not p.noncausal
             # an output that is the state read itself is stored in its dtype by the kernel
             direct = not sp.columns and any(node == p.output for node, _ in sp.reads)
             cfg["y_dtype"] = out_dtype if direct else torch.float32

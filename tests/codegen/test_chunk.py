@@ -213,3 +213,65 @@ def test_mlstm_chunk_with_input_gates_up_to_plus_30_is_finite_and_exact():
     g = torch.Generator().manual_seed(17)
     x["i"] = 20 + 10 * torch.rand(x["i"].shape, generator=g)      # input gates in [20, 30]
     check_against_reference(attn, x, None, torch.float32, form="chunk")
+
+
+# the causal parallel form: identity and scalar decays
+PARALLEL = [n for n in CHUNKED if not linforge.library.get(n).program.noncausal
+            and all(sp.decay < 2 for sp in chunk_plan(linforge.library.get(n).analysis).states)]
+
+
+def test_the_causal_parallel_form_covers_identity_and_scalar_library_specs():
+    assert set(PARALLEL) >= {"linear_attention", "retnet", "mamba2", "lightning_attention",
+                             "performer", "based", "cosformer", "gated_rfa", "mlstm"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", PARALLEL)
+def test_causal_parallel_matches_reference(name, dtype):
+    """Three blocks of 64 and a partial one: every block reads the earlier ones directly."""
+    attn = linforge.library.get(name)
+    x = make_inputs(attn, B=2, T=150, H=2, sizes=kernel_sizes(attn), seed=18)
+    check_against_reference(attn, x, None, dtype, form="parallel", states=False)
+
+
+@pytest.mark.parametrize("name", ["retnet", "linear_attention", "lightning_attention"])
+def test_causal_parallel_varlen_and_tiles(name):
+    """Packed sequences (one shorter than a block, one over two blocks), K and V in tiles."""
+    attn = linforge.library.get(name)
+    sizes = dict(kernel_sizes(attn), K=24, V=20)
+    cu = torch.tensor([0, 5, 6, 100, 230])
+    x = make_inputs(attn, B=1, T=230, H=2, sizes=sizes, seed=19)
+    check_against_reference(attn, x, None, torch.float32, cu_seqlens=cu, form="parallel",
+                            states=False)
+
+
+STRICT_SCALAR = """
+attention strict_scalar
+    inputs q[K], k[K], v[V], g
+    state  S[K, V]
+    o = q @ S
+    S = exp(g) * S + outer(k, v)
+"""
+
+
+@pytest.mark.parametrize("form", ["parallel", "chunk"])
+def test_readout_before_the_update_with_steep_scalar_decays(form):
+    """The readout sees the state before its own token (strict), decays down to exp(-20)
+    per step: parallel and chunked forms equal the reference, finite."""
+    attn = linforge.compile(STRICT_SCALAR)
+    g = torch.Generator().manual_seed(20)
+    B, T, H, K, V = 1, 200, 2, 16, 16
+    x = {"q": torch.randn(B, T, H, K, generator=g), "k": torch.randn(B, T, H, K, generator=g),
+         "v": torch.randn(B, T, H, V, generator=g), "g": -20 * torch.rand(B, T, H, generator=g)}
+    check_against_reference(attn, x, None, torch.float32, form=form, states=False)
+
+
+def test_causal_parallel_errors_say_what_runs_instead():
+    retnet = linforge.library.get("retnet")
+    x = make_inputs(retnet, B=1, T=8, H=1, sizes=kernel_sizes(retnet))
+    with pytest.raises(NotImplementedError, match="carries no state.*form='chunk'"):
+        retnet(**x, form="parallel", output_final_state=True)
+    gla = linforge.library.get("gla")
+    x = make_inputs(gla, B=1, T=8, H=1, sizes=kernel_sizes(gla))
+    with pytest.raises(NotImplementedError, match="identity and scalar decays so far"):
+        gla(**x, form="parallel")

@@ -21,18 +21,20 @@ def rel_err(actual, expected):
     return ((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-6)).item()
 
 
-def run_with_grads(attn, x, init, *, dtype, form, cu_seqlens=None, seed=0):
-    """Forward, then backward of a random linear loss on o and the final states."""
+def run_with_grads(attn, x, init, *, dtype, form, cu_seqlens=None, seed=0, states=True):
+    """Forward, then backward of a random linear loss on o and the final states (none with
+    ``states=False``)."""
     xs = {k: v.detach().to(dtype).requires_grad_() for k, v in x.items()}
     st = {k: v.detach().clone().requires_grad_() for k, v in init.items()} if init else None
     if form == "reference":
         o, final = attn.reference(**{k: v.double() for k, v in xs.items()},
                                   initial_state=({k: v.double() for k, v in st.items()}
                                                  if st else None),
-                                  output_final_state=True, cu_seqlens=cu_seqlens)
+                                  output_final_state=states, cu_seqlens=cu_seqlens)
     else:
-        o, final = attn(**xs, initial_state=st, output_final_state=True, form=form,
+        o, final = attn(**xs, initial_state=st, output_final_state=states, form=form,
                         cu_seqlens=cu_seqlens)
+    final = final or {}
     g = torch.Generator().manual_seed(seed)
 
     def weights(t):
@@ -47,12 +49,14 @@ def run_with_grads(attn, x, init, *, dtype, form, cu_seqlens=None, seed=0):
     return o, final, grads
 
 
-def check_against_reference(attn, x, init, dtype, cu_seqlens=None, form="recurrent"):
+def check_against_reference(attn, x, init, dtype, cu_seqlens=None, form="recurrent",
+                            states=True):
     # the reference sees the same rounded inputs the kernel sees
     xr = {k: v.to(dtype) for k, v in x.items()}
     o_ref, f_ref, g_ref = run_with_grads(attn, xr, init, dtype=torch.float64, form="reference",
-                                         cu_seqlens=cu_seqlens)
-    o, f, g = run_with_grads(attn, xr, init, dtype=dtype, form=form, cu_seqlens=cu_seqlens)
+                                         cu_seqlens=cu_seqlens, states=states)
+    o, f, g = run_with_grads(attn, xr, init, dtype=dtype, form=form, cu_seqlens=cu_seqlens,
+                             states=states)
     errors = {"o": rel_err(o, o_ref)}
     errors.update({f"final {s}": rel_err(f[s], f_ref[s]) for s in f_ref})
     for n, ref in g_ref.items():
