@@ -142,6 +142,33 @@ def _diag_scores(q, k, bq, b, dA, r_c, C: tl.constexpr, STRICT: tl.constexpr,
 
 
 @triton.jit
+def _pair_product(a_ptr, b_ptr, rows_a, m_a, rows_b, m_b, W: tl.constexpr, BW: tl.constexpr,
+                  NW: tl.constexpr, DOT: tl.constexpr):
+    """[C, C] products a_t . b_s of two blocks' rows of [T*, H, W] tensors, over W tiles."""
+    C: tl.constexpr = rows_a.shape[0]
+    P = tl.zeros([C, C], dtype=tl.float32)
+    for i_w in tl.static_range(NW):
+        r_w, m_w = _block(i_w, BW, W)
+        P += _mm(_rows_of(a_ptr, rows_a, m_a, r_w, m_w, W),
+                 tl.trans(_rows_of(b_ptr, rows_b, m_b, r_w, m_w, W)), DOT)
+    return P
+
+
+@triton.jit
+def _block_rows(start, r_c, eos, i_h, H: tl.constexpr):
+    """Rows (for head ``i_h``) and mask of the block of tokens from ``start``."""
+    return (start + r_c) * H + i_h, start + r_c < eos
+
+
+@triton.jit
+def _gap_after(lam_ptr, rows, m_t, gap, DECAY: tl.constexpr):
+    """``gap`` plus the scalar log decay of a whole block (unchanged without decay)."""
+    if DECAY == 1:
+        gap += tl.sum(tl.load(lam_ptr + rows, mask=m_t, other=0.0).to(tl.float32), axis=0)
+    return gap
+
+
+@triton.jit
 def _cross_block_grads(q_ptr, k_ptr, v_ptr, lam_ptr, dy_ptr, chunk_table_ptr, rows, m_t, r_c,
                        r_k, m_k, i_h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                        BV: tl.constexpr, NV: tl.constexpr, DECAY: tl.constexpr,
@@ -154,29 +181,18 @@ def _cross_block_grads(q_ptr, k_ptr, v_ptr, lam_ptr, dy_ptr, chunk_table_ptr, ro
     dk = tl.zeros([C, r_k.shape[0]], dtype=tl.float32)
     gap = tl.sum(tl.zeros([1], dtype=tl.float32), axis=0)
     for jj in range(0, (t0 - bos) // C):          # earlier blocks, nearest first
-        j0 = t0 - (jj + 1) * C
-        rows_j, m_j = (j0 + r_c) * H + i_h, j0 + r_c < eos
-        dA = tl.zeros([C, C], dtype=tl.float32)
-        for i_v in tl.static_range(NV):
-            r_v, m_v = _block(i_v, BV, V)
-            dA += _mm(_rows_of(dy_ptr, rows, m_t, r_v, m_v, V),
-                      tl.trans(_rows_of(v_ptr, rows_j, m_j, r_v, m_v, V)), DOT)
-        dA = dA * _pair_decay(lam_ptr, rows, m_t, rows_j, m_j, gap, DECAY, STRICT)
+        rows_j, m_j = _block_rows(t0 - (jj + 1) * C, r_c, eos, i_h, H)
+        dA = (_pair_product(dy_ptr, v_ptr, rows, m_t, rows_j, m_j, V, BV, NV, DOT)
+              * _pair_decay(lam_ptr, rows, m_t, rows_j, m_j, gap, DECAY, STRICT))
         dq += _mm(dA, _rows_of(k_ptr, rows_j, m_j, r_k, m_k, K), DOT)
-        if DECAY == 1:
-            gap += tl.sum(tl.load(lam_ptr + rows_j, mask=m_j, other=0.0).to(tl.float32), axis=0)
+        gap = _gap_after(lam_ptr, rows_j, m_j, gap, DECAY)
     gap = tl.sum(tl.zeros([1], dtype=tl.float32), axis=0)
     for l0 in range(t0 + C, eos, C):              # later blocks, nearest first
-        rows_l, m_l = (l0 + r_c) * H + i_h, l0 + r_c < eos
-        dA = tl.zeros([C, C], dtype=tl.float32)
-        for i_v in tl.static_range(NV):
-            r_v, m_v = _block(i_v, BV, V)
-            dA += _mm(_rows_of(dy_ptr, rows_l, m_l, r_v, m_v, V),
-                      tl.trans(_rows_of(v_ptr, rows, m_t, r_v, m_v, V)), DOT)
-        dA = dA * _pair_decay(lam_ptr, rows_l, m_l, rows, m_t, gap, DECAY, STRICT)
+        rows_l, m_l = _block_rows(l0, r_c, eos, i_h, H)
+        dA = (_pair_product(dy_ptr, v_ptr, rows_l, m_l, rows, m_t, V, BV, NV, DOT)
+              * _pair_decay(lam_ptr, rows_l, m_l, rows, m_t, gap, DECAY, STRICT))
         dk += _mm(tl.trans(dA), _rows_of(q_ptr, rows_l, m_l, r_k, m_k, K), DOT)
-        if DECAY == 1:
-            gap += tl.sum(tl.load(lam_ptr + rows_l, mask=m_l, other=0.0).to(tl.float32), axis=0)
+        gap = _gap_after(lam_ptr, rows_l, m_l, gap, DECAY)
     return dq, dk
 
 
@@ -192,17 +208,11 @@ def _cross_block_output(q_ptr, k_ptr, v_ptr, lam_ptr, chunk_table_ptr, rows, m_t
     y = tl.zeros([C, r_v.shape[0]], dtype=tl.float32)
     gap = tl.sum(tl.zeros([1], dtype=tl.float32), axis=0)
     for jj in range(0, (t0 - bos) // C):          # earlier blocks, nearest first
-        j0 = t0 - (jj + 1) * C
-        rows_j, m_j = (j0 + r_c) * H + i_h, j0 + r_c < eos
-        A = tl.zeros([C, C], dtype=tl.float32)
-        for i_k in tl.static_range(NK):
-            r_k, m_k = _block(i_k, BK, K)
-            A += _mm(_rows_of(q_ptr, rows, m_t, r_k, m_k, K),
-                     tl.trans(_rows_of(k_ptr, rows_j, m_j, r_k, m_k, K)), DOT)
-        A = A * _pair_decay(lam_ptr, rows, m_t, rows_j, m_j, gap, DECAY, STRICT)
+        rows_j, m_j = _block_rows(t0 - (jj + 1) * C, r_c, eos, i_h, H)
+        A = (_pair_product(q_ptr, k_ptr, rows, m_t, rows_j, m_j, K, BK, NK, DOT)
+             * _pair_decay(lam_ptr, rows, m_t, rows_j, m_j, gap, DECAY, STRICT))
         y += _mm(A, _rows_of(v_ptr, rows_j, m_j, r_v, m_v, V), DOT)
-        if DECAY == 1:
-            gap += tl.sum(tl.load(lam_ptr + rows_j, mask=m_j, other=0.0).to(tl.float32), axis=0)
+        gap = _gap_after(lam_ptr, rows_j, m_j, gap, DECAY)
     return y
 
 
@@ -218,16 +228,11 @@ def _later_blocks_dv(q_ptr, k_ptr, lam_ptr, dy_ptr, chunk_table_ptr, rows, m_t, 
     dv = tl.zeros([C, r_v.shape[0]], dtype=tl.float32)
     gap = tl.sum(tl.zeros([1], dtype=tl.float32), axis=0)
     for l0 in range(t0 + C, eos, C):              # later blocks, nearest first
-        rows_l, m_l = (l0 + r_c) * H + i_h, l0 + r_c < eos
-        A = tl.zeros([C, C], dtype=tl.float32)
-        for i_k in tl.static_range(NK):
-            r_k, m_k = _block(i_k, BK, K)
-            A += _mm(_rows_of(q_ptr, rows_l, m_l, r_k, m_k, K),
-                     tl.trans(_rows_of(k_ptr, rows, m_t, r_k, m_k, K)), DOT)
-        A = A * _pair_decay(lam_ptr, rows_l, m_l, rows, m_t, gap, DECAY, STRICT)
+        rows_l, m_l = _block_rows(l0, r_c, eos, i_h, H)
+        A = (_pair_product(q_ptr, k_ptr, rows_l, m_l, rows, m_t, K, BK, NK, DOT)
+             * _pair_decay(lam_ptr, rows_l, m_l, rows, m_t, gap, DECAY, STRICT))
         dv += _mm(tl.trans(A), _rows_of(dy_ptr, rows_l, m_l, r_v, m_v, V), DOT)
-        if DECAY == 1:
-            gap += tl.sum(tl.load(lam_ptr + rows_l, mask=m_l, other=0.0).to(tl.float32), axis=0)
+        gap = _gap_after(lam_ptr, rows_l, m_l, gap, DECAY)
     return dv
 
 
