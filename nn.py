@@ -144,12 +144,17 @@ class LinearAttention(tnn.Module):
     ``head_dim_v`` size the spec's ``K`` and ``V`` (default ``hidden_size * expand //
     num_heads`` with the layer's ``expand_k``/``expand_v``); ``dims`` sizes other dims the
     tensors do not (``{"M": 32}``). ``form`` is passed to the op (``"auto"`` by default).
+    ``value_conv`` (default: the layer recipe's, 5 for SLAB) adds a depthwise convolution
+    of ``v`` with that many taps to the output, its weights shared by the heads: 2D over the
+    image when ``image_size=(height, width)`` is given (tokens in row-major order), else 1D
+    over the tokens (centred for noncausal specs, causal otherwise).
     """
 
     def __init__(self, spec, hidden_size: int, num_heads: int, head_dim_k: int | None = None,
                  head_dim_v: int | None = None, *, dims: dict[str, int] | None = None,
                  layer: layer_table.Layer | None = None, form: str = "auto",
-                 norm_eps: float = 1e-5):
+                 norm_eps: float = 1e-5, value_conv: int | None = None,
+                 image_size: tuple[int, int] | None = None):
         super().__init__()
         attn = _resolve_spec(spec)
         p = attn.program
@@ -215,8 +220,47 @@ class LinearAttention(tnn.Module):
             rank = self._size(out.gate_rank) if out.gate_rank is not None else None
             self.gate_proj = _projection(D, H * vo, rank, rank is not None, None)
         self.o_proj = tnn.Linear(H * vo, D, bias=False)
+        self.value_conv = self._value_conv(value_conv if value_conv is not None
+                                           else self.recipe.value_conv, image_size)
 
     # ------------------------------------------------------------------ construction
+    def _value_conv(self, taps: int | None, image_size) -> tnn.Module | None:
+        """The depthwise convolution branch on ``v`` (or None)."""
+        self.image_size = tuple(image_size) if image_size is not None else None
+        if not taps:
+            if image_size is not None:
+                raise ValueError("image_size is for the value_conv branch; pass value_conv=")
+            return None
+        p = self.program
+        if "v" not in p.inputs or p.inputs["v"].dims != p.output.dims:
+            raise ValueError(f"value_conv: spec '{self.attn.name}' needs an input v shaped "
+                             "like its output")
+        channels = self.sizes[p.output.dims[-1]] if len(p.output.dims) == 1 else None
+        if channels is None:
+            raise ValueError("value_conv: the output must have one dim")
+        if self.image_size is not None:
+            if len(self.image_size) != 2 or min(self.image_size) <= 0:
+                raise ValueError(f"image_size must be (height, width), got {image_size!r}")
+            return tnn.Conv2d(channels, channels, taps, padding=taps // 2, groups=channels)
+        return tnn.Conv1d(channels, channels, taps, groups=channels,
+                          padding=taps // 2 if p.noncausal else 0)
+
+    def _value_branch(self, v: torch.Tensor) -> torch.Tensor:
+        """The depthwise convolution of ``v [B, T, H, V]`` (same shape)."""
+        B, T, H, V = v.shape
+        x = v.permute(0, 2, 3, 1).reshape(B * H, V, T)
+        if self.image_size is not None:
+            h, w = self.image_size
+            if h * w != T:
+                raise ValueError(f"value_conv: image_size {h} x {w} = {h * w} tokens, but the "
+                                 f"sequence has {T}")
+            y = self.value_conv(x.reshape(B * H, V, h, w)).reshape(B * H, V, T)
+        else:
+            if not self.program.noncausal:   # causal: a token sees itself and earlier ones
+                x = F.pad(x, (self.value_conv.kernel_size[0] - 1, 0))
+            y = self.value_conv(x)
+        return y.reshape(B, H, V, T).permute(0, 3, 1, 2)
+
     def _check_recipe(self) -> None:
         p, r = self.program, self.recipe
         if set(r.inputs) != set(p.inputs) or set(r.params) != set(p.params):
@@ -352,7 +396,10 @@ class LinearAttention(tnn.Module):
             o, final = self.op(**feats, **params, initial_state=cache.state if cache else None,
                                output_final_state=use_cache, cu_seqlens=cu_seqlens,
                                form=self.form)
-        out = self.o_proj(self._output(o.reshape(B, T, self.num_heads, -1), x))
+        o = o.reshape(B, T, self.num_heads, -1)
+        if self.value_conv is not None:
+            o = o + self._value_branch(feats["v"]).to(o.dtype)
+        out = self.o_proj(self._output(o, x))
         new = LayerCache(final, new_conv, new_shift) if use_cache else None
         return out, new
 
@@ -378,6 +425,9 @@ class LinearAttention(tnn.Module):
         return o.reshape(B, T, H * vo)
 
     def _check_cacheable(self) -> None:
+        if self.value_conv is not None:
+            raise NotImplementedError("value_conv: generation with a cache does not carry the "
+                                      "convolution's history yet")
         if self.program.noncausal:
             raise ValueError(f"spec '{self.attn.name}' is noncausal: every token reads the "
                              "whole sequence, so there is no state to carry (no use_cache)")

@@ -214,6 +214,8 @@ class Layer:
     ``params`` a ``LayerParam`` per spec param; ``expand_k`` and ``expand_v`` give the
     default head sizes (``hidden_size * expand // num_heads``); ``dims`` default sizes of
     dims that no tensor sizes (a function of the known sizes ``{"K": .., "V": ..}``);
+    ``value_conv`` adds a depthwise convolution of that many taps of ``v`` to the output
+    (SLAB, FLatten: over the image for image tokens, over tokens otherwise);
     ``token_shift`` mixes each input's hidden state with the previous token's
     (``x + mu (x_prev - x)``, a learned ``mu`` per input and channel: RWKV's time mix).
     """
@@ -226,6 +228,7 @@ class Layer:
     expand_v: float = 1.0
     dims: Mapping[str, Callable[[dict], int]] = field(default_factory=dict)
     token_shift: bool = False
+    value_conv: int | None = None
     notes: str = ""
 
 
@@ -374,8 +377,9 @@ LAYERS: dict[str, Layer] = {
     "efficientvit": Layer(paper="Cai et al. 2023, EfficientViT: linear q, k, v", inputs=_QKV),
     "flatten": Layer(paper="Han et al. 2023, FLatten: linear q, k, v", inputs=_QKV,
                      notes="no depthwise-conv branch on V, no learned divisor"),
-    "slab": Layer(paper="Guo et al. 2024, SLAB: linear q, k, v", inputs=_QKV,
-                  notes="no depthwise-conv branch on V, no positional encoding on K"),
+    "slab": Layer(paper="Guo et al. 2024, SLAB: linear q, k, v, a 5 x 5 depthwise "
+                        "convolution of v added to the output", inputs=_QKV, value_conv=5,
+                  notes="no positional encoding on K"),
     "linrec": Layer(paper="Liu et al. 2023, LinRec: linear q, k, v", inputs=_QKV),
     "agent_attention": Layer(
         paper="Han et al. 2024, Agent Attention: M = 16 learned agents A[M, K] per head",

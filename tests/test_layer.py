@@ -102,3 +102,55 @@ def test_clear_errors():
         vit(torch.randn(1, 5, 32), use_cache=True)
     with pytest.raises(ValueError, match="past_key_values must be the LayerCache"):
         layer(torch.randn(1, 1, 32), past_key_values={"S": 0})
+
+
+def _shifted_sum_conv(v, weight, offsets):
+    """Depthwise convolution by explicit shifts: out[t] = sum_j w[j] v[t + offsets[j]] (zero
+    outside), v [B, T, H, V], weight [V, taps] (independent of torch's conv)."""
+    out = torch.zeros_like(v)
+    T = v.shape[1]
+    for j, d in enumerate(offsets):
+        lo, hi = max(0, -d), min(T, T - d)
+        out[:, lo:hi] += weight[:, j] * v[:, lo + d:hi + d]
+    return out
+
+
+def _layer_parts(layer, x):
+    """What the layer adds the value branch to: the op's output and v."""
+    feats = layer.inputs(x)[0]
+    params = {n: layer.spec_param(n) for n in layer.program.params}
+    o, _ = layer.attn(**feats, **params, form="reference")
+    return o.float(), feats["v"]
+
+
+def test_value_conv_1d_causal_and_centred():
+    torch.manual_seed(4)
+    x = torch.randn(2, 9, 32)
+    for name, offsets in (("gla", [-2, -1, 0]), ("efficientvit", [-1, 0, 1])):
+        layer = LinearAttention(name, 32, 2, value_conv=3)
+        o, v = _layer_parts(layer, x)
+        w = layer.value_conv.weight[:, 0]                      # [V, taps]
+        expected = o + _shifted_sum_conv(v, w, offsets) + layer.value_conv.bias
+        want = layer.o_proj(layer._output(expected, x))
+        assert _rel(layer(x)[0], want) < 1e-5, name
+
+
+def test_value_conv_2d_over_image_tokens_is_slabs_default():
+    torch.manual_seed(5)
+    layer = LinearAttention("slab", 32, 2, image_size=(3, 4))
+    assert layer.value_conv.kernel_size == (5, 5)
+    x = torch.randn(2, 12, 32)
+    o, v = _layer_parts(layer, x)
+    w = layer.value_conv.weight[:, 0]                           # [V, 5, 5]
+    img = v.reshape(2, 3, 4, 2, -1)                             # [B, h, w, H, V]
+    conv = torch.zeros_like(img)
+    for di in range(-2, 3):
+        for dj in range(-2, 3):
+            for i in range(3):
+                for j in range(4):
+                    if 0 <= i + di < 3 and 0 <= j + dj < 4:
+                        conv[:, i, j] += w[:, di + 2, dj + 2] * img[:, i + di, j + dj]
+    expected = o + conv.reshape(2, 12, 2, -1) + layer.value_conv.bias
+    assert _rel(layer(x)[0], layer.o_proj(layer._output(expected, x))) < 1e-5
+    with pytest.raises(ValueError, match="image_size 3 x 4 = 12 tokens, but the sequence has 10"):
+        layer(torch.randn(1, 10, 32))
