@@ -95,7 +95,7 @@ class Attention:
     # ------------------------------------------------------------------ calls
     def __call__(self, *, initial_state: dict | None = None, output_final_state: bool = False,
                  cu_seqlens: torch.Tensor | None = None, form: str = "auto",
-                 cu_seqlens_memory: torch.Tensor | None = None, **tensors):
+                 cu_seqlens_memory: torch.Tensor | None = None, cp_group=None, **tensors):
         """Run the op; returns ``(o [B, T, H, *o_dims], final_state or None)``.
 
         ``form="recurrent"`` runs the generated recurrent Triton kernels (Triton's
@@ -106,9 +106,19 @@ class Attention:
         recurrent one (not yet for diagonal decays), and recurrent otherwise
         (``info()["auto_form"]`` says which and why).
         ``form="reference"`` runs the float64 interpreter (``o`` cast to the dtype of the
-        input over V, states to float32 or the initial state's dtype).
+        input over V, states to float32 or the initial state's dtype). ``cp_group``: the
+        tensors are this rank's shard of sequences split over the ranks of a
+        ``torch.distributed`` group (see ``linforge.context_parallel``).
         """
         self._check_form(form)
+        if cp_group is not None:    # this rank's shard of a sequence split over cp_group
+            from .context_parallel import context_parallel
+            params = {n: tensors.pop(n) for n in self.program.params if n in tensors}
+            return context_parallel(self, tensors, params, group=cp_group,
+                                    form="chunk" if form == "auto" else form,
+                                    initial_state=initial_state,
+                                    output_final_state=output_final_state,
+                                    cu_seqlens=cu_seqlens)
         bound = self.bind(tensors, initial_state, cu_seqlens)
         needs_grad = torch.is_grad_enabled() and any(
             isinstance(x, torch.Tensor) and x.requires_grad

@@ -1,0 +1,145 @@
+"""Context parallelism: one long sequence split into contiguous shards, one per rank.
+
+A state update is affine in the state, ``S_out = M(S_in) + F``: a shard is summarised by
+``F`` (its final state from a zero initial state: one call of the generated kernels) and
+the product ``M`` of its transitions. For identity, scalar and diagonal decays ``M`` is
+a scalar or a vector over the decayed dim, ``exp(sum of the shard's log decays)``, derived
+from the spec by the compiler (the chunked form's log decay). Every rank all-gathers the
+summaries (``F``: one state per sequence and head, ``B * H * |S|`` numbers per rank), runs
+the exclusive scan ``S_in(r) = M(r-1) S_in(r-1) + F(r-1)`` locally (an all-gather and a
+local prefix beat a ring pass at the world sizes of one node: one collective instead of
+``world - 1`` dependent steps), then runs its shard again from its true initial state.
+Autograd flows through the kernels, the scan and the differentiable all-gather, so
+gradients of every input, param and the initial state equal the single-process ones.
+
+Shards must be in rank order and may have different lengths; params are whole on every
+rank. Delta-rule and DPLR transitions (a K x K matrix per shard) and packed sequences
+(``cu_seqlens``) crossing shard boundaries are not supported yet.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .codegen.chunk_op import ChunkUnsupported, _lambdified, _Tokens, chunk_plan
+from .ir.transition import TransitionClass
+
+__all__ = ["shard_summary", "scan_initial_states", "context_parallel", "run_sharded"]
+
+_SUPPORTED = (TransitionClass.IDENTITY, TransitionClass.SCALAR, TransitionClass.DIAGONAL)
+
+
+def _check(attn, initial_state, cu_seqlens) -> None:
+    p = attn.program
+    cls = attn.analysis.transition_class
+    if p.noncausal:
+        raise ValueError(f"spec '{attn.name}' is noncausal: context parallelism splits a "
+                         "causal recurrence")
+    if cls not in _SUPPORTED:
+        raise NotImplementedError(
+            f"context parallelism for {cls.value} transitions (spec '{attn.name}') needs a "
+            "K x K summary per shard, not generated yet; identity, scalar and diagonal "
+            "decays are supported")
+    if cu_seqlens is not None:
+        raise NotImplementedError("context parallelism with cu_seqlens is not supported yet")
+    from .nn import reads_position
+    if reads_position(p):
+        raise NotImplementedError(f"spec '{attn.name}' reads the position t, which would "
+                                  "restart at 0 in every shard")
+    try:
+        chunk_plan(attn.analysis)
+    except ChunkUnsupported as e:
+        raise NotImplementedError(f"context parallelism: {e}") from None
+
+
+def shard_summary(attn, local: dict, params: dict, *, form: str):
+    """A shard's summary: ``F`` (its final states from zero) and ``log M`` per state
+    (``[B, H]`` for a scalar decay, ``[B, H, n]`` for a diagonal one over the state's dim
+    ``n``, None without decay). Differentiable."""
+    _, F = attn(**local, **params, output_final_state=True, form=form)
+    bound = attn.bind({**local, **params}, None, None)
+    ev = _Tokens(bound.inputs, bound.params, bound.sizes, None)
+    B, T, H = next(iter(local.values())).shape[:3]
+    log_m = {}
+    for sp in chunk_plan(attn.analysis).states:
+        lm = None
+        if sp.log_decay is not None:
+            dims = (sp.row,) if sp.decay == 2 else ()
+            shape = (B, T, H, *((bound.sizes[sp.row],) if sp.decay == 2 else ()))
+            lm = _lambdified(sp.log_decay, sp.log_symbols, ev, dims, shape).sum(1)
+        for s in (sp.state, *sp.columns):
+            log_m[s] = lm
+    return F, log_m
+
+
+def _decay(attn, s: str, lm: torch.Tensor | None, state: torch.Tensor) -> torch.Tensor:
+    """``M(state)`` for state ``s``: its decay broadcast over its dims."""
+    if lm is None:
+        return state
+    dims = attn.program.states[s].dims
+    if lm.dim() == 2:                                  # scalar: [B, H]
+        factor = lm.reshape(*lm.shape, *([1] * len(dims)))
+    else:                                              # diagonal over the row dim
+        row = next(sp.row for sp in chunk_plan(attn.analysis).states
+                   if s == sp.state or s in sp.columns)
+        axis = dims.index(row)
+        factor = lm.reshape(*lm.shape[:2], *[lm.shape[2] if i == axis else 1
+                                             for i in range(len(dims))])
+    return torch.exp(factor) * state
+
+
+def scan_initial_states(attn, finals: list[dict], log_ms: list[dict],
+                        initial_state: dict | None):
+    """Exclusive scan over shards in order: the true initial states of every shard and the
+    final states of the whole sequence."""
+    names = list(attn.program.states)
+    current = {s: (initial_state[s].float() if initial_state is not None
+                   else torch.zeros_like(finals[0][s])) for s in names}
+    starts = []
+    for F, lm in zip(finals, log_ms):
+        starts.append(current)
+        current = {s: _decay(attn, s, lm[s], current[s]) + F[s] for s in names}
+    return starts, current
+
+
+def run_sharded(attn, shards: list[dict], params: dict, *, form: str = "chunk",
+                initial_state: dict | None = None, output_final_state: bool = False):
+    """The context-parallel algorithm in one process, shard after shard (the summaries and
+    the scan are the code ``context_parallel`` runs across ranks): ``(o of each shard,
+    final states or None)``."""
+    _check(attn, initial_state, None)
+    summaries = [shard_summary(attn, x, params, form=form) for x in shards]
+    starts, final = scan_initial_states(attn, [f for f, _ in summaries],
+                                        [m for _, m in summaries], initial_state)
+    outs = [attn(**x, **params, initial_state=s0, form=form)[0]
+            for x, s0 in zip(shards, starts)]
+    return outs, (final if output_final_state else None)
+
+
+def context_parallel(attn, local: dict, params: dict, *, group, form: str = "chunk",
+                     initial_state: dict | None = None, output_final_state: bool = False,
+                     cu_seqlens=None):
+    """This rank's shard of a sequence split over the ranks of ``group`` (rank order =
+    sequence order): ``(o of the local shard, final states of the whole sequence on every
+    rank, or None)``."""
+    import warnings
+
+    import torch.distributed as dist
+    with warnings.catch_warnings():     # its replacement has no autograd on gloo yet
+        warnings.simplefilter("ignore", FutureWarning)
+        from torch.distributed.nn.functional import all_gather
+
+    _check(attn, initial_state, cu_seqlens)
+    F, lm = shard_summary(attn, local, params, form=form)
+    names = list(attn.program.states)
+    gathered_F = {s: all_gather(F[s].contiguous(), group=group) for s in names}
+    gathered_m = {s: (all_gather(lm[s].contiguous(), group=group) if lm[s] is not None
+                      else None) for s in names}
+    world = dist.get_world_size(group)
+    finals = [{s: gathered_F[s][r] for s in names} for r in range(world)]
+    log_ms = [{s: (gathered_m[s][r] if gathered_m[s] is not None else None) for s in names}
+              for r in range(world)]
+    starts, final = scan_initial_states(attn, finals, log_ms, initial_state)
+    rank = dist.get_rank(group)
+    o, _ = attn(**local, **params, initial_state=starts[rank], form=form)
+    return o, (final if output_final_state else None)
