@@ -12,9 +12,11 @@ local prefix beat a ring pass at the world sizes of one node: one collective ins
 Autograd flows through the kernels, the scan and the differentiable all-gather, so
 gradients of every input, param and the initial state equal the single-process ones.
 
-Shards must be in rank order and may have different lengths; params are whole on every
-rank. Delta-rule and DPLR transitions (a K x K matrix per shard) and packed sequences
-(``cu_seqlens``) crossing shard boundaries are not supported yet.
+Delta rules have a K x K matrix ``M`` per sequence and head (``B * H * K * K`` numbers per
+rank to gather: 4 MiB in fp32 for B = 1, H = 16, K = 128), measured from runs of the shard
+from identity columns. Shards must be in rank order and may have different lengths; params
+are whole on every rank. DPLR transitions (RWKV-7) and packed sequences (``cu_seqlens``)
+crossing shard boundaries are not supported yet.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from .ir.transition import TransitionClass
 
 __all__ = ["shard_summary", "scan_initial_states", "context_parallel", "run_sharded"]
 
-_SUPPORTED = (TransitionClass.IDENTITY, TransitionClass.SCALAR, TransitionClass.DIAGONAL)
+_SUPPORTED = (TransitionClass.IDENTITY, TransitionClass.SCALAR, TransitionClass.DIAGONAL,
+              TransitionClass.DELTA)
 
 
 def _check(attn, initial_state, cu_seqlens) -> None:
@@ -37,15 +40,16 @@ def _check(attn, initial_state, cu_seqlens) -> None:
                          "causal recurrence")
     if cls not in _SUPPORTED:
         raise NotImplementedError(
-            f"context parallelism for {cls.value} transitions (spec '{attn.name}') needs a "
-            "K x K summary per shard, not generated yet; identity, scalar and diagonal "
-            "decays are supported")
+            f"context parallelism for {cls.value} transitions (spec '{attn.name}') is not "
+            "generated yet; identity, scalar and diagonal decays and delta rules are")
     if cu_seqlens is not None:
         raise NotImplementedError("context parallelism with cu_seqlens is not supported yet")
     from .nn import reads_position
     if reads_position(p):
         raise NotImplementedError(f"spec '{attn.name}' reads the position t, which would "
                                   "restart at 0 in every shard")
+    if cls is TransitionClass.DELTA:
+        return          # summarised by runs of the kernels, whatever the chunked form covers
     try:
         chunk_plan(attn.analysis)
     except ChunkUnsupported as e:
@@ -53,10 +57,13 @@ def _check(attn, initial_state, cu_seqlens) -> None:
 
 
 def shard_summary(attn, local: dict, params: dict, *, form: str):
-    """A shard's summary: ``F`` (its final states from zero) and ``log M`` per state
+    """A shard's summary: ``F`` (its final states from zero) and per state ``log M``
     (``[B, H]`` for a scalar decay, ``[B, H, n]`` for a diagonal one over the state's dim
-    ``n``, None without decay). Differentiable."""
+    ``n``, None without decay) or, for delta rules, the matrix ``M`` itself (``[B, H, K, K]``,
+    acting on the state's rows). Differentiable."""
     _, F = attn(**local, **params, output_final_state=True, form=form)
+    if attn.analysis.transition_class is TransitionClass.DELTA:
+        return F, _delta_summary(attn, local, params, F, form)
     bound = attn.bind({**local, **params}, None, None)
     ev = _Tokens(bound.inputs, bound.params, bound.sizes, None)
     B, T, H = next(iter(local.values())).shape[:3]
@@ -72,10 +79,34 @@ def shard_summary(attn, local: dict, params: dict, *, form: str):
     return F, log_m
 
 
+def _delta_summary(attn, local: dict, params: dict, F: dict, form: str) -> dict:
+    """Delta rules: the product M of the shard's transitions (I - beta k k^T, times the
+    decay) as a K x K matrix per sequence and head, from runs of the shard whose initial
+    states are columns of the identity: M E = run(E) - run(0). One extra run per V columns
+    of K (one when V >= K); B * H * K * K numbers per rank to gather."""
+    M = {}
+    for s, F_s in F.items():
+        N, H, K, V = F_s.shape
+        cols = []
+        for j0 in range(0, K, V):
+            width = min(V, K - j0)
+            E = torch.zeros(N, H, K, V, dtype=F_s.dtype, device=F_s.device)
+            idx = torch.arange(width, device=F_s.device)
+            E[:, :, j0 + idx, idx] = 1.0
+            _, out = attn(**local, **params, initial_state={s: E}, output_final_state=True,
+                          form=form)
+            cols.append((out[s] - F_s)[..., :width])
+        M[s] = torch.cat(cols, -1)
+    return M
+
+
 def _decay(attn, s: str, lm: torch.Tensor | None, state: torch.Tensor) -> torch.Tensor:
-    """``M(state)`` for state ``s``: its decay broadcast over its dims."""
+    """``M(state)`` for state ``s``: its decay broadcast over its dims, or the delta rule's
+    matrix applied to its rows."""
     if lm is None:
         return state
+    if attn.analysis.transition_class is TransitionClass.DELTA:
+        return lm @ state
     dims = attn.program.states[s].dims
     if lm.dim() == 2:                                  # scalar: [B, H]
         factor = lm.reshape(*lm.shape, *([1] * len(dims)))
