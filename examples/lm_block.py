@@ -14,13 +14,14 @@ from linforge.nn import LinearAttention
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: RMSNorm -> linear attention, RMSNorm -> MLP."""
+    """Pre-norm residual block: norm -> linear attention, norm -> MLP (RMSNorm by default)."""
 
-    def __init__(self, spec: str, d: int, heads: int):
+    def __init__(self, spec: str, d: int, heads: int, norm=nn.RMSNorm, mlp_ratio: int = 4):
         super().__init__()
-        self.norm1, self.norm2 = nn.RMSNorm(d), nn.RMSNorm(d)
+        self.norm1, self.norm2 = norm(d), norm(d)
         self.attn = LinearAttention(spec, d, heads)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        self.mlp = nn.Sequential(nn.Linear(d, mlp_ratio * d), nn.GELU(),
+                                 nn.Linear(mlp_ratio * d, d))
 
     def forward(self, x, cache=None, use_cache=False):
         a, cache = self.attn(self.norm1(x), past_key_values=cache, use_cache=use_cache)

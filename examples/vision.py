@@ -10,21 +10,7 @@ import argparse
 import torch
 from torch import nn
 
-from linforge.nn import LinearAttention
-
-
-class ImageBlock(nn.Module):
-    """Pre-norm residual block over image tokens: LayerNorm -> attention, LayerNorm -> MLP."""
-
-    def __init__(self, spec: str, d: int, heads: int):
-        super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn = LinearAttention(spec, d, heads)
-        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
-
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))[0]
-        return x + self.mlp(self.norm2(x))
+from lm_block import Block
 
 
 class TinyViT(nn.Module):
@@ -35,12 +21,15 @@ class TinyViT(nn.Module):
         super().__init__()
         self.patchify = nn.Conv2d(3, d, patch, stride=patch)
         self.pos = nn.Parameter(torch.randn(1, (image // patch) ** 2, d) * 0.02)
-        self.blocks = nn.Sequential(*(ImageBlock(spec, d, heads) for _ in range(layers)))
+        self.blocks = nn.ModuleList(Block(spec, d, heads, norm=nn.LayerNorm, mlp_ratio=2)
+                                    for _ in range(layers))
         self.head = nn.Linear(d, classes)
 
     def forward(self, images):
         x = self.patchify(images).flatten(2).transpose(1, 2) + self.pos   # [B, tokens, d]
-        return self.head(self.blocks(x).mean(1))
+        for block in self.blocks:
+            x, _ = block(x)
+        return self.head(x.mean(1))
 
 
 def main() -> None:
