@@ -86,9 +86,7 @@ class Attention:
             "normalizers": {nz.vector: nz.matrix for nz in a.normalizers},
             "readout": a.readout.kind.value,
             "forms": list(a.forms),
-            "kernels": ["recurrent fwd", "recurrent bwd"] + (
-                [] if self._chunk_reason() is not None else ["parallel (GEMM) fwd", "bwd"]
-                if self.program.noncausal else ["chunk fwd", "chunk bwd"]),
+            "kernels": self._kernel_list(),
             "auto_form": self._auto_form_text(),
         }
 
@@ -185,6 +183,21 @@ class Attention:
                 bound.length >= AUTO_CHUNK_MIN_T and cls not in AUTO_RECURRENT_CLASSES):
             return "chunk"
         return "recurrent"
+
+    def _kernel_list(self) -> list[str]:
+        """The generated kernels this spec has, by form and direction."""
+        kernels = ["recurrent fwd", "recurrent bwd"]
+        if self._chunk_reason() is not None:
+            return kernels
+        if self.program.noncausal:
+            return kernels + ["parallel (GEMM) fwd", "parallel (GEMM) bwd"]
+        plan = chunk_plan(self.analysis)
+        if any(sp.beta is not None for sp in plan.states):
+            return kernels + ["chunk fwd"]
+        kernels += ["chunk fwd", "chunk bwd"]
+        if all(sp.decay < 2 for sp in plan.states):
+            kernels += ["parallel fwd", "parallel bwd"]
+        return kernels
 
     def _auto_form_text(self) -> str:
         blockers = getattr(self.analysis, "kernel_blockers", ())
