@@ -126,3 +126,15 @@ attention steep
     assert ((o - o_r).abs().max() / o_r.abs().max()).item() < 1e-4
     for k, v in xs.items():
         assert ((g_chunk[k] - v.grad).abs().max() / v.grad.abs().max()).item() < 1e-4, k
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", ["linear_attention", "retnet", "mamba2", "mlstm"])
+def test_causal_parallel_gpu(name, dtype):
+    from test_recurrent_bwd import check_against_reference
+
+    attn = linforge.library.get(name)
+    sizes = spec_sizes(attn, K=100, V=72, M=32)
+    x = make_inputs(attn, B=2, T=300, H=3, sizes=sizes, seed=8, device="cuda")
+    check_against_reference(attn, x, None, dtype, form="parallel", states=False)
