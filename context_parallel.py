@@ -15,8 +15,10 @@ gradients of every input, param and the initial state equal the single-process o
 Delta rules have a K x K matrix ``M`` per sequence and head (``B * H * K * K`` numbers per
 rank to gather: 4 MiB in fp32 for B = 1, H = 16, K = 128), measured from runs of the shard
 from identity columns. Shards must be in rank order and may have different lengths; params
-are whole on every rank. DPLR transitions (RWKV-7) and packed sequences (``cu_seqlens``)
-crossing shard boundaries are not supported yet.
+are whole on every rank. Packed sequences: pass the ``cu_seqlens`` of the whole
+concatenation (the same on every rank) with batch-1 shards; a sequence may start, end or
+pass through any shard, and ``initial_state`` / the final states are per sequence. DPLR
+transitions (RWKV-7) are not supported yet.
 """
 
 from __future__ import annotations
@@ -42,8 +44,6 @@ def _check(attn, initial_state, cu_seqlens) -> None:
         raise NotImplementedError(
             f"context parallelism for {cls.value} transitions (spec '{attn.name}') is not "
             "generated yet; identity, scalar and diagonal decays and delta rules are")
-    if cu_seqlens is not None:
-        raise NotImplementedError("context parallelism with cu_seqlens is not supported yet")
     from .nn import reads_position
     if reads_position(p):
         raise NotImplementedError(f"spec '{attn.name}' reads the position t, which would "
@@ -56,30 +56,36 @@ def _check(attn, initial_state, cu_seqlens) -> None:
         raise NotImplementedError(f"context parallelism: {e}") from None
 
 
-def shard_summary(attn, local: dict, params: dict, *, form: str):
+def shard_summary(attn, local: dict, params: dict, *, form: str, cu_seqlens=None,
+                  segments: list[tuple[int, int]] | None = None):
     """A shard's summary: ``F`` (its final states from zero) and per state ``log M``
     (``[B, H]`` for a scalar decay, ``[B, H, n]`` for a diagonal one over the state's dim
     ``n``, None without decay) or, for delta rules, the matrix ``M`` itself (``[B, H, K, K]``,
-    acting on the state's rows). Differentiable."""
-    _, F = attn(**local, **params, output_final_state=True, form=form)
+    acting on the state's rows). With packed sequences (``cu_seqlens``) one row per packed
+    sequence, ``segments`` giving their (first token, end). Differentiable."""
+    _, F = attn(**local, **params, output_final_state=True, form=form, cu_seqlens=cu_seqlens)
     if attn.analysis.transition_class is TransitionClass.DELTA:
-        return F, _delta_summary(attn, local, params, F, form)
-    bound = attn.bind({**local, **params}, None, None)
-    ev = _Tokens(bound.inputs, bound.params, bound.sizes, None)
+        return F, _delta_summary(attn, local, params, F, form, cu_seqlens)
+    bound = attn.bind({**local, **params}, None, cu_seqlens)
+    ev = _Tokens(bound.inputs, bound.params, bound.sizes, cu_seqlens)
     B, T, H = next(iter(local.values())).shape[:3]
+
     log_m = {}
     for sp in chunk_plan(attn.analysis).states:
         lm = None
         if sp.log_decay is not None:
             dims = (sp.row,) if sp.decay == 2 else ()
             shape = (B, T, H, *((bound.sizes[sp.row],) if sp.decay == 2 else ()))
-            lm = _lambdified(sp.log_decay, sp.log_symbols, ev, dims, shape).sum(1)
+            lm = _lambdified(sp.log_decay, sp.log_symbols, ev, dims, shape)
+            lm = (lm.sum(1) if segments is None else
+                  torch.cat([lm[:, a:b].sum(1) for a, b in segments], 0))
         for s in (sp.state, *sp.columns):
             log_m[s] = lm
     return F, log_m
 
 
-def _delta_summary(attn, local: dict, params: dict, F: dict, form: str) -> dict:
+def _delta_summary(attn, local: dict, params: dict, F: dict, form: str,
+                   cu_seqlens=None) -> dict:
     """Delta rules: the product M of the shard's transitions (I - beta k k^T, times the
     decay) as a K x K matrix per sequence and head, from runs of the shard whose initial
     states are columns of the identity: M E = run(E) - run(0). One extra run per V columns
@@ -94,7 +100,7 @@ def _delta_summary(attn, local: dict, params: dict, F: dict, form: str) -> dict:
             idx = torch.arange(width, device=F_s.device)
             E[:, :, j0 + idx, idx] = 1.0
             _, out = attn(**local, **params, initial_state={s: E}, output_final_state=True,
-                          form=form)
+                          form=form, cu_seqlens=cu_seqlens)
             cols.append((out[s] - F_s)[..., :width])
         M[s] = torch.cat(cols, -1)
     return M
@@ -161,6 +167,9 @@ def context_parallel(attn, local: dict, params: dict, *, group, form: str = "chu
         from torch.distributed.nn.functional import all_gather
 
     _check(attn, initial_state, cu_seqlens)
+    if cu_seqlens is not None:
+        return _packed(attn, local, params, group, form, initial_state, output_final_state,
+                       cu_seqlens, all_gather)
     F, lm = shard_summary(attn, local, params, form=form)
     names = list(attn.program.states)
     gathered_F = {s: all_gather(F[s].contiguous(), group=group) for s in names}
@@ -174,3 +183,76 @@ def context_parallel(attn, local: dict, params: dict, *, group, form: str = "chu
     rank = dist.get_rank(group)
     o, _ = attn(**local, **params, initial_state=starts[rank], form=form)
     return o, (final if output_final_state else None)
+
+
+def _segments(cu: list[int], offset: int, length: int) -> list[tuple]:
+    """The packed sequences meeting tokens [offset, offset + length): (sequence, first local
+    token, local end, starts on an earlier rank, continues on a later one)."""
+    out = []
+    for q, (lo, hi) in enumerate(zip(cu[:-1], cu[1:])):
+        a, b = max(lo, offset), min(hi, offset + length)
+        if a < b:
+            out.append((q, a - offset, b - offset, lo < offset, hi > offset + length))
+    return out
+
+
+def _packed(attn, local: dict, params: dict, group, form: str, initial_state,
+            output_final_state: bool, cu_seqlens, all_gather):
+    """Packed sequences (B = 1) split over the ranks. ``cu_seqlens`` holds the boundaries of
+    the whole concatenation, the same tensor on every rank; a sequence may start, end or
+    pass through any shard. Each rank summarises every piece of a sequence in its shard;
+    one all-gather of those summaries (padded to the most pieces on a rank) lets every rank
+    run each sequence's scan: the initial state of its own first piece and every final
+    state. Every rank's outputs depend on that one gather, so its backward runs on all
+    ranks whatever the loss reads."""
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    x0 = next(iter(local.values()))
+    if x0.shape[0] != 1:
+        raise ValueError(f"with cu_seqlens the inputs are packed: batch 1, got {x0.shape[0]}")
+    lengths = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(lengths, torch.tensor([x0.shape[1]]), group=group)
+    lengths = [int(n) for n in lengths]
+    cu = [int(n) for n in cu_seqlens.tolist()]
+    if cu[0] != 0 or cu[-1] != sum(lengths):
+        raise ValueError(f"cu_seqlens must run from 0 to the total length of the shards "
+                         f"({sum(lengths)} tokens), got {cu[0]} .. {cu[-1]}")
+    offsets = [sum(lengths[:r]) for r in range(world)]
+    pieces = [_segments(cu, offsets[r], lengths[r]) for r in range(world)]
+    segs = pieces[rank]
+    local_cu = torch.tensor([0] + [b for _, _, b, _, _ in segs], device=x0.device)
+    names = list(attn.program.states)
+    F, M = shard_summary(attn, local, params, form=form, cu_seqlens=local_cu,
+                         segments=[(a, b) for _, a, b, _, _ in segs])
+    most = max(len(p) for p in pieces)
+    F_all = {s: all_gather(_pad(F[s], most), group=group) for s in names}
+    M_all = {s: (all_gather(_pad(M[s], most), group=group) if M[s] is not None else None)
+             for s in names}
+
+    def first_state(q: int) -> dict:
+        if initial_state is not None:
+            return {s: initial_state[s][q:q + 1].float() for s in names}
+        return {s: torch.zeros_like(F[s][:1]) for s in names}
+
+    state = {}                 # per sequence: its state after the pieces scanned so far
+    starts = []
+    for r in range(world):
+        for i, (q, _, _, _, _) in enumerate(pieces[r]):
+            current = state.get(q) or first_state(q)
+            if r == rank:
+                starts.append(current)
+            state[q] = {s: _decay(attn, s, M_all[s][r][i:i + 1] if M_all[s] is not None
+                                  else None, current[s]) + F_all[s][r][i:i + 1]
+                        for s in names}
+    initial = {s: torch.cat([d[s] for d in starts], 0) for s in names}
+    o, _ = attn(**local, **params, initial_state=initial, form=form, cu_seqlens=local_cu)
+    if not output_final_state:
+        return o, None
+    finals = [state.get(q) or first_state(q) for q in range(len(cu) - 1)]  # empty ones too
+    return o, {s: torch.cat([f[s] for f in finals], 0) for s in names}
+
+
+def _pad(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x`` with zero rows added up to ``rows`` (equal shapes for the all-gather)."""
+    return torch.cat([x, x.new_zeros(rows - x.shape[0], *x.shape[1:])], 0).contiguous()
