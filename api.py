@@ -216,14 +216,13 @@ class Attention:
         return f"chunk for T >= {AUTO_CHUNK_MIN_T}, recurrent below (and for decode)"
 
     def _chunk_reason(self) -> str | None:
-        """Why the chunked kernels cannot run this spec (None when they can)."""
-        if not hasattr(self, "_chunk_why"):
-            try:
-                chunk_plan(self.analysis)
-                self._chunk_why = None
-            except ChunkUnsupported as e:
-                self._chunk_why = str(e)
-        return self._chunk_why
+        """Why the chunked kernels cannot run this spec (None when they can); chunk_plan
+        derives it once per analysis."""
+        try:
+            chunk_plan(self.analysis)
+        except ChunkUnsupported as e:
+            return str(e)
+        return None
 
     def step(self, state: dict, *, inplace: bool = False, **tensors):
         """Decode one token per sequence: inputs ``[B, H, *dims]`` or ``[B, 1, H, *dims]``.

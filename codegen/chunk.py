@@ -673,30 +673,32 @@ def chunk_grads_kernel(
             m_tk = m_t[:, None] & m_k[None, :]
             q = _rows_of(q_ptr, rows, m_t, r_k, m_k, K)
             k = _rows_of(k_ptr, rows, m_t, r_k, m_k, K)
-            k_factor, decay_last = _key_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY)
-            q_factor, _ = _query_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)
-            dq = tl.zeros([C, BK], dtype=tl.float32)
-            dk = tl.zeros([C, BK], dtype=tl.float32)
-            last = tl.zeros([BK], dtype=tl.float32)
-            for i_v in tl.static_range(NV * (1 - PARALLEL)):
-                r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
-                S = tl.load(ckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0)
-                dS = tl.load(dckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0)
-                v = _rows_of(v_ptr, rows, m_t, r_v, m_v, V)
-                dq += _mm(_rows_of(dy_ptr, rows, m_t, r_v, m_v, V), tl.trans(S), DOT)
-                dk += _mm(v, tl.trans(dS), DOT)
-                if DECAY > 0:
-                    last += tl.sum(S * dS * decay_last, axis=1)
-            if DECAY > 0:
-                # sum over V of S_next * dS, S_next = exp(b_last) S + (k exp(b_last - b))^T v:
-                # its second part is sum over s of k_dec[s] * (v dS^T)[s], which dk holds now
-                last += tl.sum(k.to(tl.float32) * k_factor * dk, axis=0)
-            dq = dq * q_factor
-            dk = dk * k_factor
-            if PARALLEL:
+            if PARALLEL:    # earlier and later blocks, pair by pair, instead of S and dS
                 dq, dk = _cross_block_grads(q_ptr, k_ptr, v_ptr, lam_ptr, dy_ptr,
                                             chunk_table_ptr, rows, m_t, r_c, r_k, m_k, i_h, H,
                                             K, V, BV, NV, DECAY, STRICT, DOT)
+            else:
+                k_factor, decay_last = _key_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY)
+                q_factor, _ = _query_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)
+                dq = tl.zeros([C, BK], dtype=tl.float32)
+                dk = tl.zeros([C, BK], dtype=tl.float32)
+                last = tl.zeros([BK], dtype=tl.float32)
+                for i_v in tl.static_range(NV):
+                    r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
+                    S = tl.load(ckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0)
+                    dS = tl.load(dckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0)
+                    v = _rows_of(v_ptr, rows, m_t, r_v, m_v, V)
+                    dq += _mm(_rows_of(dy_ptr, rows, m_t, r_v, m_v, V), tl.trans(S), DOT)
+                    dk += _mm(v, tl.trans(dS), DOT)
+                    if DECAY > 0:
+                        last += tl.sum(S * dS * decay_last, axis=1)
+                if DECAY > 0:
+                    # sum over V of S_next * dS, S_next = exp(b_last) S + (k exp(b_last -
+                    # b))^T v: its second part is sum over s of k_dec[s] * (v dS^T)[s],
+                    # which dk holds now
+                    last += tl.sum(k.to(tl.float32) * k_factor * dk, axis=0)
+                dq = dq * q_factor
+                dk = dk * k_factor
             dq += _mm(dA * mask, k, DOT)
             dk += _mm(tl.trans(dA * mask), q, DOT)
             p_tk = rows[:, None] * K + r_k[None, :]
