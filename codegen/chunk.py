@@ -357,7 +357,8 @@ def chunk_states_kernel(
         rows = (bos + i_c * C + r_c) * H + i_h
         k = _rows_of(k_ptr, rows, m_t, r_k, m_k, K)
         v = _rows_of(v_ptr, rows, m_t, r_v, m_v, V)
-        tl.store(ckpt_ptr + ((ck_base + i_c) * H + i_h) * K * V + p_kv, S, mask=m_kv)
+        tl.store(ckpt_ptr + ((ck_base + i_c) * H + i_h) * K * V + p_kv,
+                 S.to(ckpt_ptr.dtype.element_ty), mask=m_kv)
         k_dec, decay_last = _key_decay(k, lam_ptr, rows, m_t, r_k, m_k, K, DECAY, False)
         S = S * decay_last + _mm(tl.trans(k_dec), v, DOT)
     tl.store(sT_ptr + i_nh * K * V + p_kv, S, mask=m_kv)
@@ -376,7 +377,7 @@ def _subchunk_decays(lam_ptr, rows, m_t, rows_i, m_i, r_c, start, r_k, m_k,
 
 
 @triton.jit
-def _diagonal_output(q_ptr, k_ptr, v_ptr, lam_ptr, y_ptr, ckpt_ptr, chunk_table_ptr,
+def _diagonal_output(q_ptr, k_ptr, v_ptr, lam_ptr, y_ptr, ckpt_ptr, chunk_table_ptr, scale,
                      rows, m_t, r_c, i_s, i_g, i_h, H: tl.constexpr, K: tl.constexpr,
                      V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr,
                      NV: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr,
@@ -416,19 +417,21 @@ def _diagonal_output(q_ptr, k_ptr, v_ptr, lam_ptr, y_ptr, ckpt_ptr, chunk_table_
                                              r_k, m_k, K, STRICT)
             q_i = _rows_of(q_ptr, rows_i, m_i, r_k, m_k, K)
             y += _mm(q_i.to(tl.float32) * tl.exp(bq_i), S, DOT)
+        y = y * scale
         tl.store(y_ptr + rows_i[:, None] * V + r_v[None, :], y.to(y_ptr.dtype.element_ty),
                  mask=m_i[:, None] & m_v[None, :])
 
 
 @triton.jit
 def chunk_output_kernel(
-    q_ptr, k_ptr, v_ptr, lam_ptr, y_ptr, ckpt_ptr, chunk_table_ptr,
+    q_ptr, k_ptr, v_ptr, lam_ptr, y_ptr, ckpt_ptr, chunk_table_ptr, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NK: tl.constexpr, NV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
     STRICT: tl.constexpr, DOT: tl.constexpr, SUB: tl.constexpr = 16,
     PARALLEL: tl.constexpr = False,
 ):
-    """Grid (chunks, heads): y of one chunk. The scores are built once over the K blocks;
+    """Grid (chunks, heads): y of one chunk, times ``scale`` (constant factors of the query
+    and key, taken out of them by the compiler). The scores are built once over the K blocks;
     each V block of y is then scores @ v plus the queries, decayed to the chunk start,
     times the start state. Diagonal decays go sub-chunk by sub-chunk of SUB queries
     (``_diagonal_output``)."""
@@ -438,7 +441,7 @@ def chunk_output_kernel(
     if DECAY == 2:
         for i_s in tl.static_range(C // SUB):
             _diagonal_output(q_ptr, k_ptr, v_ptr, lam_ptr, y_ptr, ckpt_ptr, chunk_table_ptr,
-                             rows, m_t, r_c, i_s, i_g, i_h, H, K, V, BK, BV, NK, NV, C, SUB,
+                             scale, rows, m_t, r_c, i_s, i_g, i_h, H, K, V, BK, BV, NK, NV, C, SUB,
                              STRICT, DOT)
     else:
         A, _ = _chunk_scores(q_ptr, k_ptr, lam_ptr, rows, m_t, r_c, K, BK, NK, C, DECAY,
@@ -460,6 +463,7 @@ def chunk_output_kernel(
                     q_factor, _ = _query_factor(lam_ptr, rows, m_t, r_c, m_t, K, DECAY, STRICT)
                     y = y * q_factor
             y += _mm(A, _rows_of(v_ptr, rows, m_t, r_v, m_v, V), DOT)
+            y = y * scale
             tl.store(y_ptr + rows[:, None] * V + r_v[None, :], y.to(y_ptr.dtype.element_ty),
                      mask=m_t[:, None] & m_v[None, :])
 

@@ -24,12 +24,13 @@ from ..ir.functions import ELEMENTWISE, logsigmoid, sigmoid
 from ..ir.interpret import StepEvaluator, align
 from ..ir.nodes import Node, Op
 from ..ir.readout import ReadoutKind
+from ..ir.signs import nonnegative
 from ..ir.sympy_view import SympyView, is_one
 from ..ir.transition import TransitionClass
 from .chunk import (DOT_BF16, DOT_IEEE, DOT_TF32, chunk_dstates_kernel, chunk_grads_kernel,
                     chunk_output_kernel, chunk_states_kernel, delta_chunk_fwd_kernel)
 from . import ops
-from .launch import for_device, interpreting
+from .launch import Launcher, for_device, interpreting
 
 SUPPORTED = (TransitionClass.IDENTITY, TransitionClass.SCALAR, TransitionClass.DIAGONAL)
 #: the kernels' DECAY constexpr per transition class
@@ -268,19 +269,23 @@ class ChunkCore(torch.autograd.Function):
         cu, offsets = cfg["cu"], cfg["offsets"]
         y = torch.empty(B, T, H, V, dtype=cfg["y_dtype"], device=dev)
         sT = torch.empty(N, H, K, V, dtype=torch.float32, device=dev)
-        ckpt = None if cfg["parallel"] else torch.empty(n_chunks, H, K, V,
-                                                         dtype=torch.float32, device=dev)
+        # the output kernel's dots read the states in bf16 when they multiply in bf16:
+        # storing them so halves their traffic and changes no result
+        ckpt_dtype = torch.bfloat16 if cfg["dot"] == DOT_BF16 else torch.float32
+        ckpt = None if cfg["parallel"] else torch.empty(n_chunks, H, K, V, dtype=ckpt_dtype,
+                                                         device=dev)
         blocks = _blocks(cfg, H, K, V)
         lam_ = lam if lam is not None else q
         if cfg["parallel"]:     # no states: every chunk reads the earlier ones directly
             ckpt = y
         else:
-            for_device(chunk_states_kernel, dev)[(blocks["NK"] * blocks["NV"], N * H)](
+            for_device(_STATES, dev)((blocks["NK"] * blocks["NV"], N * H),
                 k, v, lam_, s0 if s0 is not None else y, sT, ckpt, _or(cu, y),
                 _or(offsets, y), T, USE_INITIAL_STATE=s0 is not None,
                 IS_VARLEN=cu is not None, **_for("states", _without(blocks, "NK", "STRICT")))
-        chunk_output_kernel[(n_chunks, H)](q, k, v, lam_, y, ckpt, cfg["table"],
-                                           PARALLEL=cfg["parallel"], **_for("output", blocks))
+        for_device(_OUTPUT, dev)((n_chunks, H), q, k, v, lam_, y, ckpt, cfg["table"],
+                                 cfg["scale"], PARALLEL=cfg["parallel"],
+                                 **_for("output", blocks))
         ctx.save_for_backward(q, k, v, lam, ckpt if not cfg["parallel"] else None)
         ctx.cfg = cfg
         ctx.has_s0 = s0 is not None
@@ -295,30 +300,37 @@ class ChunkCore(torch.autograd.Function):
         dev = q.device
         N, n_chunks = cfg["N"], cfg["n_chunks"]
         cu, offsets = cfg["cu"], cfg["offsets"]
-        dq = torch.empty(q.shape, dtype=torch.float32, device=dev)
-        dk = torch.empty(k.shape, dtype=torch.float32, device=dev)
-        dv = torch.empty(v.shape, dtype=torch.float32, device=dev)
+        # gradients are stored in their inputs' dtypes (the parallel form's decay gradient
+        # sums q.dq and k.dk afterwards: fp32 there)
+        exact = cfg["parallel"] and lam is not None
+        dq = torch.empty(q.shape, dtype=torch.float32 if exact else q.dtype, device=dev)
+        dk = torch.empty(k.shape, dtype=torch.float32 if exact else k.dtype, device=dev)
+        dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
         dlam = torch.empty(lam.shape, dtype=torch.float32, device=dev) if lam is not None \
             else None
-        dy = dy.contiguous()
+        dy = dy.contiguous() if cfg["scale"] == 1.0 else (dy * cfg["scale"]).contiguous()
         lam_ = lam if lam is not None else q
         blocks = _blocks(cfg, H, K, V)
         if cfg["parallel"]:
             ds0 = ckpt = dckpt = None
         else:
             ds0 = torch.empty(N, H, K, V, dtype=torch.float32, device=dev)
-            dckpt = torch.empty_like(ckpt)
-            for_device(chunk_dstates_kernel, dev)[(blocks["NK"] * blocks["NV"], N * H)](
+            dckpt = torch.empty(ckpt.shape, dtype=torch.float32, device=dev)
+            for_device(_DSTATES, dev)((blocks["NK"] * blocks["NV"], N * H),
                 q, lam_, dy, _or(dsT, dy), ds0, dckpt, _or(cu, dy), _or(offsets, dy), T,
                 USE_FINAL_STATE_GRAD=dsT is not None, IS_VARLEN=cu is not None,
                 **_for("dstates", _without(blocks, "NK")))
-        chunk_grads_kernel[(n_chunks, H)](
+        for_device(_GRADS, dev)((n_chunks, H),
             q, k, v, lam_, dy, _or(ckpt, dy), _or(dckpt, dy), cfg["table"], dq, dk, dv,
             _or(dlam, dq), PARALLEL=cfg["parallel"], **_for("grads", blocks))
         if cfg["parallel"] and dlam is not None:
             dlam = _parallel_decay_grad(q, k, dq, dk, cu, cfg["strict"])
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dlam,
+        return (dq.to(q.dtype), dk.to(k.dtype), dv, dlam,
                 ds0 if ctx.has_s0 else None, None)
+
+
+_STATES, _OUTPUT = Launcher(chunk_states_kernel), Launcher(chunk_output_kernel)
+_DSTATES, _GRADS = Launcher(chunk_dstates_kernel), Launcher(chunk_grads_kernel)
 
 
 def _blocks(cfg: dict, H: int, K: int, V: int) -> dict:
@@ -374,6 +386,44 @@ def _for(kernel: str, blocks: dict) -> dict:
     return dict(blocks, DOT=KERNEL_DOT[kernel]) if kernel in KERNEL_DOT else blocks
 
 
+_ARITHMETIC = {Op.ADD: lambda a, b: a + b, Op.SUB: lambda a, b: a - b,
+               Op.MUL: lambda a, b: a * b, Op.DIV: lambda a, b: a / b,
+               Op.POW: lambda a, b: a ** b, Op.NEG: lambda a: -a}
+
+
+def _constant_value(n: Node, sizes: dict) -> float | None:
+    """The value of a scalar built from numbers and sizes only (``K ** -0.5``), else None."""
+    if n.dims:
+        return None
+    if n.op is Op.CONST:
+        return float(n.attr)
+    if n.op is Op.SIZE:
+        return float(sizes[n.attr])
+    if n.op is Op.HEADS:
+        return float(sizes["H"])
+    fn = _ARITHMETIC.get(n.op)
+    values = [_constant_value(a, sizes) for a in n.args]
+    if fn is None or not values or any(v is None for v in values):
+        return None
+    try:
+        return float(fn(*values))
+    except (ZeroDivisionError, OverflowError, TypeError):
+        return None
+
+
+def _split_scale(n: Node, sizes: dict) -> tuple[float, Node]:
+    """``n`` as a constant factor and the rest: ``k * K ** -0.5`` -> (K ** -0.5, k). The
+    kernels apply the factors of the query and key to the output instead, so a scaled
+    input is read as it came (no scaled copy of it in memory)."""
+    if n.op is Op.MUL:
+        for c, x in (n.args, n.args[::-1]):
+            value = _constant_value(c, sizes)
+            if value is not None and x.dims == n.dims and value != 0 and math.isfinite(value):
+                inner, rest = _split_scale(x, sizes)
+                return value * inner, rest
+    return 1.0, n
+
+
 def _without(d: dict, *keys) -> dict:
     return {k: x for k, x in d.items() if k not in keys}
 
@@ -383,14 +433,25 @@ def _or(x, fallback):
     return x.contiguous() if x is not None else fallback
 
 
+_TABLES: dict[tuple, torch.Tensor] = {}
+
+
 def _chunk_table(batch: int, T: int, cu_seqlens, C: int, device) -> torch.Tensor:
     """[n_chunks, 3] int64: each chunk's first token row, the end and the start of its
-    sequence, in the order of the state checkpoints (sequence by sequence)."""
+    sequence, in the order of the state checkpoints (sequence by sequence); made once per
+    (B, T, C, device) for equal-length sequences."""
     if cu_seqlens is None:
-        starts = torch.arange(0, T, C, device=device)
-        bos = (torch.arange(batch, device=device)[:, None] * T).expand(-1, len(starts))
-        return torch.stack([(bos + starts[None, :]).flatten(), (bos + T).flatten(),
-                            bos.flatten()], 1).contiguous()
+        key = (batch, T, C, device)
+        table = _TABLES.get(key)
+        if table is None:
+            starts = torch.arange(0, T, C, device=device)
+            bos = (torch.arange(batch, device=device)[:, None] * T).expand(-1, len(starts))
+            table = torch.stack([(bos + starts[None, :]).flatten(), (bos + T).flatten(),
+                                 bos.flatten()], 1).contiguous()
+            if len(_TABLES) > 64:
+                _TABLES.clear()
+            _TABLES[key] = table
+        return table
     rows = []
     bounds = cu_seqlens.tolist()
     for lo, hi in zip(bounds[:-1], bounds[1:]):
@@ -416,7 +477,7 @@ def _core_config(batch: int, T: int, K: int, V: int, cu_seqlens, chunk_size: int
         # illegal memory access on an H100 with Triton 3.6 (2026-11-23, not yet understood)
         dot = DOT_TF32
     return dict(N=batch, cu=cu_seqlens, offsets=offsets, n_chunks=n_chunks, table=table,
-                C=chunk_size, BK=bk, BV=bv, strict=strict, dot=dot, parallel=False,
+                C=chunk_size, BK=bk, BV=bv, strict=strict, dot=dot, parallel=False, scale=1.0,
                 # the chunk loop carries the state: no software pipelining (shared memory)
                 options={"num_warps": ops.FORCE_NUM_WARPS or 4, "num_stages": 1}
                 if on_gpu else {})
@@ -480,9 +541,10 @@ def _lambdified(expr: sympy.Expr, symbols, ev: "_Tokens", dims: tuple[str, ...],
     """A sympy expression over IR values, evaluated on every token (fp32, ``shape``)."""
     fn = _torch_function(expr, tuple(s for s, _ in symbols))
     x0 = ev.ev.values["h"]
-    out = torch.as_tensor(fn(*(ev.aligned(n, dims) for _, n in symbols)), dtype=torch.float32,
-                          device=x0.device)
-    return out.expand(shape).contiguous()
+    out = fn(*(ev.aligned(n, dims) for _, n in symbols))
+    if not isinstance(out, torch.Tensor):  # a number: no host-to-device copy
+        return torch.full(shape, float(out), dtype=torch.float32, device=x0.device)
+    return out.to(torch.float32).expand(shape).contiguous()
 
 
 def _delta_forward(q, k, v, beta, lam, s0, cu_seqlens, batch: int, chunk_size: int, dot: int):
@@ -529,6 +591,26 @@ def _global_state_readout(q, k, v, s0, cu_seqlens, batch: int):
     return torch.cat(outs, 0).unsqueeze(0), torch.stack(states, 0)
 
 
+def _cancels(analysis: Analysis, sp: StatePlan) -> bool:
+    """Whether a half-precision run must keep ``sp``'s query, key and value in fp32: a
+    normalized readout divides by q^ @ z, which may cancel (cosFormer, random features)
+    unless the compiler proves q^ and k^ nonnegative (elu + 1, relu, exp feature maps)."""
+    if analysis.readout.kind is not ReadoutKind.NORMALIZED or not NORMALIZED_IN_FP32:
+        return False
+    return not (nonnegative(sp.query) and nonnegative(sp.key))
+
+
+def _dot_precision(half: bool, low: torch.dtype) -> int:
+    """The dots' operand precision for inputs stored in ``low``."""
+    if FORCE_DOT is not None and not interpreting():
+        return FORCE_DOT
+    if interpreting() or not half:
+        return DOT_IEEE  # the interpreter's bf16 dots are wrong; fp32 inputs want fp32 dots
+    if low is not torch.float32:
+        return DOT_BF16  # half storage: bf16 operands, fp32 accumulation (as fla)
+    return DOT_TF32      # fp32 storage of half inputs (normalized readouts): tf32 operands
+
+
 def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *, batch: int,
                   out_dtype: torch.dtype, initial_state: dict | None, output_final_state: bool,
                   cu_seqlens: torch.Tensor | None, chunk_size: int = 64, parallel: bool = False):
@@ -545,63 +627,65 @@ def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *
     x0 = next(iter(inputs.values()))
     B, T, H = x0.shape[:3]
     half = x0.dtype in (torch.bfloat16, torch.float16)
-    # A normalized readout divides by q^ @ z, which may cancel (cosFormer, random features):
-    # its q^, k^, v^ stay in fp32 (tf32 dots); others are stored and multiplied in bf16.
-    exact = not half or (analysis.readout.kind is ReadoutKind.NORMALIZED
-                         and NORMALIZED_IN_FP32)
-    low = torch.float32 if exact else x0.dtype
-    if FORCE_DOT is not None and not interpreting():
-        dot = FORCE_DOT
-    elif interpreting() or not half:
-        dot = DOT_IEEE  # the interpreter's bf16 dots are wrong; fp32 inputs want fp32 dots
-    elif low is not torch.float32:
-        dot = DOT_BF16  # half storage: bf16 operands, fp32 accumulation (as fla)
-    else:
-        dot = DOT_TF32  # fp32 storage of half inputs (normalized readouts): tf32 operands
     state_dtype = next(iter(initial_state.values())).dtype if initial_state else torch.float32
     V = sizes["V"]
     final = {}
     for sp in plan.states:
-        q = ev.operand(sp.query, low)
-        k = ev.operand(sp.key, low)
-        if sp.columns:  # normalizers: extra columns of v fed with ones
-            v = ev(sp.value)
-            v = torch.cat([v, v.new_ones(*v.shape[:-1], len(sp.columns))], dim=-1)
-            v = v.to(low).contiguous()
-        else:
-            v = ev.operand(sp.value, low)
+        low = x0.dtype if half and not _cancels(analysis, sp) else torch.float32
+        dot = _dot_precision(half, low)
+        core = not p.noncausal and sp.beta is None
+        q_scale, query = _split_scale(sp.query, sizes) if core else (1.0, sp.query)
+        k_scale, key = _split_scale(sp.key, sizes) if core else (1.0, sp.key)
+        q = ev.operand(query, low)
+        k = ev.operand(key, low)
         lam = None
         if sp.log_decay is not None:
             dims = (sp.row,) if sp.decay == 2 else ()
             lam = _lambdified(sp.log_decay, sp.log_symbols, ev, dims,
                               (B, T, H, *(q.shape[3:4] if sp.decay == 2 else ())))
-        s0 = None
-        if initial_state is not None:
-            s0 = torch.cat([initial_state[sp.state].float(),
-                            *(initial_state[z].float().unsqueeze(-1) for z in sp.columns)],
-                           dim=-1).contiguous()
-        if p.noncausal:  # two GEMM stages: the whole sequence's state, then every readout
-            y, sT = _global_state_readout(q, k, v, s0, cu_seqlens, batch)
-        elif sp.beta is not None:
-            beta = _lambdified(sp.beta, sp.beta_symbols, ev, (), (B, T, H))
-            # the delta kernels are verified on the GPU with tf32 dots only
-            y, sT = _delta_forward(q, k, v, beta, lam, s0, cu_seqlens, batch, chunk_size,
-                                   DOT_TF32 if dot == DOT_BF16 else dot)
+        columns = tuple(initial_state[z].float().unsqueeze(-1) for z in sp.columns) \
+            if initial_state is not None else ()
+        s0 = initial_state[sp.state].float() if initial_state is not None else None
+        if not core:
+            # noncausal GEMMs and the delta kernel: normalizers as extra columns of v
+            v = ev.operand(sp.value, low)
+            if sp.columns:
+                v = torch.cat([v, v.new_ones(*v.shape[:-1], len(sp.columns))], -1)
+            if s0 is not None:
+                s0 = torch.cat([s0, *columns], dim=-1).contiguous()
+            if p.noncausal:  # two GEMM stages: the whole sequence's state, then every readout
+                y, sT = _global_state_readout(q, k, v, s0, cu_seqlens, batch)
+            else:
+                beta = _lambdified(sp.beta, sp.beta_symbols, ev, (), (B, T, H))
+                # the delta kernels are verified on the GPU with tf32 dots only
+                y, sT = _delta_forward(q, k, v, beta, lam, s0, cu_seqlens, batch, chunk_size,
+                                       DOT_TF32 if dot == DOT_BF16 else dot)
+            y_cols, sT_cols = y[..., V:], sT[..., V:]
+            y, sT = y[..., :V], sT[..., :V]
         else:
-            cfg = _core_config(batch, T, q.shape[-1], v.shape[-1], cu_seqlens, chunk_size,
-                               sp.strict, dot, q.device)
-            cfg["decay"] = sp.decay
-            cfg["parallel"] = parallel and not p.noncausal
+            def run(v, s0, direct):
+                cfg = _core_config(batch, T, q.shape[-1], v.shape[-1], cu_seqlens, chunk_size,
+                                   sp.strict, dot, q.device)
+                cfg.update(decay=sp.decay, parallel=parallel, scale=q_scale * k_scale,
+                           y_dtype=out_dtype if direct else torch.float32)
+                if s0 is not None and k_scale != 1.0:
+                    s0 = s0 / k_scale   # the core's state is the spec's over k's factor
+                y, sT = ChunkCore.apply(q, k, v, lam, s0, cfg)
+                return y, (sT * k_scale if k_scale != 1.0 and output_final_state else sT)
             # an output that is the state read itself is stored in its dtype by the kernel
             direct = not sp.columns and any(node == p.output for node, _ in sp.reads)
-            cfg["y_dtype"] = out_dtype if direct else torch.float32
-            y, sT = ChunkCore.apply(q, k, v, lam, s0, cfg)
-        # the readout's state reads become the kernel's columns
+            y, sT = run(ev.operand(sp.value, low), s0, direct)
+            y_cols = sT_cols = None
+            if sp.columns:  # normalizers: a second run with columns of ones as the value
+                ones = torch.ones(B, T, H, len(sp.columns), dtype=low, device=x0.device)
+                y_cols, sT_cols = run(ones, torch.cat(columns, -1).contiguous()
+                                      if columns else None, False)
+        # the readout's state reads become the kernels' outputs
         for node, col in sp.reads:
-            part = y[..., :V] if col is None else y[..., V + col]
+            part = y if col is None else y_cols[..., col]
             ev.ev.memo[node] = part.reshape(B * T, H, *part.shape[3:])
-        final[sp.state] = sT[..., :V].to(state_dtype)
-        final.update({z: sT[..., V + i].to(state_dtype) for i, z in enumerate(sp.columns)})
+        final[sp.state] = sT.to(state_dtype)
+        final.update({z: sT_cols[..., i].to(state_dtype) for i, z in enumerate(sp.columns)})
     o = ev(p.output).to(out_dtype)
     return o, ({s: final[s] for s in p.states} if output_final_state else None)
 

@@ -64,6 +64,9 @@ class Launcher:
     def __init__(self, jit_fn):
         self.fn = jit_fn
         self.names = list(jit_fn.arg_names)
+        # (the interpreter's function has no ``params``; it takes every launch's own path)
+        self.defaults = {q.name: q.default for q in getattr(jit_fn, "params", ())
+                         if q.has_default}
         self.compiled: dict = {}
 
     def __call__(self, grid: tuple, *args, **constexprs) -> None:
@@ -71,7 +74,9 @@ class Launcher:
         if interpreting():
             self.fn[grid](*args, **constexprs)
             return
-        key = (tuple(_signature(a) for a in args), tuple(constexprs.items()))
+        constexprs = {**{n: d for n, d in self.defaults.items() if n not in constexprs},
+                      **constexprs}
+        key = (tuple(_signature(a) for a in args), tuple(sorted(constexprs.items())))
         kernel = self.compiled.get(key)
         if kernel is None:
             self.compiled[key] = self.fn[grid](*args, **constexprs)

@@ -61,6 +61,9 @@ def _letters(dims: tuple[str, ...], table: dict[str, str]) -> str:
     return "".join(table[d] for d in dims)
 
 
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
 class StepEvaluator:
     """Evaluates IR nodes for one token; ``values`` holds the leaves of this step."""
 
@@ -75,7 +78,14 @@ class StepEvaluator:
         self.memo: dict[Node, torch.Tensor] = {}
 
     def scalar(self, value: float) -> torch.Tensor:
-        return torch.tensor(value, dtype=self.dtype, device=self.device).reshape(1, 1)
+        """``value`` as a [1, 1] tensor, made once per (value, dtype, device): creating it
+        from a Python number on a GPU is a host-to-device copy, which waits for the stream."""
+        key = (value, self.dtype, self.device)
+        hit = _CONSTANTS.get(key)
+        if hit is None:
+            hit = _CONSTANTS[key] = torch.full((1, 1), value, dtype=self.dtype,
+                                               device=self.device)
+        return hit
 
     def __call__(self, node: Node) -> torch.Tensor:
         hit = self.memo.get(node)

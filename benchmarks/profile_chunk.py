@@ -1,0 +1,92 @@
+"""Where a chunked call's time goes: wall time, host time and CUDA time per kernel.
+
+Usage (CUDA): python benchmarks/profile_chunk.py --out DIR [--ops ...]. For each op (B=4,
+T=4096, H=16, K=V=128, bf16) it prints and writes DIR/profile_chunk.json: the median wall
+time of a forward and of a forward+backward (do_bench), the host time of one call (launches
+queued without synchronising, averaged over 20 calls), and the CUDA time of every kernel of
+one call (torch profiler). Wall time well above the kernels' sum means host overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import triton
+
+import linforge
+from bench_chunk import B, H, T, V, inputs, train
+
+
+def host_ms(fn, n: int = 20) -> float:
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) * 1e3 / n
+
+
+def kernels(fn) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t:
+            out[e.key[:70]] = round(t / 1000, 4)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:14])
+
+
+def profile_op(name: str, form: str) -> list[dict]:
+    attn = linforge.library.get(name)
+    x = inputs(name)
+    rows = []
+    fwd = torch.no_grad()(lambda: attn(**x, form=form))
+    xg = {k: v.detach().requires_grad_() for k, v in x.items()}
+    do = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
+    step = train(lambda x: attn(**x, form=form)[0], xg, do)
+    for kind, fn in (("fwd", fwd), ("fwd+bwd", step)):
+        row = {"op": name, "form": form, "kind": kind}
+        try:
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            row["first_s"] = round(time.perf_counter() - t0, 2)
+            row["ms"] = round(triton.testing.do_bench(fn, warmup=10, rep=100,
+                                                      return_mode="median"), 4)
+            row["host_ms"] = round(host_ms(fn), 4)
+            row["kernels"] = kernels(fn)
+            row["kernel_sum_ms"] = round(sum(row["kernels"].values()), 4)
+        except Exception as e:  # report and go on
+            row["error"] = f"{type(e).__name__}: {e}"[:400]
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--ops", default="retnet,linear_attention,mamba2,gla,rwkv6")
+    ap.add_argument("--form", default="chunk")
+    args = ap.parse_args()
+    rows = []
+    for name in args.ops.split(","):
+        rows += profile_op(name, args.form)
+    with open(os.path.join(args.out, "profile_chunk.json"), "a") as f:
+        for r in rows:
+            f.write(json.dumps(dict(r, device=torch.cuda.get_device_name())) + "\n")
+
+
+if __name__ == "__main__":
+    main()
