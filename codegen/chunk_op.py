@@ -31,6 +31,7 @@ from .chunk import (DOT_BF16, DOT_IEEE, DOT_TF32, chunk_dstates_kernel, chunk_gr
                     chunk_output_kernel, chunk_states_kernel, delta_chunk_fwd_kernel)
 from . import ops
 from .launch import Launcher, for_device, interpreting
+from .maps import fused_map, map_of, run_map
 
 SUPPORTED = (TransitionClass.IDENTITY, TransitionClass.SCALAR, TransitionClass.DIAGONAL)
 #: the kernels' DECAY constexpr per transition class
@@ -224,12 +225,22 @@ class _Tokens:
         values.update({("param", n): x.float().unsqueeze(0) for n, x in params.items()})
         values["h"] = torch.arange(H, device=device, dtype=torch.float32).reshape(1, H)
         self.ev = StepEvaluator(values, sizes, torch.float32, device)
+        self.sizes = sizes
+        self.tensors = {**{("input", n): x for n, x in inputs.items()},
+                        **{("param", n): x for n, x in params.items()}}
+
+    def shape(self, dims: tuple[str, ...]) -> tuple[int, ...]:
+        """``[B, T, H, *dims]`` as sizes."""
+        return (self.B, self.T, self.ev.values["h"].shape[1], *(self.sizes[d] for d in dims))
 
     def operand(self, n: Node, dtype: torch.dtype) -> torch.Tensor:
         """``n`` over all tokens in ``dtype``, contiguous: a plain input as it came when it
         has that dtype (no fp32 round trip), else evaluated in fp32 and cast."""
         if n.op is Op.INPUT and self.inputs[n.attr].dtype == dtype:
             return self.inputs[n.attr].contiguous()
+        plan = fused_map(n, self.sizes) if FUSE_MAPS else None
+        if plan is not None:    # one generated kernel instead of a chain of torch ops
+            return run_map(plan, self.tensors, self.shape(n.dims), dtype)
         return self(n).to(dtype).contiguous()
 
     def aligned(self, n: Node, dims: tuple[str, ...]) -> torch.Tensor:
@@ -249,6 +260,9 @@ class _Tokens:
 FORCE_DOT: int | None = None
 #: experiments: the dot precision of one kernel ("states", "output", "dstates", "grads")
 KERNEL_DOT: dict[str, int] = {}
+#: per-token maps of inputs (feature maps, gates, decays) as generated kernels (codegen/maps.py);
+#: False: torch ops (for comparisons)
+FUSE_MAPS = True
 #: normalized readouts keep q^, k^, v^ in fp32 for half inputs (denominators may cancel)
 NORMALIZED_IN_FP32 = True
 
@@ -539,6 +553,14 @@ def _torch_function(expr: sympy.Expr, symbols: tuple) -> "Callable":
 def _lambdified(expr: sympy.Expr, symbols, ev: "_Tokens", dims: tuple[str, ...],
                 shape: tuple) -> torch.Tensor:
     """A sympy expression over IR values, evaluated on every token (fp32, ``shape``)."""
+    if isinstance(expr, sympy.Symbol):     # a log decay given as an input (GLA's g)
+        (node,) = [n for sym, n in symbols if sym == expr]
+        x = ev.tensors.get(("input", node.attr)) if node.op is Op.INPUT else None
+        if x is not None and x.dtype == torch.float32 and tuple(x.shape) == tuple(shape):
+            return x.contiguous()
+    plan = map_of(expr, symbols, dims, ev.sizes) if FUSE_MAPS else None
+    if plan is not None and tuple(shape) == ev.shape(dims):
+        return run_map(plan, ev.tensors, shape, torch.float32)
     fn = _torch_function(expr, tuple(s for s, _ in symbols))
     x0 = ev.ev.values["h"]
     out = fn(*(ev.aligned(n, dims) for _, n in symbols))
