@@ -113,7 +113,8 @@ class Attention:
             from .context_parallel import context_parallel
             params = {n: tensors.pop(n) for n in self.program.params if n in tensors}
             return context_parallel(self, tensors, params, group=cp_group,
-                                    form="chunk" if form == "auto" else form,
+                                    form=(("chunk" if self._chunk_reason() is None
+                                           else "recurrent") if form == "auto" else form),
                                     initial_state=initial_state,
                                     output_final_state=output_final_state,
                                     cu_seqlens=cu_seqlens)

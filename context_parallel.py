@@ -12,13 +12,13 @@ local prefix beat a ring pass at the world sizes of one node: one collective ins
 Autograd flows through the kernels, the scan and the differentiable all-gather, so
 gradients of every input, param and the initial state equal the single-process ones.
 
-Delta rules have a K x K matrix ``M`` per sequence and head (``B * H * K * K`` numbers per
-rank to gather: 4 MiB in fp32 for B = 1, H = 16, K = 128), measured from runs of the shard
-from identity columns. Shards must be in rank order and may have different lengths; params
+Delta rules and diagonal-plus-low-rank transitions (RWKV-7) have a K x K matrix ``M`` per
+sequence and head (``B * H * K * K`` numbers per rank to gather: 4 MiB in fp32 for B = 1,
+H = 16, K = 128), measured from runs of the shard from identity columns (the transition
+acts on the state's rows, the same for every column). Shards must be in rank order and may have different lengths; params
 are whole on every rank. Packed sequences: pass the ``cu_seqlens`` of the whole
 concatenation (the same on every rank) with batch-1 shards; a sequence may start, end or
-pass through any shard, and ``initial_state`` / the final states are per sequence. DPLR
-transitions (RWKV-7) are not supported yet.
+pass through any shard, and ``initial_state`` / the final states are per sequence.
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ from .ir.transition import TransitionClass
 __all__ = ["shard_summary", "scan_initial_states", "context_parallel", "run_sharded"]
 
 _SUPPORTED = (TransitionClass.IDENTITY, TransitionClass.SCALAR, TransitionClass.DIAGONAL,
-              TransitionClass.DELTA)
+              TransitionClass.DELTA, TransitionClass.DPLR)
+#: classes summarised by a K x K matrix acting on the state's rows
+_MATRIX = (TransitionClass.DELTA, TransitionClass.DPLR)
 
 
 def _check(attn, initial_state, cu_seqlens) -> None:
@@ -43,12 +45,13 @@ def _check(attn, initial_state, cu_seqlens) -> None:
     if cls not in _SUPPORTED:
         raise NotImplementedError(
             f"context parallelism for {cls.value} transitions (spec '{attn.name}') is not "
-            "generated yet; identity, scalar and diagonal decays and delta rules are")
+            "generated yet; identity, scalar and diagonal decays, delta rules and "
+            "diagonal-plus-low-rank transitions are")
     from .nn import reads_position
     if reads_position(p):
         raise NotImplementedError(f"spec '{attn.name}' reads the position t, which would "
                                   "restart at 0 in every shard")
-    if cls is TransitionClass.DELTA:
+    if cls in _MATRIX:
         return          # summarised by runs of the kernels, whatever the chunked form covers
     try:
         chunk_plan(attn.analysis)
@@ -64,8 +67,8 @@ def shard_summary(attn, local: dict, params: dict, *, form: str, cu_seqlens=None
     acting on the state's rows). With packed sequences (``cu_seqlens``) one row per packed
     sequence, ``segments`` giving their (first token, end). Differentiable."""
     _, F = attn(**local, **params, output_final_state=True, form=form, cu_seqlens=cu_seqlens)
-    if attn.analysis.transition_class is TransitionClass.DELTA:
-        return F, _delta_summary(attn, local, params, F, form, cu_seqlens)
+    if attn.analysis.transition_class in _MATRIX:
+        return F, _matrix_summary(attn, local, params, F, form, cu_seqlens)
     bound = attn.bind({**local, **params}, None, cu_seqlens)
     ev = _Tokens(bound.inputs, bound.params, bound.sizes, cu_seqlens)
     B, T, H = next(iter(local.values())).shape[:3]
@@ -84,10 +87,10 @@ def shard_summary(attn, local: dict, params: dict, *, form: str, cu_seqlens=None
     return F, log_m
 
 
-def _delta_summary(attn, local: dict, params: dict, F: dict, form: str,
-                   cu_seqlens=None) -> dict:
-    """Delta rules: the product M of the shard's transitions (I - beta k k^T, times the
-    decay) as a K x K matrix per sequence and head, from runs of the shard whose initial
+def _matrix_summary(attn, local: dict, params: dict, F: dict, form: str,
+                    cu_seqlens=None) -> dict:
+    """Delta rules and DPLR: the product M of the shard's transitions (I - beta k k^T times
+    the decay; diag(exp(w)) + b a^T for RWKV-7) as a K x K matrix per sequence and head, from runs of the shard whose initial
     states are columns of the identity: M E = run(E) - run(0). One extra run per V columns
     of K (one when V >= K); B * H * K * K numbers per rank to gather."""
     M = {}
@@ -111,7 +114,7 @@ def _decay(attn, s: str, lm: torch.Tensor | None, state: torch.Tensor) -> torch.
     matrix applied to its rows."""
     if lm is None:
         return state
-    if attn.analysis.transition_class is TransitionClass.DELTA:
+    if attn.analysis.transition_class in _MATRIX:
         return lm @ state
     dims = attn.program.states[s].dims
     if lm.dim() == 2:                                  # scalar: [B, H]

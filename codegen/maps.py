@@ -88,7 +88,7 @@ def _plan(expr: sympy.Expr, symbols: tuple[tuple[sympy.Symbol, Node], ...],
     expr = expr.xreplace(subs)
     if expr.free_symbols - set(seen.values()) or not any(x.kind != "h" for x in leaves):
         return None     # (a map of h and numbers alone is a few values: torch makes them)
-    plan = MapPlan(expr, tuple(leaves), text)
+    plan = MapPlan(expr, tuple(leaves), text or str(expr))
     try:
         _source(plan)
     except TritonPrintError:
@@ -118,7 +118,7 @@ def map_of(expr: sympy.Expr, symbols, dims: tuple[str, ...], sizes: dict,
            text: str = "") -> MapPlan | None:
     """The fused map of a sympy ``expr`` whose ``symbols`` ((symbol, node) pairs) stand
     for IR leaves, over ``dims``; None when it does not qualify."""
-    return _plan(expr, tuple(symbols), tuple(dims), _dim_sizes(sizes), text or str(expr))
+    return _plan(expr, tuple(symbols), tuple(dims), _dim_sizes(sizes), text)
 
 
 def _describe(node: Node) -> str:
