@@ -87,7 +87,10 @@ def main() -> None:
     ap.add_argument("--out", default=".")
     ap.add_argument("--ops", default="linear_attention,retnet,mamba2,gla,rwkv6,deltanet,"
                                      "gated_deltanet")
+    ap.add_argument("--forward-only", default="", help="ops timed forward only (e.g. to "
+                    "spare fla's backward autotuning in a short run)")
     args = ap.parse_args()
+    forward_only = set(FORWARD_ONLY) | set(filter(None, args.forward_only.split(",")))
     rows = []
     shape = f"B{B} T{T} H{H} K{K} V{V} bf16"
     for name in args.ops.split(","):
@@ -106,7 +109,8 @@ def main() -> None:
             row["fla_error"] = f"{type(e).__name__}: {e}"[:300]
         rows.append(row)
         print(json.dumps(row), flush=True)
-        if name in FORWARD_ONLY:
+        write_report(rows, args.out, "chunk")    # after every row: a cut run keeps them
+        if name in forward_only:
             continue
         xg = {k: v.detach().requires_grad_() for k, v in x.items()}
         do = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
@@ -118,7 +122,7 @@ def main() -> None:
             row["fla_error"] = f"{type(e).__name__}: {e}"[:300]
         rows.append(row)
         print(json.dumps(row), flush=True)
-    write_report(rows, args.out, "chunk")
+        write_report(rows, args.out, "chunk")
 
 
 if __name__ == "__main__":

@@ -377,16 +377,20 @@ def _subchunk_decays(lam_ptr, rows, m_t, rows_i, m_i, r_c, start, r_k, m_k,
 
 
 @triton.jit
-def _diagonal_output(q_ptr, k_ptr, v_ptr, lam_ptr, y_ptr, ckpt_ptr, chunk_table_ptr, scale,
-                     rows, m_t, r_c, i_s, i_g, i_h, H: tl.constexpr, K: tl.constexpr,
-                     V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr,
-                     NV: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr,
-                     STRICT: tl.constexpr, DOT: tl.constexpr):
-    """y of sub-chunk ``i_s`` (SUB queries) under a diagonal decay. Keys of earlier
-    sub-chunks go through one dot, each side decayed against the reference b_ref = b just
-    before the sub-chunk: q exp(bq - b_ref) and k exp(b_ref - b) both have exponents <= 0
-    (b falls along the chunk); keys of the sub-chunk itself go row by row
-    (``_diag_scores``)."""
+def chunk_diag_scores_kernel(
+    q_ptr, k_ptr, lam_ptr, A_ptr, chunk_table_ptr,
+    H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr, C: tl.constexpr,
+    STRICT: tl.constexpr, DOT: tl.constexpr, SUB: tl.constexpr = 16,
+):
+    """Grid (chunks, sub-chunks, heads), diagonal decays: the intra-chunk scores of the SUB
+    queries of sub-chunk ``i_s``, A[t, s] = sum_k q[t,k] k[s,k] exp(bq[t,k] - b[s,k]), stored
+    as rows of A [chunks * C, H, C] for the output kernel. Keys of earlier sub-chunks go
+    through one dot, each side decayed against the reference b_ref = b just before the
+    sub-chunk: q exp(bq - b_ref) and k exp(b_ref - b) both have exponents <= 0 (b falls
+    along the chunk); keys of the sub-chunk itself go row by row (``_diag_scores``)."""
+    i_g, i_s, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    r_c = tl.arange(0, C)
+    rows, m_t = _chunk(chunk_table_ptr, i_h, H, r_c)
     r_s = tl.arange(0, SUB)
     start = i_s * SUB
     rows_i, m_i = _chunk(chunk_table_ptr, i_h, H, start + r_s)
@@ -406,25 +410,17 @@ def _diagonal_output(q_ptr, k_ptr, v_ptr, lam_ptr, y_ptr, ckpt_ptr, chunk_table_
         D_k, _, _ = _diag_scores(q_i, _rows_of(k_ptr, rows_i, m_i, r_k, m_k, K), bq_i, b_i,
                                  b_i, r_s, SUB, STRICT, False)
         D += D_k
-    for i_v in tl.static_range(NV):
-        r_v, m_v = _block(i_v, BV, V)
-        y = _mm(A, _rows_of(v_ptr, rows, m_t, r_v, m_v, V), DOT)
-        y += _mm(D, _rows_of(v_ptr, rows_i, m_i, r_v, m_v, V), DOT)
-        for i_k in tl.static_range(NK):
-            r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
-            S = tl.load(ckpt_ptr + (i_g * H + i_h) * K * V + p_kv, mask=m_kv, other=0.0)
-            _, _, bq_i, _ = _subchunk_decays(lam_ptr, rows, m_t, rows_i, m_i, r_c, start,
-                                             r_k, m_k, K, STRICT)
-            q_i = _rows_of(q_ptr, rows_i, m_i, r_k, m_k, K)
-            y += _mm(q_i.to(tl.float32) * tl.exp(bq_i), S, DOT)
-        y = y * scale
-        tl.store(y_ptr + rows_i[:, None] * V + r_v[None, :], y.to(y_ptr.dtype.element_ty),
-                 mask=m_i[:, None] & m_v[None, :])
+    # three disjoint stores: earlier columns, the sub-chunk's own block, later columns (0)
+    p_i = ((i_g * C + start + r_s) * H + i_h)[:, None] * C
+    outside = (r_c < start) | (r_c >= start + SUB)
+    tl.store(A_ptr + p_i + r_c[None, :], A.to(A_ptr.dtype.element_ty),
+             mask=outside[None, :])
+    tl.store(A_ptr + p_i + (start + r_s)[None, :], D.to(A_ptr.dtype.element_ty))
 
 
 @triton.jit
 def chunk_output_kernel(
-    q_ptr, k_ptr, v_ptr, lam_ptr, y_ptr, ckpt_ptr, chunk_table_ptr, scale,
+    q_ptr, k_ptr, v_ptr, lam_ptr, y_ptr, ckpt_ptr, chunk_table_ptr, A_ptr, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NK: tl.constexpr, NV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
     STRICT: tl.constexpr, DOT: tl.constexpr, SUB: tl.constexpr = 16,
@@ -433,39 +429,40 @@ def chunk_output_kernel(
     """Grid (chunks, heads): y of one chunk, times ``scale`` (constant factors of the query
     and key, taken out of them by the compiler). The scores are built once over the K blocks;
     each V block of y is then scores @ v plus the queries, decayed to the chunk start,
-    times the start state. Diagonal decays go sub-chunk by sub-chunk of SUB queries
-    (``_diagonal_output``)."""
+    times the start state. Diagonal decays read their scores from
+    ``chunk_diag_scores_kernel`` (``A_ptr``) and decay the queries per channel."""
     i_g, i_h = tl.program_id(0), tl.program_id(1)
     r_c = tl.arange(0, C)
     rows, m_t = _chunk(chunk_table_ptr, i_h, H, r_c)
-    if DECAY == 2:
-        for i_s in tl.static_range(C // SUB):
-            _diagonal_output(q_ptr, k_ptr, v_ptr, lam_ptr, y_ptr, ckpt_ptr, chunk_table_ptr,
-                             scale, rows, m_t, r_c, i_s, i_g, i_h, H, K, V, BK, BV, NK, NV, C, SUB,
-                             STRICT, DOT)
+    if DECAY == 2:      # scores from chunk_diag_scores_kernel
+        A = tl.load(A_ptr + ((i_g * C + r_c) * H + i_h)[:, None] * C + r_c[None, :],
+                    mask=m_t[:, None], other=0.0)
     else:
         A, _ = _chunk_scores(q_ptr, k_ptr, lam_ptr, rows, m_t, r_c, K, BK, NK, C, DECAY,
                              STRICT, DOT)
-        for i_v in tl.static_range(NV):
-            r_v, m_v = _block(i_v, BV, V)
-            if PARALLEL:    # earlier chunks, pair by pair
-                y = _cross_block_output(q_ptr, k_ptr, v_ptr, lam_ptr, chunk_table_ptr, rows,
-                                        m_t, r_c, r_v, m_v, i_h, H, K, V, BK, NK, DECAY,
-                                        STRICT, DOT)
-            else:           # earlier chunks, through S
-                y = tl.zeros([C, BV], dtype=tl.float32)
-                for i_k in tl.static_range(NK):
-                    r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
-                    S = tl.load(ckpt_ptr + (i_g * H + i_h) * K * V + p_kv, mask=m_kv,
-                                other=0.0)
-                    y += _mm(_rows_of(q_ptr, rows, m_t, r_k, m_k, K), S, DOT)
-                if DECAY == 1:
-                    q_factor, _ = _query_factor(lam_ptr, rows, m_t, r_c, m_t, K, DECAY, STRICT)
-                    y = y * q_factor
-            y += _mm(A, _rows_of(v_ptr, rows, m_t, r_v, m_v, V), DOT)
-            y = y * scale
-            tl.store(y_ptr + rows[:, None] * V + r_v[None, :], y.to(y_ptr.dtype.element_ty),
-                     mask=m_t[:, None] & m_v[None, :])
+    for i_v in tl.static_range(NV):
+        r_v, m_v = _block(i_v, BV, V)
+        if PARALLEL:    # earlier chunks, pair by pair
+            y = _cross_block_output(q_ptr, k_ptr, v_ptr, lam_ptr, chunk_table_ptr, rows,
+                                    m_t, r_c, r_v, m_v, i_h, H, K, V, BK, NK, DECAY,
+                                    STRICT, DOT)
+        else:           # earlier chunks, through S
+            y = tl.zeros([C, BV], dtype=tl.float32)
+            for i_k in tl.static_range(NK):
+                r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
+                S = tl.load(ckpt_ptr + (i_g * H + i_h) * K * V + p_kv, mask=m_kv,
+                            other=0.0)
+                q = _rows_of(q_ptr, rows, m_t, r_k, m_k, K)
+                if DECAY == 2:  # the query decayed to the chunk start, per channel
+                    q, _ = _query_decay(q, lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)
+                y += _mm(q, S, DOT)
+            if DECAY == 1:
+                q_factor, _ = _query_factor(lam_ptr, rows, m_t, r_c, m_t, K, DECAY, STRICT)
+                y = y * q_factor
+        y += _mm(A, _rows_of(v_ptr, rows, m_t, r_v, m_v, V), DOT)
+        y = y * scale
+        tl.store(y_ptr + rows[:, None] * V + r_v[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=m_t[:, None] & m_v[None, :])
 
 
 @triton.jit
@@ -514,12 +511,12 @@ def _dlam(qdq, kdk, last, STRICT: tl.constexpr):
 
 @triton.jit
 def _diagonal_grads(q_ptr, k_ptr, v_ptr, lam_ptr, dy_ptr, ckpt_ptr, dckpt_ptr, chunk_table_ptr,
-                    dq_ptr, dk_ptr, dv_ptr, dlam_ptr, rows, m_t, r_c, i_g, i_h,
+                    dq_ptr, dk_ptr, dlam_ptr, scale, rows, m_t, r_c, i_g, i_h,
                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                     BV: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, C: tl.constexpr,
                     SUB: tl.constexpr, STRICT: tl.constexpr, DOT: tl.constexpr):
-    """dq, dk, dlam and dv of one chunk under a diagonal decay, sub-chunk by sub-chunk of
-    SUB rows as in ``_diagonal_output``: pairs in different sub-chunks through dots with
+    """dq, dk and dlam (times ``scale``) of one chunk under a diagonal decay, sub-chunk by
+    sub-chunk of SUB rows as in ``chunk_diag_scores_kernel``: pairs in different sub-chunks through dots with
     both sides decayed against a reference between them (exponents <= 0), pairs within a
     sub-chunk row by row. dlam's sums over later tokens run last sub-chunk first."""
     r_s = tl.arange(0, SUB)
@@ -578,53 +575,19 @@ def _diagonal_grads(q_ptr, k_ptr, v_ptr, lam_ptr, dy_ptr, ckpt_ptr, dckpt_ptr, c
             dk_i += dk_in
             m_ik = m_i[:, None] & m_k[None, :]
             p_i = rows_i[:, None] * K + r_k[None, :]
-            tl.store(dq_ptr + p_i, dq_i.to(dq_ptr.dtype.element_ty), mask=m_ik)
-            tl.store(dk_ptr + p_i, dk_i.to(dk_ptr.dtype.element_ty), mask=m_ik)
+            tl.store(dq_ptr + p_i, (dq_i * scale).to(dq_ptr.dtype.element_ty), mask=m_ik)
+            tl.store(dk_ptr + p_i, (dk_i * scale).to(dk_ptr.dtype.element_ty), mask=m_ik)
             qdq = q_i * dq_i
             kdk = k_i * dk_i
             dlam = _dlam(qdq, kdk, last[None, :], STRICT) + (later_q - later_k)[None, :]
-            tl.store(dlam_ptr + p_i, dlam, mask=m_ik)
+            tl.store(dlam_ptr + p_i, dlam * scale, mask=m_ik)
             later_q += tl.sum(qdq, axis=0)
             later_k += tl.sum(kdk, axis=0)
-    for i_s in tl.static_range(NS):
-        start = i_s * SUB
-        rows_i, m_i = _chunk(chunk_table_ptr, i_h, H, start + r_s)
-        A_cols = tl.zeros([C, SUB], dtype=tl.float32)    # scores of later queries on keys i
-        D = tl.zeros([SUB, SUB], dtype=tl.float32)
-        for i_k in tl.static_range(NK):
-            r_k, m_k = _block(i_k, BK, K)
-            _, bq, _ = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 2, STRICT)
-            b_ref, b_i, bq_i, b_end = _subchunk_decays(lam_ptr, rows, m_t, rows_i, m_i, r_c,
-                                                       start, r_k, m_k, K, STRICT)
-            q = _rows_of(q_ptr, rows, m_t, r_k, m_k, K).to(tl.float32)
-            q_i = _rows_of(q_ptr, rows_i, m_i, r_k, m_k, K)
-            k_i = _rows_of(k_ptr, rows_i, m_i, r_k, m_k, K)
-            q_end = tl.where((r_c >= start + SUB)[:, None],
-                             q * tl.exp(tl.minimum(bq - b_end[None, :], 0.0)), 0.0)
-            A_cols += _mm(q_end, tl.trans(k_i.to(tl.float32) * tl.exp(b_end[None, :] - b_i)),
-                          DOT)
-            D_k, _, _ = _diag_scores(q_i, k_i, bq_i, b_i, b_i, r_s, SUB, STRICT, False)
-            D += D_k
-        for i_v in tl.static_range(NV):
-            r_v, m_v = _block(i_v, BV, V)
-            dv = (_mm(tl.trans(A_cols), _rows_of(dy_ptr, rows, m_t, r_v, m_v, V), DOT)
-                  + _mm(tl.trans(D), _rows_of(dy_ptr, rows_i, m_i, r_v, m_v, V), DOT))
-            for i_k in tl.static_range(NK):
-                r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
-                # exp(b_last - b) for the sub-chunk's keys: the chunk's decay after them
-                _, _, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 2, False)
-                b_ref, b_i, _, _ = _subchunk_decays(lam_ptr, rows, m_t, rows_i, m_i, r_c,
-                                                    start, r_k, m_k, K, False)
-                k_i = _rows_of(k_ptr, rows_i, m_i, r_k, m_k, K).to(tl.float32)
-                dv += _mm(k_i * tl.exp(b_last[None, :] - b_i),
-                          tl.load(dckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0), DOT)
-            tl.store(dv_ptr + rows_i[:, None] * V + r_v[None, :],
-                     dv.to(dv_ptr.dtype.element_ty), mask=m_i[:, None] & m_v[None, :])
 
 
 @triton.jit
 def chunk_grads_kernel(
-    q_ptr, k_ptr, v_ptr, lam_ptr, dy_ptr, ckpt_ptr, dckpt_ptr, chunk_table_ptr,
+    q_ptr, k_ptr, v_ptr, lam_ptr, dy_ptr, ckpt_ptr, dckpt_ptr, chunk_table_ptr, A_ptr, scale,
     dq_ptr, dk_ptr, dv_ptr, dlam_ptr,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NK: tl.constexpr, NV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
@@ -639,12 +602,11 @@ def chunk_grads_kernel(
     i_g, i_h = tl.program_id(0), tl.program_id(1)
     r_c = tl.arange(0, C)
     rows, m_t = _chunk(chunk_table_ptr, i_h, H, r_c)
-    if DECAY == 2:
-        _diagonal_grads(q_ptr, k_ptr, v_ptr, lam_ptr, dy_ptr, ckpt_ptr, dckpt_ptr,
-                        chunk_table_ptr, dq_ptr, dk_ptr, dv_ptr, dlam_ptr, rows, m_t, r_c, i_g,
-                        i_h, H, K, V, BK, BV, NK, NV, C, SUB, STRICT, DOT)
+    p_state = (i_g * H + i_h) * K * V
+    if DECAY == 2:      # scores from chunk_diag_scores_kernel
+        A = tl.load(A_ptr + ((i_g * C + r_c) * H + i_h)[:, None] * C + r_c[None, :],
+                    mask=m_t[:, None], other=0.0)
     else:
-        p_state = (i_g * H + i_h) * K * V
         dA = tl.zeros([C, C], dtype=tl.float32)       # d score[t, s] = dy_t . v_s
         for i_v in tl.static_range(NV):
             r_v, m_v = _block(i_v, BV, V)
@@ -653,21 +615,26 @@ def chunk_grads_kernel(
         dA = tl.where(_causal(r_c, STRICT), dA, 0.0)
         A, mask = _chunk_scores(q_ptr, k_ptr, lam_ptr, rows, m_t, r_c, K, BK, NK, C, DECAY,
                                 STRICT, DOT)
-        for i_v in tl.static_range(NV):
-            r_v, m_v = _block(i_v, BV, V)
-            dv = _mm(tl.trans(A), _rows_of(dy_ptr, rows, m_t, r_v, m_v, V), DOT)
-            if PARALLEL:
-                dv += _later_blocks_dv(q_ptr, k_ptr, lam_ptr, dy_ptr, chunk_table_ptr, rows, m_t,
-                                       r_c, r_v, m_v, i_h, H, K, V, BK, NK, DECAY, STRICT, DOT)
-            else:
-                for i_k in tl.static_range(NK):
-                    r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
-                    k_dec, _ = _key_decay(_rows_of(k_ptr, rows, m_t, r_k, m_k, K), lam_ptr,
-                                          rows, m_t, r_k, m_k, K, DECAY, False)
-                    dv += _mm(k_dec, tl.load(dckpt_ptr + p_state + p_kv, mask=m_kv,
-                                             other=0.0), DOT)
-            tl.store(dv_ptr + rows[:, None] * V + r_v[None, :],
-                     dv.to(dv_ptr.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+    for i_v in tl.static_range(NV):
+        r_v, m_v = _block(i_v, BV, V)
+        dv = _mm(tl.trans(A), _rows_of(dy_ptr, rows, m_t, r_v, m_v, V), DOT)
+        if PARALLEL:
+            dv += _later_blocks_dv(q_ptr, k_ptr, lam_ptr, dy_ptr, chunk_table_ptr, rows, m_t,
+                                   r_c, r_v, m_v, i_h, H, K, V, BK, NK, DECAY, STRICT, DOT)
+        else:
+            for i_k in tl.static_range(NK):
+                r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
+                k_dec, _ = _key_decay(_rows_of(k_ptr, rows, m_t, r_k, m_k, K), lam_ptr,
+                                      rows, m_t, r_k, m_k, K, DECAY, False)
+                dv += _mm(k_dec, tl.load(dckpt_ptr + p_state + p_kv, mask=m_kv,
+                                         other=0.0), DOT)
+        tl.store(dv_ptr + rows[:, None] * V + r_v[None, :],
+                 (dv * scale).to(dv_ptr.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+    if DECAY == 2:
+        _diagonal_grads(q_ptr, k_ptr, v_ptr, lam_ptr, dy_ptr, ckpt_ptr, dckpt_ptr,
+                        chunk_table_ptr, dq_ptr, dk_ptr, dlam_ptr, scale, rows, m_t, r_c, i_g,
+                        i_h, H, K, V, BK, BV, NK, NV, C, SUB, STRICT, DOT)
+    else:
         # scalar decays sum q.dq, k.dk and S_next.dS over every K block before dlam
         qdq_all = tl.zeros([C], dtype=tl.float32)
         kdk_all = tl.zeros([C], dtype=tl.float32)
@@ -706,15 +673,16 @@ def chunk_grads_kernel(
             dq += _mm(dA * mask, k, DOT)
             dk += _mm(tl.trans(dA * mask), q, DOT)
             p_tk = rows[:, None] * K + r_k[None, :]
-            tl.store(dq_ptr + p_tk, dq.to(dq_ptr.dtype.element_ty), mask=m_tk)
-            tl.store(dk_ptr + p_tk, dk.to(dk_ptr.dtype.element_ty), mask=m_tk)
+            tl.store(dq_ptr + p_tk, (dq * scale).to(dq_ptr.dtype.element_ty), mask=m_tk)
+            tl.store(dk_ptr + p_tk, (dk * scale).to(dk_ptr.dtype.element_ty), mask=m_tk)
             if DECAY == 1 and not PARALLEL:     # (the parallel form's dlam: see chunk_op)
                 qdq_all += tl.sum(q.to(tl.float32) * dq, axis=1)
                 kdk_all += tl.sum(k.to(tl.float32) * dk, axis=1)
                 last_all += last
         if DECAY == 1 and not PARALLEL:
             tl.store(dlam_ptr + rows,
-                     _dlam(qdq_all, kdk_all, tl.sum(last_all, axis=0), STRICT), mask=m_t)
+                     _dlam(qdq_all, kdk_all, tl.sum(last_all, axis=0), STRICT) * scale,
+                     mask=m_t)
 
 
 @triton.jit

@@ -27,8 +27,9 @@ from ..ir.readout import ReadoutKind
 from ..ir.signs import nonnegative
 from ..ir.sympy_view import SympyView, is_one
 from ..ir.transition import TransitionClass
-from .chunk import (DOT_BF16, DOT_IEEE, DOT_TF32, chunk_dstates_kernel, chunk_grads_kernel,
-                    chunk_output_kernel, chunk_states_kernel, delta_chunk_fwd_kernel)
+from .chunk import (DOT_BF16, DOT_IEEE, DOT_TF32, chunk_diag_scores_kernel,
+                    chunk_dstates_kernel, chunk_grads_kernel, chunk_output_kernel,
+                    chunk_states_kernel, delta_chunk_fwd_kernel)
 from . import ops
 from .launch import Launcher, for_device, interpreting
 from .maps import fused_map, map_of, run_map
@@ -293,11 +294,15 @@ class ChunkCore(torch.autograd.Function):
         if cfg["parallel"]:     # no states: every chunk reads the earlier ones directly
             ckpt = y
         else:
-            for_device(_STATES, dev)((blocks["NK"] * blocks["NV"], N * H),
+            sb = _for("states", _without(blocks, "NK", "STRICT"))
+            for_device(_STATES, dev)((blocks["NK"] * sb["NV"], N * H),
                 k, v, lam_, s0 if s0 is not None else y, sT, ckpt, _or(cu, y),
                 _or(offsets, y), T, USE_INITIAL_STATE=s0 is not None,
-                IS_VARLEN=cu is not None, **_for("states", _without(blocks, "NK", "STRICT")))
-        for_device(_OUTPUT, dev)((n_chunks, H), q, k, v, lam_, y, ckpt, cfg["table"],
+                IS_VARLEN=cu is not None, **sb)
+        scores = y
+        if cfg["decay"] == 2:   # diagonal decays: intra-chunk scores by sub-chunks first
+            scores = _diagonal_scores(q, k, lam, cfg, blocks, ckpt_dtype)
+        for_device(_OUTPUT, dev)((n_chunks, H), q, k, v, lam_, y, ckpt, cfg["table"], scores,
                                  cfg["scale"], PARALLEL=cfg["parallel"],
                                  **_for("output", blocks))
         ctx.save_for_backward(q, k, v, lam, ckpt if not cfg["parallel"] else None)
@@ -322,7 +327,12 @@ class ChunkCore(torch.autograd.Function):
         dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
         dlam = torch.empty(lam.shape, dtype=torch.float32, device=dev) if lam is not None \
             else None
-        dy = dy.contiguous() if cfg["scale"] == 1.0 else (dy * cfg["scale"]).contiguous()
+        dy = dy.contiguous()
+        # y = scale * core(q, k, v): the kernels run on dy and dsT / scale and multiply
+        # every gradient they store by scale (no scaled copy of dy)
+        scale = cfg["scale"]
+        if dsT is not None and scale != 1.0:
+            dsT = dsT / scale
         lam_ = lam if lam is not None else q
         blocks = _blocks(cfg, H, K, V)
         if cfg["parallel"]:
@@ -330,13 +340,19 @@ class ChunkCore(torch.autograd.Function):
         else:
             ds0 = torch.empty(N, H, K, V, dtype=torch.float32, device=dev)
             dckpt = torch.empty(ckpt.shape, dtype=torch.float32, device=dev)
-            for_device(_DSTATES, dev)((blocks["NK"] * blocks["NV"], N * H),
+            db = _for("dstates", _without(blocks, "NK"))
+            for_device(_DSTATES, dev)((blocks["NK"] * db["NV"], N * H),
                 q, lam_, dy, _or(dsT, dy), ds0, dckpt, _or(cu, dy), _or(offsets, dy), T,
                 USE_FINAL_STATE_GRAD=dsT is not None, IS_VARLEN=cu is not None,
-                **_for("dstates", _without(blocks, "NK")))
+                **db)
+        scores = dy
+        if cfg["decay"] == 2:   # the forward's intra-chunk scores, made again
+            scores = _diagonal_scores(q, k, lam, cfg, blocks, ckpt.dtype)
         for_device(_GRADS, dev)((n_chunks, H),
-            q, k, v, lam_, dy, _or(ckpt, dy), _or(dckpt, dy), cfg["table"], dq, dk, dv,
-            _or(dlam, dq), PARALLEL=cfg["parallel"], **_for("grads", blocks))
+            q, k, v, lam_, dy, _or(ckpt, dy), _or(dckpt, dy), cfg["table"], scores, scale,
+            dq, dk, dv, _or(dlam, dq), PARALLEL=cfg["parallel"], **_for("grads", blocks))
+        if ds0 is not None and scale != 1.0:
+            ds0 = ds0 * scale
         if cfg["parallel"] and dlam is not None:
             dlam = _parallel_decay_grad(q, k, dq, dk, cu, cfg["strict"])
         return (dq.to(q.dtype), dk.to(k.dtype), dv, dlam,
@@ -345,6 +361,20 @@ class ChunkCore(torch.autograd.Function):
 
 _STATES, _OUTPUT = Launcher(chunk_states_kernel), Launcher(chunk_output_kernel)
 _DSTATES, _GRADS = Launcher(chunk_dstates_kernel), Launcher(chunk_grads_kernel)
+_SCORES = Launcher(chunk_diag_scores_kernel)
+#: sub-chunk of the diagonal-decay scores (pairs within one go row by row)
+_SUB = 16
+
+
+def _diagonal_scores(q, k, lam, cfg: dict, blocks: dict, dtype) -> torch.Tensor:
+    """Diagonal decays: every chunk's intra-chunk scores, [chunks * C, H, C] in ``dtype``
+    (``chunk_diag_scores_kernel``: one program per chunk, sub-chunk and head)."""
+    C, n_chunks, H = cfg["C"], cfg["n_chunks"], q.shape[2]
+    scores = torch.empty(n_chunks * C, H, C, dtype=dtype, device=q.device)
+    sub = _without(blocks, "V", "BV", "NV", "DECAY")
+    for_device(_SCORES, q.device)((n_chunks, C // _SUB, H), q, k, lam, scores, cfg["table"],
+                                  SUB=_SUB, **_for("scores", sub))
+    return scores
 
 
 def _blocks(cfg: dict, H: int, K: int, V: int) -> dict:
@@ -396,8 +426,26 @@ def _suffix_sums(x: torch.Tensor, cu_seqlens) -> torch.Tensor:
 
 
 def _for(kernel: str, blocks: dict) -> dict:
-    """``blocks`` with the dot precision ``KERNEL_DOT`` sets for ``kernel``, if any."""
-    return dict(blocks, DOT=KERNEL_DOT[kernel]) if kernel in KERNEL_DOT else blocks
+    """``blocks`` with what ``KERNEL_DOT`` and ``KERNEL_OPTIONS`` set for ``kernel`` on a
+    GPU (dot precision; V tile, warps, pipeline stages), the V block count to match."""
+    out = dict(blocks, DOT=KERNEL_DOT[kernel]) if kernel in KERNEL_DOT else dict(blocks)
+    if "num_warps" in blocks:       # a GPU launch (the interpreter takes no options)
+        for key, value in KERNEL_OPTIONS.get(kernel, {}).items():
+            if key == "BV":
+                value = min(value, out["BV"])   # never wider than V's own tile
+                if "NV" in out:
+                    out["NV"] = triton.cdiv(out["V"], value)
+            out[key] = value
+    return out
+
+
+#: per-kernel launch options on a GPU ("states", "output", "dstates", "grads"): BV (the V
+#: tile; the ordered state kernels run one program per V tile), num_warps, num_stages.
+#: Measured on an NVIDIA H200 (benchmarks/sweep_chunk_launch.py, retnet B=4 T=4096 H=16
+#: K=V=128 bf16, results/sweep_chunk_launch_h200.jsonl): prefetching the next chunk's k and
+#: v in the ordered state loops took states 0.189 -> 0.116 ms (3 stages) and dstates
+#: 0.207 -> 0.134 ms (2 stages); the output and gradient kernels are fastest as they are.
+KERNEL_OPTIONS: dict[str, dict] = {"states": {"num_stages": 3}, "dstates": {"num_stages": 2}}
 
 
 _ARITHMETIC = {Op.ADD: lambda a, b: a + b, Op.SUB: lambda a, b: a - b,
@@ -537,7 +585,10 @@ def chunk_source(analysis: Analysis, direction: str) -> str:
     lines += [f"# readout: o = {format_node(p.output)}",
               "# (q^, k^, v^, the log decay and the readout run as torch ops over all tokens;"
               " the kernels below carry the state)", "", inspect.getsource(core)]
-    kernels = ("chunk_states_kernel", "chunk_output_kernel") if direction == "fwd" else (
+    diagonal = any(sp.decay == 2 for sp in plan.states)
+    kernels = (("chunk_states_kernel",)
+               + (("chunk_diag_scores_kernel",) if diagonal else ())
+               + ("chunk_output_kernel",)) if direction == "fwd" else (
         "chunk_dstates_kernel", "chunk_grads_kernel")
     lines.insert(-1, f"# this direction launches: {', '.join(kernels)}")
     return "\n".join(lines)

@@ -1,0 +1,89 @@
+"""Sweep the launch options of each chunked kernel (V tile, warps, pipeline stages) on this GPU.
+
+Usage (CUDA): python benchmarks/sweep_chunk_launch.py --out DIR [--ops retnet,gla]. For each
+op (B=4, T=4096, H=16, K=V=128, bf16) and each kernel ("states", "output", "dstates",
+"grads") it varies that kernel's options alone, and records the CUDA time of the kernel in
+one forward+backward (torch profiler) and the largest difference of the output and the
+gradients from the default options (a miscompiled configuration shows up there). Appends
+rows to DIR/sweep_chunk_launch.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+
+import torch
+
+import linforge
+import linforge.codegen.chunk_op as chunk_op
+from bench_chunk import B, H, T, V, inputs
+
+KERNELS = {"states": "chunk_states_kernel", "output": "chunk_output_kernel",
+           "dstates": "chunk_dstates_kernel", "grads": "chunk_grads_kernel"}
+GRID = {"states": dict(BV=[32, 64], num_stages=[1, 2, 3], num_warps=[4]),
+        "dstates": dict(BV=[32, 64], num_stages=[1, 2, 3], num_warps=[4]),
+        "output": dict(num_stages=[1, 2], num_warps=[4, 8]),
+        "grads": dict(num_stages=[1, 2], num_warps=[4, 8])}
+
+
+def step(attn, x, do):
+    xg = {k: v.detach().requires_grad_() for k, v in x.items()}
+    o = attn(**xg, form="chunk")[0]
+    o.backward(do)
+    return o.detach().float(), {k: v.grad.float() for k, v in xg.items()}
+
+
+def kernel_ms(fn, name: str) -> float:
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+    total = sum(getattr(e, "device_time_total", 0) for e in prof.key_averages()
+                if e.key.startswith(name))
+    return round(total / 3000, 4)
+
+
+def rel(a, b) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--ops", default="retnet")
+    args = ap.parse_args()
+    path = os.path.join(args.out, "sweep_chunk_launch.jsonl")
+    for name in args.ops.split(","):
+        attn = linforge.library.get(name)
+        x = inputs(name)
+        do = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
+        chunk_op.KERNEL_OPTIONS.clear()
+        o_ref, g_ref = step(attn, x, do)
+        for kernel, grid in GRID.items():
+            keys = list(grid)
+            for values in itertools.product(*grid.values()):
+                opts = dict(zip(keys, values))
+                chunk_op.KERNEL_OPTIONS.clear()
+                chunk_op.KERNEL_OPTIONS[kernel] = opts
+                row = {"op": name, "kernel": kernel, **opts}
+                try:
+                    o, g = step(attn, x, do)
+                    row["max_rel_diff"] = max([rel(o, o_ref)] + [rel(g[k], g_ref[k])
+                                                                  for k in g_ref])
+                    row["ms"] = kernel_ms(lambda: step(attn, x, do), KERNELS[kernel])
+                except Exception as e:   # record and go on
+                    row["error"] = f"{type(e).__name__}: {e}"[:300]
+                print(json.dumps(row), flush=True)
+                with open(path, "a") as f:
+                    f.write(json.dumps(dict(row, device=torch.cuda.get_device_name())) + "\n")
+    chunk_op.KERNEL_OPTIONS.clear()
+
+
+if __name__ == "__main__":
+    main()
