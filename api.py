@@ -18,6 +18,9 @@ from .codegen.ops import Decoder, recurrent_forward, recurrent_source
 from .ir.lower import lower, show_dims
 
 FORMS = ("auto", "recurrent", "chunk", "parallel", "reference")
+#: tokens per chunk of the chunked form (a compile option: ``compile(..., chunk_size=...)``)
+DEFAULT_CHUNK_SIZE = 64
+CHUNK_SIZES = (16, 32, 64, 128)
 #: form="auto" uses the chunked kernels from this length on (one chunk of 64 tokens)
 AUTO_CHUNK_MIN_T = 64
 #: classes whose generated recurrent kernels measured faster than their chunked ones at
@@ -50,7 +53,14 @@ class Attention:
     ``[B, H, *dims]`` (``[N, H, *dims]`` for N packed sequences with ``cu_seqlens``).
     """
 
-    def __init__(self, spec: Spec, analysis: Analysis, filename: str | None = None):
+    def __init__(self, spec: Spec, analysis: Analysis, filename: str | None = None, *,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE):
+        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or \
+                chunk_size not in CHUNK_SIZES:
+            raise ValueError(f"chunk_size must be one of {', '.join(map(str, CHUNK_SIZES))} "
+                             f"(a power of two the diagonal decays' sub-chunks of 16 divide), "
+                             f"got {chunk_size!r}")
+        self.chunk_size = chunk_size
         self.spec = spec
         self.analysis = analysis
         self.program = analysis.program
@@ -86,6 +96,7 @@ class Attention:
             "normalizers": {nz.vector: nz.matrix for nz in a.normalizers},
             "readout": a.readout.kind.value,
             "forms": list(a.forms),
+            "chunk_size": self.chunk_size,
             "kernels": self._kernel_list(),
             "auto_form": self._auto_form_text(),
         }
@@ -129,7 +140,7 @@ class Attention:
                     self.analysis, bound.inputs, bound.params, bound.sizes, batch=bound.batch,
                     out_dtype=bound.out_dtype, initial_state=initial_state,
                     output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                    parallel=form == "parallel")
+                    parallel=form == "parallel", chunk_size=self.chunk_size)
             except ChunkUnsupported as e:
                 hint = "" if "form=" in str(e) else "; use form='recurrent'"
                 raise NotImplementedError(f"form={form!r}: {e}{hint}") from None
@@ -439,24 +450,29 @@ def _read(text_or_path: str | Path) -> tuple[str, str | None]:
     return text_or_path, None
 
 
-def load(text_or_path: str | Path) -> dict[str, Attention]:
-    """Compile every spec in a text or ``.lin`` file; returns name -> ``Attention``."""
+def load(text_or_path: str | Path, *, chunk_size: int = DEFAULT_CHUNK_SIZE
+         ) -> dict[str, Attention]:
+    """Compile every spec in a text or ``.lin`` file; returns name -> ``Attention``
+    (``chunk_size``: tokens per chunk of the chunked form, 16 to 128)."""
     text, filename = _read(text_or_path)
     out = {}
     for spec in parse(text, filename):
         if spec.name in out:
             raise SpecError(f"two specs are named '{spec.name}'", spec.span, spec.source,
                             filename=filename)
-        out[spec.name] = Attention(spec, analyse(lower(spec, filename), filename), filename)
+        out[spec.name] = Attention(spec, analyse(lower(spec, filename), filename), filename,
+                                   chunk_size=chunk_size)
     return out
 
 
-def compile(text_or_path: str | Path, *, name: str | None = None) -> Attention:  # noqa: A001
+def compile(text_or_path: str | Path, *, name: str | None = None,  # noqa: A001
+            chunk_size: int = DEFAULT_CHUNK_SIZE) -> Attention:
     """Compile a spec (text, or a path to a ``.lin`` file) into an ``Attention`` op.
 
-    With several specs in one text, ``name`` picks one.
+    With several specs in one text, ``name`` picks one. ``chunk_size``: tokens per chunk of
+    the chunked form (16, 32, 64 or 128; 64 by default, as fla).
     """
-    specs = load(text_or_path)
+    specs = load(text_or_path, chunk_size=chunk_size)
     if name is None:
         if len(specs) > 1:
             raise ValueError(f"the text holds {len(specs)} specs ({', '.join(specs)}); "

@@ -25,11 +25,12 @@ def source(name: str) -> str:
     return path(name).read_text()
 
 
-def get(name: str):
-    """Compile the library spec ``name`` into an ``Attention``."""
+def get(name: str, **options):
+    """Compile the library spec ``name`` into an ``Attention`` (``options``: those of
+    ``linforge.compile``, e.g. ``chunk_size``)."""
     from ..api import compile as compile_spec
 
-    return compile_spec(path(name), name=name)
+    return compile_spec(path(name), name=name, **options)
 
 
 __all__ = ["get", "names", "path", "source"]

@@ -275,3 +275,25 @@ def test_causal_parallel_errors_say_what_runs_instead():
     x = make_inputs(gla, B=1, T=8, H=1, sizes=kernel_sizes(gla))
     with pytest.raises(NotImplementedError, match="identity and scalar decays so far"):
         gla(**x, form="parallel")
+
+
+@pytest.mark.parametrize("chunk_size", [16, 128])
+@pytest.mark.parametrize("name", ["retnet", "gla"])
+def test_chunk_size_is_a_compile_option(name, chunk_size, monkeypatch):
+    import linforge.codegen.chunk_op as chunk_op
+    seen = []
+    config = chunk_op._core_config
+    monkeypatch.setattr(chunk_op, "_core_config",
+                        lambda *a, **k: seen.append(a[5]) or config(*a, **k))
+    attn = linforge.library.get(name, chunk_size=chunk_size)
+    assert attn.info()["chunk_size"] == chunk_size
+    sizes = kernel_sizes(attn)
+    x = make_inputs(attn, B=1, T=150, H=2, sizes=sizes, seed=21)
+    init = make_state(attn, N=1, H=2, sizes=sizes)
+    check_against_reference(attn, x, init, torch.float32, form="chunk")
+    assert seen and set(seen) == {chunk_size}   # the kernels ran with that chunk
+
+
+def test_chunk_size_must_be_a_supported_power_of_two():
+    with pytest.raises(ValueError, match="chunk_size must be one of 16, 32, 64, 128.*got 48"):
+        linforge.library.get("retnet", chunk_size=48)
