@@ -19,6 +19,7 @@ import triton
 
 import linforge
 from bench_chunk import B, H, T, V, inputs, train
+from tune_chunk import kernel_times
 
 
 def host_ms(fn, n: int = 20) -> float:
@@ -30,21 +31,6 @@ def host_ms(fn, n: int = 20) -> float:
     t1 = time.perf_counter()
     torch.cuda.synchronize()
     return (t1 - t0) * 1e3 / n
-
-
-def kernels(fn) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    out = {}
-    for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if t:
-            out[e.key[:70]] = round(t / 1000, 4)
-    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:14])
 
 
 def profile_op(name: str, form: str) -> list[dict]:
@@ -65,7 +51,7 @@ def profile_op(name: str, form: str) -> list[dict]:
             row["ms"] = round(triton.testing.do_bench(fn, warmup=10, rep=100,
                                                       return_mode="median"), 4)
             row["host_ms"] = round(host_ms(fn), 4)
-            row["kernels"] = kernels(fn)
+            row["kernels"] = kernel_times(fn)
             row["kernel_sum_ms"] = round(sum(row["kernels"].values()), 4)
         except Exception as e:  # report and go on
             row["error"] = f"{type(e).__name__}: {e}"[:400]

@@ -32,7 +32,7 @@ from .chunk import (DOT_BF16, DOT_IEEE, DOT_TF32, chunk_diag_scores_kernel,
                     chunk_states_kernel, delta_chunk_fwd_kernel)
 from . import ops
 from .launch import Launcher, for_device, interpreting
-from .maps import fused_map, map_of, run_map
+from .maps import _given_name, fused_map, map_of, run_map
 
 SUPPORTED = (TransitionClass.IDENTITY, TransitionClass.SCALAR, TransitionClass.DIAGONAL)
 #: the kernels' DECAY constexpr per transition class
@@ -759,7 +759,17 @@ def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *
             ev.ev.memo[node] = part.reshape(B * T, H, *part.shape[3:])
         final[sp.state] = sT.to(state_dtype)
         final.update({z: sT_cols[..., i].to(state_dtype) for i, z in enumerate(sp.columns)})
-    o = ev(p.output).to(out_dtype)
+    reads = {node: ev.ev.memo[node] for sp in plan.states for node, _ in sp.reads}
+    if p.output in reads:   # the output is a state read: the kernel stored it already
+        o = reads[p.output].reshape(B, T, *reads[p.output].shape[1:]).to(out_dtype)
+    else:
+        plan_o = fused_map(p.output, sizes, tuple(reads)) if FUSE_MAPS else None
+        if plan_o is not None:  # the readout (division, skip terms) as one generated kernel
+            tensors = {**ev.tensors, **{("given", _given_name(n)): t.reshape(
+                B, T, *t.shape[1:]) for n, t in reads.items()}}
+            o = run_map(plan_o, tensors, ev.shape(p.output.dims), out_dtype)
+        else:
+            o = ev(p.output).to(out_dtype)
     return o, ({s: final[s] for s in p.states} if output_final_state else None)
 
 

@@ -52,11 +52,13 @@ class MapPlan:
 
     @property
     def inputs(self) -> tuple[Leaf, ...]:
-        """The leaves that get a gradient (inputs and params; not ``h``)."""
+        """The leaves read from tensors, which get a gradient (all but ``h``)."""
         return tuple(x for x in self.leaves if x.kind != "h")
 
 
-def _leaf(node: Node, dims: tuple[str, ...]) -> Leaf | None:
+def _leaf(node: Node, dims: tuple[str, ...], given: tuple[Node, ...]) -> Leaf | None:
+    if node in given and node.dims in ((), dims):   # a value the caller has (a state read)
+        return Leaf("given", _given_name(node), bool(node.dims))
     if node.op is Op.HEAD:
         return Leaf("h", "h", False)
     if node.op in (Op.INPUT, Op.PARAM) and node.dims in ((), dims):
@@ -64,9 +66,15 @@ def _leaf(node: Node, dims: tuple[str, ...]) -> Leaf | None:
     return None
 
 
+def _given_name(node: Node) -> str:
+    from ..ir.sympy_view import format_node
+    return format_node(node)
+
+
 @functools.lru_cache(maxsize=512)
 def _plan(expr: sympy.Expr, symbols: tuple[tuple[sympy.Symbol, Node], ...],
-          dims: tuple[str, ...], sizes: tuple[tuple[str, int], ...], text: str):
+          dims: tuple[str, ...], sizes: tuple[tuple[str, int], ...], text: str,
+          given: tuple[Node, ...] = ()):
     if len(dims) > 1:
         return None
     size_of = dict(sizes)
@@ -78,7 +86,7 @@ def _plan(expr: sympy.Expr, symbols: tuple[tuple[sympy.Symbol, Node], ...],
         if node.op is Op.HEADS:
             subs[sym] = sympy.Integer(size_of["H"])
             continue
-        leaf = _leaf(node, dims)
+        leaf = _leaf(node, dims, given)
         if leaf is None:
             return None
         if leaf not in seen:
@@ -96,10 +104,11 @@ def _plan(expr: sympy.Expr, symbols: tuple[tuple[sympy.Symbol, Node], ...],
     return plan
 
 
-def fused_map(node: Node, sizes: dict) -> MapPlan | None:
+def fused_map(node: Node, sizes: dict, given: tuple[Node, ...] = ()) -> MapPlan | None:
     """The fused map computing ``node`` per token and head, or None when it does not
-    qualify (see the module docstring)."""
-    return _node_map(node, _dim_sizes(sizes))
+    qualify (see the module docstring). ``given``: non-elementwise values the caller
+    passes as tensors (the readout's state reads, ``("given", format_node(n))``)."""
+    return _node_map(node, _dim_sizes(sizes), tuple(given))
 
 
 def _dim_sizes(sizes: dict) -> tuple[tuple[str, int], ...]:
@@ -108,10 +117,10 @@ def _dim_sizes(sizes: dict) -> tuple[tuple[str, int], ...]:
 
 
 @functools.lru_cache(maxsize=1024)
-def _node_map(node: Node, sizes: tuple) -> MapPlan | None:
+def _node_map(node: Node, sizes: tuple, given: tuple) -> MapPlan | None:
     view = SympyView()
     expr = view.to_sympy(node)
-    return _plan(expr, tuple(view.leaves.items()), node.dims, sizes, _describe(node))
+    return _plan(expr, tuple(view.leaves.items()), node.dims, sizes, _describe(node), given)
 
 
 def map_of(expr: sympy.Expr, symbols, dims: tuple[str, ...], sizes: dict,
@@ -129,7 +138,7 @@ def _describe(node: Node) -> str:
 def _pointer(leaf: Leaf) -> str:
     """The load offsets of leaf ``i`` in a tile of rows ``r`` and lanes ``c``."""
     if leaf.kind == "param":
-        return f"(r % H) * D + c" if leaf.full else "r % H"
+        return "(r % H) * D + c" if leaf.full else "r % H"
     return "r * D + c" if leaf.full else "r"
 
 
