@@ -76,8 +76,10 @@ def _worker(rank, world, path, name, cuts, form, out):
     os._exit(0)
 
 
+# every class over gloo: identity (2 ranks), scalar (4), DPLR (2) here; diagonal and delta
+# rules with packed sequences over 3 ranks below
 @pytest.mark.parametrize("world, name, form", [
-    (2, "linear_attention", "chunk"), (4, "gla", "chunk"), (2, "rwkv7", "recurrent")])
+    (2, "linear_attention", "chunk"), (4, "retnet", "chunk"), (2, "rwkv7", "recurrent")])
 def test_context_parallel_over_gloo_ranks_equals_one_process(world, name, form, tmp_path):
     cuts = {2: [0, 23, 60], 4: [0, 9, 30, 31, 60]}[world]   # unequal shards, one of 1 token
     mp.spawn(_worker, args=(world, str(tmp_path / "store"), name, cuts, form,
