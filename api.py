@@ -16,6 +16,9 @@ from .ir.interpret import run_reference
 from .codegen.chunk_op import ChunkUnsupported, chunk_forward, chunk_plan, chunk_source
 from .codegen.ops import Decoder, recurrent_forward, recurrent_source
 from .ir.lower import lower, show_dims
+from .ir.prepass import evaluate as evaluate_prepass
+from .ir.prepass import lift as lift_prepass
+from .ir.sympy_view import format_node
 
 FORMS = ("auto", "recurrent", "chunk", "parallel", "reference")
 #: tokens per chunk of the chunked form (a compile option: ``compile(..., chunk_size=...)``)
@@ -95,7 +98,10 @@ class Attention:
             "transition_class": a.transition_class.value,
             "normalizers": {nz.vector: nz.matrix for nz in a.normalizers},
             "readout": a.readout.kind.value,
-            "forms": list(a.forms),
+            "forms": list(a.forms if self._lowered() is None
+                          else self._lowered()[1].analysis.forms),
+            "prepass": [format_node(n) for _, n in self._lowered()[0].values]
+            if self._lowered() is not None else [],
             "chunk_size": self.chunk_size,
             "kernels": self._kernel_list(),
             "auto_form": self._auto_form_text(),
@@ -120,6 +126,21 @@ class Attention:
         ``torch.distributed`` group (see ``linforge.context_parallel``).
         """
         self._check_form(form)
+        lowered = self._lowered()
+        if lowered is not None and form != "reference":
+            # values across tokens or heads: a torch pre-pass, then the kernels
+            if cp_group is not None:
+                raise NotImplementedError(
+                    f"spec '{self.name}': context parallelism with "
+                    f"{'; '.join(self.analysis.kernel_blockers)} (each shard would see only "
+                    "its own tokens)")
+            lifted, inner = lowered
+            bound = self.bind(tensors, initial_state, cu_seqlens)
+            extra = evaluate_prepass(lifted, bound.inputs, bound.params, bound.sizes,
+                                     cu_seqlens)
+            params = {n: x for n, x in bound.params.items() if n in inner.program.params}
+            return inner(initial_state=initial_state, output_final_state=output_final_state,
+                         cu_seqlens=cu_seqlens, form=form, **bound.inputs, **extra, **params)
         if cp_group is not None:    # this rank's shard of a sequence split over cp_group
             from .context_parallel import context_parallel
             params = {n: tensors.pop(n) for n in self.program.params if n in tensors}
@@ -163,6 +184,14 @@ class Attention:
         if form not in FORMS:
             raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
         blockers = getattr(self.analysis, "kernel_blockers", ())
+        if form not in ("auto", "reference") and blockers and self._lowered() is not None:
+            inner = self._lowered()[1]
+            if form not in inner.analysis.forms:
+                raise ValueError(f"spec '{self.name}' (after its pre-pass, "
+                                 f"{inner.analysis.transition_class.value}) does not support "
+                                 f"form={form!r}; it supports: "
+                                 f"{', '.join(inner.analysis.forms)}")
+            return
         if form not in ("auto", "reference") and blockers:
             raise NotImplementedError(
                 f"spec '{self.name}' runs in the reference interpreter only for now (no kernel "
@@ -180,7 +209,9 @@ class Attention:
         if form != "auto":
             return form
         if getattr(self.analysis, "kernel_blockers", ()):
-            return "reference"
+            lowered = self._lowered()
+            return "reference" if lowered is None else lowered[1].resolve_form(
+                form, length, needs_grad=needs_grad)
         return self._auto_form(Bound({}, {}, {}, 0, length, torch.float32), needs_grad)
 
     def _auto_form(self, bound: Bound, needs_grad: bool = False) -> str:
@@ -196,8 +227,27 @@ class Attention:
             return "chunk"
         return "recurrent"
 
+    def _lowered(self):
+        """``(lifted, Attention)``: the spec with its values across tokens or heads lifted
+        into a torch pre-pass (``ir/prepass.py``) and the rewritten spec compiled, made once;
+        None when it has none, or one of them reads a state."""
+        if "_lowered_attn" not in self.__dict__:
+            lifted = lift_prepass(self.program) if getattr(
+                self.analysis, "kernel_blockers", ()) else None
+            inner = None
+            if lifted is not None:
+                try:
+                    inner = Attention(self.spec, analyse(lifted.program, self.filename),
+                                      self.filename, chunk_size=self.chunk_size)
+                except SpecError:
+                    lifted = None
+            self._lowered_attn = None if lifted is None else (lifted, inner)
+        return self._lowered_attn
+
     def _kernel_list(self) -> list[str]:
         """The generated kernels this spec has, by form and direction."""
+        if self._lowered() is not None:
+            return self._lowered()[1]._kernel_list()
         kernels = ["recurrent fwd", "recurrent bwd"]
         if self._chunk_reason() is not None:
             return kernels
@@ -213,6 +263,9 @@ class Attention:
 
     def _auto_form_text(self) -> str:
         blockers = getattr(self.analysis, "kernel_blockers", ())
+        if blockers and self._lowered() is not None:
+            return (f"{self._lowered()[1]._auto_form_text()}, after a torch pre-pass for "
+                    f"{'; '.join(blockers)}")
         if blockers:
             return f"reference (no kernel lowers {'; '.join(blockers)})"
         if self._chunk_reason() is not None:

@@ -58,7 +58,7 @@ def _check(args) -> int:
         if args.name not in (None, name):
             continue
         print(f"{name}: ok ({attn.analysis.transition_class.value}; "
-              f"forms: {_forms(attn.analysis)})")
+              f"forms: {_forms(attn)})")
         for b in attn.analysis.kernel_blockers:
             print(f"  no kernel yet for {b}")
         if args.no_run or attn.analysis.kernel_blockers or attn.program.memory:
@@ -173,9 +173,12 @@ class _Progress:
             sys.stderr.flush()
 
 
-def _forms(analysis) -> str:
-    """The forms a spec's kernels can take, or why only the reference interpreter runs it."""
-    return ", ".join(analysis.forms) or "reference only"
+def _forms(attn) -> str:
+    """The forms a spec's kernels can take (marked when a torch pre-pass computes its values
+    across heads or tokens first), or that only the reference interpreter runs it."""
+    info = attn.info()
+    forms = ", ".join(info["forms"]) or "reference only"
+    return f"{forms} (pre-pass)" if info["prepass"] else forms
 
 
 def _spec_lines(text: str, name: str) -> int:
@@ -212,7 +215,7 @@ def _list(args) -> int:
             lines = _spec_lines(text, name)
             attn = library.get(name)
             cls = attn.analysis.transition_class.value
-            forms = _forms(attn.analysis)
+            forms = _forms(attn)
         except SpecError as e:  # a broken library spec is shown, not hidden
             lines = sum(1 for x in text.splitlines() if x.strip() and not x.strip().startswith("#"))
             cls, forms = f"error: {e.reason}", ""

@@ -23,9 +23,15 @@ def test_cross_attention_through_the_public_call_with_varlen_memory():
 
 
 def test_kernel_forms_name_the_construct_that_blocks_them():
-    attn = linforge.library.get("linformer")
-    with pytest.raises(NotImplementedError, match="reference interpreter only.*position"):
+    attn = linforge.library.get("modular_linearized")
+    with pytest.raises(NotImplementedError, match="reference interpreter only.*memory inputs"):
         attn(form="recurrent")
+
+
+def test_a_form_the_prepassed_spec_lacks_names_the_forms_it_has():
+    attn = linforge.library.get("linformer")   # general readout after the pre-pass
+    with pytest.raises(ValueError, match="does not support form='chunk'.*supports: recurrent"):
+        attn(form="chunk")
 
 
 def test_missing_memory_input_is_a_clear_error():

@@ -351,19 +351,23 @@ def test_only_the_specs_using_the_constructs_lose_their_kernel_forms():
 
 
 def test_kernel_forms_refuse_a_blocked_spec():
-    attn = linforge.library.get("mobile_attention")
+    attn = linforge.library.get("modular_linearized")   # memory inputs: no pre-pass lowers them
     x = dict(q=rnd(1, 3, 2, 2), k=rnd(1, 3, 2, 2), v=rnd(1, 3, 2, 2))
     with pytest.raises((ValueError, NotImplementedError)):
         attn(**x, form="recurrent")
 
 
-def test_cli_shows_reference_only_specs_and_their_blockers(capsys):
+def test_cli_shows_prepass_and_reference_only_specs_and_their_blockers(capsys):
     from linforge.cli import main
 
     assert main(["list", "--markdown"]) == 0
     rows = {r.split(" | ")[0].lstrip("| "): r for r in capsys.readouterr().out.splitlines()}
-    for name, lines in (("mobile_attention", 11), ("linformer", 8), ("modular_linearized", 12)):
-        assert rows[name].endswith(f"| {lines} | identity | reference only |"), rows[name]
+    for name, lines, forms in (
+            ("mobile_attention", 11, "recurrent, chunk, parallel (pre-pass)"),
+            ("linformer", 8, "recurrent (pre-pass)"),
+            ("modular_linearized", 12, "reference only")):
+        assert rows[name].endswith(f"| {lines} | identity | {forms} |"), rows[name]
     assert main(["check", str(linforge.library.path("linformer"))]) == 0
     out = capsys.readouterr().out
-    assert "forms: reference only" in out and "position-indexed params E[t < N], F[t < N]" in out
+    assert "forms: recurrent (pre-pass)" in out
+    assert "position-indexed params E[t < N], F[t < N]" in out
