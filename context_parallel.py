@@ -185,6 +185,13 @@ def context_parallel(attn, local: dict, params: dict, *, group, form: str = "chu
     starts, final = scan_initial_states(attn, finals, log_ms, initial_state)
     rank = dist.get_rank(group)
     o, _ = attn(**local, **params, initial_state=starts[rank], form=form)
+    if rank == 0:
+        # rank 0's start is the given initial state, which reads no gathered summary: a
+        # zero-weight term ties its output to them, so its backward runs the all-gathers'
+        # backward collectives too (every rank must, or the others wait for it forever)
+        tie = sum(x.sum() for parts in [*gathered_F.values(), *filter(
+            lambda m: m is not None, gathered_m.values())] for x in parts)
+        o = o + (tie * 0).to(o.dtype)
     return o, (final if output_final_state else None)
 
 
