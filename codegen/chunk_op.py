@@ -583,8 +583,10 @@ def chunk_source(analysis: Analysis, direction: str) -> str:
                   f"#   the readout sees the state {'before' if sp.strict else 'after'} "
                   "the token's update"]
     lines += [f"# readout: o = {format_node(p.output)}",
-              "# (q^, k^, v^, the log decay and the readout run as torch ops over all tokens;"
-              " the kernels below carry the state)", "", inspect.getsource(core)]
+              "# (q^, k^, v^, the log decay and the readout run over all tokens before and after"
+              " the kernels below, which carry the state: as generated map kernels where they"
+              " are elementwise in inputs and params (codegen/maps.py), else as torch ops)",
+              "", inspect.getsource(core)]
     diagonal = any(sp.decay == 2 for sp in plan.states)
     kernels = (("chunk_states_kernel",)
                + (("chunk_diag_scores_kernel",) if diagonal else ())
