@@ -46,6 +46,20 @@ def make_inputs(name: str, T: int, H: int, D: int, device, dtype, seed: int = 0)
     return {k: (v.to(dtype) if k in ("q", "k", "v") else v.float()) for k, v in x.items()}
 
 
+def problems(args, device):
+    """Every (op, its form, compiled spec, T, inputs, output gradient) of the run, the same
+    tensors in every process (seeded on the CPU)."""
+    import linforge
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    for name in args.ops.split(","):
+        attn = linforge.library.get(name)
+        for T in map(int, args.lengths.split(",")):
+            x = make_inputs(name, T, args.heads, args.dim, device, dtype)
+            do = torch.randn(1, T, args.heads, args.dim, generator=torch.Generator()
+                             .manual_seed(1)).to(device, dtype)
+            yield name, FORM.get(name, "chunk"), attn, T, x, do
+
+
 def step(attn, x: dict, do: torch.Tensor, form: str, group=None):
     """Forward + backward; returns o and the inputs' gradients."""
     xs = {k: v.detach().requires_grad_() for k, v in x.items()}
@@ -89,49 +103,41 @@ def worker(rank: int, world: int, store: str, args, out: str) -> None:
     import sys
     faulthandler.dump_traceback_later(float(os.environ.get("CP_DEBUG_S", "1e9")), exit=True,
                                       file=sys.stderr)
-    import linforge
     device = torch.device("cuda", rank) if args.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                             init_method=f"file://{store}", rank=rank, world_size=world)
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     rows = []
-    for name in args.ops.split(","):
-        attn = linforge.library.get(name)
-        form = FORM.get(name, "chunk")
-        for T in map(int, args.lengths.split(",")):
-            x = make_inputs(name, T, args.heads, args.dim, device, dtype)
-            do = torch.randn(1, T, args.heads, args.dim, generator=torch.Generator()
-                             .manual_seed(1)).to(device, dtype)
-            lo, hi = rank * T // world, (rank + 1) * T // world
-            local = {k: v[:, lo:hi].contiguous() for k, v in x.items()}
-            row = {"op": name, "form": form, "T": T, "gpus": world}
-            try:
-                run = lambda: step(attn, local, do[:, lo:hi], form, dist.group.WORLD)  # noqa
-                run()                                    # compile, warm up
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                times = timed(run, args.iters, device)
-                row["step_s"] = statistics.median(times)
-                row["tokens_per_s"] = T / row["step_s"]
-                if device.type == "cuda":
-                    row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-                row["comm_share"] = comm_share(run, device)
-                if T <= args.check_max:
-                    o, g = run()            # every rank: the collectives need them all
-                if T <= args.check_max and rank == 0:
-                    o_ref, g_ref = step(attn, x, do, form)   # the whole sequence on rank 0
-                    row["max_rel_err_o"] = ((o.float() - o_ref[:, lo:hi].float()).abs().max()
-                                            / o_ref.float().abs().max()).item()
-                    row["max_rel_err_grad"] = max(
-                        ((g[k].float() - g_ref[k][:, lo:hi].float()).abs().max()
-                         / g_ref[k].float().abs().max()).item() for k in g)
-            except Exception as e:       # a length that does not fit is recorded, not fatal
-                row["error"] = f"{type(e).__name__}: {e}"[:300]
-            if rank == 0:
-                print(json.dumps(row), flush=True)
-                rows.append(row)
+    for name, form, attn, T, x, do in problems(args, device):
+        lo, hi = rank * T // world, (rank + 1) * T // world
+        local = {k: v[:, lo:hi].contiguous() for k, v in x.items()}
+        row = {"op": name, "form": form, "T": T, "gpus": world}
+        try:
+            run = lambda: step(attn, local, do[:, lo:hi], form, dist.group.WORLD)  # noqa
+            run()                                    # compile, warm up
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            times = timed(run, args.iters, device)
+            row["step_s"] = statistics.median(times)
+            row["tokens_per_s"] = T / row["step_s"]
+            if device.type == "cuda":
+                row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+            row["comm_share"] = comm_share(run, device)
+            if T <= args.check_max:
+                o, g = run()            # every rank: the collectives need them all
+            if T <= args.check_max and rank == 0:
+                o_ref, g_ref = step(attn, x, do, form)   # the whole sequence on rank 0
+                row["max_rel_err_o"] = ((o.float() - o_ref[:, lo:hi].float()).abs().max()
+                                        / o_ref.float().abs().max()).item()
+                row["max_rel_err_grad"] = max(
+                    ((g[k].float() - g_ref[k][:, lo:hi].float()).abs().max()
+                     / g_ref[k].float().abs().max()).item() for k in g)
+        except Exception as e:       # a length that does not fit is recorded, not fatal
+            row["error"] = f"{type(e).__name__}: {e}"[:300]
+        if rank == 0:
+            print(json.dumps(row), flush=True)
+            rows.append(row)
     if rank == 0:
         with open(out, "w") as f:
             json.dump(rows, f)
@@ -141,30 +147,23 @@ def worker(rank: int, world: int, store: str, args, out: str) -> None:
 
 def single(args) -> list[dict]:
     """The baseline: the whole sequence in one process on one device."""
-    import linforge
     device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     rows = []
-    for name in args.ops.split(","):
-        attn = linforge.library.get(name)
-        form = FORM.get(name, "chunk")
-        for T in map(int, args.lengths.split(",")):
-            row = {"op": name, "form": form, "T": T, "gpus": 1}
-            try:
-                x = make_inputs(name, T, args.heads, args.dim, device, dtype)
-                do = torch.randn(1, T, args.heads, args.dim).to(device, dtype)
-                run = lambda: step(attn, x, do, form)  # noqa: E731
-                run()
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                row["step_s"] = statistics.median(timed(run, args.iters, device))
-                row["tokens_per_s"] = T / row["step_s"]
-                if device.type == "cuda":
-                    row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-            except Exception as e:
-                row["error"] = f"{type(e).__name__}: {e}"[:300]
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+    for name, form, attn, T, x, do in problems(args, device):
+        row = {"op": name, "form": form, "T": T, "gpus": 1}
+        try:
+            run = lambda: step(attn, x, do, form)  # noqa: E731
+            run()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            row["step_s"] = statistics.median(timed(run, args.iters, device))
+            row["tokens_per_s"] = T / row["step_s"]
+            if device.type == "cuda":
+                row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {e}"[:300]
+        print(json.dumps(row), flush=True)
+        rows.append(row)
     return rows
 
 
