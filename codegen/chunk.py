@@ -113,32 +113,65 @@ def _decays(lam_ptr, rows, m_t, r_k, m_k, K: tl.constexpr, DECAY: tl.constexpr,
 
 
 @triton.jit
-def _diag_scores(q, k, bq, b, dA, r_c, C: tl.constexpr, STRICT: tl.constexpr,
-                 GRAD: tl.constexpr):
-    """Intra-chunk scores under a diagonal decay, A[t, s] = sum_k q[t,k] k[s,k]
-    exp(bq[t,k] - b[s,k]) for s <= t (s < t when STRICT), one row t at a time so that every
-    exponent is <= 0; with GRAD also dq and dk of that part given dA[t, s] = dy_t . v_s."""
-    qf = q.to(tl.float32)
-    kf = k.to(tl.float32)
-    A = tl.zeros([C, C], dtype=tl.float32)
-    dq = tl.zeros(qf.shape, dtype=tl.float32)
-    dk = tl.zeros(qf.shape, dtype=tl.float32)
-    for t in range(0, C):
-        row = (r_c == t)[:, None]
-        q_t = tl.sum(tl.where(row, qf, 0.0), axis=0)
-        bq_t = tl.sum(tl.where(row, bq, 0.0), axis=0)
+def _key_row(ptr, tok, eos, i_h, r_k, m_k, H: tl.constexpr, K: tl.constexpr):
+    """Token ``tok``'s lanes ``r_k`` of a [T*, H, K] tensor in fp32 (zero past ``eos``)."""
+    # (the comparison over lanes: the interpreter refuses a scalar mask term)
+    return tl.load(ptr + (tok * H + i_h) * K + r_k, mask=m_k & (tok + 0 * r_k < eos),
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _subchunk_scores(q_i, bq_i, k_ptr, lam_ptr, tok0, eos, i_h, b_ref, r_k, m_k,
+                     H: tl.constexpr, K: tl.constexpr, SUB: tl.constexpr,
+                     STRICT: tl.constexpr):
+    """Scores within one sub-chunk (tokens from ``tok0``) under a diagonal decay,
+    D[t, j] = sum_k q[t,k] k[j,k] exp(bq[t,k] - b[j,k]) for j <= t (j < t when STRICT): one
+    key row j at a time, read from memory, its cumulative decay b_j summed along from
+    ``b_ref`` (b just before the sub-chunk), so that every exponent is <= 0."""
+    r_s = tl.arange(0, SUB)
+    qf = q_i.to(tl.float32)
+    D = tl.zeros([SUB, SUB], dtype=tl.float32)
+    b_j = b_ref
+    for j in range(0, SUB):
+        b_j += _key_row(lam_ptr, tok0 + j, eos, i_h, r_k, m_k, H, K)
+        k_j = _key_row(k_ptr, tok0 + j, eos, i_h, r_k, m_k, H, K)
+        col = tl.sum(qf * tl.exp(tl.minimum(bq_i - b_j[None, :], 0.0)) * k_j[None, :], axis=1)
         if STRICT:
-            seen = r_c < t
+            seen = r_s > j
         else:
-            seen = r_c <= t
-        e = tl.where(seen[:, None], tl.exp(tl.minimum(bq_t[None, :] - b, 0.0)), 0.0)
-        ke = kf * e
-        A = tl.where(row, tl.sum(ke * q_t[None, :], axis=1)[None, :], A)
-        if GRAD:
-            dA_t = tl.sum(tl.where(row, dA, 0.0), axis=0)
-            dq = tl.where(row, tl.sum(dA_t[:, None] * ke, axis=0)[None, :], dq)
-            dk += dA_t[:, None] * e * q_t[None, :]
-    return A, dq, dk
+            seen = r_s >= j
+        D = tl.where((r_s == j)[None, :] & seen[:, None], col[:, None], D)
+    return D
+
+
+@triton.jit
+def _subchunk_grads(bq_i, b_i, q_ptr, k_ptr, lam_ptr, dA_ptr, p0, col0, tok0, eos, i_h, b_ref,
+                    r_k, m_k, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
+                    SUB: tl.constexpr, STRICT: tl.constexpr):
+    """dq and dk of the pairs within one sub-chunk given dA[t, j] = dy_t . v_j (causal, zero
+    elsewhere; the dA buffer's rows from offset ``p0``, columns from ``col0``): token j of the sub-chunk
+    is the key of dq[t] += dA[t, j] k_j exp(bq_t - b_j) and the query of
+    dk[s] += dA[j, s] q_j exp(bq_j - b_s), its rows read from memory and its decays summed
+    along from ``b_ref``: no reductions, every exponent <= 0."""
+    r_s = tl.arange(0, SUB)
+    p_i = p0 + r_s * (H * C)
+    dq = tl.zeros(bq_i.shape, dtype=tl.float32)
+    dk = tl.zeros(bq_i.shape, dtype=tl.float32)
+    b_j = b_ref
+    for j in range(0, SUB):
+        lam_j = _key_row(lam_ptr, tok0 + j, eos, i_h, r_k, m_k, H, K)
+        if STRICT:
+            bq_j = b_j
+        else:
+            bq_j = b_j + lam_j
+        b_j += lam_j
+        k_j = _key_row(k_ptr, tok0 + j, eos, i_h, r_k, m_k, H, K)
+        q_j = _key_row(q_ptr, tok0 + j, eos, i_h, r_k, m_k, H, K)
+        dA_col = tl.load(dA_ptr + p_i + col0 + j).to(tl.float32)          # dA[:, j]
+        dA_row = tl.load(dA_ptr + p0 + j * (H * C) + col0 + r_s).to(tl.float32)  # dA[j, :]
+        dq += dA_col[:, None] * k_j[None, :] * tl.exp(tl.minimum(bq_i - b_j[None, :], 0.0))
+        dk += dA_row[:, None] * q_j[None, :] * tl.exp(tl.minimum(bq_j[None, :] - b_i, 0.0))
+    return dq, dk
 
 
 @triton.jit
@@ -365,15 +398,31 @@ def chunk_states_kernel(
 
 
 @triton.jit
-def _subchunk_decays(lam_ptr, rows, m_t, rows_i, m_i, r_c, start, r_k, m_k,
-                     K: tl.constexpr, STRICT: tl.constexpr):
-    """Cumulative log decays around sub-chunk rows ``rows_i`` (from chunk row ``start``):
-    b_ref (b just before the sub-chunk, [BK]), b_i and bq_i of its rows ([SUB, BK]) and
-    b_end (b at its last row), all relative to the chunk start."""
+def _subchunk_decays(lam_ptr, rows, m_t, tok0, eos, i_h, r_c, start, r_k, m_k,
+                     H: tl.constexpr, K: tl.constexpr, SUB: tl.constexpr,
+                     STRICT: tl.constexpr):
+    """Cumulative log decays around the sub-chunk of SUB tokens from ``tok0`` (chunk row
+    ``start``): b_ref (b just before the sub-chunk, [BK]), b_i and bq_i of its rows
+    ([SUB, BK]) and b_end (b at its last row), all relative to the chunk start. b_i is
+    summed row after row, exactly as ``_subchunk_scores`` and ``_subchunk_grads`` sum their
+    b_j, so that the two sides of a pair see the same exponent."""
     lam = _rows_of(lam_ptr, rows, m_t, r_k, m_k, K).to(tl.float32)
     b_ref = tl.sum(tl.where((r_c < start)[:, None], lam, 0.0), axis=0)
-    b_i, bq_i, total = _decays(lam_ptr, rows_i, m_i, r_k, m_k, K, 2, STRICT)
-    return b_ref, b_i + b_ref[None, :], bq_i + b_ref[None, :], b_ref + total
+    r_s = tl.arange(0, SUB)
+    b_i = tl.zeros([SUB, r_k.shape[0]], dtype=tl.float32)
+    bq_i = tl.zeros([SUB, r_k.shape[0]], dtype=tl.float32)
+    b_j = b_ref
+    for j in range(0, SUB):
+        lam_j = _key_row(lam_ptr, tok0 + j, eos, i_h, r_k, m_k, H, K)
+        if STRICT:
+            bq_j = b_j
+        else:
+            bq_j = b_j + lam_j
+        b_j += lam_j
+        row = (r_s == j)[:, None]
+        b_i = tl.where(row, b_j[None, :], b_i)
+        bq_i = tl.where(row, bq_j[None, :], bq_i)
+    return b_ref, b_i, bq_i, b_j
 
 
 @triton.jit
@@ -387,10 +436,11 @@ def chunk_diag_scores_kernel(
     as rows of A [chunks * C, H, C] for the output kernel. Keys of earlier sub-chunks go
     through one dot, each side decayed against the reference b_ref = b just before the
     sub-chunk: q exp(bq - b_ref) and k exp(b_ref - b) both have exponents <= 0 (b falls
-    along the chunk); keys of the sub-chunk itself go row by row (``_diag_scores``)."""
+    along the chunk); keys of the sub-chunk itself go row by row (``_subchunk_scores``)."""
     i_g, i_s, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     r_c = tl.arange(0, C)
     rows, m_t = _chunk(chunk_table_ptr, i_h, H, r_c)
+    t0, eos, _ = _span(chunk_table_ptr)
     r_s = tl.arange(0, SUB)
     start = i_s * SUB
     rows_i, m_i = _chunk(chunk_table_ptr, i_h, H, start + r_s)
@@ -400,16 +450,15 @@ def chunk_diag_scores_kernel(
     for i_k in tl.static_range(NK):
         r_k, m_k = _block(i_k, BK, K)
         b, _, _ = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 2, False)
-        b_ref, b_i, bq_i, _ = _subchunk_decays(lam_ptr, rows, m_t, rows_i, m_i, r_c, start,
-                                               r_k, m_k, K, STRICT)
+        b_ref, b_i, bq_i, _ = _subchunk_decays(lam_ptr, rows, m_t, t0 + start, eos, i_h, r_c,
+                                               start, r_k, m_k, H, K, SUB, STRICT)
         q_i = _rows_of(q_ptr, rows_i, m_i, r_k, m_k, K)
         k = _rows_of(k_ptr, rows, m_t, r_k, m_k, K)
         k_ref = tl.where(earlier[:, None],
                          k.to(tl.float32) * tl.exp(tl.minimum(b_ref[None, :] - b, 0.0)), 0.0)
         A += _mm(q_i.to(tl.float32) * tl.exp(bq_i - b_ref[None, :]), tl.trans(k_ref), DOT)
-        D_k, _, _ = _diag_scores(q_i, _rows_of(k_ptr, rows_i, m_i, r_k, m_k, K), bq_i, b_i,
-                                 b_i, r_s, SUB, STRICT, False)
-        D += D_k
+        D += _subchunk_scores(q_i, bq_i, k_ptr, lam_ptr, t0 + start, eos, i_h, b_ref, r_k, m_k,
+                              H, K, SUB, STRICT)
     # three disjoint stores: earlier columns, the sub-chunk's own block, later columns (0)
     p_i = ((i_g * C + start + r_s) * H + i_h)[:, None] * C
     outside = (r_c < start) | (r_c >= start + SUB)
@@ -510,109 +559,98 @@ def _dlam(qdq, kdk, last, STRICT: tl.constexpr):
 
 
 @triton.jit
-def _diagonal_grads(q_ptr, k_ptr, v_ptr, lam_ptr, dy_ptr, ckpt_ptr, dckpt_ptr, chunk_table_ptr,
-                    dq_ptr, dk_ptr, dlam_ptr, scale, rows, m_t, r_c, i_g, i_h,
-                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                    BV: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, C: tl.constexpr,
-                    SUB: tl.constexpr, STRICT: tl.constexpr, DOT: tl.constexpr):
-    """dq, dk and dlam (times ``scale``) of one chunk under a diagonal decay, sub-chunk by
-    sub-chunk of SUB rows as in ``chunk_diag_scores_kernel``: pairs in different sub-chunks through dots with
-    both sides decayed against a reference between them (exponents <= 0), pairs within a
-    sub-chunk row by row. dlam's sums over later tokens run last sub-chunk first."""
+def chunk_diag_grads_kernel(
+    q_ptr, k_ptr, lam_ptr, dA_ptr, last_ptr, chunk_table_ptr, scale, dq_ptr, dk_ptr, dlam_ptr,
+    H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, C: tl.constexpr,
+    STRICT: tl.constexpr, DOT: tl.constexpr, SUB: tl.constexpr = 16,
+):
+    """Grid (chunks, K blocks, heads), diagonal decays, after ``chunk_grads_kernel``: adds the
+    intra-chunk parts to dq and dk (which hold the parts through the chunk's states), then
+    stores dq, dk and dlam (times ``scale``). Sub-chunk by sub-chunk of SUB rows, as in
+    ``chunk_diag_scores_kernel``: pairs in different sub-chunks through dots of dA = dy v^T
+    (read from ``dA_ptr``) with both sides decayed against a reference between them
+    (exponents <= 0), pairs within a sub-chunk row by row. dlam's sums over later tokens run
+    last sub-chunk first; ``last_ptr`` holds each lane's sum over V of S_next * dS."""
+    i_g, i_k, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    r_c = tl.arange(0, C)
+    rows, m_t = _chunk(chunk_table_ptr, i_h, H, r_c)
+    t0, eos, _ = _span(chunk_table_ptr)
     r_s = tl.arange(0, SUB)
     NS: tl.constexpr = C // SUB
-    p_state = (i_g * H + i_h) * K * V
-    for i_k in tl.static_range(NK):
-        r_k, m_k = _block(i_k, BK, K)
-        b, bq, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 2, STRICT)
-        q = _rows_of(q_ptr, rows, m_t, r_k, m_k, K).to(tl.float32)
-        k = _rows_of(k_ptr, rows, m_t, r_k, m_k, K).to(tl.float32)
-        k_dec = k * tl.exp(b_last[None, :] - b)
-        last = tl.zeros([BK], dtype=tl.float32)     # sum over V of S_next * dS
-        for i_v in tl.static_range(NV):
-            r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
-            S = tl.load(ckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0)
-            dS = tl.load(dckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0)
-            S_next = S * tl.exp(b_last)[:, None] + _mm(tl.trans(k_dec),
-                                                       _rows_of(v_ptr, rows, m_t, r_v, m_v, V),
-                                                       DOT)
-            last += tl.sum(S_next * dS, axis=1)
-        later_q = tl.zeros([BK], dtype=tl.float32)  # sums of q.dq and k.dk over later rows
-        later_k = tl.zeros([BK], dtype=tl.float32)
-        for j in tl.static_range(NS):
-            start = (NS - 1 - j) * SUB
-            rows_i, m_i = _chunk(chunk_table_ptr, i_h, H, start + r_s)
-            b_ref, b_i, bq_i, b_end = _subchunk_decays(lam_ptr, rows, m_t, rows_i, m_i, r_c,
-                                                       start, r_k, m_k, K, STRICT)
-            q_i = _rows_of(q_ptr, rows_i, m_i, r_k, m_k, K).to(tl.float32)
-            k_i = _rows_of(k_ptr, rows_i, m_i, r_k, m_k, K).to(tl.float32)
-            k_ref = tl.where((r_c < start)[:, None],
-                             k * tl.exp(tl.minimum(b_ref[None, :] - b, 0.0)), 0.0)
-            q_end = tl.where((r_c >= start + SUB)[:, None],
-                             q * tl.exp(tl.minimum(bq - b_end[None, :], 0.0)), 0.0)
-            dq_i = tl.zeros([SUB, BK], dtype=tl.float32)
-            dk_i = tl.zeros([SUB, BK], dtype=tl.float32)
-            dA_rows = tl.zeros([SUB, C], dtype=tl.float32)   # dy_i . v_s
-            dA_cols = tl.zeros([C, SUB], dtype=tl.float32)   # dy_t . v_i
-            dD = tl.zeros([SUB, SUB], dtype=tl.float32)
-            for i_v in tl.static_range(NV):
-                r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
-                dy_i = _rows_of(dy_ptr, rows_i, m_i, r_v, m_v, V)
-                v_i = _rows_of(v_ptr, rows_i, m_i, r_v, m_v, V)
-                dq_i += _mm(dy_i, tl.trans(tl.load(ckpt_ptr + p_state + p_kv, mask=m_kv,
-                                                   other=0.0)), DOT)
-                dk_i += _mm(v_i, tl.trans(tl.load(dckpt_ptr + p_state + p_kv, mask=m_kv,
-                                                  other=0.0)), DOT)
-                dA_rows += _mm(dy_i, tl.trans(_rows_of(v_ptr, rows, m_t, r_v, m_v, V)), DOT)
-                dA_cols += _mm(_rows_of(dy_ptr, rows, m_t, r_v, m_v, V), tl.trans(v_i), DOT)
-                dD += _mm(dy_i, tl.trans(v_i), DOT)
-            dq_i = dq_i * tl.exp(bq_i) + _mm(dA_rows, k_ref, DOT) * tl.exp(bq_i - b_ref[None, :])
-            dk_i = (dk_i * tl.exp(b_last[None, :] - b_i)
-                    + _mm(tl.trans(dA_cols), q_end, DOT) * tl.exp(b_end[None, :] - b_i))
-            dD = tl.where(_causal(r_s, STRICT), dD, 0.0)
-            _, dq_in, dk_in = _diag_scores(q_i, k_i, bq_i, b_i, dD, r_s, SUB, STRICT, True)
-            dq_i += dq_in
-            dk_i += dk_in
-            m_ik = m_i[:, None] & m_k[None, :]
-            p_i = rows_i[:, None] * K + r_k[None, :]
-            tl.store(dq_ptr + p_i, (dq_i * scale).to(dq_ptr.dtype.element_ty), mask=m_ik)
-            tl.store(dk_ptr + p_i, (dk_i * scale).to(dk_ptr.dtype.element_ty), mask=m_ik)
-            qdq = q_i * dq_i
-            kdk = k_i * dk_i
-            dlam = _dlam(qdq, kdk, last[None, :], STRICT) + (later_q - later_k)[None, :]
-            tl.store(dlam_ptr + p_i, dlam * scale, mask=m_ik)
-            later_q += tl.sum(qdq, axis=0)
-            later_k += tl.sum(kdk, axis=0)
+    r_k, m_k = _block(i_k, BK, K)
+    b, bq, _ = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 2, STRICT)
+    q = _rows_of(q_ptr, rows, m_t, r_k, m_k, K).to(tl.float32)
+    k = _rows_of(k_ptr, rows, m_t, r_k, m_k, K).to(tl.float32)
+    last = tl.load(last_ptr + (i_g * H + i_h) * K + r_k, mask=m_k, other=0.0)
+    p_A = ((i_g * C + r_c) * H + i_h) * C           # the chunk's rows of dA
+    later_q = tl.zeros([BK], dtype=tl.float32)  # sums of q.dq and k.dk over later rows
+    later_k = tl.zeros([BK], dtype=tl.float32)
+    for j in tl.static_range(NS):
+        start = (NS - 1 - j) * SUB
+        rows_i, m_i = _chunk(chunk_table_ptr, i_h, H, start + r_s)
+        b_ref, b_i, bq_i, b_end = _subchunk_decays(lam_ptr, rows, m_t, t0 + start, eos, i_h,
+                                                   r_c, start, r_k, m_k, H, K, SUB, STRICT)
+        q_i = _rows_of(q_ptr, rows_i, m_i, r_k, m_k, K).to(tl.float32)
+        k_i = _rows_of(k_ptr, rows_i, m_i, r_k, m_k, K).to(tl.float32)
+        earlier = r_c < start
+        later = r_c >= start + SUB
+        k_ref = tl.where(earlier[:, None], k * tl.exp(tl.minimum(b_ref[None, :] - b, 0.0)), 0.0)
+        q_end = tl.where(later[:, None], q * tl.exp(tl.minimum(bq - b_end[None, :], 0.0)), 0.0)
+        p_i = ((i_g * C + start + r_s) * H + i_h) * C
+        dA_rows = tl.load(dA_ptr + p_i[:, None] + r_c[None, :], mask=earlier[None, :],
+                          other=0.0)                                 # dy_i . v_s, s earlier
+        dA_cols = tl.load(dA_ptr + p_A[:, None] + (start + r_s)[None, :], mask=later[:, None],
+                          other=0.0)                                 # dy_t . v_i, t later
+        m_ik = m_i[:, None] & m_k[None, :]
+        p_ik = rows_i[:, None] * K + r_k[None, :]
+        dq_i = (tl.load(dq_ptr + p_ik, mask=m_ik, other=0.0).to(tl.float32)
+                + _mm(dA_rows, k_ref, DOT) * tl.exp(bq_i - b_ref[None, :]))
+        dk_i = (tl.load(dk_ptr + p_ik, mask=m_ik, other=0.0).to(tl.float32)
+                + _mm(tl.trans(dA_cols), q_end, DOT) * tl.exp(b_end[None, :] - b_i))
+        dq_in, dk_in = _subchunk_grads(bq_i, b_i, q_ptr, k_ptr, lam_ptr, dA_ptr,
+                                       (i_g * C + start) * H * C + i_h * C, start, t0 + start,
+                                       eos, i_h, b_ref, r_k, m_k, H, K, C, SUB, STRICT)
+        dq_i += dq_in
+        dk_i += dk_in
+        tl.store(dq_ptr + p_ik, (dq_i * scale).to(dq_ptr.dtype.element_ty), mask=m_ik)
+        tl.store(dk_ptr + p_ik, (dk_i * scale).to(dk_ptr.dtype.element_ty), mask=m_ik)
+        qdq = q_i * dq_i
+        kdk = k_i * dk_i
+        dlam = _dlam(qdq, kdk, last[None, :], STRICT) + (later_q - later_k)[None, :]
+        tl.store(dlam_ptr + p_ik, dlam * scale, mask=m_ik)
+        later_q += tl.sum(qdq, axis=0)
+        later_k += tl.sum(kdk, axis=0)
 
 
 @triton.jit
 def chunk_grads_kernel(
-    q_ptr, k_ptr, v_ptr, lam_ptr, dy_ptr, ckpt_ptr, dckpt_ptr, chunk_table_ptr, A_ptr, scale,
-    dq_ptr, dk_ptr, dv_ptr, dlam_ptr,
+    q_ptr, k_ptr, v_ptr, lam_ptr, dy_ptr, ckpt_ptr, dckpt_ptr, chunk_table_ptr, A_ptr, last_ptr,
+    scale, dq_ptr, dk_ptr, dv_ptr, dlam_ptr,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NK: tl.constexpr, NV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
-    STRICT: tl.constexpr, DOT: tl.constexpr, SUB: tl.constexpr = 16,
-    PARALLEL: tl.constexpr = False,
+    STRICT: tl.constexpr, DOT: tl.constexpr, PARALLEL: tl.constexpr = False,
 ):
     """Grid (chunks, heads): dq, dk, dv and dlam of one chunk from its start state S and the
     gradient dS of its end state, every K and V block in one program (no atomics):
     dA = dy v^T; dv = A^T dy + k_dec dS per V block; dq = dy S^T exp(bq) + dA k and
-    dk = v dS^T exp(b_last - b) + dA^T q per K block (diagonal decays: dA through the
-    row-by-row scores)."""
+    dk = v dS^T exp(b_last - b) + dA^T q per K block. Diagonal decays: this kernel stores
+    dv, the state parts of dq and dk (unscaled), each lane's sum over V of S_next * dS
+    (``last_ptr``) and dA in place of the scores it read (``A_ptr``);
+    ``chunk_diag_grads_kernel`` adds the intra-chunk parts and the decay gradients."""
     i_g, i_h = tl.program_id(0), tl.program_id(1)
     r_c = tl.arange(0, C)
     rows, m_t = _chunk(chunk_table_ptr, i_h, H, r_c)
     p_state = (i_g * H + i_h) * K * V
+    p_A = ((i_g * C + r_c) * H + i_h)[:, None] * C + r_c[None, :]
+    dA = tl.zeros([C, C], dtype=tl.float32)       # d score[t, s] = dy_t . v_s
+    for i_v in tl.static_range(NV):
+        r_v, m_v = _block(i_v, BV, V)
+        dA += _mm(_rows_of(dy_ptr, rows, m_t, r_v, m_v, V),
+                  tl.trans(_rows_of(v_ptr, rows, m_t, r_v, m_v, V)), DOT)
+    dA = tl.where(_causal(r_c, STRICT), dA, 0.0)
     if DECAY == 2:      # scores from chunk_diag_scores_kernel
-        A = tl.load(A_ptr + ((i_g * C + r_c) * H + i_h)[:, None] * C + r_c[None, :],
-                    mask=m_t[:, None], other=0.0)
+        A = tl.load(A_ptr + p_A, mask=m_t[:, None], other=0.0)
     else:
-        dA = tl.zeros([C, C], dtype=tl.float32)       # d score[t, s] = dy_t . v_s
-        for i_v in tl.static_range(NV):
-            r_v, m_v = _block(i_v, BV, V)
-            dA += _mm(_rows_of(dy_ptr, rows, m_t, r_v, m_v, V),
-                      tl.trans(_rows_of(v_ptr, rows, m_t, r_v, m_v, V)), DOT)
-        dA = tl.where(_causal(r_c, STRICT), dA, 0.0)
         A, mask = _chunk_scores(q_ptr, k_ptr, lam_ptr, rows, m_t, r_c, K, BK, NK, C, DECAY,
                                 STRICT, DOT)
     for i_v in tl.static_range(NV):
@@ -631,58 +669,62 @@ def chunk_grads_kernel(
         tl.store(dv_ptr + rows[:, None] * V + r_v[None, :],
                  (dv * scale).to(dv_ptr.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
     if DECAY == 2:
-        _diagonal_grads(q_ptr, k_ptr, v_ptr, lam_ptr, dy_ptr, ckpt_ptr, dckpt_ptr,
-                        chunk_table_ptr, dq_ptr, dk_ptr, dlam_ptr, scale, rows, m_t, r_c, i_g,
-                        i_h, H, K, V, BK, BV, NK, NV, C, SUB, STRICT, DOT)
-    else:
-        # scalar decays sum q.dq, k.dk and S_next.dS over every K block before dlam
-        qdq_all = tl.zeros([C], dtype=tl.float32)
-        kdk_all = tl.zeros([C], dtype=tl.float32)
-        last_all = tl.zeros([BK], dtype=tl.float32)
-        for i_k in tl.static_range(NK):
-            r_k, m_k = _block(i_k, BK, K)
-            m_tk = m_t[:, None] & m_k[None, :]
-            q = _rows_of(q_ptr, rows, m_t, r_k, m_k, K)
-            k = _rows_of(k_ptr, rows, m_t, r_k, m_k, K)
-            if PARALLEL:    # earlier and later blocks, pair by pair, instead of S and dS
-                dq, dk = _cross_block_grads(q_ptr, k_ptr, v_ptr, lam_ptr, dy_ptr,
-                                            chunk_table_ptr, rows, m_t, r_c, r_k, m_k, i_h, H,
-                                            K, V, BV, NV, DECAY, STRICT, DOT)
-            else:
-                k_factor, decay_last = _key_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY)
-                q_factor, _ = _query_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)
-                dq = tl.zeros([C, BK], dtype=tl.float32)
-                dk = tl.zeros([C, BK], dtype=tl.float32)
-                last = tl.zeros([BK], dtype=tl.float32)
-                for i_v in tl.static_range(NV):
-                    r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
-                    S = tl.load(ckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0)
-                    dS = tl.load(dckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0)
-                    v = _rows_of(v_ptr, rows, m_t, r_v, m_v, V)
-                    dq += _mm(_rows_of(dy_ptr, rows, m_t, r_v, m_v, V), tl.trans(S), DOT)
-                    dk += _mm(v, tl.trans(dS), DOT)
-                    if DECAY > 0:
-                        last += tl.sum(S * dS * decay_last, axis=1)
+        # every thread has used its scores (the dots above): dA may take their place
+        tl.debug_barrier()
+        tl.store(A_ptr + p_A, dA.to(A_ptr.dtype.element_ty))
+    # scalar decays sum q.dq, k.dk and S_next.dS over every K block before dlam
+    qdq_all = tl.zeros([C], dtype=tl.float32)
+    kdk_all = tl.zeros([C], dtype=tl.float32)
+    last_all = tl.zeros([BK], dtype=tl.float32)
+    for i_k in tl.static_range(NK):
+        r_k, m_k = _block(i_k, BK, K)
+        m_tk = m_t[:, None] & m_k[None, :]
+        q = _rows_of(q_ptr, rows, m_t, r_k, m_k, K)
+        k = _rows_of(k_ptr, rows, m_t, r_k, m_k, K)
+        if PARALLEL:    # earlier and later blocks, pair by pair, instead of S and dS
+            dq, dk = _cross_block_grads(q_ptr, k_ptr, v_ptr, lam_ptr, dy_ptr,
+                                        chunk_table_ptr, rows, m_t, r_c, r_k, m_k, i_h, H,
+                                        K, V, BV, NV, DECAY, STRICT, DOT)
+        else:
+            k_factor, decay_last = _key_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY)
+            q_factor, _ = _query_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)
+            dq = tl.zeros([C, BK], dtype=tl.float32)
+            dk = tl.zeros([C, BK], dtype=tl.float32)
+            last = tl.zeros([BK], dtype=tl.float32)
+            for i_v in tl.static_range(NV):
+                r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
+                S = tl.load(ckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0)
+                dS = tl.load(dckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0)
+                v = _rows_of(v_ptr, rows, m_t, r_v, m_v, V)
+                dq += _mm(_rows_of(dy_ptr, rows, m_t, r_v, m_v, V), tl.trans(S), DOT)
+                dk += _mm(v, tl.trans(dS), DOT)
                 if DECAY > 0:
-                    # sum over V of S_next * dS, S_next = exp(b_last) S + (k exp(b_last -
-                    # b))^T v: its second part is sum over s of k_dec[s] * (v dS^T)[s],
-                    # which dk holds now
-                    last += tl.sum(k.to(tl.float32) * k_factor * dk, axis=0)
-                dq = dq * q_factor
-                dk = dk * k_factor
+                    last += tl.sum(S * dS * decay_last, axis=1)
+            if DECAY > 0:
+                # sum over V of S_next * dS, S_next = exp(b_last) S + (k exp(b_last -
+                # b))^T v: its second part is sum over s of k_dec[s] * (v dS^T)[s],
+                # which dk holds now
+                last += tl.sum(k.to(tl.float32) * k_factor * dk, axis=0)
+            dq = dq * q_factor
+            dk = dk * k_factor
+        p_tk = rows[:, None] * K + r_k[None, :]
+        if DECAY == 2:  # the state parts; chunk_diag_grads_kernel adds the rest
+            tl.store(dq_ptr + p_tk, dq.to(dq_ptr.dtype.element_ty), mask=m_tk)
+            tl.store(dk_ptr + p_tk, dk.to(dk_ptr.dtype.element_ty), mask=m_tk)
+            tl.store(last_ptr + (i_g * H + i_h) * K + r_k, last, mask=m_k)
+        else:
             dq += _mm(dA * mask, k, DOT)
             dk += _mm(tl.trans(dA * mask), q, DOT)
-            p_tk = rows[:, None] * K + r_k[None, :]
             tl.store(dq_ptr + p_tk, (dq * scale).to(dq_ptr.dtype.element_ty), mask=m_tk)
             tl.store(dk_ptr + p_tk, (dk * scale).to(dk_ptr.dtype.element_ty), mask=m_tk)
-            if DECAY == 1 and not PARALLEL:     # (the parallel form's dlam: see chunk_op)
-                qdq_all += tl.sum(q.to(tl.float32) * dq, axis=1)
-                kdk_all += tl.sum(k.to(tl.float32) * dk, axis=1)
-                last_all += last
-        if DECAY == 1 and not PARALLEL:
-            tl.store(dlam_ptr + rows,
-                     _dlam(qdq_all, kdk_all, tl.sum(last_all, axis=0), STRICT) * scale,
-                     mask=m_t)
+        if DECAY == 1 and not PARALLEL:     # (the parallel form's dlam: see chunk_op)
+            qdq_all += tl.sum(q.to(tl.float32) * dq, axis=1)
+            kdk_all += tl.sum(k.to(tl.float32) * dk, axis=1)
+            last_all += last
+    if DECAY == 1 and not PARALLEL:
+        tl.store(dlam_ptr + rows,
+                 _dlam(qdq_all, kdk_all, tl.sum(last_all, axis=0), STRICT) * scale,
+                 mask=m_t)
 
 
 @triton.jit

@@ -27,9 +27,9 @@ from ..ir.readout import ReadoutKind
 from ..ir.signs import nonnegative
 from ..ir.sympy_view import SympyView, is_one
 from ..ir.transition import TransitionClass
-from .chunk import (DOT_BF16, DOT_IEEE, DOT_TF32, chunk_diag_scores_kernel,
-                    chunk_dstates_kernel, chunk_grads_kernel, chunk_output_kernel,
-                    chunk_states_kernel, delta_chunk_fwd_kernel)
+from .chunk import (DOT_BF16, DOT_IEEE, DOT_TF32, chunk_diag_grads_kernel,
+                    chunk_diag_scores_kernel, chunk_dstates_kernel, chunk_grads_kernel,
+                    chunk_output_kernel, chunk_states_kernel, delta_chunk_fwd_kernel)
 from . import ops
 from .launch import Launcher, for_device, interpreting
 from .maps import _given_name, fused_map, map_of, run_map
@@ -345,12 +345,19 @@ class ChunkCore(torch.autograd.Function):
                 q, lam_, dy, _or(dsT, dy), ds0, dckpt, _or(cu, dy), _or(offsets, dy), T,
                 USE_FINAL_STATE_GRAD=dsT is not None, IS_VARLEN=cu is not None,
                 **db)
-        scores = dy
+        scores = last = dy
         if cfg["decay"] == 2:   # the forward's intra-chunk scores, made again
             scores = _diagonal_scores(q, k, lam, cfg, blocks, ckpt.dtype)
+            last = torch.empty(n_chunks, H, K, dtype=torch.float32, device=dev)
         for_device(_GRADS, dev)((n_chunks, H),
-            q, k, v, lam_, dy, _or(ckpt, dy), _or(dckpt, dy), cfg["table"], scores, scale,
-            dq, dk, dv, _or(dlam, dq), PARALLEL=cfg["parallel"], **_for("grads", blocks))
+            q, k, v, lam_, dy, _or(ckpt, dy), _or(dckpt, dy), cfg["table"], scores, last,
+            scale, dq, dk, dv, _or(dlam, dq), PARALLEL=cfg["parallel"],
+            **_for("grads", blocks))
+        if cfg["decay"] == 2:   # the intra-chunk parts of dq and dk, and dlam
+            diag = _without(blocks, "V", "BV", "NK", "NV", "DECAY")
+            for_device(_DIAG_GRADS, dev)((n_chunks, blocks["NK"], H),
+                q, k, lam, scores, last, cfg["table"], scale, dq, dk, dlam, SUB=_SUB,
+                **_for("diag_grads", diag))
         if ds0 is not None and scale != 1.0:
             ds0 = ds0 * scale
         if cfg["parallel"] and dlam is not None:
@@ -361,7 +368,7 @@ class ChunkCore(torch.autograd.Function):
 
 _STATES, _OUTPUT = Launcher(chunk_states_kernel), Launcher(chunk_output_kernel)
 _DSTATES, _GRADS = Launcher(chunk_dstates_kernel), Launcher(chunk_grads_kernel)
-_SCORES = Launcher(chunk_diag_scores_kernel)
+_SCORES, _DIAG_GRADS = Launcher(chunk_diag_scores_kernel), Launcher(chunk_diag_grads_kernel)
 #: sub-chunk of the diagonal-decay scores (pairs within one go row by row)
 _SUB = 16
 
