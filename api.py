@@ -12,7 +12,7 @@ from .dsl import SpecError, parse
 from .dsl.ast import Spec
 from .ir.analysis import Analysis, analyse
 from .ir.transition import TransitionClass
-from .ir.interpret import run_reference
+from .ir.interpret import check_memory, run_reference
 from .codegen.chunk_op import ChunkUnsupported, chunk_forward, chunk_plan, chunk_source
 from .codegen.ops import Decoder, recurrent_forward, recurrent_source
 from .ir.lower import lower, show_dims
@@ -27,11 +27,13 @@ CHUNK_SIZES = (16, 32, 64, 128)
 #: form="auto" uses the chunked kernels from this length on (one chunk of 64 tokens)
 AUTO_CHUNK_MIN_T = 64
 #: classes whose generated recurrent kernels measured faster than their chunked ones at
-#: training lengths, so form="auto" keeps them recurrent: NVIDIA H100, B=4, T=4096, H=16,
-#: K=V=128, bf16 (BENCHMARKS.md, 2026-11-23): diagonal decays, gla forward 2.64 ms recurrent
-#: vs 5.48 ms chunk and forward+backward 18.7 vs 19.8 ms, rwkv6 forward 2.95 vs 5.80 ms
-#: (scalar decays go the other way: retnet forward 1.97 vs 1.12 ms, fwd+bwd 17.4 vs 3.46 ms)
-AUTO_RECURRENT_CLASSES = frozenset({TransitionClass.DIAGONAL})
+#: training lengths, so form="auto" keeps them recurrent (none now). Diagonal decays were
+#: here until 2026-12-03: on an H100 (2026-11-23) the first diagonal chunk kernels lost to
+#: the recurrent ones (gla forward 5.48 vs 2.64 ms, forward+backward 19.8 vs 18.7 ms); the
+#: sub-chunk kernels since measured gla forward 1.79 ms and forward+backward 7.05 ms on an
+#: H200 (B=4, T=4096, H=16, K=V=128, bf16, benchmarks/results/chunk_h200.json); the
+#: recurrent gla was not re-timed on the H200 (its H100 forward+backward is 2.6x slower).
+AUTO_RECURRENT_CLASSES: frozenset = frozenset()
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,10 @@ class Attention:
             params = {n: x for n, x in bound.params.items() if n in inner.program.params}
             return inner(initial_state=initial_state, output_final_state=output_final_state,
                          cu_seqlens=cu_seqlens, form=form, **bound.inputs, **extra, **params)
+        if cp_group is not None and self.program.memory:
+            raise NotImplementedError(
+                f"spec '{self.name}': context parallelism with memory inputs (every rank would "
+                "need the whole memory's state; pass the shards' queries to one call instead)")
         if cp_group is not None:    # this rank's shard of a sequence split over cp_group
             from .context_parallel import context_parallel
             params = {n: tensors.pop(n) for n in self.program.params if n in tensors}
@@ -155,13 +161,17 @@ class Attention:
             isinstance(x, torch.Tensor) and x.requires_grad
             for x in [*tensors.values(), *(initial_state or {}).values()])
         form = self.resolve_form(form, bound.length, needs_grad=needs_grad)
+        if form != "reference":
+            check_memory(self.program, bound.inputs, bound.memory, cu_seqlens,
+                         cu_seqlens_memory)
         if form in ("chunk", "parallel"):
             try:
                 return chunk_forward(
                     self.analysis, bound.inputs, bound.params, bound.sizes, batch=bound.batch,
                     out_dtype=bound.out_dtype, initial_state=initial_state,
                     output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                    parallel=form == "parallel", chunk_size=self.chunk_size)
+                    parallel=form == "parallel", chunk_size=self.chunk_size,
+                    memory=bound.memory, cu_seqlens_memory=cu_seqlens_memory)
             except ChunkUnsupported as e:
                 hint = "" if "form=" in str(e) else "; use form='recurrent'"
                 raise NotImplementedError(f"form={form!r}: {e}{hint}") from None
@@ -273,8 +283,8 @@ class Attention:
         if self.program.noncausal:
             return "parallel (noncausal: two GEMM stages)"
         if self.analysis.transition_class in AUTO_RECURRENT_CLASSES:
-            return ("recurrent (measured faster than this class's chunked kernels on an H100 "
-                    "at T=4096, see AUTO_RECURRENT_CLASSES; form='chunk' runs them)")
+            return ("recurrent (measured faster than this class's chunked kernels at "
+                    "T=4096, see AUTO_RECURRENT_CLASSES; form='chunk' runs them)")
         if self.analysis.transition_class is TransitionClass.DELTA:
             return (f"chunk for T >= {AUTO_CHUNK_MIN_T} without gradients (the chunked "
                     "delta-rule backward is not generated yet), recurrent otherwise")

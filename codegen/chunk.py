@@ -121,6 +121,20 @@ def _key_row(ptr, tok, eos, i_h, r_k, m_k, H: tl.constexpr, K: tl.constexpr):
 
 
 @triton.jit
+def _decay_step(b_j, lam_ptr, tok, eos, i_h, r_k, m_k, H: tl.constexpr, K: tl.constexpr,
+                STRICT: tl.constexpr):
+    """One token further along a running cumulative log decay: (b after token ``tok``, the
+    query's bq there). Every row-by-row pass sums its decays through this one function, so
+    that the two sides of a pair see bit-identical exponents."""
+    lam_j = _key_row(lam_ptr, tok, eos, i_h, r_k, m_k, H, K)
+    if STRICT:
+        bq_j = b_j
+    else:
+        bq_j = b_j + lam_j
+    return b_j + lam_j, bq_j
+
+
+@triton.jit
 def _subchunk_scores(q_i, bq_i, k_ptr, lam_ptr, tok0, eos, i_h, b_ref, r_k, m_k,
                      H: tl.constexpr, K: tl.constexpr, SUB: tl.constexpr,
                      STRICT: tl.constexpr):
@@ -133,7 +147,7 @@ def _subchunk_scores(q_i, bq_i, k_ptr, lam_ptr, tok0, eos, i_h, b_ref, r_k, m_k,
     D = tl.zeros([SUB, SUB], dtype=tl.float32)
     b_j = b_ref
     for j in range(0, SUB):
-        b_j += _key_row(lam_ptr, tok0 + j, eos, i_h, r_k, m_k, H, K)
+        b_j, _ = _decay_step(b_j, lam_ptr, tok0 + j, eos, i_h, r_k, m_k, H, K, STRICT)
         k_j = _key_row(k_ptr, tok0 + j, eos, i_h, r_k, m_k, H, K)
         col = tl.sum(qf * tl.exp(tl.minimum(bq_i - b_j[None, :], 0.0)) * k_j[None, :], axis=1)
         if STRICT:
@@ -149,8 +163,8 @@ def _subchunk_grads(bq_i, b_i, q_ptr, k_ptr, lam_ptr, dA_ptr, p0, col0, tok0, eo
                     r_k, m_k, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
                     SUB: tl.constexpr, STRICT: tl.constexpr):
     """dq and dk of the pairs within one sub-chunk given dA[t, j] = dy_t . v_j (causal, zero
-    elsewhere; the dA buffer's rows from offset ``p0``, columns from ``col0``): token j of the sub-chunk
-    is the key of dq[t] += dA[t, j] k_j exp(bq_t - b_j) and the query of
+    elsewhere; the dA buffer's rows from offset ``p0``, columns from ``col0``): token j of
+    the sub-chunk is the key of dq[t] += dA[t, j] k_j exp(bq_t - b_j) and the query of
     dk[s] += dA[j, s] q_j exp(bq_j - b_s), its rows read from memory and its decays summed
     along from ``b_ref``: no reductions, every exponent <= 0."""
     r_s = tl.arange(0, SUB)
@@ -159,12 +173,7 @@ def _subchunk_grads(bq_i, b_i, q_ptr, k_ptr, lam_ptr, dA_ptr, p0, col0, tok0, eo
     dk = tl.zeros(bq_i.shape, dtype=tl.float32)
     b_j = b_ref
     for j in range(0, SUB):
-        lam_j = _key_row(lam_ptr, tok0 + j, eos, i_h, r_k, m_k, H, K)
-        if STRICT:
-            bq_j = b_j
-        else:
-            bq_j = b_j + lam_j
-        b_j += lam_j
+        b_j, bq_j = _decay_step(b_j, lam_ptr, tok0 + j, eos, i_h, r_k, m_k, H, K, STRICT)
         k_j = _key_row(k_ptr, tok0 + j, eos, i_h, r_k, m_k, H, K)
         q_j = _key_row(q_ptr, tok0 + j, eos, i_h, r_k, m_k, H, K)
         dA_col = tl.load(dA_ptr + p_i + col0 + j).to(tl.float32)          # dA[:, j]
@@ -404,8 +413,9 @@ def _subchunk_decays(lam_ptr, rows, m_t, tok0, eos, i_h, r_c, start, r_k, m_k,
     """Cumulative log decays around the sub-chunk of SUB tokens from ``tok0`` (chunk row
     ``start``): b_ref (b just before the sub-chunk, [BK]), b_i and bq_i of its rows
     ([SUB, BK]) and b_end (b at its last row), all relative to the chunk start. b_i is
-    summed row after row, exactly as ``_subchunk_scores`` and ``_subchunk_grads`` sum their
-    b_j, so that the two sides of a pair see the same exponent."""
+    summed row after row through ``_decay_step``, as ``_subchunk_scores`` and
+    ``_subchunk_grads`` sum their b_j, so that the two sides of a pair see the same
+    exponent."""
     lam = _rows_of(lam_ptr, rows, m_t, r_k, m_k, K).to(tl.float32)
     b_ref = tl.sum(tl.where((r_c < start)[:, None], lam, 0.0), axis=0)
     r_s = tl.arange(0, SUB)
@@ -413,12 +423,7 @@ def _subchunk_decays(lam_ptr, rows, m_t, tok0, eos, i_h, r_c, start, r_k, m_k,
     bq_i = tl.zeros([SUB, r_k.shape[0]], dtype=tl.float32)
     b_j = b_ref
     for j in range(0, SUB):
-        lam_j = _key_row(lam_ptr, tok0 + j, eos, i_h, r_k, m_k, H, K)
-        if STRICT:
-            bq_j = b_j
-        else:
-            bq_j = b_j + lam_j
-        b_j += lam_j
+        b_j, bq_j = _decay_step(b_j, lam_ptr, tok0 + j, eos, i_h, r_k, m_k, H, K, STRICT)
         row = (r_s == j)[:, None]
         b_i = tl.where(row, b_j[None, :], b_i)
         bq_i = tl.where(row, bq_j[None, :], bq_i)

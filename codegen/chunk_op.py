@@ -190,6 +190,14 @@ _TORCH.update({"Max": torch.maximum, "Min": torch.minimum, "Abs": torch.abs,
                "sqrt": torch.sqrt, "exp": torch.exp, "log": torch.log})
 
 
+def _lengths(B: int, T: int, cu_seqlens, device) -> torch.Tensor:
+    """Every token's sequence length, [B * T] fp32."""
+    if cu_seqlens is None:
+        return torch.full((B * T,), float(T), device=device)
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    return torch.repeat_interleave(lens, lens).float().to(device)
+
+
 def _positions(B: int, T: int, cu_seqlens, device) -> torch.Tensor:
     if cu_seqlens is None:
         return torch.arange(T, device=device).repeat(B)
@@ -212,22 +220,27 @@ class _OnFirstUse(dict):
 
 
 class _Tokens:
-    """Evaluates state-free IR values on every token at once ([B*T, H, *dims])."""
+    """Evaluates state-free IR values on every token at once ([B*T, H, *dims]); ``kind``
+    names the leaves the tensors fill: "input", or "memory" for the memory sequence of a
+    cross-attention spec (then ``t`` and ``T`` are the memory's positions and lengths)."""
 
-    def __init__(self, inputs: dict, params: dict, sizes: dict, cu_seqlens):
+    def __init__(self, inputs: dict, params: dict, sizes: dict, cu_seqlens,
+                 kind: str = "input"):
         x0 = next(iter(inputs.values()))
         self.B, self.T, H = x0.shape[:3]
         device = x0.device
         self.inputs = inputs
-        lazy = {("input", n): (lambda x=x: x.float().reshape(self.B * self.T, *x.shape[2:]))
+        self.leaf = Op.INPUT if kind == "input" else Op.MEMORY
+        lazy = {(kind, n): (lambda x=x: x.float().reshape(self.B * self.T, *x.shape[2:]))
                 for n, x in inputs.items()}
         lazy["t"] = lambda: _positions(self.B, self.T, cu_seqlens, device).float().reshape(-1, 1)
+        lazy["T"] = lambda: _lengths(self.B, self.T, cu_seqlens, device).reshape(-1, 1)
         values = _OnFirstUse(lazy)
         values.update({("param", n): x.float().unsqueeze(0) for n, x in params.items()})
         values["h"] = torch.arange(H, device=device, dtype=torch.float32).reshape(1, H)
         self.ev = StepEvaluator(values, sizes, torch.float32, device)
         self.sizes = sizes
-        self.tensors = {**{("input", n): x for n, x in inputs.items()},
+        self.tensors = {**{(kind, n): x for n, x in inputs.items()},
                         **{("param", n): x for n, x in params.items()}}
 
     def shape(self, dims: tuple[str, ...]) -> tuple[int, ...]:
@@ -237,7 +250,7 @@ class _Tokens:
     def operand(self, n: Node, dtype: torch.dtype) -> torch.Tensor:
         """``n`` over all tokens in ``dtype``, contiguous: a plain input as it came when it
         has that dtype (no fp32 round trip), else evaluated in fp32 and cast."""
-        if n.op is Op.INPUT and self.inputs[n.attr].dtype == dtype:
+        if n.op is self.leaf and self.inputs[n.attr].dtype == dtype:
             return self.inputs[n.attr].contiguous()
         plan = fused_map(n, self.sizes) if FUSE_MAPS else None
         if plan is not None:    # one generated kernel instead of a chain of torch ops
@@ -653,19 +666,29 @@ def _delta_forward(q, k, v, beta, lam, s0, cu_seqlens, batch: int, chunk_size: i
     return y, sT
 
 
-def _global_state_readout(q, k, v, s0, cu_seqlens, batch: int):
+def _global_state_readout(q, k, v, s0, cu_seqlens, batch: int, cu_keys="same"):
     """Noncausal: ``S = S0 + sum_t outer(k_t, v_t)`` over each whole sequence, then
-    ``y_t = q_t @ S`` for every token: two batched GEMMs (torch, fp32 accumulation)."""
+    ``y_t = q_t @ S`` for every token: two batched GEMMs (torch, fp32 accumulation).
+    Cross-attention: k and v run over the memory sequences, packed by ``cu_keys``."""
     q, k, v = q.float(), k.float(), v.float()
+    if cu_keys != "same":
+        cu_q = cu_seqlens
+        if cu_seqlens is None:
+            S = torch.einsum("bthk,bthv->bhkv", k, v)
+            S = S + s0 if s0 is not None else S
+            return torch.einsum("bthk,bhkv->bthv", q, S), S
+    else:
+        cu_q = cu_keys = cu_seqlens
     if cu_seqlens is None:
         S = torch.einsum("bthk,bthv->bhkv", k, v)
         if s0 is not None:
             S = S + s0
         return torch.einsum("bthk,bhkv->bthv", q, S), S
-    bounds = cu_seqlens.tolist()
+    bounds, key_bounds = cu_q.tolist(), cu_keys.tolist()
     states, outs = [], []
     for n, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-        S = torch.einsum("thk,thv->hkv", k[0, lo:hi], v[0, lo:hi])
+        k_lo, k_hi = key_bounds[n], key_bounds[n + 1]
+        S = torch.einsum("thk,thv->hkv", k[0, k_lo:k_hi], v[0, k_lo:k_hi])
         if s0 is not None:
             S = S + s0[n]
         states.append(S)
@@ -695,17 +718,21 @@ def _dot_precision(half: bool, low: torch.dtype) -> int:
 
 def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *, batch: int,
                   out_dtype: torch.dtype, initial_state: dict | None, output_final_state: bool,
-                  cu_seqlens: torch.Tensor | None, chunk_size: int = 64, parallel: bool = False):
+                  cu_seqlens: torch.Tensor | None, chunk_size: int = 64, parallel: bool = False,
+                  memory: dict | None = None, cu_seqlens_memory: torch.Tensor | None = None):
     """Run the chunked form (differentiable); same contract as ``ops.recurrent_forward``.
     A noncausal spec runs as two GEMM stages (its parallel form). ``parallel``: the causal
     parallel form, every block of queries reading the keys and values of the earlier blocks
     directly instead of through chunk states (identity and scalar decays; no state in or
-    out)."""
+    out). With ``memory`` (a cross-attention spec's memory inputs, packed by
+    ``cu_seqlens_memory``) the noncausal form's first stage sums the memory's keys and
+    values."""
     plan = chunk_plan(analysis)
     p = analysis.program
     if parallel and not p.noncausal:
         _check_parallel(plan, p.name, initial_state, output_final_state)
     ev = _Tokens(inputs, params, sizes, cu_seqlens)
+    ev_keys = _Tokens(memory, params, sizes, cu_seqlens_memory, "memory") if memory else ev
     x0 = next(iter(inputs.values()))
     B, T, H = x0.shape[:3]
     half = x0.dtype in (torch.bfloat16, torch.float16)
@@ -719,7 +746,7 @@ def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *
         q_scale, query = _split_scale(sp.query, sizes) if core else (1.0, sp.query)
         k_scale, key = _split_scale(sp.key, sizes) if core else (1.0, sp.key)
         q = ev.operand(query, low)
-        k = ev.operand(key, low)
+        k = ev_keys.operand(key, low)
         lam = None
         if sp.log_decay is not None:
             dims = (sp.row,) if sp.decay == 2 else ()
@@ -730,13 +757,14 @@ def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *
         s0 = initial_state[sp.state].float() if initial_state is not None else None
         if not core:
             # noncausal GEMMs and the delta kernel: normalizers as extra columns of v
-            v = ev.operand(sp.value, low)
+            v = ev_keys.operand(sp.value, low)
             if sp.columns:
                 v = torch.cat([v, v.new_ones(*v.shape[:-1], len(sp.columns))], -1)
             if s0 is not None:
                 s0 = torch.cat([s0, *columns], dim=-1).contiguous()
             if p.noncausal:  # two GEMM stages: the whole sequence's state, then every readout
-                y, sT = _global_state_readout(q, k, v, s0, cu_seqlens, batch)
+                y, sT = _global_state_readout(q, k, v, s0, cu_seqlens, batch,
+                                              cu_seqlens_memory if memory else "same")
             else:
                 beta = _lambdified(sp.beta, sp.beta_symbols, ev, (), (B, T, H))
                 # the delta kernels are verified on the GPU with tf32 dots only

@@ -37,9 +37,13 @@ class Analysis:
         if self.kernel_blockers:
             return ()
         forms = self.transition_class.forms
+        if self.program.memory:     # cross-attention: the two GEMM stages alone
+            forms = tuple(f for f in forms if f == "parallel")
         structured = all(u.inputs is not None for u in self.updates.values()) and \
             self.readout.kind is not ReadoutKind.GENERAL
-        return forms if structured else ("recurrent",)
+        if not structured:
+            return () if self.program.memory else ("recurrent",)
+        return forms
 
 
 def analyse(program: Program, filename: str | None = None) -> Analysis:
@@ -72,9 +76,6 @@ def kernel_blockers(program: Program) -> list[str]:
             if lines else ""
 
     out = []
-    if program.memory:
-        out.append(f"memory inputs {', '.join(program.memory)}: keys and values from a second "
-                   "sequence (cross-attention)")
     indexed = [d for d in program.params.values() if d.position is not None]
     if indexed:
         out.append("position-indexed params "
@@ -86,6 +87,8 @@ def kernel_blockers(program: Program) -> list[str]:
             calls = ", ".join(sorted({f"{n.attr}(..., {axis})" for n in found}))
             out.append(f"{what}: {calls}{where(found)}")
     found = [n for n in nodes if n.op is Op.LENGTH]
-    if found:
+    # (cross-attention runs as two GEMM stages over all tokens, where torch gives every
+    # token its sequence's length: the memory's in the updates, the queries' in the readout)
+    if found and not program.memory:
         out.append(f"the sequence length T{where(found)}")
     return out

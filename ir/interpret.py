@@ -265,8 +265,9 @@ def _run_sequence(program: Program, inputs: dict, params: dict, state0: dict,
     return out, {s: x.expand(B, H, *x.shape[2:]) for s, x in states.items()}
 
 
-def _check_memory(program: Program, inputs: dict, memory: dict | None, cu_seqlens,
-                  cu_seqlens_memory) -> None:
+def check_memory(program: Program, inputs: dict, memory: dict | None, cu_seqlens,
+                 cu_seqlens_memory) -> None:
+    """Clear errors for memory inputs that do not fit the spec or the queries."""
     name = program.name
     if not program.memory:
         if memory or cu_seqlens_memory is not None:
@@ -285,6 +286,14 @@ def _check_memory(program: Program, inputs: dict, memory: dict | None, cu_seqlen
     if (cu_seqlens is None) != (cu_seqlens_memory is None):
         raise ValueError(f"{name}: varlen cross-attention needs both cu_seqlens (queries) and "
                          "cu_seqlens_memory (memory), with the same number of sequences")
+    if cu_seqlens is not None and len(cu_seqlens) != len(cu_seqlens_memory):
+        raise ValueError(f"{name}: cu_seqlens has {len(cu_seqlens) - 1} sequences but "
+                         f"cu_seqlens_memory has {len(cu_seqlens_memory) - 1} (query sequence "
+                         "n attends to memory n)")
+    if cu_seqlens_memory is not None and int(cu_seqlens_memory[-1]) != next(
+            iter(memory.values())).shape[1]:
+        raise ValueError(f"{name}: cu_seqlens_memory ends at {int(cu_seqlens_memory[-1])} but "
+                         f"the memory holds {next(iter(memory.values())).shape[1]} tokens")
 
 
 def run_reference(program: Program, inputs: dict[str, torch.Tensor],
@@ -309,7 +318,7 @@ def run_reference(program: Program, inputs: dict[str, torch.Tensor],
     """
     any_input = next(iter(inputs.values()))
     device = any_input.device
-    _check_memory(program, inputs, memory, cu_seqlens, cu_seqlens_memory)
+    check_memory(program, inputs, memory, cu_seqlens, cu_seqlens_memory)
     inputs = {k: v.to(dtype) for k, v in inputs.items()}
     params = {k: v.to(dtype) for k, v in params.items()}
     memory = {k: v.to(dtype) for k, v in memory.items()} if program.memory else None
@@ -327,9 +336,6 @@ def run_reference(program: Program, inputs: dict[str, torch.Tensor],
 
     bounds = [int(x) for x in cu_seqlens.tolist()]
     mbounds = [int(x) for x in cu_seqlens_memory.tolist()] if memory else bounds
-    if len(mbounds) != len(bounds):
-        raise ValueError(f"{program.name}: cu_seqlens has {len(bounds) - 1} sequences but "
-                         f"cu_seqlens_memory has {len(mbounds) - 1}")
     outs, finals = [], []
     for n, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
         seq = {k: v[:, lo:hi] for k, v in inputs.items()}

@@ -105,13 +105,15 @@ def kernel_specs() -> dict[str, object]:
     ``analysis.kernel_blockers`` name a construct the kernels do not lower (memory inputs,
     position-indexed params, reductions over heads or tokens, the length T). The kernel tests
     iterate over these; the reference interpreter and tests/library cover the others."""
-    return {n: a for n, a in all_specs().items() if not a.analysis.kernel_blockers}
+    return {n: a for n, a in all_specs().items()
+            if not a.analysis.kernel_blockers and not a.program.memory}
 
 
 def kernel_names() -> list[str]:
     """The library names among ``kernel_specs()``."""
     return [n for n in linforge.library.names()
-            if not linforge.library.get(n).analysis.kernel_blockers]
+            if not linforge.library.get(n).analysis.kernel_blockers
+            and not linforge.library.get(n).program.memory]
 
 
 def kernel_sizes(attn) -> dict[str, int]:

@@ -1,5 +1,6 @@
 """Specs that use the cross-head, cross-token, memory and position constructs through the
-public call: the reference interpreter runs them (form='auto' too), kernel forms refuse them
+public call: cross-attention runs the generated noncausal form, form='auto' too
+(tests/codegen/test_memory.py checks it in depth); kernel forms refuse what no kernel lowers
 with the construct named."""
 
 import pytest
@@ -23,9 +24,20 @@ def test_cross_attention_through_the_public_call_with_varlen_memory():
 
 
 def test_kernel_forms_name_the_construct_that_blocks_them():
-    attn = linforge.library.get("modular_linearized")
-    with pytest.raises(NotImplementedError, match="reference interpreter only.*memory inputs"):
-        attn(form="recurrent")
+    # a position-indexed param over a memory: the pre-pass does not lift memory specs
+    attn = linforge.compile("""attention x noncausal
+    dim N
+    inputs q[K]
+    memory k[K], v[V]
+    params E[t < N, K]
+    state S[K, V]
+    S = S + outer(k * E, v)
+    o = q @ S
+""")
+    with pytest.raises(NotImplementedError, match="reference interpreter only.*position-indexed"):
+        attn(form="parallel")
+    with pytest.raises(ValueError, match="does not support form='recurrent'.*supports: parallel"):
+        linforge.library.get("modular_linearized")(form="recurrent")
 
 
 def test_a_form_the_prepassed_spec_lacks_names_the_forms_it_has():
@@ -42,8 +54,8 @@ def test_missing_memory_input_is_a_clear_error():
 
 def test_info_lists_memory_inputs_position_params_and_blockers():
     info = linforge.library.get("modular_linearized").info()
-    assert info["memory"] == {"k": ["K"], "v": ["V"]} and info["kernel_blockers"]
-    assert info["auto_form"].startswith("reference (no kernel lowers memory inputs")
+    assert info["memory"] == {"k": ["K"], "v": ["V"]} and not info["kernel_blockers"]
+    assert info["auto_form"].startswith("parallel (noncausal: two GEMM stages)")
     lin = linforge.library.get("linformer").info()
     assert lin["position_indexed_params"] and any("position" in b
                                                   for b in lin["kernel_blockers"])
