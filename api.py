@@ -261,6 +261,8 @@ class Attention:
         kernels = ["recurrent fwd", "recurrent bwd"]
         if self._chunk_reason() is not None:
             return kernels
+        if self.program.memory:     # cross-attention: the GEMM stages alone
+            return ["parallel (GEMM) fwd", "parallel (GEMM) bwd"]
         if self.program.noncausal:
             return kernels + ["parallel (GEMM) fwd", "parallel (GEMM) bwd"]
         plan = chunk_plan(self.analysis)

@@ -11,7 +11,7 @@ i=0
 for sel in "retnet or mamba2 or lightning" "gla" "linear_attention or mlstm or performer" \
            "rwkv6 or hgrn2"; do
     i=$((i + 1))
-    timeout "${TEST_S:-110}" python -m pytest -q -m gpu tests/codegen/test_recurrent_gpu.py \
+    timeout "${TEST_S:-110}" python -m pytest -q -n 0 -m gpu tests/codegen/test_recurrent_gpu.py \
         -k "chunk_gpu and ($sel) and not long" > "$OUT/gpu_tests_$i.txt" 2>&1 &
 done
 wait

@@ -18,8 +18,10 @@ def test_mobile_attention_and_linformer_have_kernel_forms_after_the_prepass():
     assert "pre-pass" in mobile["auto_form"]
     linformer = linforge.library.get("linformer").info()
     assert linformer["forms"] == ["recurrent"] and linformer["prepass"] == ["E[t]", "F[t]"]
-    # cross-attention (memory inputs) is not lowered this way: still the reference only
-    assert linforge.library.get("modular_linearized").info()["forms"] == []
+    # cross-attention (memory inputs) needs no pre-pass: its GEMM form reads T itself
+    cross = linforge.library.get("modular_linearized").info()
+    assert cross["forms"] == ["parallel"] and cross["prepass"] == []
+    assert cross["kernels"] == ["parallel (GEMM) fwd", "parallel (GEMM) bwd"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
