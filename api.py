@@ -357,15 +357,18 @@ class Attention:
                           inplace=inplace and all(x.is_contiguous() for x in state.values()))
         return decoder, bool(single)
 
-    def source(self, form: str = "recurrent", direction: str = "fwd") -> str:
+    def source(self, form: str = "recurrent", direction: str = "fwd",
+               sizes: dict | None = None) -> str:
         """The Triton source of ``form`` ('recurrent' or 'chunk') and ``direction``: the
         generated recurrent kernel, or the chunked form's mapping of the spec onto its core
-        kernels followed by their source."""
+        kernels followed by their source, and, given ``sizes`` ({"K": 128, "V": 128}), the
+        generated per-token map kernels (feature maps, gates, decays, readout) a call of
+        those sizes runs around the core."""
         if direction not in ("fwd", "bwd"):
             raise ValueError(f"direction must be 'fwd' or 'bwd', got {direction!r}")
         if form == "chunk":
             try:
-                return chunk_source(self.analysis, direction)
+                return chunk_source(self.analysis, direction, sizes)
             except ChunkUnsupported as e:
                 raise NotImplementedError(f"form='chunk': {e}") from None
         if form != "recurrent":

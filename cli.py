@@ -45,6 +45,13 @@ def _show(args) -> int:
             print(show_ir(attn.program))
         elif args.stage == "canonical":
             print(show_canonical(attn.analysis))
+        elif args.K or args.V or args.dim:    # the chunked form's map kernels at these sizes
+            sizes = {n: v for n, v in (("K", args.K), ("V", args.V)) if v}
+            sizes.update(_dim_sizes(args))
+            try:
+                print(attn.source(args.form, args.direction, sizes=sizes))
+            except ValueError as e:
+                raise SystemExit(f"linforge: {e}") from None
         else:
             print(attn.source(args.form, args.direction))
         print()
@@ -119,13 +126,19 @@ def _device(args) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _shape(args, default: Shape = Shape()) -> Shape:
+def _dim_sizes(args) -> list[tuple[str, int]]:
+    """The ``--dim NAME=SIZE`` options."""
     dims = []
     for item in args.dim or ():
         name, _, value = item.partition("=")
         if not name or not value.isdigit():
             raise SystemExit(f"linforge: --dim takes NAME=SIZE (such as M=16), got {item!r}")
         dims.append((name, int(value)))
+    return dims
+
+
+def _shape(args, default: Shape = Shape()) -> Shape:
+    dims = _dim_sizes(args)
     return Shape(B=args.B or default.B, T=args.T or default.T, H=args.H or default.H,
                  K=args.K or default.K, V=args.V or default.V, dims=tuple(dims))
 
@@ -244,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     show.add_argument("--form", default="recurrent", help="with --stage triton")
     show.add_argument("--direction", default="fwd", choices=("fwd", "bwd"),
                       help="with --stage triton")
+    for size in ("K", "V"):
+        show.add_argument(f"--{size}", type=int, help=f"with --stage triton --form chunk: size "
+                          f"of {size}, to print the generated map kernels of such a call")
+    show.add_argument("--dim", action="append", metavar="NAME=SIZE",
+                      help="with --K/--V: size of another dim (repeatable)")
     show.set_defaults(run=_show)
     check_p = sub.add_parser("check", help="compile a spec, report its class and forms, and "
                              "run every kernel form against the reference on random inputs")

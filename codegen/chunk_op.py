@@ -579,9 +579,37 @@ def _tiles(K: int, V: int, on_gpu: bool) -> tuple[int, int]:
     return bk, bv
 
 
-def chunk_source(analysis: Analysis, direction: str) -> str:
+def _map_sources(analysis: Analysis, sizes: dict) -> list[tuple[str, str]]:
+    """(what, Triton source) of every generated map kernel a chunked call with ``sizes``
+    runs: the query, key and value maps, the log decay and the readout (none for values
+    that torch computes, e.g. a plain input or a map of positions)."""
+    from .maps import _source
+
+    plan = chunk_plan(analysis)
+    p = analysis.program
+    found: list[tuple[str, object]] = []
+    for sp in plan.states:
+        core = not p.noncausal and sp.beta is None
+        for what, node in (("query", sp.query), ("key", sp.key), ("value", sp.value)):
+            if core and what != "value":
+                node = _split_scale(node, sizes)[1]
+            if node.op is not Op.INPUT:     # (a plain input goes to the kernels as it is)
+                found.append((f"{what} of {sp.state}", fused_map(node, sizes)))
+        if sp.log_decay is not None:
+            dims = (sp.row,) if sp.decay == 2 else ()
+            found.append((f"log decay of {sp.state}",
+                          map_of(sp.log_decay, sp.log_symbols, dims, sizes)))
+    reads = tuple(node for sp in plan.states for node, _ in sp.reads)
+    if p.output not in reads:
+        found.append(("readout o", fused_map(p.output, sizes, reads)))
+    return [(what, _source(m)) for what, m in found if m is not None]
+
+
+def chunk_source(analysis: Analysis, direction: str, sizes: dict | None = None) -> str:
     """The chunked form as a reader sees it: how the spec maps onto the core (query, key,
-    value, log decay, normalizer columns, readout), then the core kernels' Triton source."""
+    value, log decay, normalizer columns, readout), then the core kernels' Triton source;
+    with ``sizes`` (e.g. ``{"K": 128, "V": 128}``) also the generated map kernels a call of
+    those sizes runs around the core (their constants depend on the sizes)."""
     import inspect
 
     from ..ir.sympy_view import format_node
@@ -613,6 +641,26 @@ def chunk_source(analysis: Analysis, direction: str) -> str:
                + ("chunk_output_kernel",)) if direction == "fwd" else (
         "chunk_dstates_kernel", "chunk_grads_kernel")
     lines.insert(-1, f"# this direction launches: {', '.join(kernels)}")
+    if sizes is None:
+        lines.insert(-1, "# (source(..., sizes={'K': ..., 'V': ...}) adds the generated map "
+                         "kernels of a call with those sizes)")
+    else:
+        full = dict(sizes)
+        for d, expr in analysis.program.dims.items():
+            if d not in full and expr is not None:
+                missing = [str(x) for x in expr.free_symbols if str(x) not in full]
+                if missing:
+                    raise ValueError(f"source(): sizes must give {', '.join(missing)} "
+                                     f"(the dim {d} is sized from them)")
+                full[d] = int(expr.subs({x: full[str(x)] for x in expr.free_symbols}))
+        try:
+            maps = _map_sources(analysis, full)
+        except KeyError as e:
+            raise ValueError(f"source(): sizes must give {e.args[0]} (a generated map "
+                             "reads it)") from None
+        for what, src in maps:
+            lines += ["", f"# ---- generated map kernel: {what} (map_fwd forward, map_bwd "
+                      f"gradients; sizes {full})", src]
     return "\n".join(lines)
 
 

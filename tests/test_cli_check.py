@@ -1,4 +1,6 @@
-"""``linforge check`` and ``linforge bench`` from the command line."""
+"""``linforge check``, ``linforge bench`` and ``linforge show`` from the command line."""
+
+import pytest
 
 from linforge.cli import main
 
@@ -29,3 +31,12 @@ def test_bench_on_the_cpu_says_its_times_are_not_kernel_performance(capsys):
     assert main(["bench", "retnet", "--T", "16", "--K", "8", "--V", "8", "--B", "1",
                  "--H", "1", "--reps", "1"]) == 0
     assert "not kernel performance" in capsys.readouterr().out
+
+
+def test_show_prints_the_chunked_forms_map_kernels_at_given_sizes(capsys):
+    assert main(["show", "mamba2", "--stage", "triton", "--form", "chunk", "--K", "64",
+                 "--V", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "generated map kernel: log decay of S" in out and "def map_bwd(" in out
+    with pytest.raises(SystemExit, match="sizes must give K"):
+        main(["show", "based", "--stage", "triton", "--form", "chunk", "--V", "8"])

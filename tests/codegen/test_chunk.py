@@ -299,3 +299,18 @@ def test_chunk_size_is_a_compile_option(name, chunk_size, monkeypatch):
 def test_chunk_size_must_be_a_supported_power_of_two():
     with pytest.raises(ValueError, match="chunk_size must be one of 16, 32, 64, 128.*got 48"):
         linforge.library.get("retnet", chunk_size=48)
+
+
+def test_chunk_source_with_sizes_shows_the_generated_map_kernels():
+    """linear_attention's feature maps elu(x) + 1 and its normalized readout are generated
+    map kernels: source(..., sizes=) prints them, with their gradient kernels."""
+    attn = linforge.library.get("linear_attention")
+    bare = attn.source("chunk", "fwd")
+    assert "sizes={'K': ..., 'V': ...}" in bare and "# ---- generated map" not in bare
+    text = attn.source("chunk", "fwd", sizes={"K": 64, "V": 32})
+    assert text.count("# ---- generated map kernel:") == 3   # q, k and the readout
+    assert "generated map kernel: query of S" in text and "readout o" in text
+    assert "value of S" not in text      # v is a plain input: no map runs for it
+    assert "def map_fwd(" in text and "def map_bwd(" in text
+    with pytest.raises(ValueError, match="sizes must give"):
+        linforge.library.get("based").source("chunk", "fwd", sizes={"V": 8})
