@@ -407,17 +407,16 @@ def chunk_states_kernel(
 
 
 @triton.jit
-def _subchunk_decays(lam_ptr, rows, m_t, tok0, eos, i_h, r_c, start, r_k, m_k,
+def _subchunk_decays(b, lam_ptr, tok0, eos, i_h, r_c, start, r_k, m_k,
                      H: tl.constexpr, K: tl.constexpr, SUB: tl.constexpr,
                      STRICT: tl.constexpr):
     """Cumulative log decays around the sub-chunk of SUB tokens from ``tok0`` (chunk row
-    ``start``): b_ref (b just before the sub-chunk, [BK]), b_i and bq_i of its rows
-    ([SUB, BK]) and b_end (b at its last row), all relative to the chunk start. b_i is
-    summed row after row through ``_decay_step``, as ``_subchunk_scores`` and
-    ``_subchunk_grads`` sum their b_j, so that the two sides of a pair see the same
-    exponent."""
-    lam = _rows_of(lam_ptr, rows, m_t, r_k, m_k, K).to(tl.float32)
-    b_ref = tl.sum(tl.where((r_c < start)[:, None], lam, 0.0), axis=0)
+    ``start``), given the chunk's cumulative log decays ``b`` ([C, BK]): b_ref (b just
+    before the sub-chunk, [BK]; 0 for the first), b_i and bq_i of its rows ([SUB, BK]) and
+    b_end (b at its last row), all relative to the chunk start. b_i is summed row after
+    row through ``_decay_step``, as ``_subchunk_scores`` and ``_subchunk_grads`` sum their
+    b_j, so that the two sides of a pair see the same exponent."""
+    b_ref = tl.sum(tl.where((r_c == start - 1)[:, None], b, 0.0), axis=0)
     r_s = tl.arange(0, SUB)
     b_i = tl.zeros([SUB, r_k.shape[0]], dtype=tl.float32)
     bq_i = tl.zeros([SUB, r_k.shape[0]], dtype=tl.float32)
@@ -455,8 +454,8 @@ def chunk_diag_scores_kernel(
     for i_k in tl.static_range(NK):
         r_k, m_k = _block(i_k, BK, K)
         b, _, _ = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 2, False)
-        b_ref, b_i, bq_i, _ = _subchunk_decays(lam_ptr, rows, m_t, t0 + start, eos, i_h, r_c,
-                                               start, r_k, m_k, H, K, SUB, STRICT)
+        b_ref, b_i, bq_i, _ = _subchunk_decays(b, lam_ptr, t0 + start, eos, i_h, r_c, start,
+                                               r_k, m_k, H, K, SUB, STRICT)
         q_i = _rows_of(q_ptr, rows_i, m_i, r_k, m_k, K)
         k = _rows_of(k_ptr, rows, m_t, r_k, m_k, K)
         k_ref = tl.where(earlier[:, None],
@@ -593,8 +592,8 @@ def chunk_diag_grads_kernel(
     for j in tl.static_range(NS):
         start = (NS - 1 - j) * SUB
         rows_i, m_i = _chunk(chunk_table_ptr, i_h, H, start + r_s)
-        b_ref, b_i, bq_i, b_end = _subchunk_decays(lam_ptr, rows, m_t, t0 + start, eos, i_h,
-                                                   r_c, start, r_k, m_k, H, K, SUB, STRICT)
+        b_ref, b_i, bq_i, b_end = _subchunk_decays(b, lam_ptr, t0 + start, eos, i_h, r_c,
+                                                   start, r_k, m_k, H, K, SUB, STRICT)
         q_i = _rows_of(q_ptr, rows_i, m_i, r_k, m_k, K).to(tl.float32)
         k_i = _rows_of(k_ptr, rows_i, m_i, r_k, m_k, K).to(tl.float32)
         earlier = r_c < start

@@ -714,25 +714,19 @@ def _delta_forward(q, k, v, beta, lam, s0, cu_seqlens, batch: int, chunk_size: i
     return y, sT
 
 
-def _global_state_readout(q, k, v, s0, cu_seqlens, batch: int, cu_keys="same"):
+def _global_state_readout(q, k, v, s0, cu_seqlens, batch: int, cu_keys=None):
     """Noncausal: ``S = S0 + sum_t outer(k_t, v_t)`` over each whole sequence, then
     ``y_t = q_t @ S`` for every token: two batched GEMMs (torch, fp32 accumulation).
-    Cross-attention: k and v run over the memory sequences, packed by ``cu_keys``."""
+    Cross-attention: k and v run over the memory sequences, packed by ``cu_keys`` (both
+    packings are given or neither: ``check_memory``)."""
     q, k, v = q.float(), k.float(), v.float()
-    if cu_keys != "same":
-        cu_q = cu_seqlens
-        if cu_seqlens is None:
-            S = torch.einsum("bthk,bthv->bhkv", k, v)
-            S = S + s0 if s0 is not None else S
-            return torch.einsum("bthk,bhkv->bthv", q, S), S
-    else:
-        cu_q = cu_keys = cu_seqlens
     if cu_seqlens is None:
         S = torch.einsum("bthk,bthv->bhkv", k, v)
         if s0 is not None:
             S = S + s0
         return torch.einsum("bthk,bhkv->bthv", q, S), S
-    bounds, key_bounds = cu_q.tolist(), cu_keys.tolist()
+    bounds = cu_seqlens.tolist()
+    key_bounds = cu_keys.tolist() if cu_keys is not None else bounds
     states, outs = [], []
     for n, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
         k_lo, k_hi = key_bounds[n], key_bounds[n + 1]
@@ -812,7 +806,7 @@ def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *
                 s0 = torch.cat([s0, *columns], dim=-1).contiguous()
             if p.noncausal:  # two GEMM stages: the whole sequence's state, then every readout
                 y, sT = _global_state_readout(q, k, v, s0, cu_seqlens, batch,
-                                              cu_seqlens_memory if memory else "same")
+                                              cu_seqlens_memory if memory else None)
             else:
                 beta = _lambdified(sp.beta, sp.beta_symbols, ev, (), (B, T, H))
                 # the delta kernels are verified on the GPU with tf32 dots only
