@@ -1,8 +1,9 @@
 """Sweep the launch options of each chunked kernel (V tile, warps, pipeline stages) on this GPU.
 
 Usage (CUDA): python benchmarks/sweep_chunk_launch.py --out DIR [--ops retnet,gla]. For each
-op (B=4, T=4096, H=16, K=V=128, bf16) and each kernel ("states", "output", "dstates",
-"grads") it varies that kernel's options alone, and records the CUDA time of the kernel in
+op (B=4, T=4096, H=16, K=V=128, bf16) and each kernel of ``--kernels`` ("states", "output",
+"dstates", "grads", and for diagonal decays "scores", "diag_grads") it varies that kernel's
+options alone (the others keep their defaults), and records the CUDA time of the kernel in
 one forward+backward (torch profiler) and the largest difference of the output and the
 gradients from the default options (a miscompiled configuration shows up there). Appends
 rows to DIR/sweep_chunk_launch.jsonl.
@@ -22,11 +23,15 @@ import linforge.codegen.chunk_op as chunk_op
 from bench_chunk import B, H, T, V, inputs
 
 KERNELS = {"states": "chunk_states_kernel", "output": "chunk_output_kernel",
-           "dstates": "chunk_dstates_kernel", "grads": "chunk_grads_kernel"}
+           "dstates": "chunk_dstates_kernel", "grads": "chunk_grads_kernel",
+           "scores": "chunk_diag_scores_kernel", "diag_grads": "chunk_diag_grads_kernel"}
 GRID = {"states": dict(BV=[32, 64], num_stages=[1, 2, 3], num_warps=[4]),
         "dstates": dict(BV=[32, 64], num_stages=[1, 2, 3], num_warps=[4]),
         "output": dict(num_stages=[1, 2], num_warps=[4, 8]),
-        "grads": dict(num_stages=[1, 2], num_warps=[4, 8])}
+        "grads": dict(num_stages=[1, 2], num_warps=[4, 8]),
+        # diagonal decays only: the K tile bounds the [SUB, SUB, BK] pair broadcast
+        "scores": dict(BK=[16, 32, 64], num_warps=[2, 4, 8]),
+        "diag_grads": dict(BK=[16, 32, 64], num_warps=[2, 4, 8])}
 
 
 def step(attn, x, do):
@@ -57,20 +62,24 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--ops", default="retnet")
+    ap.add_argument("--kernels", default=",".join(GRID), help="which kernels to sweep")
     args = ap.parse_args()
+    defaults = {k: dict(v) for k, v in chunk_op.KERNEL_OPTIONS.items()}
     path = os.path.join(args.out, "sweep_chunk_launch.jsonl")
     for name in args.ops.split(","):
         attn = linforge.library.get(name)
         x = inputs(name)
         do = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
-        chunk_op.KERNEL_OPTIONS.clear()
         o_ref, g_ref = step(attn, x, do)
-        for kernel, grid in GRID.items():
+        for kernel in args.kernels.split(","):
+            grid = GRID[kernel]
             keys = list(grid)
             for values in itertools.product(*grid.values()):
                 opts = dict(zip(keys, values))
+                # this kernel's options varied, every other kernel's as they are by default
                 chunk_op.KERNEL_OPTIONS.clear()
-                chunk_op.KERNEL_OPTIONS[kernel] = opts
+                chunk_op.KERNEL_OPTIONS.update({k: dict(v) for k, v in defaults.items()})
+                chunk_op.KERNEL_OPTIONS[kernel] = {**defaults.get(kernel, {}), **opts}
                 row = {"op": name, "kernel": kernel, **opts}
                 try:
                     o, g = step(attn, x, do)
@@ -83,6 +92,7 @@ def main() -> None:
                 with open(path, "a") as f:
                     f.write(json.dumps(dict(row, device=torch.cuda.get_device_name())) + "\n")
     chunk_op.KERNEL_OPTIONS.clear()
+    chunk_op.KERNEL_OPTIONS.update(defaults)
 
 
 if __name__ == "__main__":

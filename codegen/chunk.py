@@ -113,77 +113,6 @@ def _decays(lam_ptr, rows, m_t, r_k, m_k, K: tl.constexpr, DECAY: tl.constexpr,
 
 
 @triton.jit
-def _key_row(ptr, tok, eos, i_h, r_k, m_k, H: tl.constexpr, K: tl.constexpr):
-    """Token ``tok``'s lanes ``r_k`` of a [T*, H, K] tensor in fp32 (zero past ``eos``)."""
-    # (the comparison over lanes: the interpreter refuses a scalar mask term)
-    return tl.load(ptr + (tok * H + i_h) * K + r_k, mask=m_k & (tok + 0 * r_k < eos),
-                   other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _decay_step(b_j, lam_ptr, tok, eos, i_h, r_k, m_k, H: tl.constexpr, K: tl.constexpr,
-                STRICT: tl.constexpr):
-    """One token further along a running cumulative log decay: (b after token ``tok``, the
-    query's bq there). Every row-by-row pass sums its decays through this one function, so
-    that the two sides of a pair see bit-identical exponents."""
-    lam_j = _key_row(lam_ptr, tok, eos, i_h, r_k, m_k, H, K)
-    if STRICT:
-        bq_j = b_j
-    else:
-        bq_j = b_j + lam_j
-    return b_j + lam_j, bq_j
-
-
-@triton.jit
-def _subchunk_scores(q_i, bq_i, k_ptr, lam_ptr, tok0, eos, i_h, b_ref, r_k, m_k,
-                     H: tl.constexpr, K: tl.constexpr, SUB: tl.constexpr,
-                     STRICT: tl.constexpr):
-    """Scores within one sub-chunk (tokens from ``tok0``) under a diagonal decay,
-    D[t, j] = sum_k q[t,k] k[j,k] exp(bq[t,k] - b[j,k]) for j <= t (j < t when STRICT): one
-    key row j at a time, read from memory, its cumulative decay b_j summed along from
-    ``b_ref`` (b just before the sub-chunk), so that every exponent is <= 0."""
-    r_s = tl.arange(0, SUB)
-    qf = q_i.to(tl.float32)
-    D = tl.zeros([SUB, SUB], dtype=tl.float32)
-    b_j = b_ref
-    for j in range(0, SUB):
-        b_j, _ = _decay_step(b_j, lam_ptr, tok0 + j, eos, i_h, r_k, m_k, H, K, STRICT)
-        k_j = _key_row(k_ptr, tok0 + j, eos, i_h, r_k, m_k, H, K)
-        col = tl.sum(qf * tl.exp(tl.minimum(bq_i - b_j[None, :], 0.0)) * k_j[None, :], axis=1)
-        if STRICT:
-            seen = r_s > j
-        else:
-            seen = r_s >= j
-        D = tl.where((r_s == j)[None, :] & seen[:, None], col[:, None], D)
-    return D
-
-
-@triton.jit
-def _subchunk_grads(bq_i, b_i, q_ptr, k_ptr, lam_ptr, dA_ptr, p0, col0, tok0, eos, i_h, b_ref,
-                    r_k, m_k, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
-                    SUB: tl.constexpr, STRICT: tl.constexpr):
-    """dq and dk of the pairs within one sub-chunk given dA[t, j] = dy_t . v_j (causal, zero
-    elsewhere; the dA buffer's rows from offset ``p0``, columns from ``col0``): token j of
-    the sub-chunk is the key of dq[t] += dA[t, j] k_j exp(bq_t - b_j) and the query of
-    dk[s] += dA[j, s] q_j exp(bq_j - b_s), its rows read from memory and its decays summed
-    along from ``b_ref``: no reductions, every exponent <= 0."""
-    r_s = tl.arange(0, SUB)
-    p_i = p0 + r_s * (H * C)
-    dq = tl.zeros(bq_i.shape, dtype=tl.float32)
-    dk = tl.zeros(bq_i.shape, dtype=tl.float32)
-    b_j = b_ref
-    for j in range(0, SUB):
-        b_j, bq_j = _decay_step(b_j, lam_ptr, tok0 + j, eos, i_h, r_k, m_k, H, K, STRICT)
-        k_j = _key_row(k_ptr, tok0 + j, eos, i_h, r_k, m_k, H, K)
-        q_j = _key_row(q_ptr, tok0 + j, eos, i_h, r_k, m_k, H, K)
-        dA_col = tl.load(dA_ptr + p_i + col0 + j).to(tl.float32)          # dA[:, j]
-        dA_row = tl.load(dA_ptr + p0 + j * (H * C) + col0 + r_s).to(tl.float32)  # dA[j, :]
-        dq += dA_col[:, None] * k_j[None, :] * tl.exp(tl.minimum(bq_i - b_j[None, :], 0.0))
-        dk += dA_row[:, None] * q_j[None, :] * tl.exp(tl.minimum(bq_j[None, :] - b_i, 0.0))
-    return dq, dk
-
-
-@triton.jit
 def _pair_product(a_ptr, b_ptr, rows_a, m_a, rows_b, m_b, W: tl.constexpr, BW: tl.constexpr,
                   NW: tl.constexpr, DOT: tl.constexpr):
     """[C, C] products a_t . b_s of two blocks' rows of [T*, H, W] tensors, over W tiles."""
@@ -407,40 +336,71 @@ def chunk_states_kernel(
 
 
 @triton.jit
-def _subchunk_decays(b, lam_ptr, tok0, eos, i_h, r_c, start, r_k, m_k,
-                     H: tl.constexpr, K: tl.constexpr, SUB: tl.constexpr,
-                     STRICT: tl.constexpr):
-    """Cumulative log decays around the sub-chunk of SUB tokens from ``tok0`` (chunk row
-    ``start``), given the chunk's cumulative log decays ``b`` ([C, BK]): b_ref (b just
-    before the sub-chunk, [BK]; 0 for the first), b_i and bq_i of its rows ([SUB, BK]) and
-    b_end (b at its last row), all relative to the chunk start. b_i is summed row after
-    row through ``_decay_step``, as ``_subchunk_scores`` and ``_subchunk_grads`` sum their
-    b_j, so that the two sides of a pair see the same exponent."""
-    b_ref = tl.sum(tl.where((r_c == start - 1)[:, None], b, 0.0), axis=0)
-    r_s = tl.arange(0, SUB)
-    b_i = tl.zeros([SUB, r_k.shape[0]], dtype=tl.float32)
-    bq_i = tl.zeros([SUB, r_k.shape[0]], dtype=tl.float32)
-    b_j = b_ref
-    for j in range(0, SUB):
-        b_j, bq_j = _decay_step(b_j, lam_ptr, tok0 + j, eos, i_h, r_k, m_k, H, K, STRICT)
-        row = (r_s == j)[:, None]
-        b_i = tl.where(row, b_j[None, :], b_i)
-        bq_i = tl.where(row, bq_j[None, :], bq_i)
-    return b_ref, b_i, bq_i, b_j
+def chunk_cumsum_kernel(lam_ptr, b_ptr, chunk_table_ptr, H: tl.constexpr, K: tl.constexpr,
+                        BK: tl.constexpr, C: tl.constexpr):
+    """Grid (chunks, K blocks, heads), diagonal decays: b = the in-chunk cumulative log decay
+    (inclusive, fp32) of every token, [T*, H, K] like lam. The sub-chunk kernels read the rows
+    they need from it, so both sides of a pair see the same numbers (an exponent
+    b_t - b_t is exactly 0)."""
+    i_g, i_k, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    r_c = tl.arange(0, C)
+    rows, m_t = _chunk(chunk_table_ptr, i_h, H, r_c)
+    r_k, m_k = _block(i_k, BK, K)
+    lam = _rows_of(lam_ptr, rows, m_t, r_k, m_k, K).to(tl.float32)
+    tl.store(b_ptr + rows[:, None] * K + r_k[None, :], tl.cumsum(lam, axis=0),
+             mask=m_t[:, None] & m_k[None, :])
+
+
+@triton.jit
+def _cumulative(b_ptr, t0, eos, start, r, i_h, r_k, m_k, H: tl.constexpr, K: tl.constexpr,
+                STRICT: tl.constexpr):
+    """b and bq (the exponent a query sees: b, or b of the row before when STRICT; 0 before
+    the chunk's first row) of the chunk rows ``start + r`` on lanes ``r_k``, read from the
+    cumulative-decay buffer; rows past the sequence read 0."""
+    tok = t0 + start + r
+    m = (tok < eos)[:, None] & m_k[None, :]
+    b = tl.load(b_ptr + ((tok * H + i_h) * K)[:, None] + r_k[None, :], mask=m, other=0.0)
+    if STRICT:
+        m_prev = m & ((start + r) > 0)[:, None]
+        bq = tl.load(b_ptr + (((tok - 1) * H + i_h) * K)[:, None] + r_k[None, :], mask=m_prev,
+                     other=0.0)
+    else:
+        bq = b
+    return b, bq
+
+
+@triton.jit
+def _reference(b_ptr, t0, eos, start, i_h, r_k, m_k, H: tl.constexpr, K: tl.constexpr):
+    """b_ref: b just before the sub-chunk at chunk row ``start`` ([BK]; 0 for the first)."""
+    tok = t0 + start - 1 + 0 * r_k     # (a vector: the interpreter refuses a scalar mask term)
+    return tl.load(b_ptr + (tok * H + i_h) * K + r_k, mask=m_k & (tok >= t0) & (tok < eos),
+                   other=0.0)
+
+
+@triton.jit
+def _pair_decays(bq_i, b_i, STRICT: tl.constexpr):
+    """E[t, s, k] = exp(bq_t[k] - b_s[k]) for the pairs (t, s) of one sub-chunk a readout
+    sees (s <= t, s < t when STRICT), 0 for the others; [SUB, SUB, BK], every exponent <= 0.
+    One broadcast instead of a loop over rows: no serial chain of loads."""
+    r_s = tl.arange(0, bq_i.shape[0])
+    seen = _causal(r_s, STRICT)
+    return tl.where(seen[:, :, None],
+                    tl.exp(tl.minimum(bq_i[:, None, :] - b_i[None, :, :], 0.0)), 0.0)
 
 
 @triton.jit
 def chunk_diag_scores_kernel(
-    q_ptr, k_ptr, lam_ptr, A_ptr, chunk_table_ptr,
+    q_ptr, k_ptr, b_ptr, A_ptr, chunk_table_ptr,
     H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr, C: tl.constexpr,
     STRICT: tl.constexpr, DOT: tl.constexpr, SUB: tl.constexpr = 16,
 ):
     """Grid (chunks, sub-chunks, heads), diagonal decays: the intra-chunk scores of the SUB
     queries of sub-chunk ``i_s``, A[t, s] = sum_k q[t,k] k[s,k] exp(bq[t,k] - b[s,k]), stored
-    as rows of A [chunks * C, H, C] for the output kernel. Keys of earlier sub-chunks go
-    through one dot, each side decayed against the reference b_ref = b just before the
-    sub-chunk: q exp(bq - b_ref) and k exp(b_ref - b) both have exponents <= 0 (b falls
-    along the chunk); keys of the sub-chunk itself go row by row (``_subchunk_scores``)."""
+    as rows of A [chunks * C, H, C] for the output kernel (b: ``chunk_cumsum_kernel``). Keys
+    of earlier sub-chunks go through one dot, each side decayed against the reference
+    b_ref = b just before the sub-chunk: q exp(bq - b_ref) and k exp(b_ref - b) both have
+    exponents <= 0 (b falls along the chunk); keys of the sub-chunk itself through the
+    broadcast of ``_pair_decays``."""
     i_g, i_s, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     r_c = tl.arange(0, C)
     rows, m_t = _chunk(chunk_table_ptr, i_h, H, r_c)
@@ -453,16 +413,16 @@ def chunk_diag_scores_kernel(
     D = tl.zeros([SUB, SUB], dtype=tl.float32)     # scores within the sub-chunk
     for i_k in tl.static_range(NK):
         r_k, m_k = _block(i_k, BK, K)
-        b, _, _ = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 2, False)
-        b_ref, b_i, bq_i, _ = _subchunk_decays(b, lam_ptr, t0 + start, eos, i_h, r_c, start,
-                                               r_k, m_k, H, K, SUB, STRICT)
-        q_i = _rows_of(q_ptr, rows_i, m_i, r_k, m_k, K)
-        k = _rows_of(k_ptr, rows, m_t, r_k, m_k, K)
-        k_ref = tl.where(earlier[:, None],
-                         k.to(tl.float32) * tl.exp(tl.minimum(b_ref[None, :] - b, 0.0)), 0.0)
-        A += _mm(q_i.to(tl.float32) * tl.exp(bq_i - b_ref[None, :]), tl.trans(k_ref), DOT)
-        D += _subchunk_scores(q_i, bq_i, k_ptr, lam_ptr, t0 + start, eos, i_h, b_ref, r_k, m_k,
-                              H, K, SUB, STRICT)
+        b, _ = _cumulative(b_ptr, t0, eos, 0, r_c, i_h, r_k, m_k, H, K, False)
+        b_i, bq_i = _cumulative(b_ptr, t0, eos, start, r_s, i_h, r_k, m_k, H, K, STRICT)
+        b_ref = _reference(b_ptr, t0, eos, start, i_h, r_k, m_k, H, K)
+        q_i = _rows_of(q_ptr, rows_i, m_i, r_k, m_k, K).to(tl.float32)
+        k_i = _rows_of(k_ptr, rows_i, m_i, r_k, m_k, K).to(tl.float32)
+        k = _rows_of(k_ptr, rows, m_t & earlier, r_k, m_k, K).to(tl.float32)
+        k_ref = k * tl.exp(tl.minimum(b_ref[None, :] - b, 0.0))
+        A += _mm(q_i * tl.exp(tl.minimum(bq_i - b_ref[None, :], 0.0)), tl.trans(k_ref), DOT)
+        D += tl.sum(q_i[:, None, :] * k_i[None, :, :] * _pair_decays(bq_i, b_i, STRICT),
+                    axis=2)
     # three disjoint stores: earlier columns, the sub-chunk's own block, later columns (0)
     p_i = ((i_g * C + start + r_s) * H + i_h)[:, None] * C
     outside = (r_c < start) | (r_c >= start + SUB)
@@ -564,7 +524,7 @@ def _dlam(qdq, kdk, last, STRICT: tl.constexpr):
 
 @triton.jit
 def chunk_diag_grads_kernel(
-    q_ptr, k_ptr, lam_ptr, dA_ptr, last_ptr, chunk_table_ptr, scale, dq_ptr, dk_ptr, dlam_ptr,
+    q_ptr, k_ptr, b_ptr, dA_ptr, last_ptr, chunk_table_ptr, scale, dq_ptr, dk_ptr, dlam_ptr,
     H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, C: tl.constexpr,
     STRICT: tl.constexpr, DOT: tl.constexpr, SUB: tl.constexpr = 16,
 ):
@@ -573,8 +533,9 @@ def chunk_diag_grads_kernel(
     stores dq, dk and dlam (times ``scale``). Sub-chunk by sub-chunk of SUB rows, as in
     ``chunk_diag_scores_kernel``: pairs in different sub-chunks through dots of dA = dy v^T
     (read from ``dA_ptr``) with both sides decayed against a reference between them
-    (exponents <= 0), pairs within a sub-chunk row by row. dlam's sums over later tokens run
-    last sub-chunk first; ``last_ptr`` holds each lane's sum over V of S_next * dS."""
+    (exponents <= 0), pairs within a sub-chunk through the broadcast of ``_pair_decays``
+    (one exponent tensor serves dq and dk). dlam's sums over later tokens run last
+    sub-chunk first; ``last_ptr`` holds each lane's sum over V of S_next * dS."""
     i_g, i_k, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     r_c = tl.arange(0, C)
     rows, m_t = _chunk(chunk_table_ptr, i_h, H, r_c)
@@ -582,9 +543,7 @@ def chunk_diag_grads_kernel(
     r_s = tl.arange(0, SUB)
     NS: tl.constexpr = C // SUB
     r_k, m_k = _block(i_k, BK, K)
-    b, bq, _ = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 2, STRICT)
-    q = _rows_of(q_ptr, rows, m_t, r_k, m_k, K).to(tl.float32)
-    k = _rows_of(k_ptr, rows, m_t, r_k, m_k, K).to(tl.float32)
+    b, bq = _cumulative(b_ptr, t0, eos, 0, r_c, i_h, r_k, m_k, H, K, STRICT)
     last = tl.load(last_ptr + (i_g * H + i_h) * K + r_k, mask=m_k, other=0.0)
     p_A = ((i_g * C + r_c) * H + i_h) * C           # the chunk's rows of dA
     later_q = tl.zeros([BK], dtype=tl.float32)  # sums of q.dq and k.dk over later rows
@@ -592,30 +551,33 @@ def chunk_diag_grads_kernel(
     for j in tl.static_range(NS):
         start = (NS - 1 - j) * SUB
         rows_i, m_i = _chunk(chunk_table_ptr, i_h, H, start + r_s)
-        b_ref, b_i, bq_i, b_end = _subchunk_decays(b, lam_ptr, t0 + start, eos, i_h, r_c,
-                                                   start, r_k, m_k, H, K, SUB, STRICT)
+        b_i, bq_i = _cumulative(b_ptr, t0, eos, start, r_s, i_h, r_k, m_k, H, K, STRICT)
+        b_ref = _reference(b_ptr, t0, eos, start, i_h, r_k, m_k, H, K)
+        b_end = _reference(b_ptr, t0, eos, start + SUB, i_h, r_k, m_k, H, K)
         q_i = _rows_of(q_ptr, rows_i, m_i, r_k, m_k, K).to(tl.float32)
         k_i = _rows_of(k_ptr, rows_i, m_i, r_k, m_k, K).to(tl.float32)
         earlier = r_c < start
         later = r_c >= start + SUB
-        k_ref = tl.where(earlier[:, None], k * tl.exp(tl.minimum(b_ref[None, :] - b, 0.0)), 0.0)
-        q_end = tl.where(later[:, None], q * tl.exp(tl.minimum(bq - b_end[None, :], 0.0)), 0.0)
+        k = _rows_of(k_ptr, rows, m_t & earlier, r_k, m_k, K).to(tl.float32)
+        q = _rows_of(q_ptr, rows, m_t & later, r_k, m_k, K).to(tl.float32)
+        k_ref = k * tl.exp(tl.minimum(b_ref[None, :] - b, 0.0))
+        q_end = q * tl.exp(tl.minimum(bq - b_end[None, :], 0.0))
         p_i = ((i_g * C + start + r_s) * H + i_h) * C
         dA_rows = tl.load(dA_ptr + p_i[:, None] + r_c[None, :], mask=earlier[None, :],
                           other=0.0)                                 # dy_i . v_s, s earlier
         dA_cols = tl.load(dA_ptr + p_A[:, None] + (start + r_s)[None, :], mask=later[:, None],
                           other=0.0)                                 # dy_t . v_i, t later
+        dA_ii = tl.load(dA_ptr + p_i[:, None] + (start + r_s)[None, :]).to(tl.float32)
+        E = _pair_decays(bq_i, b_i, STRICT)                          # [t, s, lanes]
         m_ik = m_i[:, None] & m_k[None, :]
         p_ik = rows_i[:, None] * K + r_k[None, :]
         dq_i = (tl.load(dq_ptr + p_ik, mask=m_ik, other=0.0).to(tl.float32)
-                + _mm(dA_rows, k_ref, DOT) * tl.exp(bq_i - b_ref[None, :]))
+                + _mm(dA_rows, k_ref, DOT) * tl.exp(tl.minimum(bq_i - b_ref[None, :], 0.0))
+                + tl.sum(dA_ii[:, :, None] * k_i[None, :, :] * E, axis=1))
         dk_i = (tl.load(dk_ptr + p_ik, mask=m_ik, other=0.0).to(tl.float32)
-                + _mm(tl.trans(dA_cols), q_end, DOT) * tl.exp(b_end[None, :] - b_i))
-        dq_in, dk_in = _subchunk_grads(bq_i, b_i, q_ptr, k_ptr, lam_ptr, dA_ptr,
-                                       (i_g * C + start) * H * C + i_h * C, start, t0 + start,
-                                       eos, i_h, b_ref, r_k, m_k, H, K, C, SUB, STRICT)
-        dq_i += dq_in
-        dk_i += dk_in
+                + _mm(tl.trans(dA_cols), q_end, DOT)
+                * tl.exp(tl.minimum(b_end[None, :] - b_i, 0.0))
+                + tl.sum(dA_ii[:, :, None] * q_i[:, None, :] * E, axis=0))
         tl.store(dq_ptr + p_ik, (dq_i * scale).to(dq_ptr.dtype.element_ty), mask=m_ik)
         tl.store(dk_ptr + p_ik, (dk_i * scale).to(dk_ptr.dtype.element_ty), mask=m_ik)
         qdq = q_i * dq_i

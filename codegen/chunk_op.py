@@ -27,8 +27,8 @@ from ..ir.readout import ReadoutKind
 from ..ir.signs import nonnegative
 from ..ir.sympy_view import SympyView, is_one
 from ..ir.transition import TransitionClass
-from .chunk import (DOT_BF16, DOT_IEEE, DOT_TF32, chunk_diag_grads_kernel,
-                    chunk_diag_scores_kernel, chunk_dstates_kernel, chunk_grads_kernel,
+from .chunk import (DOT_BF16, DOT_IEEE, DOT_TF32, chunk_cumsum_kernel,
+                    chunk_diag_grads_kernel, chunk_diag_scores_kernel, chunk_dstates_kernel, chunk_grads_kernel,
                     chunk_output_kernel, chunk_states_kernel, delta_chunk_fwd_kernel)
 from . import ops
 from .launch import Launcher, for_device, interpreting
@@ -314,7 +314,7 @@ class ChunkCore(torch.autograd.Function):
                 IS_VARLEN=cu is not None, **sb)
         scores = y
         if cfg["decay"] == 2:   # diagonal decays: intra-chunk scores by sub-chunks first
-            scores = _diagonal_scores(q, k, lam, cfg, blocks, ckpt_dtype)
+            scores, _ = _diagonal_scores(q, k, lam, cfg, blocks, ckpt_dtype)
         for_device(_OUTPUT, dev)((n_chunks, H), q, k, v, lam_, y, ckpt, cfg["table"], scores,
                                  cfg["scale"], PARALLEL=cfg["parallel"],
                                  **_for("output", blocks))
@@ -358,19 +358,19 @@ class ChunkCore(torch.autograd.Function):
                 q, lam_, dy, _or(dsT, dy), ds0, dckpt, _or(cu, dy), _or(offsets, dy), T,
                 USE_FINAL_STATE_GRAD=dsT is not None, IS_VARLEN=cu is not None,
                 **db)
-        scores = last = dy
+        scores = last = cumulative = dy
         if cfg["decay"] == 2:   # the forward's intra-chunk scores, made again
-            scores = _diagonal_scores(q, k, lam, cfg, blocks, ckpt.dtype)
+            scores, cumulative = _diagonal_scores(q, k, lam, cfg, blocks, ckpt.dtype)
             last = torch.empty(n_chunks, H, K, dtype=torch.float32, device=dev)
         for_device(_GRADS, dev)((n_chunks, H),
             q, k, v, lam_, dy, _or(ckpt, dy), _or(dckpt, dy), cfg["table"], scores, last,
             scale, dq, dk, dv, _or(dlam, dq), PARALLEL=cfg["parallel"],
             **_for("grads", blocks))
         if cfg["decay"] == 2:   # the intra-chunk parts of dq and dk, and dlam
-            diag = _without(blocks, "V", "BV", "NK", "NV", "DECAY")
-            for_device(_DIAG_GRADS, dev)((n_chunks, blocks["NK"], H),
-                q, k, lam, scores, last, cfg["table"], scale, dq, dk, dlam, SUB=_SUB,
-                **_for("diag_grads", diag))
+            diag = _for("diag_grads", _without(blocks, "V", "BV", "NK", "NV", "DECAY"))
+            for_device(_DIAG_GRADS, dev)((n_chunks, triton.cdiv(K, diag["BK"]), H),
+                q, k, cumulative, scores, last, cfg["table"], scale, dq, dk, dlam, SUB=_SUB,
+                **diag)
         if ds0 is not None and scale != 1.0:
             ds0 = ds0 * scale
         if cfg["parallel"] and dlam is not None:
@@ -382,19 +382,27 @@ class ChunkCore(torch.autograd.Function):
 _STATES, _OUTPUT = Launcher(chunk_states_kernel), Launcher(chunk_output_kernel)
 _DSTATES, _GRADS = Launcher(chunk_dstates_kernel), Launcher(chunk_grads_kernel)
 _SCORES, _DIAG_GRADS = Launcher(chunk_diag_scores_kernel), Launcher(chunk_diag_grads_kernel)
-#: sub-chunk of the diagonal-decay scores (pairs within one go row by row)
+_CUMSUM = Launcher(chunk_cumsum_kernel)
+#: sub-chunk of the diagonal-decay scores (pairs within one go through a [SUB, SUB, BK]
+#: broadcast)
 _SUB = 16
 
 
-def _diagonal_scores(q, k, lam, cfg: dict, blocks: dict, dtype) -> torch.Tensor:
-    """Diagonal decays: every chunk's intra-chunk scores, [chunks * C, H, C] in ``dtype``
-    (``chunk_diag_scores_kernel``: one program per chunk, sub-chunk and head)."""
-    C, n_chunks, H = cfg["C"], cfg["n_chunks"], q.shape[2]
+def _diagonal_scores(q, k, lam, cfg: dict, blocks: dict, dtype):
+    """Diagonal decays: every token's in-chunk cumulative log decay b ([T*, H, K] fp32,
+    ``chunk_cumsum_kernel``), then every chunk's intra-chunk scores, [chunks * C, H, C] in
+    ``dtype`` (``chunk_diag_scores_kernel``: one program per chunk, sub-chunk and head).
+    Returns (scores, b)."""
+    C, n_chunks, H, K = cfg["C"], cfg["n_chunks"], q.shape[2], q.shape[3]
+    cumulative = torch.empty(lam.shape, dtype=torch.float32, device=q.device)
+    sums = _for("cumsum", dict(H=H, K=K, BK=blocks["BK"], C=C, **cfg["options"]))
+    for_device(_CUMSUM, q.device)((n_chunks, triton.cdiv(K, sums["BK"]), H), lam, cumulative,
+                                  cfg["table"], **sums)
     scores = torch.empty(n_chunks * C, H, C, dtype=dtype, device=q.device)
     sub = _without(blocks, "V", "BV", "NV", "DECAY")
-    for_device(_SCORES, q.device)((n_chunks, C // _SUB, H), q, k, lam, scores, cfg["table"],
-                                  SUB=_SUB, **_for("scores", sub))
-    return scores
+    for_device(_SCORES, q.device)((n_chunks, C // _SUB, H), q, k, cumulative, scores,
+                                  cfg["table"], SUB=_SUB, **_for("scores", sub))
+    return scores, cumulative
 
 
 def _blocks(cfg: dict, H: int, K: int, V: int) -> dict:
@@ -451,10 +459,11 @@ def _for(kernel: str, blocks: dict) -> dict:
     out = dict(blocks, DOT=KERNEL_DOT[kernel]) if kernel in KERNEL_DOT else dict(blocks)
     if "num_warps" in blocks:       # a GPU launch (the interpreter takes no options)
         for key, value in KERNEL_OPTIONS.get(kernel, {}).items():
-            if key == "BV":
-                value = min(value, out["BV"])   # never wider than V's own tile
-                if "NV" in out:
-                    out["NV"] = triton.cdiv(out["V"], value)
+            if key in ("BV", "BK"):
+                dim = key[1]
+                value = min(value, out[key])    # never wider than the dim's own tile
+                if "N" + dim in out:
+                    out["N" + dim] = triton.cdiv(out[dim], value)
             out[key] = value
     return out
 
@@ -636,10 +645,10 @@ def chunk_source(analysis: Analysis, direction: str, sizes: dict | None = None) 
               " are elementwise in inputs and params (codegen/maps.py), else as torch ops)",
               "", inspect.getsource(core)]
     diagonal = any(sp.decay == 2 for sp in plan.states)
-    kernels = (("chunk_states_kernel",)
-               + (("chunk_diag_scores_kernel",) if diagonal else ())
-               + ("chunk_output_kernel",)) if direction == "fwd" else (
-        "chunk_dstates_kernel", "chunk_grads_kernel")
+    scores = ("chunk_cumsum_kernel", "chunk_diag_scores_kernel") if diagonal else ()
+    kernels = (("chunk_states_kernel", *scores, "chunk_output_kernel") if direction == "fwd"
+               else ("chunk_dstates_kernel", *scores, "chunk_grads_kernel",
+                     *(("chunk_diag_grads_kernel",) if diagonal else ())))
     lines.insert(-1, f"# this direction launches: {', '.join(kernels)}")
     if sizes is None:
         lines.insert(-1, "# (source(..., sizes={'K': ..., 'V': ...}) adds the generated map "
