@@ -370,22 +370,68 @@ def _cumulative(b_ptr, t0, eos, start, r, i_h, r_k, m_k, H: tl.constexpr, K: tl.
 
 
 @triton.jit
-def _reference(b_ptr, t0, eos, start, i_h, r_k, m_k, H: tl.constexpr, K: tl.constexpr):
-    """b_ref: b just before the sub-chunk at chunk row ``start`` ([BK]; 0 for the first)."""
-    tok = t0 + start - 1 + 0 * r_k     # (a vector: the interpreter refuses a scalar mask term)
-    return tl.load(b_ptr + (tok * H + i_h) * K + r_k, mask=m_k & (tok >= t0) & (tok < eos),
-                   other=0.0)
+def _cumulative_row(b_ptr, t0, eos, row, i_h, r_k, m_k, H: tl.constexpr, K: tl.constexpr,
+                    STRICT: tl.constexpr):
+    """``_cumulative`` of the one chunk row ``row`` ([BK] each); 0 before the chunk."""
+    tok = t0 + row + 0 * r_k     # (a vector: the interpreter refuses a scalar mask term)
+    m = m_k & (tok >= t0) & (tok < eos)
+    b = tl.load(b_ptr + (tok * H + i_h) * K + r_k, mask=m, other=0.0)
+    if STRICT:
+        bq = tl.load(b_ptr + ((tok - 1) * H + i_h) * K + r_k, mask=m & (tok > t0), other=0.0)
+    else:
+        bq = b
+    return b, bq
 
 
 @triton.jit
-def _pair_decays(bq_i, b_i, STRICT: tl.constexpr):
-    """E[t, s, k] = exp(bq_t[k] - b_s[k]) for the pairs (t, s) of one sub-chunk a readout
-    sees (s <= t, s < t when STRICT), 0 for the others; [SUB, SUB, BK], every exponent <= 0.
-    One broadcast instead of a loop over rows: no serial chain of loads."""
-    r_s = tl.arange(0, bq_i.shape[0])
+def _row(ptr, t0, eos, row, i_h, r_k, m_k, H: tl.constexpr, K: tl.constexpr):
+    """Chunk row ``row`` of a [T*, H, K] tensor on lanes ``r_k``, fp32 (0 past the end)."""
+    tok = t0 + row + 0 * r_k
+    return tl.load(ptr + (tok * H + i_h) * K + r_k, mask=m_k & (tok < eos),
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _subchunk_scores(q_i, bq_i, k_ptr, b_ptr, t0, eos, start, i_h, r_k, m_k,
+                     H: tl.constexpr, K: tl.constexpr, SUB: tl.constexpr,
+                     STRICT: tl.constexpr):
+    """Scores within the sub-chunk at chunk row ``start`` under a diagonal decay,
+    D[t, j] = sum_k q[t,k] k[j,k] exp(bq[t,k] - b[j,k]) for j <= t (j < t when STRICT): one
+    key row j at a time, its k and b read from memory (independent loads, which the
+    compiler pipelines with num_stages > 1); every exponent <= 0."""
+    r_s = tl.arange(0, SUB)
     seen = _causal(r_s, STRICT)
-    return tl.where(seen[:, :, None],
-                    tl.exp(tl.minimum(bq_i[:, None, :] - b_i[None, :, :], 0.0)), 0.0)
+    D = tl.zeros([SUB, SUB], dtype=tl.float32)
+    for j in range(0, SUB):
+        k_j = _row(k_ptr, t0, eos, start + j, i_h, r_k, m_k, H, K)
+        b_j, _ = _cumulative_row(b_ptr, t0, eos, start + j, i_h, r_k, m_k, H, K, False)
+        col = tl.sum(q_i * tl.exp(tl.minimum(bq_i - b_j[None, :], 0.0)) * k_j[None, :], axis=1)
+        D = tl.where((r_s == j)[None, :] & seen, col[:, None], D)
+    return D
+
+
+@triton.jit
+def _subchunk_grads(bq_i, b_i, q_ptr, k_ptr, b_ptr, dA_ptr, p0, t0, eos, start, i_h, r_k, m_k,
+                    H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr,
+                    STRICT: tl.constexpr):
+    """dq and dk of the pairs within the sub-chunk at chunk row ``start`` given
+    dA[t, j] = dy_t . v_j (causal, zero elsewhere; ``p0`` the offset of the sub-chunk's
+    first row in the dA buffer): token j is the key of dq[t] += dA[t, j] k_j exp(bq_t - b_j)
+    and the query of dk[s] += dA[j, s] q_j exp(bq_j - b_s), its rows read from memory (no
+    reductions), every exponent <= 0."""
+    r_s = tl.arange(0, SUB)
+    p_i = p0 + r_s * (H * C) + start                    # dA[sub-chunk rows, column start]
+    dq = tl.zeros(bq_i.shape, dtype=tl.float32)
+    dk = tl.zeros(bq_i.shape, dtype=tl.float32)
+    for j in range(0, SUB):
+        b_j, bq_j = _cumulative_row(b_ptr, t0, eos, start + j, i_h, r_k, m_k, H, K, STRICT)
+        k_j = _row(k_ptr, t0, eos, start + j, i_h, r_k, m_k, H, K)
+        q_j = _row(q_ptr, t0, eos, start + j, i_h, r_k, m_k, H, K)
+        dA_col = tl.load(dA_ptr + p_i + j).to(tl.float32)                         # dA[:, j]
+        dA_row = tl.load(dA_ptr + p0 + j * (H * C) + start + r_s).to(tl.float32)  # dA[j, :]
+        dq += dA_col[:, None] * k_j[None, :] * tl.exp(tl.minimum(bq_i - b_j[None, :], 0.0))
+        dk += dA_row[:, None] * q_j[None, :] * tl.exp(tl.minimum(bq_j[None, :] - b_i, 0.0))
+    return dq, dk
 
 
 @triton.jit
@@ -399,8 +445,8 @@ def chunk_diag_scores_kernel(
     as rows of A [chunks * C, H, C] for the output kernel (b: ``chunk_cumsum_kernel``). Keys
     of earlier sub-chunks go through one dot, each side decayed against the reference
     b_ref = b just before the sub-chunk: q exp(bq - b_ref) and k exp(b_ref - b) both have
-    exponents <= 0 (b falls along the chunk); keys of the sub-chunk itself through the
-    broadcast of ``_pair_decays``."""
+    exponents <= 0 (b falls along the chunk); keys of the sub-chunk itself row by row
+    (``_subchunk_scores``)."""
     i_g, i_s, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     r_c = tl.arange(0, C)
     rows, m_t = _chunk(chunk_table_ptr, i_h, H, r_c)
@@ -415,14 +461,13 @@ def chunk_diag_scores_kernel(
         r_k, m_k = _block(i_k, BK, K)
         b, _ = _cumulative(b_ptr, t0, eos, 0, r_c, i_h, r_k, m_k, H, K, False)
         b_i, bq_i = _cumulative(b_ptr, t0, eos, start, r_s, i_h, r_k, m_k, H, K, STRICT)
-        b_ref = _reference(b_ptr, t0, eos, start, i_h, r_k, m_k, H, K)
+        b_ref, _ = _cumulative_row(b_ptr, t0, eos, start - 1, i_h, r_k, m_k, H, K, False)
         q_i = _rows_of(q_ptr, rows_i, m_i, r_k, m_k, K).to(tl.float32)
-        k_i = _rows_of(k_ptr, rows_i, m_i, r_k, m_k, K).to(tl.float32)
         k = _rows_of(k_ptr, rows, m_t & earlier, r_k, m_k, K).to(tl.float32)
         k_ref = k * tl.exp(tl.minimum(b_ref[None, :] - b, 0.0))
         A += _mm(q_i * tl.exp(tl.minimum(bq_i - b_ref[None, :], 0.0)), tl.trans(k_ref), DOT)
-        D += tl.sum(q_i[:, None, :] * k_i[None, :, :] * _pair_decays(bq_i, b_i, STRICT),
-                    axis=2)
+        D += _subchunk_scores(q_i, bq_i, k_ptr, b_ptr, t0, eos, start, i_h, r_k, m_k, H, K,
+                              SUB, STRICT)
     # three disjoint stores: earlier columns, the sub-chunk's own block, later columns (0)
     p_i = ((i_g * C + start + r_s) * H + i_h)[:, None] * C
     outside = (r_c < start) | (r_c >= start + SUB)
@@ -533,8 +578,7 @@ def chunk_diag_grads_kernel(
     stores dq, dk and dlam (times ``scale``). Sub-chunk by sub-chunk of SUB rows, as in
     ``chunk_diag_scores_kernel``: pairs in different sub-chunks through dots of dA = dy v^T
     (read from ``dA_ptr``) with both sides decayed against a reference between them
-    (exponents <= 0), pairs within a sub-chunk through the broadcast of ``_pair_decays``
-    (one exponent tensor serves dq and dk). dlam's sums over later tokens run last
+    (exponents <= 0), pairs within a sub-chunk row by row (``_subchunk_grads``). dlam's sums over later tokens run last
     sub-chunk first; ``last_ptr`` holds each lane's sum over V of S_next * dS."""
     i_g, i_k, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     r_c = tl.arange(0, C)
@@ -552,8 +596,8 @@ def chunk_diag_grads_kernel(
         start = (NS - 1 - j) * SUB
         rows_i, m_i = _chunk(chunk_table_ptr, i_h, H, start + r_s)
         b_i, bq_i = _cumulative(b_ptr, t0, eos, start, r_s, i_h, r_k, m_k, H, K, STRICT)
-        b_ref = _reference(b_ptr, t0, eos, start, i_h, r_k, m_k, H, K)
-        b_end = _reference(b_ptr, t0, eos, start + SUB, i_h, r_k, m_k, H, K)
+        b_ref, _ = _cumulative_row(b_ptr, t0, eos, start - 1, i_h, r_k, m_k, H, K, False)
+        b_end, _ = _cumulative_row(b_ptr, t0, eos, start + SUB - 1, i_h, r_k, m_k, H, K, False)
         q_i = _rows_of(q_ptr, rows_i, m_i, r_k, m_k, K).to(tl.float32)
         k_i = _rows_of(k_ptr, rows_i, m_i, r_k, m_k, K).to(tl.float32)
         earlier = r_c < start
@@ -567,17 +611,18 @@ def chunk_diag_grads_kernel(
                           other=0.0)                                 # dy_i . v_s, s earlier
         dA_cols = tl.load(dA_ptr + p_A[:, None] + (start + r_s)[None, :], mask=later[:, None],
                           other=0.0)                                 # dy_t . v_i, t later
-        dA_ii = tl.load(dA_ptr + p_i[:, None] + (start + r_s)[None, :]).to(tl.float32)
-        E = _pair_decays(bq_i, b_i, STRICT)                          # [t, s, lanes]
         m_ik = m_i[:, None] & m_k[None, :]
         p_ik = rows_i[:, None] * K + r_k[None, :]
         dq_i = (tl.load(dq_ptr + p_ik, mask=m_ik, other=0.0).to(tl.float32)
-                + _mm(dA_rows, k_ref, DOT) * tl.exp(tl.minimum(bq_i - b_ref[None, :], 0.0))
-                + tl.sum(dA_ii[:, :, None] * k_i[None, :, :] * E, axis=1))
+                + _mm(dA_rows, k_ref, DOT) * tl.exp(tl.minimum(bq_i - b_ref[None, :], 0.0)))
         dk_i = (tl.load(dk_ptr + p_ik, mask=m_ik, other=0.0).to(tl.float32)
                 + _mm(tl.trans(dA_cols), q_end, DOT)
-                * tl.exp(tl.minimum(b_end[None, :] - b_i, 0.0))
-                + tl.sum(dA_ii[:, :, None] * q_i[:, None, :] * E, axis=0))
+                * tl.exp(tl.minimum(b_end[None, :] - b_i, 0.0)))
+        dq_in, dk_in = _subchunk_grads(bq_i, b_i, q_ptr, k_ptr, b_ptr, dA_ptr,
+                                       (i_g * C + start) * H * C + i_h * C, t0, eos, start,
+                                       i_h, r_k, m_k, H, K, C, SUB, STRICT)
+        dq_i += dq_in
+        dk_i += dk_in
         tl.store(dq_ptr + p_ik, (dq_i * scale).to(dq_ptr.dtype.element_ty), mask=m_ik)
         tl.store(dk_ptr + p_ik, (dk_i * scale).to(dk_ptr.dtype.element_ty), mask=m_ik)
         qdq = q_i * dq_i

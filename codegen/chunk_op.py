@@ -474,7 +474,8 @@ def _for(kernel: str, blocks: dict) -> dict:
 #: K=V=128 bf16, results/sweep_chunk_launch_h200.jsonl): prefetching the next chunk's k and
 #: v in the ordered state loops took states 0.189 -> 0.116 ms (3 stages) and dstates
 #: 0.207 -> 0.134 ms (2 stages); the output and gradient kernels are fastest as they are.
-KERNEL_OPTIONS: dict[str, dict] = {"states": {"num_stages": 3}, "dstates": {"num_stages": 2}}
+KERNEL_OPTIONS: dict[str, dict] = {"states": {"num_stages": 3}, "dstates": {"num_stages": 2},
+                                   "scores": {"num_stages": 2}, "diag_grads": {"num_stages": 2}}
 
 
 _ARITHMETIC = {Op.ADD: lambda a, b: a + b, Op.SUB: lambda a, b: a - b,
