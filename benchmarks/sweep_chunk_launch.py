@@ -30,8 +30,8 @@ GRID = {"states": dict(BV=[32, 64], num_stages=[1, 2, 3], num_warps=[4]),
         "output": dict(num_stages=[1, 2], num_warps=[4, 8]),
         "grads": dict(num_stages=[1, 2], num_warps=[4, 8]),
         # diagonal decays only: stages pipeline the loads of the row-by-row sub-chunk loops
-        "scores": dict(BK=[32, 64], num_stages=[1, 2, 3], num_warps=[2, 4]),
-        "diag_grads": dict(BK=[32, 64], num_stages=[1, 2, 3], num_warps=[2, 4])}
+        "scores": dict(num_stages=[1, 2, 3], num_warps=[2, 4, 8]),
+        "diag_grads": dict(BK=[32, 64], num_stages=[1, 2], num_warps=[4, 8])}
 
 
 def step(attn, x, do):

@@ -392,22 +392,33 @@ def _row(ptr, t0, eos, row, i_h, r_k, m_k, H: tl.constexpr, K: tl.constexpr):
 
 
 @triton.jit
-def _subchunk_scores(q_i, bq_i, k_ptr, b_ptr, t0, eos, start, i_h, r_k, m_k,
-                     H: tl.constexpr, K: tl.constexpr, SUB: tl.constexpr,
-                     STRICT: tl.constexpr):
-    """Scores within the sub-chunk at chunk row ``start`` under a diagonal decay,
-    D[t, j] = sum_k q[t,k] k[j,k] exp(bq[t,k] - b[j,k]) for j <= t (j < t when STRICT): one
-    key row j at a time, its k and b read from memory (independent loads, which the
-    compiler pipelines with num_stages > 1); every exponent <= 0."""
+def _store_subchunk_scores(q_i, bq_i, k_ptr, b_ptr, A_ptr, p_i, t0, eos, start, i_h, r_k, m_k,
+                           H: tl.constexpr, K: tl.constexpr, SUB: tl.constexpr,
+                           STRICT: tl.constexpr):
+    """Stores the scores within the sub-chunk at chunk row ``start`` under a diagonal decay,
+    A[t, j] = sum_k q[t,k] k[j,k] exp(bq[t,k] - b[j,k]) for j <= t (j < t when STRICT; 0
+    above), column by column at ``p_i`` (the offsets of the sub-chunk's rows in A, column
+    ``start``): one key row j at a time, its k and b read from memory, every exponent
+    <= 0. Each column goes straight from the reduction to memory (no [SUB, SUB]
+    accumulator to re-layout every row)."""
     r_s = tl.arange(0, SUB)
-    seen = _causal(r_s, STRICT)
-    D = tl.zeros([SUB, SUB], dtype=tl.float32)
     for j in range(0, SUB):
         k_j = _row(k_ptr, t0, eos, start + j, i_h, r_k, m_k, H, K)
-        b_j, _ = _cumulative_row(b_ptr, t0, eos, start + j, i_h, r_k, m_k, H, K, False)
+        b_j, bq_j = _cumulative_row(b_ptr, t0, eos, start + j, i_h, r_k, m_k, H, K, False)
         col = tl.sum(q_i * tl.exp(tl.minimum(bq_i - b_j[None, :], 0.0)) * k_j[None, :], axis=1)
-        D = tl.where((r_s == j)[None, :] & seen, col[:, None], D)
-    return D
+        if STRICT:
+            col = tl.where(r_s > j, col, 0.0)
+        else:
+            col = tl.where(r_s >= j, col, 0.0)
+        tl.store(A_ptr + p_i + j, col.to(A_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _subchunk_rows(ptr, chunk_table_ptr, t0, eos, j, i_h, r_k, m_k, H: tl.constexpr,
+                   K: tl.constexpr, SUB: tl.constexpr):
+    """The rows of sub-chunk ``j`` of a [T*, H, K] tensor on lanes ``r_k``, fp32."""
+    tok = t0 + j * SUB + tl.arange(0, SUB)
+    return _rows_of(ptr, tok * H + i_h, tok < eos, r_k, m_k, K).to(tl.float32)
 
 
 @triton.jit
@@ -437,43 +448,42 @@ def _subchunk_grads(bq_i, b_i, q_ptr, k_ptr, b_ptr, dA_ptr, p0, t0, eos, start, 
 @triton.jit
 def chunk_diag_scores_kernel(
     q_ptr, k_ptr, b_ptr, A_ptr, chunk_table_ptr,
-    H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr, C: tl.constexpr,
-    STRICT: tl.constexpr, DOT: tl.constexpr, SUB: tl.constexpr = 16,
+    H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, STRICT: tl.constexpr,
+    DOT: tl.constexpr, SUB: tl.constexpr = 16, KP: tl.constexpr = 16, PARTS: tl.constexpr = 3,
 ):
     """Grid (chunks, sub-chunks, heads), diagonal decays: the intra-chunk scores of the SUB
     queries of sub-chunk ``i_s``, A[t, s] = sum_k q[t,k] k[s,k] exp(bq[t,k] - b[s,k]), stored
-    as rows of A [chunks * C, H, C] for the output kernel (b: ``chunk_cumsum_kernel``). Keys
-    of earlier sub-chunks go through one dot, each side decayed against the reference
-    b_ref = b just before the sub-chunk: q exp(bq - b_ref) and k exp(b_ref - b) both have
-    exponents <= 0 (b falls along the chunk); keys of the sub-chunk itself row by row
-    (``_subchunk_scores``)."""
+    as rows of A [chunks * C, H, C] for the output kernel (b: ``chunk_cumsum_kernel``), all
+    KP lanes of K at once. Keys of each earlier sub-chunk through one [SUB, SUB] dot, both
+    sides decayed against the reference b_ref = b just before the query sub-chunk:
+    q exp(bq - b_ref) and k exp(b_ref - b) have exponents <= 0 (b falls along the chunk);
+    keys of the sub-chunk itself row by row (``_store_subchunk_scores``); later columns 0.
+    ``PARTS`` (profiling) runs the first part (1), the second (2) or both (3)."""
     i_g, i_s, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    r_c = tl.arange(0, C)
-    rows, m_t = _chunk(chunk_table_ptr, i_h, H, r_c)
-    t0, eos, _ = _span(chunk_table_ptr)
+    t0, eos, bos = _span(chunk_table_ptr)
     r_s = tl.arange(0, SUB)
+    r_c = tl.arange(0, C)
+    r_k = tl.arange(0, KP)
+    m_k = r_k < K
     start = i_s * SUB
-    rows_i, m_i = _chunk(chunk_table_ptr, i_h, H, start + r_s)
-    earlier = r_c < start
-    A = tl.zeros([SUB, C], dtype=tl.float32)       # scores against earlier sub-chunks
-    D = tl.zeros([SUB, SUB], dtype=tl.float32)     # scores within the sub-chunk
-    for i_k in tl.static_range(NK):
-        r_k, m_k = _block(i_k, BK, K)
-        b, _ = _cumulative(b_ptr, t0, eos, 0, r_c, i_h, r_k, m_k, H, K, False)
-        b_i, bq_i = _cumulative(b_ptr, t0, eos, start, r_s, i_h, r_k, m_k, H, K, STRICT)
-        b_ref, _ = _cumulative_row(b_ptr, t0, eos, start - 1, i_h, r_k, m_k, H, K, False)
-        q_i = _rows_of(q_ptr, rows_i, m_i, r_k, m_k, K).to(tl.float32)
-        k = _rows_of(k_ptr, rows, m_t & earlier, r_k, m_k, K).to(tl.float32)
-        k_ref = k * tl.exp(tl.minimum(b_ref[None, :] - b, 0.0))
-        A += _mm(q_i * tl.exp(tl.minimum(bq_i - b_ref[None, :], 0.0)), tl.trans(k_ref), DOT)
-        D += _subchunk_scores(q_i, bq_i, k_ptr, b_ptr, t0, eos, start, i_h, r_k, m_k, H, K,
-                              SUB, STRICT)
-    # three disjoint stores: earlier columns, the sub-chunk's own block, later columns (0)
-    p_i = ((i_g * C + start + r_s) * H + i_h)[:, None] * C
-    outside = (r_c < start) | (r_c >= start + SUB)
-    tl.store(A_ptr + p_i + r_c[None, :], A.to(A_ptr.dtype.element_ty),
-             mask=outside[None, :])
-    tl.store(A_ptr + p_i + (start + r_s)[None, :], D.to(A_ptr.dtype.element_ty))
+    p_i = ((i_g * C + start + r_s) * H + i_h) * C       # the sub-chunk's rows of A
+    q_i = _subchunk_rows(q_ptr, chunk_table_ptr, t0, eos, i_s, i_h, r_k, m_k, H, K, SUB)
+    b_i, bq_i = _cumulative(b_ptr, t0, eos, start, r_s, i_h, r_k, m_k, H, K, STRICT)
+    if PARTS & 1:
+        b_ref, bq_ref = _cumulative_row(b_ptr, t0, eos, start - 1, i_h, r_k, m_k, H, K, False)
+        q_ref = q_i * tl.exp(tl.minimum(bq_i - b_ref[None, :], 0.0))
+        for j in range(0, i_s):                           # earlier sub-chunks
+            b_j, bq_j = _cumulative(b_ptr, t0, eos, j * SUB, r_s, i_h, r_k, m_k, H, K, False)
+            k_j = _subchunk_rows(k_ptr, chunk_table_ptr, t0, eos, j, i_h, r_k, m_k, H, K, SUB)
+            k_ref = k_j * tl.exp(tl.minimum(b_ref[None, :] - b_j, 0.0))
+            tl.store(A_ptr + p_i[:, None] + (j * SUB + r_s)[None, :],
+                     _mm(q_ref, tl.trans(k_ref), DOT).to(A_ptr.dtype.element_ty))
+        tl.store(A_ptr + p_i[:, None] + r_c[None, :],
+                 tl.zeros([SUB, C], dtype=A_ptr.dtype.element_ty),
+                 mask=(r_c >= start + SUB)[None, :])
+    if PARTS & 2:
+        _store_subchunk_scores(q_i, bq_i, k_ptr, b_ptr, A_ptr, p_i + start, t0, eos, start, i_h,
+                               r_k, m_k, H, K, SUB, STRICT)
 
 
 @triton.jit
@@ -576,48 +586,52 @@ def chunk_diag_grads_kernel(
     """Grid (chunks, K blocks, heads), diagonal decays, after ``chunk_grads_kernel``: adds the
     intra-chunk parts to dq and dk (which hold the parts through the chunk's states), then
     stores dq, dk and dlam (times ``scale``). Sub-chunk by sub-chunk of SUB rows, as in
-    ``chunk_diag_scores_kernel``: pairs in different sub-chunks through dots of dA = dy v^T
-    (read from ``dA_ptr``) with both sides decayed against a reference between them
-    (exponents <= 0), pairs within a sub-chunk row by row (``_subchunk_grads``). dlam's sums over later tokens run last
-    sub-chunk first; ``last_ptr`` holds each lane's sum over V of S_next * dS."""
+    ``chunk_diag_scores_kernel``: pairs in different sub-chunks through [SUB, SUB] blocks of
+    dA = dy v^T (read from ``dA_ptr``) in dots, both sides decayed against a reference
+    between them (exponents <= 0); pairs within a sub-chunk row by row
+    (``_subchunk_grads``). dlam's sums over later tokens run last sub-chunk first;
+    ``last_ptr`` holds each lane's sum over V of S_next * dS."""
     i_g, i_k, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    r_c = tl.arange(0, C)
-    rows, m_t = _chunk(chunk_table_ptr, i_h, H, r_c)
-    t0, eos, _ = _span(chunk_table_ptr)
+    t0, eos, bos = _span(chunk_table_ptr)
     r_s = tl.arange(0, SUB)
     NS: tl.constexpr = C // SUB
     r_k, m_k = _block(i_k, BK, K)
-    b, bq = _cumulative(b_ptr, t0, eos, 0, r_c, i_h, r_k, m_k, H, K, STRICT)
     last = tl.load(last_ptr + (i_g * H + i_h) * K + r_k, mask=m_k, other=0.0)
-    p_A = ((i_g * C + r_c) * H + i_h) * C           # the chunk's rows of dA
     later_q = tl.zeros([BK], dtype=tl.float32)  # sums of q.dq and k.dk over later rows
     later_k = tl.zeros([BK], dtype=tl.float32)
-    for j in tl.static_range(NS):
-        start = (NS - 1 - j) * SUB
+    for jj in tl.static_range(NS):
+        i_s = NS - 1 - jj
+        start = i_s * SUB
         rows_i, m_i = _chunk(chunk_table_ptr, i_h, H, start + r_s)
         b_i, bq_i = _cumulative(b_ptr, t0, eos, start, r_s, i_h, r_k, m_k, H, K, STRICT)
-        b_ref, _ = _cumulative_row(b_ptr, t0, eos, start - 1, i_h, r_k, m_k, H, K, False)
-        b_end, _ = _cumulative_row(b_ptr, t0, eos, start + SUB - 1, i_h, r_k, m_k, H, K, False)
-        q_i = _rows_of(q_ptr, rows_i, m_i, r_k, m_k, K).to(tl.float32)
-        k_i = _rows_of(k_ptr, rows_i, m_i, r_k, m_k, K).to(tl.float32)
-        earlier = r_c < start
-        later = r_c >= start + SUB
-        k = _rows_of(k_ptr, rows, m_t & earlier, r_k, m_k, K).to(tl.float32)
-        q = _rows_of(q_ptr, rows, m_t & later, r_k, m_k, K).to(tl.float32)
-        k_ref = k * tl.exp(tl.minimum(b_ref[None, :] - b, 0.0))
-        q_end = q * tl.exp(tl.minimum(bq - b_end[None, :], 0.0))
-        p_i = ((i_g * C + start + r_s) * H + i_h) * C
-        dA_rows = tl.load(dA_ptr + p_i[:, None] + r_c[None, :], mask=earlier[None, :],
-                          other=0.0)                                 # dy_i . v_s, s earlier
-        dA_cols = tl.load(dA_ptr + p_A[:, None] + (start + r_s)[None, :], mask=later[:, None],
-                          other=0.0)                                 # dy_t . v_i, t later
+        b_ref, bq_ref = _cumulative_row(b_ptr, t0, eos, start - 1, i_h, r_k, m_k, H, K, False)
+        b_end, bq_end = _cumulative_row(b_ptr, t0, eos, start + SUB - 1, i_h, r_k, m_k, H, K,
+                                        False)
+        q_i = _subchunk_rows(q_ptr, chunk_table_ptr, t0, eos, i_s, i_h, r_k, m_k, H, K, SUB)
+        k_i = _subchunk_rows(k_ptr, chunk_table_ptr, t0, eos, i_s, i_h, r_k, m_k, H, K, SUB)
+        p_i = ((i_g * C + start + r_s) * H + i_h) * C        # the sub-chunk's rows of dA
+        # earlier sub-chunks' keys: dq_i += (dA[i, j] @ k_j exp(b_ref - b_j)) exp(bq_i - b_ref)
+        dq_i = tl.zeros([SUB, BK], dtype=tl.float32)
+        for j in range(0, i_s):
+            b_j, bq_j = _cumulative(b_ptr, t0, eos, j * SUB, r_s, i_h, r_k, m_k, H, K, False)
+            k_j = _subchunk_rows(k_ptr, chunk_table_ptr, t0, eos, j, i_h, r_k, m_k, H, K, SUB)
+            dA_ij = tl.load(dA_ptr + p_i[:, None] + (j * SUB + r_s)[None, :])
+            dq_i += _mm(dA_ij, k_j * tl.exp(tl.minimum(b_ref[None, :] - b_j, 0.0)), DOT)
+        # later sub-chunks' queries: dk_i += (dA[j, i]^T @ q_j exp(bq_j - b_end)) exp(b_end - b_i)
+        dk_i = tl.zeros([SUB, BK], dtype=tl.float32)
+        for j in range(i_s + 1, NS):
+            b_j, bq_j = _cumulative(b_ptr, t0, eos, j * SUB, r_s, i_h, r_k, m_k, H, K, STRICT)
+            q_j = _subchunk_rows(q_ptr, chunk_table_ptr, t0, eos, j, i_h, r_k, m_k, H, K, SUB)
+            p_j = ((i_g * C + j * SUB + r_s) * H + i_h) * C
+            dA_ji = tl.load(dA_ptr + p_j[:, None] + (start + r_s)[None, :])
+            dk_i += _mm(tl.trans(dA_ji), q_j * tl.exp(tl.minimum(bq_j - b_end[None, :], 0.0)),
+                        DOT)
         m_ik = m_i[:, None] & m_k[None, :]
         p_ik = rows_i[:, None] * K + r_k[None, :]
-        dq_i = (tl.load(dq_ptr + p_ik, mask=m_ik, other=0.0).to(tl.float32)
-                + _mm(dA_rows, k_ref, DOT) * tl.exp(tl.minimum(bq_i - b_ref[None, :], 0.0)))
-        dk_i = (tl.load(dk_ptr + p_ik, mask=m_ik, other=0.0).to(tl.float32)
-                + _mm(tl.trans(dA_cols), q_end, DOT)
-                * tl.exp(tl.minimum(b_end[None, :] - b_i, 0.0)))
+        dq_i = (dq_i * tl.exp(tl.minimum(bq_i - b_ref[None, :], 0.0))
+                + tl.load(dq_ptr + p_ik, mask=m_ik, other=0.0).to(tl.float32))
+        dk_i = (dk_i * tl.exp(tl.minimum(b_end[None, :] - b_i, 0.0))
+                + tl.load(dk_ptr + p_ik, mask=m_ik, other=0.0).to(tl.float32))
         dq_in, dk_in = _subchunk_grads(bq_i, b_i, q_ptr, k_ptr, b_ptr, dA_ptr,
                                        (i_g * C + start) * H * C + i_h * C, t0, eos, start,
                                        i_h, r_k, m_k, H, K, C, SUB, STRICT)

@@ -399,9 +399,9 @@ def _diagonal_scores(q, k, lam, cfg: dict, blocks: dict, dtype):
     for_device(_CUMSUM, q.device)((n_chunks, triton.cdiv(K, sums["BK"]), H), lam, cumulative,
                                   cfg["table"], **sums)
     scores = torch.empty(n_chunks * C, H, C, dtype=dtype, device=q.device)
-    sub = _without(blocks, "V", "BV", "NV", "DECAY")
+    sub = _without(blocks, "V", "BV", "BK", "NK", "NV", "DECAY")
     for_device(_SCORES, q.device)((n_chunks, C // _SUB, H), q, k, cumulative, scores,
-                                  cfg["table"], SUB=_SUB, **_for("scores", sub))
+                                  cfg["table"], SUB=_SUB, KP=_pow2(K), **_for("scores", sub))
     return scores, cumulative
 
 
@@ -475,7 +475,8 @@ def _for(kernel: str, blocks: dict) -> dict:
 #: v in the ordered state loops took states 0.189 -> 0.116 ms (3 stages) and dstates
 #: 0.207 -> 0.134 ms (2 stages); the output and gradient kernels are fastest as they are.
 KERNEL_OPTIONS: dict[str, dict] = {"states": {"num_stages": 3}, "dstates": {"num_stages": 2},
-                                   "scores": {"num_stages": 2}, "diag_grads": {"num_stages": 2}}
+                                   "scores": {"num_stages": 2},
+                                   "diag_grads": {"BK": 32, "num_stages": 2}}
 
 
 _ARITHMETIC = {Op.ADD: lambda a, b: a + b, Op.SUB: lambda a, b: a - b,

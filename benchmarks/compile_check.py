@@ -1,0 +1,83 @@
+"""Compile the chunked kernels for a Hopper GPU on a machine without one (Triton's own
+ptxas), and print each kernel's registers, spills and shared memory: catches compile errors
+the interpreter does not see, and register pressure, before any device time is spent.
+
+Usage: python benchmarks/compile_check.py [--K 128] [--strict] (no CUDA needed; do not set
+TRITON_INTERPRET).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+import triton  # noqa: E402  (before linforge, so that it compiles instead of interpreting)
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+from linforge.codegen import chunk  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def build(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 1):
+    """Compile ``fn`` for sm_90 and return (registers, spills, shared bytes)."""
+    sig = dict(signature)
+    for name, value in constexprs.items():
+        sig[name] = "constexpr"
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v
+                                                      for k, v in constexprs.items()})
+    k = triton.compile(src, target=TARGET, options=dict(num_warps=num_warps,
+                                                        num_stages=num_stages))
+    return k.metadata.shared, _resources(k.asm["cubin"])
+
+
+def _resources(cubin: bytes) -> str:
+    """cuobjdump's resource line (registers, stack, spills) of a compiled kernel."""
+    import subprocess
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                        "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True)
+    return " ".join(line.strip() for line in out.stdout.splitlines() if "REG" in line)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--K", type=int, default=128)
+    ap.add_argument("--strict", action="store_true")
+    ap.add_argument("--BK", type=int, default=64)
+    ap.add_argument("--parts", type=int, default=3, help="the scores kernel's PARTS")
+    ap.add_argument("--num-warps", type=int, default=4)
+    ap.add_argument("--num-stages", type=int, default=1)
+    args = ap.parse_args()
+    BK = args.BK
+    K = args.K
+    P = "*bf16"
+    cases = {
+        "chunk_diag_scores_kernel": (chunk.chunk_diag_scores_kernel,
+            dict(q_ptr=P, k_ptr=P, b_ptr="*fp32", A_ptr=P, chunk_table_ptr="*i64"),
+            dict(H=16, K=K, C=64, STRICT=args.strict, DOT=0, SUB=16,
+                 KP=K, PARTS=args.parts)),
+        "chunk_diag_grads_kernel": (chunk.chunk_diag_grads_kernel,
+            dict(q_ptr=P, k_ptr=P, b_ptr="*fp32", dA_ptr=P, last_ptr="*fp32",
+                 chunk_table_ptr="*i64", scale="fp32", dq_ptr=P, dk_ptr=P, dlam_ptr="*fp32"),
+            dict(H=16, K=K, BK=BK, C=64, STRICT=args.strict, DOT=0, SUB=16)),
+        "chunk_cumsum_kernel": (chunk.chunk_cumsum_kernel,
+            dict(lam_ptr="*fp32", b_ptr="*fp32", chunk_table_ptr="*i64"),
+            dict(H=16, K=K, BK=BK, C=64)),
+    }
+    for name, (fn, sig, cx) in cases.items():
+        shared, resources = build(fn, sig, cx, args.num_warps, args.num_stages)
+        print(f"{name}: shared={shared} {resources}")
+
+
+if __name__ == "__main__":
+    main()
