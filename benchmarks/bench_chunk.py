@@ -82,6 +82,14 @@ def train(f, x: dict, do: torch.Tensor):
     return run
 
 
+def _grads(f, xg: dict, do: torch.Tensor) -> dict:
+    """Every input's gradient of ``f(xg) . do`` in fp32."""
+    for t in xg.values():
+        t.grad = None
+    f(xg).backward(do)
+    return {k: t.grad.float().clone() for k, t in xg.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
@@ -118,6 +126,10 @@ def main() -> None:
                "linforge": measure(train(ours, xg, do))}
         try:
             row["fla"] = measure(train(fla, xg, do))
+            g_ours, g_fla = _grads(ours, xg, do), _grads(fla, xg, do)
+            row["max_rel_grad_diff_vs_fla"] = {
+                k: round(((g_ours[k] - g_fla[k]).abs().max() / g_fla[k].abs().max()).item(), 5)
+                for k in g_fla}
         except Exception as e:
             row["fla_error"] = f"{type(e).__name__}: {e}"[:300]
         rows.append(row)
