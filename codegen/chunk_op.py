@@ -32,7 +32,7 @@ from .chunk import (DOT_BF16, DOT_IEEE, DOT_TF32, chunk_cumsum_kernel,
                     chunk_output_kernel, chunk_states_kernel, delta_chunk_fwd_kernel)
 from . import ops
 from .launch import Launcher, for_device, interpreting
-from .maps import _given_name, fused_map, map_of, run_map
+from .maps import _given_name, fused_map, fused_sum, map_of, run_map
 
 SUPPORTED = (TransitionClass.IDENTITY, TransitionClass.SCALAR, TransitionClass.DIAGONAL)
 #: the kernels' DECAY constexpr per transition class
@@ -590,6 +590,19 @@ def _tiles(K: int, V: int, on_gpu: bool) -> tuple[int, int]:
     return bk, bv
 
 
+def _readout_sums(output: Node, sizes: dict, reads: tuple) -> list[tuple[Node, object]]:
+    """The sums over a dim in the readout ``output`` (outside the state reads ``reads``)
+    that run as generated kernels (``fused_sum``), with their plans."""
+    found, seen = [], set(reads)
+    for n in output.walk():
+        if n.op is Op.SUM and n not in seen and not any(a in seen for a in n.walk()):
+            plan_s = fused_sum(n, sizes)
+            if plan_s is not None:
+                seen.add(n)
+                found.append((n, plan_s))
+    return found
+
+
 def _map_sources(analysis: Analysis, sizes: dict) -> list[tuple[str, str]]:
     """(what, Triton source) of every generated map kernel a chunked call with ``sizes``
     runs: the query, key and value maps, the log decay and the readout (none for values
@@ -612,7 +625,9 @@ def _map_sources(analysis: Analysis, sizes: dict) -> list[tuple[str, str]]:
                           map_of(sp.log_decay, sp.log_symbols, dims, sizes)))
     reads = tuple(node for sp in plan.states for node, _ in sp.reads)
     if p.output not in reads:
-        found.append(("readout o", fused_map(p.output, sizes, reads)))
+        sums = _readout_sums(p.output, sizes, reads)
+        found += [(f"readout sum {m.text}", m) for _, m in sums]
+        found.append(("readout o", fused_map(p.output, sizes, reads + tuple(n for n, _ in sums))))
     return [(what, _source(m)) for what, m in found if m is not None]
 
 
@@ -850,6 +865,12 @@ def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *
         final[sp.state] = sT.to(state_dtype)
         final.update({z: sT_cols[..., i].to(state_dtype) for i, z in enumerate(sp.columns)})
     reads = {node: ev.ev.memo[node] for sp in plan.states for node, _ in sp.reads}
+    if FUSE_MAPS and p.output not in reads:
+        # sums over a dim inside the readout (RWKV-6's bonus sum(r * u * k)): one generated
+        # kernel each, then given to the readout's kernel like the state reads
+        for node, plan_s in _readout_sums(p.output, sizes, tuple(reads)):
+            reads[node] = ev.ev.memo[node] = run_map(
+                plan_s, ev.tensors, ev.shape(node.args[0].dims), torch.float32).reshape(B * T, H)
     if p.output in reads:   # the output is a state read: the kernel stored it already
         o = reads[p.output].reshape(B, T, *reads[p.output].shape[1:]).to(out_dtype)
     else:

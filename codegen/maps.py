@@ -10,11 +10,14 @@ dtype, and a second kernel for its gradient (sympy's derivative of the same expr
 A map qualifies when its value has at most one dim ``D`` and every leaf is an input over
 ``D`` or over no dim, a param over ``D`` or over no dim, the head index ``h``, a size or a
 number. Rows are the B * T * H (token, head) pairs; a leaf without dims is one value per
-row, broadcast over ``D``. Anything else stays in torch (``fused_map`` returns None).
+row, broadcast over ``D``. Anything else stays in torch (``fused_map`` returns None). A sum
+over ``D`` of such a map (RWKV-6's bonus ``sum(r * u * k)``) is one too, reduced in the
+same kernel to one value per row (``fused_sum``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -49,6 +52,7 @@ class MapPlan:
     expr: sympy.Expr
     leaves: tuple[Leaf, ...]
     text: str               # the spec expression, for the kernel's comment
+    reduce: bool = False    # summed over D: one value per row
 
     @property
     def inputs(self) -> tuple[Leaf, ...]:
@@ -123,6 +127,17 @@ def _node_map(node: Node, sizes: tuple, given: tuple) -> MapPlan | None:
     return _plan(expr, tuple(view.leaves.items()), node.dims, sizes, _describe(node), given)
 
 
+def fused_sum(node: Node, sizes: dict) -> MapPlan | None:
+    """The fused map of ``sum(x)`` over the one dim of ``x`` (``node`` an ``Op.SUM``), x
+    a map that qualifies: the kernel sums each row's lanes; None otherwise."""
+    if node.op is not Op.SUM or node.dims or len(node.args[0].dims) != 1:
+        return None
+    plan = _node_map(node.args[0], _dim_sizes(sizes), ())
+    if plan is None:
+        return None
+    return dataclasses.replace(plan, reduce=True, text=_describe(node))
+
+
 def map_of(expr: sympy.Expr, symbols, dims: tuple[str, ...], sizes: dict,
            text: str = "") -> MapPlan | None:
     """The fused map of a sympy ``expr`` whose ``symbols`` ((symbol, node) pairs) stand
@@ -176,8 +191,12 @@ def _source(plan: MapPlan) -> str:
     fwd = head + body + [
         f"    out = {print_triton(plan.expr, names)}",
         "    out = out + tl.zeros([BR, BD], dtype=tl.float32)  # broadcast a per-row value",
+    ] + ([
+        "    out = tl.sum(tl.where(m, out, 0.0), axis=1)[:, None]  # the sum over D",
+        "    tl.store(out_ptr + r, out.to(out_ptr.dtype.element_ty), mask=m_r)",
+    ] if plan.reduce else [
         "    tl.store(out_ptr + r * D + c, out.to(out_ptr.dtype.element_ty), mask=m)",
-    ]
+    ])
     bwd = [
         "", "", "@triton.jit",
         f"def map_bwd(g_ptr, {ptrs}{grads}R, H: tl.constexpr, D: tl.constexpr, "
@@ -189,6 +208,8 @@ def _source(plan: MapPlan) -> str:
         "    c = tl.arange(0, BD)[None, :]",
         "    m_r = r < R",
         "    m = m_r & (c < D)",
+        "    g = tl.load(g_ptr + r, mask=m_r, other=0.0).to(tl.float32)  # one per row (a sum)"
+        if plan.reduce else
         "    g = tl.load(g_ptr + r * D + c, mask=m, other=0.0).to(tl.float32)",
     ] + body
     for i, leaf in enumerate(plan.leaves):
@@ -208,7 +229,8 @@ def _source(plan: MapPlan) -> str:
 
 @functools.lru_cache(maxsize=512)
 def _kernels(plan: MapPlan) -> tuple[Launcher, Launcher]:
-    module = load_module(cache_key("map", sympy.srepr(plan.expr), repr(plan.leaves)),
+    module = load_module(cache_key("map", sympy.srepr(plan.expr), repr(plan.leaves),
+                                   "sum" if plan.reduce else ""),
                          "map", lambda: _source(plan))
     return Launcher(module.map_fwd), Launcher(module.map_bwd)
 
@@ -223,7 +245,8 @@ class _FusedMap(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: MapPlan, shape: tuple, dtype: torch.dtype, H: int, *xs):
         R, D = shape[0] * shape[1] * shape[2], (shape[3] if len(shape) > 3 else 1)
-        out = torch.empty(shape, dtype=dtype, device=xs[0].device)
+        out = torch.empty(shape[:3] if plan.reduce else shape, dtype=dtype,
+                          device=xs[0].device)
         grid, BR, BD = _grid(R, D)
         fwd, _ = _kernels(plan)
         for_device(fwd, out.device)(grid, out, *xs, R, H=H, D=D, BR=BR, BD=BD,
@@ -256,11 +279,12 @@ class _FusedMap(torch.autograd.Function):
 
 
 def run_map(plan: MapPlan, tensors: dict, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-    """``plan`` over every token and head: ``[B, T, H]`` or ``[B, T, H, D]`` in ``dtype``,
-    differentiable in the inputs and params it reads. ``tensors`` maps ("input", name) and
-    ("param", name) to the call's tensors."""
+    """``plan`` over every token and head: ``[B, T, H]`` or ``[B, T, H, D]`` in ``dtype``
+    (``shape``; a sum's is ``[B, T, H]``, ``shape`` naming its D), differentiable in the
+    inputs and params it reads. ``tensors`` maps ("input", name) and ("param", name) to
+    the call's tensors."""
     xs = [tensors[(leaf.kind, leaf.name)].contiguous() for leaf in plan.inputs]
     return _FusedMap.apply(plan, tuple(shape), dtype, shape[2], *xs)
 
 
-__all__ = ["MapPlan", "fused_map", "map_of", "run_map"]
+__all__ = ["MapPlan", "fused_map", "fused_sum", "map_of", "run_map"]

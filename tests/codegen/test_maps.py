@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import linforge
-from linforge.codegen.maps import fused_map, run_map
+from linforge.codegen.maps import fused_map, fused_sum, run_map
 from linforge.ir.interpret import StepEvaluator
 
 SPEC = """
@@ -27,6 +27,8 @@ CASES = {
     "relu(q) ** 2 / K": "K",
     "sigmoid(q) * tanh(w - u)": "K",
 }
+# sums over a dim of such a map (RWKV-6's bonus), reduced in the kernel: the summed dim
+SUMS = {"sum(q * u * exp(w))": "K", "sum(sigmoid(q) * dt)": "K"}
 B, T, H, K, V = 2, 5, 3, 12, 8
 
 
@@ -63,15 +65,17 @@ def _torch_value(node, x):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("expr", CASES)
+@pytest.mark.parametrize("expr", [*CASES, *SUMS])
 def test_fused_map_equals_torch_forward_and_gradients(expr, dtype):
     node = _node(expr)
-    plan = fused_map(node, {"K": K, "V": V, "H": H, "B": B, "T": T})
+    sizes = {"K": K, "V": V, "H": H, "B": B, "T": T}
+    plan = fused_map(node, sizes) if expr in CASES else fused_sum(node, sizes)
     assert plan is not None, expr
-    shape = (B, T, H, *([K] if CASES[expr] else []))
+    shape = (B, T, H, *([K] if CASES.get(expr) or SUMS.get(expr) else []))
     x = _tensors(dtype)
     ours = run_map(plan, x, shape, torch.float32)
-    g = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    g = torch.randn(shape[:3] if expr in SUMS else shape,
+                    generator=torch.Generator().manual_seed(1))
     grads = torch.autograd.grad((ours * g).sum(), list(x.values()), allow_unused=True)
     x_ref = _tensors(dtype)
     ref = _torch_value(node, x_ref)
