@@ -314,11 +314,15 @@ class ChunkCore(torch.autograd.Function):
                 IS_VARLEN=cu is not None, **sb)
         scores = y
         if cfg["decay"] == 2:   # diagonal decays: intra-chunk scores by sub-chunks first
-            scores, _ = _diagonal_scores(q, k, lam, cfg, blocks, ckpt_dtype)
+            scores, _ = _diagonal_scores(q, k, lam, cfg, blocks, ckpt_dtype,
+                                         _cumulative_decays(lam, cfg, blocks))
         for_device(_OUTPUT, dev)((n_chunks, H), q, k, v, lam_, y, ckpt, cfg["table"], scores,
                                  cfg["scale"], PARALLEL=cfg["parallel"],
                                  **_for("output", blocks))
         ctx.save_for_backward(q, k, v, lam, ckpt if not cfg["parallel"] else None)
+        # diagonal decays: the backward's first run reads these scores (and overwrites them
+        # with dA), so they are kept rather than made again (C / K of q's size)
+        ctx.scores = scores if cfg["decay"] == 2 else None
         ctx.cfg = cfg
         ctx.has_s0 = s0 is not None
         return y, sT
@@ -360,7 +364,11 @@ class ChunkCore(torch.autograd.Function):
                 **db)
         scores = last = cumulative = dy
         if cfg["decay"] == 2:   # the forward's intra-chunk scores, made again
-            scores, cumulative = _diagonal_scores(q, k, lam, cfg, blocks, ckpt.dtype)
+            cumulative = _cumulative_decays(lam, cfg, blocks)
+            if ctx.scores is not None:      # the forward's scores (a first backward)
+                scores, ctx.scores = ctx.scores, None
+            else:                           # (a second backward through a retained graph)
+                scores, _ = _diagonal_scores(q, k, lam, cfg, blocks, ckpt.dtype, cumulative)
             last = torch.empty(n_chunks, H, K, dtype=torch.float32, device=dev)
         for_device(_GRADS, dev)((n_chunks, H),
             q, k, v, lam_, dy, _or(ckpt, dy), _or(dckpt, dy), cfg["table"], scores, last,
@@ -388,16 +396,23 @@ _CUMSUM = Launcher(chunk_cumsum_kernel)
 _SUB = 16
 
 
-def _diagonal_scores(q, k, lam, cfg: dict, blocks: dict, dtype):
-    """Diagonal decays: every token's in-chunk cumulative log decay b ([T*, H, K] fp32,
-    ``chunk_cumsum_kernel``), then every chunk's intra-chunk scores, [chunks * C, H, C] in
-    ``dtype`` (``chunk_diag_scores_kernel``: one program per chunk, sub-chunk and head).
+def _cumulative_decays(lam, cfg: dict, blocks: dict) -> torch.Tensor:
+    """Diagonal decays: every token's in-chunk cumulative log decay b, [T*, H, K] fp32
+    (``chunk_cumsum_kernel``)."""
+    C, n_chunks, H, K = cfg["C"], cfg["n_chunks"], lam.shape[2], lam.shape[3]
+    cumulative = torch.empty(lam.shape, dtype=torch.float32, device=lam.device)
+    sums = _for("cumsum", dict(H=H, K=K, BK=blocks["BK"], C=C, **cfg["options"]))
+    for_device(_CUMSUM, lam.device)((n_chunks, triton.cdiv(K, sums["BK"]), H), lam,
+                                    cumulative, cfg["table"], **sums)
+    return cumulative
+
+
+def _diagonal_scores(q, k, lam, cfg: dict, blocks: dict, dtype, cumulative):
+    """Diagonal decays: every chunk's intra-chunk scores from the cumulative log decays
+    (``_cumulative_decays``), [chunks * C, H, C] in ``dtype``
+    (``chunk_diag_scores_kernel``: one program per chunk, sub-chunk and head).
     Returns (scores, b)."""
     C, n_chunks, H, K = cfg["C"], cfg["n_chunks"], q.shape[2], q.shape[3]
-    cumulative = torch.empty(lam.shape, dtype=torch.float32, device=q.device)
-    sums = _for("cumsum", dict(H=H, K=K, BK=blocks["BK"], C=C, **cfg["options"]))
-    for_device(_CUMSUM, q.device)((n_chunks, triton.cdiv(K, sums["BK"]), H), lam, cumulative,
-                                  cfg["table"], **sums)
     scores = torch.empty(n_chunks * C, H, C, dtype=dtype, device=q.device)
     sub = _without(blocks, "V", "BV", "BK", "NK", "NV", "DECAY")
     for_device(_SCORES, q.device)((n_chunks, C // _SUB, H), q, k, cumulative, scores,

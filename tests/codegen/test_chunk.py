@@ -314,3 +314,18 @@ def test_chunk_source_with_sizes_shows_the_generated_map_kernels():
     assert "def map_fwd(" in text and "def map_bwd(" in text
     with pytest.raises(ValueError, match="sizes must give"):
         linforge.library.get("based").source("chunk", "fwd", sizes={"V": 8})
+
+
+def test_diagonal_backward_twice_through_a_retained_graph():
+    """The backward reads the forward's intra-chunk scores and overwrites them with dA: a
+    second backward through the retained graph makes them again and gets the same grads."""
+    attn = linforge.library.get("gla")
+    sizes = kernel_sizes(attn)
+    x = {n: t.requires_grad_() for n, t in
+         make_inputs(attn, B=1, T=80, H=2, sizes=sizes, seed=17).items()}
+    o = attn(**x, form="chunk")[0]
+    do = torch.randn_like(o)
+    first = torch.autograd.grad(o, list(x.values()), do, retain_graph=True)
+    second = torch.autograd.grad(o, list(x.values()), do)
+    for name, a, b in zip(x, first, second):
+        assert torch.equal(a, b), name
