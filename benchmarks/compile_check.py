@@ -54,7 +54,6 @@ def main() -> None:
     ap.add_argument("--K", type=int, default=128)
     ap.add_argument("--strict", action="store_true")
     ap.add_argument("--BK", type=int, default=64)
-    ap.add_argument("--parts", type=int, default=3, help="the scores kernel's PARTS")
     ap.add_argument("--num-warps", type=int, default=4)
     ap.add_argument("--num-stages", type=int, default=1)
     args = ap.parse_args()
@@ -65,11 +64,11 @@ def main() -> None:
         "chunk_diag_scores_kernel": (chunk.chunk_diag_scores_kernel,
             dict(q_ptr=P, k_ptr=P, b_ptr="*fp32", A_ptr=P, chunk_table_ptr="*i64"),
             dict(H=16, K=K, C=64, STRICT=args.strict, DOT=0, SUB=16,
-                 KP=K, PARTS=args.parts)),
+                 KP=K, SPREAD=60.0)),
         "chunk_diag_grads_kernel": (chunk.chunk_diag_grads_kernel,
             dict(q_ptr=P, k_ptr=P, b_ptr="*fp32", dA_ptr=P, last_ptr="*fp32",
                  chunk_table_ptr="*i64", scale="fp32", dq_ptr=P, dk_ptr=P, dlam_ptr="*fp32"),
-            dict(H=16, K=K, BK=BK, C=64, STRICT=args.strict, DOT=0, SUB=16)),
+            dict(H=16, K=K, BK=BK, C=64, STRICT=args.strict, DOT=0, SUB=16, SPREAD=60.0)),
         "chunk_cumsum_kernel": (chunk.chunk_cumsum_kernel,
             dict(lam_ptr="*fp32", b_ptr="*fp32", chunk_table_ptr="*i64"),
             dict(H=16, K=K, BK=BK, C=64)),

@@ -2,8 +2,8 @@
 
 Usage (CUDA): python benchmarks/probe_diag.py --out DIR. Runs one forward+backward, then
 prints and writes DIR/probe_diag.json: registers, spills and shared memory of every compiled
-chunk kernel, and the scores kernel's two parts (earlier sub-chunks through dots; pairs
-within a sub-chunk row by row) timed alone and together (median of do_bench).
+chunk kernel, and the scores kernel with each sub-chunk's own pairs through dots (SPREAD
+60, the default) and row by row (SPREAD 0) (median of do_bench).
 """
 
 from __future__ import annotations
@@ -51,11 +51,11 @@ def main() -> None:
                              num_warps=kernel.metadata.num_warps))
     grid, a, kw = spy.last
     fn = spy.inner.fn
-    for parts in (3, 1, 2):
-        kernel = fn[grid](*a, **dict(kw, PARTS=parts))
-        ms = triton.testing.do_bench(lambda: fn[grid](*a, **dict(kw, PARTS=parts)),
+    for spread in (60.0, 0.0):
+        kernel = fn[grid](*a, **dict(kw, SPREAD=spread))
+        ms = triton.testing.do_bench(lambda: fn[grid](*a, **dict(kw, SPREAD=spread)),
                                      warmup=10, rep=100, return_mode="median")
-        rows.append(dict(kernel="chunk_diag_scores_kernel", parts=parts, ms=round(ms, 4),
+        rows.append(dict(kernel="chunk_diag_scores_kernel", spread=spread, ms=round(ms, 4),
                          n_regs=kernel.n_regs, n_spills=kernel.n_spills,
                          shared=kernel.metadata.shared, num_warps=kernel.metadata.num_warps))
     for r in rows:

@@ -279,10 +279,17 @@ def _rows_of(ptr, rows, m_t, r, m_r, W: tl.constexpr):
 @triton.jit
 def _causal(r_c, STRICT: tl.constexpr):
     """Which (t, s) pairs of a chunk a readout sees: s <= t (s < t when STRICT)."""
+    return _seen(r_c, r_c, STRICT)
+
+
+@triton.jit
+def _seen(t, s, STRICT: tl.constexpr):
+    """Which of the queries at positions ``t`` see the keys at positions ``s`` ([len(t),
+    len(s)]): s <= t (s < t when STRICT)."""
     if STRICT:
-        return r_c[:, None] > r_c[None, :]
+        return t[:, None] > s[None, :]
     else:
-        return r_c[:, None] >= r_c[None, :]
+        return t[:, None] >= s[None, :]
 
 
 @triton.jit
@@ -445,20 +452,35 @@ def _subchunk_grads(bq_i, b_i, q_ptr, k_ptr, b_ptr, dA_ptr, p0, t0, eos, start, 
     return dq, dk
 
 
+#: largest spread of the cumulative log decay within a sub-chunk (over every lane) for which
+#: its own pairs go through a dot (``SPREAD`` of the diagonal kernels): exp(b_ref - b) <=
+#: exp(60) and exp(bq - b_ref) >= exp(-60) stay normal fp32 and bf16 numbers; steeper
+#: sub-chunks go row by row. 0 sends every sub-chunk row by row.
+SPREAD_FOR_DOT = 60.0
+
+
+@triton.jit
+def _spread(b_ref, b_i):
+    """The largest b_ref - b over the sub-chunk's rows and lanes (padded rows read 0)."""
+    return tl.max(tl.max(b_ref[None, :] - b_i, axis=1), axis=0)
+
+
 @triton.jit
 def chunk_diag_scores_kernel(
     q_ptr, k_ptr, b_ptr, A_ptr, chunk_table_ptr,
     H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, STRICT: tl.constexpr,
-    DOT: tl.constexpr, SUB: tl.constexpr = 16, KP: tl.constexpr = 16, PARTS: tl.constexpr = 3,
+    DOT: tl.constexpr, SUB: tl.constexpr = 16, KP: tl.constexpr = 16,
+    SPREAD: tl.constexpr = 60.0,
 ):
     """Grid (chunks, sub-chunks, heads), diagonal decays: the intra-chunk scores of the SUB
     queries of sub-chunk ``i_s``, A[t, s] = sum_k q[t,k] k[s,k] exp(bq[t,k] - b[s,k]), stored
     as rows of A [chunks * C, H, C] for the output kernel (b: ``chunk_cumsum_kernel``), all
-    KP lanes of K at once. Keys of each earlier sub-chunk through one [SUB, SUB] dot, both
-    sides decayed against the reference b_ref = b just before the query sub-chunk:
-    q exp(bq - b_ref) and k exp(b_ref - b) have exponents <= 0 (b falls along the chunk);
-    keys of the sub-chunk itself row by row (``_store_subchunk_scores``); later columns 0.
-    ``PARTS`` (profiling) runs the first part (1), the second (2) or both (3)."""
+    KP lanes of K at once. Both sides are decayed against the reference b_ref = b just
+    before the query sub-chunk, q exp(bq - b_ref) (exponent <= 0: b falls along the chunk)
+    and k exp(b_ref - b), one [SUB, SUB] dot per key sub-chunk: the earlier ones (exponent
+    <= 0) and the sub-chunk itself (exponent >= 0 but at most the sub-chunk's decay spread)
+    when that spread is below ``SPREAD``; a steeper sub-chunk's own pairs go row by row
+    (``_store_subchunk_scores``, every exponent <= 0). Later columns are 0."""
     i_g, i_s, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, eos, bos = _span(chunk_table_ptr)
     r_s = tl.arange(0, SUB)
@@ -469,21 +491,21 @@ def chunk_diag_scores_kernel(
     p_i = ((i_g * C + start + r_s) * H + i_h) * C       # the sub-chunk's rows of A
     q_i = _subchunk_rows(q_ptr, chunk_table_ptr, t0, eos, i_s, i_h, r_k, m_k, H, K, SUB)
     b_i, bq_i = _cumulative(b_ptr, t0, eos, start, r_s, i_h, r_k, m_k, H, K, STRICT)
-    if PARTS & 1:
-        b_ref, bq_ref = _cumulative_row(b_ptr, t0, eos, start - 1, i_h, r_k, m_k, H, K, False)
-        q_ref = q_i * tl.exp(tl.minimum(bq_i - b_ref[None, :], 0.0))
-        for j in range(0, i_s):                           # earlier sub-chunks
-            b_j, bq_j = _cumulative(b_ptr, t0, eos, j * SUB, r_s, i_h, r_k, m_k, H, K, False)
-            k_j = _subchunk_rows(k_ptr, chunk_table_ptr, t0, eos, j, i_h, r_k, m_k, H, K, SUB)
-            k_ref = k_j * tl.exp(tl.minimum(b_ref[None, :] - b_j, 0.0))
-            tl.store(A_ptr + p_i[:, None] + (j * SUB + r_s)[None, :],
-                     _mm(q_ref, tl.trans(k_ref), DOT).to(A_ptr.dtype.element_ty))
-        tl.store(A_ptr + p_i[:, None] + r_c[None, :],
-                 tl.zeros([SUB, C], dtype=A_ptr.dtype.element_ty),
-                 mask=(r_c >= start + SUB)[None, :])
-    if PARTS & 2:
-        _store_subchunk_scores(q_i, bq_i, k_ptr, b_ptr, A_ptr, p_i + start, t0, eos, start, i_h,
-                               r_k, m_k, H, K, SUB, STRICT)
+    b_ref, bq_ref = _cumulative_row(b_ptr, t0, eos, start - 1, i_h, r_k, m_k, H, K, False)
+    q_ref = q_i * tl.exp(tl.minimum(bq_i - b_ref[None, :], 0.0))
+    spread = _spread(b_ref, b_i)
+    for j in range(0, i_s + (spread < SPREAD).to(tl.int32)):
+        b_j, bq_j = _cumulative(b_ptr, t0, eos, j * SUB, r_s, i_h, r_k, m_k, H, K, False)
+        k_j = _subchunk_rows(k_ptr, chunk_table_ptr, t0, eos, j, i_h, r_k, m_k, H, K, SUB)
+        k_ref = k_j * tl.exp(tl.minimum(b_ref[None, :] - b_j, SPREAD))
+        D = tl.where(_seen(start + r_s, j * SUB + r_s, STRICT),
+                     _mm(q_ref, tl.trans(k_ref), DOT), 0.0)
+        tl.store(A_ptr + p_i[:, None] + (j * SUB + r_s)[None, :], D.to(A_ptr.dtype.element_ty))
+    tl.store(A_ptr + p_i[:, None] + r_c[None, :], tl.zeros([SUB, C], dtype=A_ptr.dtype.element_ty),
+             mask=(r_c >= start + SUB)[None, :])
+    if spread >= SPREAD:
+        _store_subchunk_scores(q_i, bq_i, k_ptr, b_ptr, A_ptr, p_i + start, t0, eos, start,
+                               i_h, r_k, m_k, H, K, SUB, STRICT)
 
 
 @triton.jit
@@ -582,13 +604,15 @@ def chunk_diag_grads_kernel(
     q_ptr, k_ptr, b_ptr, dA_ptr, last_ptr, chunk_table_ptr, scale, dq_ptr, dk_ptr, dlam_ptr,
     H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, C: tl.constexpr,
     STRICT: tl.constexpr, DOT: tl.constexpr, SUB: tl.constexpr = 16,
+    SPREAD: tl.constexpr = 60.0,
 ):
     """Grid (chunks, K blocks, heads), diagonal decays, after ``chunk_grads_kernel``: adds the
     intra-chunk parts to dq and dk (which hold the parts through the chunk's states), then
     stores dq, dk and dlam (times ``scale``). Sub-chunk by sub-chunk of SUB rows, as in
     ``chunk_diag_scores_kernel``: pairs in different sub-chunks through [SUB, SUB] blocks of
     dA = dy v^T (read from ``dA_ptr``) in dots, both sides decayed against a reference
-    between them (exponents <= 0); pairs within a sub-chunk row by row
+    between them (exponents <= 0); pairs within a sub-chunk through dots as well when the
+    sub-chunk's decay spread is below ``SPREAD`` (as in the scores kernel), else row by row
     (``_subchunk_grads``). dlam's sums over later tokens run last sub-chunk first;
     ``last_ptr`` holds each lane's sum over V of S_next * dS."""
     i_g, i_k, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -605,38 +629,43 @@ def chunk_diag_grads_kernel(
         rows_i, m_i = _chunk(chunk_table_ptr, i_h, H, start + r_s)
         b_i, bq_i = _cumulative(b_ptr, t0, eos, start, r_s, i_h, r_k, m_k, H, K, STRICT)
         b_ref, bq_ref = _cumulative_row(b_ptr, t0, eos, start - 1, i_h, r_k, m_k, H, K, False)
-        b_end, bq_end = _cumulative_row(b_ptr, t0, eos, start + SUB - 1, i_h, r_k, m_k, H, K,
-                                        False)
         q_i = _subchunk_rows(q_ptr, chunk_table_ptr, t0, eos, i_s, i_h, r_k, m_k, H, K, SUB)
         k_i = _subchunk_rows(k_ptr, chunk_table_ptr, t0, eos, i_s, i_h, r_k, m_k, H, K, SUB)
         p_i = ((i_g * C + start + r_s) * H + i_h) * C        # the sub-chunk's rows of dA
-        # earlier sub-chunks' keys: dq_i += (dA[i, j] @ k_j exp(b_ref - b_j)) exp(bq_i - b_ref)
+        # the decay spread decides whether the sub-chunk's own pairs join the dots below
+        spread = _spread(b_ref, b_i)
+        own = (spread < SPREAD).to(tl.int32)
+        b_low = tl.min(b_i, axis=0)     # b at the sub-chunk's last row (padded rows read 0)
+        # keys of earlier sub-chunks (and its own): dq_i += (dA[i, j] @ k_j exp(b_ref - b_j))
+        # exp(bq_i - b_ref)
         dq_i = tl.zeros([SUB, BK], dtype=tl.float32)
-        for j in range(0, i_s):
+        for j in range(0, i_s + own):
             b_j, bq_j = _cumulative(b_ptr, t0, eos, j * SUB, r_s, i_h, r_k, m_k, H, K, False)
             k_j = _subchunk_rows(k_ptr, chunk_table_ptr, t0, eos, j, i_h, r_k, m_k, H, K, SUB)
             dA_ij = tl.load(dA_ptr + p_i[:, None] + (j * SUB + r_s)[None, :])
-            dq_i += _mm(dA_ij, k_j * tl.exp(tl.minimum(b_ref[None, :] - b_j, 0.0)), DOT)
-        # later sub-chunks' queries: dk_i += (dA[j, i]^T @ q_j exp(bq_j - b_end)) exp(b_end - b_i)
+            dq_i += _mm(dA_ij, k_j * tl.exp(tl.minimum(b_ref[None, :] - b_j, SPREAD)), DOT)
+        # queries of later sub-chunks (and its own): dk_i += (dA[j, i]^T @ q_j exp(bq_j -
+        # b_low)) exp(b_low - b_i)
         dk_i = tl.zeros([SUB, BK], dtype=tl.float32)
-        for j in range(i_s + 1, NS):
+        for j in range(i_s + 1 - own, NS):
             b_j, bq_j = _cumulative(b_ptr, t0, eos, j * SUB, r_s, i_h, r_k, m_k, H, K, STRICT)
             q_j = _subchunk_rows(q_ptr, chunk_table_ptr, t0, eos, j, i_h, r_k, m_k, H, K, SUB)
             p_j = ((i_g * C + j * SUB + r_s) * H + i_h) * C
             dA_ji = tl.load(dA_ptr + p_j[:, None] + (start + r_s)[None, :])
-            dk_i += _mm(tl.trans(dA_ji), q_j * tl.exp(tl.minimum(bq_j - b_end[None, :], 0.0)),
+            dk_i += _mm(tl.trans(dA_ji), q_j * tl.exp(tl.minimum(bq_j - b_low[None, :], SPREAD)),
                         DOT)
         m_ik = m_i[:, None] & m_k[None, :]
         p_ik = rows_i[:, None] * K + r_k[None, :]
         dq_i = (dq_i * tl.exp(tl.minimum(bq_i - b_ref[None, :], 0.0))
                 + tl.load(dq_ptr + p_ik, mask=m_ik, other=0.0).to(tl.float32))
-        dk_i = (dk_i * tl.exp(tl.minimum(b_end[None, :] - b_i, 0.0))
+        dk_i = (dk_i * tl.exp(tl.minimum(b_low[None, :] - b_i, 0.0))
                 + tl.load(dk_ptr + p_ik, mask=m_ik, other=0.0).to(tl.float32))
-        dq_in, dk_in = _subchunk_grads(bq_i, b_i, q_ptr, k_ptr, b_ptr, dA_ptr,
-                                       (i_g * C + start) * H * C + i_h * C, t0, eos, start,
-                                       i_h, r_k, m_k, H, K, C, SUB, STRICT)
-        dq_i += dq_in
-        dk_i += dk_in
+        if spread >= SPREAD:    # steep decays: the sub-chunk's own pairs row by row
+            dq_in, dk_in = _subchunk_grads(bq_i, b_i, q_ptr, k_ptr, b_ptr, dA_ptr,
+                                           (i_g * C + start) * H * C + i_h * C, t0, eos, start,
+                                           i_h, r_k, m_k, H, K, C, SUB, STRICT)
+            dq_i += dq_in
+            dk_i += dk_in
         tl.store(dq_ptr + p_ik, (dq_i * scale).to(dq_ptr.dtype.element_ty), mask=m_ik)
         tl.store(dk_ptr + p_ik, (dk_i * scale).to(dk_ptr.dtype.element_ty), mask=m_ik)
         qdq = q_i * dq_i

@@ -30,6 +30,7 @@ from ..ir.transition import TransitionClass
 from .chunk import (DOT_BF16, DOT_IEEE, DOT_TF32, chunk_cumsum_kernel,
                     chunk_diag_grads_kernel, chunk_diag_scores_kernel, chunk_dstates_kernel, chunk_grads_kernel,
                     chunk_output_kernel, chunk_states_kernel, delta_chunk_fwd_kernel)
+from . import chunk as chunk_core
 from . import ops
 from .launch import Launcher, for_device, interpreting
 from .maps import _given_name, fused_map, fused_sum, map_of, run_map
@@ -378,7 +379,7 @@ class ChunkCore(torch.autograd.Function):
             diag = _for("diag_grads", _without(blocks, "V", "BV", "NK", "NV", "DECAY"))
             for_device(_DIAG_GRADS, dev)((n_chunks, triton.cdiv(K, diag["BK"]), H),
                 q, k, cumulative, scores, last, cfg["table"], scale, dq, dk, dlam, SUB=_SUB,
-                **diag)
+                SPREAD=chunk_core.SPREAD_FOR_DOT, **diag)
         if ds0 is not None and scale != 1.0:
             ds0 = ds0 * scale
         if cfg["parallel"] and dlam is not None:
@@ -416,7 +417,8 @@ def _diagonal_scores(q, k, lam, cfg: dict, blocks: dict, dtype, cumulative):
     scores = torch.empty(n_chunks * C, H, C, dtype=dtype, device=q.device)
     sub = _without(blocks, "V", "BV", "BK", "NK", "NV", "DECAY")
     for_device(_SCORES, q.device)((n_chunks, C // _SUB, H), q, k, cumulative, scores,
-                                  cfg["table"], SUB=_SUB, KP=_pow2(K), **_for("scores", sub))
+                                  cfg["table"], SUB=_SUB, KP=_pow2(K),
+                                  SPREAD=chunk_core.SPREAD_FOR_DOT, **_for("scores", sub))
     return scores, cumulative
 
 

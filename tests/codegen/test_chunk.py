@@ -329,3 +329,29 @@ def test_diagonal_backward_twice_through_a_retained_graph():
     second = torch.autograd.grad(o, list(x.values()), do)
     for name, a, b in zip(x, first, second):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("name", ["gla", "rwkv6"])
+def test_diagonal_subchunks_row_by_row_match_reference(name, monkeypatch):
+    """SPREAD_FOR_DOT = 0 sends every sub-chunk's own pairs row by row (the path steep
+    decays take) instead of through dots: the same numbers as the reference."""
+    import linforge.codegen.chunk as chunk_core
+    monkeypatch.setattr(chunk_core, "SPREAD_FOR_DOT", 0.0)
+    attn = linforge.library.get(name)
+    sizes = kernel_sizes(attn)
+    x = make_inputs(attn, B=1, T=100, H=2, sizes=sizes, seed=18)
+    init = make_state(attn, N=1, H=2, sizes=sizes)
+    check_against_reference(attn, x, init, torch.float32, form="chunk")
+
+
+def test_diagonal_decays_steep_in_some_subchunks_only():
+    """Log decays near 0 in some stretches and down to -20 per step in others: within one
+    call some sub-chunks go through dots and others row by row; all finite and exact."""
+    attn = linforge.compile(STEEP.format(dims="[K]"))
+    g = torch.Generator().manual_seed(19)
+    B, T, H, K, V = 1, 160, 2, 16, 16
+    steep = ((torch.arange(T) // 24) % 2 == 1).float().reshape(1, T, 1, 1)
+    x = {"q": torch.randn(B, T, H, K, generator=g), "k": torch.randn(B, T, H, K, generator=g),
+         "v": torch.randn(B, T, H, V, generator=g),
+         "g": -(0.05 + 19.95 * steep) * torch.rand(B, T, H, K, generator=g)}
+    check_against_reference(attn, x, None, torch.float32, form="chunk")
