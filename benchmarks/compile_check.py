@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--K", type=int, default=128)
     ap.add_argument("--strict", action="store_true")
     ap.add_argument("--BK", type=int, default=64)
+    ap.add_argument("--decay", type=int, default=2, help="DECAY of the shared kernels")
     ap.add_argument("--num-warps", type=int, default=4)
     ap.add_argument("--num-stages", type=int, default=1)
     args = ap.parse_args()
@@ -69,6 +70,17 @@ def main() -> None:
             dict(q_ptr=P, k_ptr=P, b_ptr="*fp32", dA_ptr=P, last_ptr="*fp32",
                  chunk_table_ptr="*i64", scale="fp32", dq_ptr=P, dk_ptr=P, dlam_ptr="*fp32"),
             dict(H=16, K=K, BK=BK, C=64, STRICT=args.strict, DOT=0, SUB=16, SPREAD=60.0)),
+        "chunk_grads_kernel": (chunk.chunk_grads_kernel,
+            dict(q_ptr=P, k_ptr=P, v_ptr=P, lam_ptr="*fp32", dy_ptr=P, ckpt_ptr=P,
+                 dckpt_ptr="*fp32", chunk_table_ptr="*i64", A_ptr=P, last_ptr="*fp32",
+                 scale="fp32", dq_ptr=P, dk_ptr=P, dv_ptr=P, dlam_ptr="*fp32"),
+            dict(H=16, K=K, V=128, BK=BK, BV=BK, NK=K // BK, NV=128 // BK, C=64,
+                 DECAY=args.decay, STRICT=args.strict, DOT=0, PARALLEL=False)),
+        "chunk_output_kernel": (chunk.chunk_output_kernel,
+            dict(q_ptr=P, k_ptr=P, v_ptr=P, lam_ptr="*fp32", y_ptr=P, ckpt_ptr=P,
+                 chunk_table_ptr="*i64", A_ptr=P, scale="fp32"),
+            dict(H=16, K=K, V=128, BK=BK, BV=BK, NK=K // BK, NV=128 // BK, C=64,
+                 DECAY=args.decay, STRICT=args.strict, DOT=0, SUB=16, PARALLEL=False)),
         "chunk_cumsum_kernel": (chunk.chunk_cumsum_kernel,
             dict(lam_ptr="*fp32", b_ptr="*fp32", chunk_table_ptr="*i64"),
             dict(H=16, K=K, BK=BK, C=64)),

@@ -27,8 +27,10 @@ KERNELS = {"states": "chunk_states_kernel", "output": "chunk_output_kernel",
            "scores": "chunk_diag_scores_kernel", "diag_grads": "chunk_diag_grads_kernel"}
 GRID = {"states": dict(BV=[32, 64], num_stages=[1, 2, 3], num_warps=[4]),
         "dstates": dict(BV=[32, 64], num_stages=[1, 2, 3], num_warps=[4]),
-        "output": dict(num_stages=[1, 2], num_warps=[4, 8]),
-        "grads": dict(num_stages=[1, 2], num_warps=[4, 8]),
+        # K and V tiles of 32 take the spills of these two kernels from 0.8-3.5 KB per
+        # thread to 0-1.5 KB (benchmarks/compile_check.py, sm_90): measure before adopting
+        "output": dict(BK=[32, 64], BV=[32, 64], num_stages=[1], num_warps=[4, 8]),
+        "grads": dict(BK=[32, 64], BV=[32, 64], num_stages=[1], num_warps=[4, 8]),
         # diagonal decays only: stages pipeline the loads of the row-by-row sub-chunk loops
         "scores": dict(num_stages=[1, 2, 3], num_warps=[2, 4, 8]),
         "diag_grads": dict(BK=[32, 64], num_stages=[1, 2], num_warps=[4, 8])}
