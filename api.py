@@ -117,8 +117,8 @@ class Attention:
 
         ``form="recurrent"`` runs the generated recurrent Triton kernels (Triton's
         interpreter for CPU tensors), differentiable through the generated backward kernel.
-        ``form="chunk"`` runs the chunked kernels (identity, scalar and diagonal decays with
-        gradients; delta rules forward only). ``form="auto"`` picks chunk for sequences of 64
+        ``form="chunk"`` runs the chunked kernels (identity, scalar and diagonal decays and
+        delta rules, with gradients). ``form="auto"`` picks chunk for sequences of 64
         tokens or more when the spec has a chunked kernel that measured faster than the
         recurrent one (not yet for diagonal decays), and recurrent otherwise
         (``info()["auto_form"]`` says which and why).
@@ -226,7 +226,8 @@ class Attention:
 
     def _auto_form(self, bound: Bound, needs_grad: bool = False) -> str:
         """Chunked for sequences of a chunk or more when the spec has a chunked kernel
-        (delta rules: without gradients only), parallel for noncausal specs; recurrent
+        (delta rules: without gradients only, until their chunked backward is checked on a
+        GPU), parallel for noncausal specs; recurrent
         otherwise (short sequences, other classes)."""
         cls = self.analysis.transition_class
         delta = cls is TransitionClass.DELTA
@@ -289,7 +290,8 @@ class Attention:
                     "T=4096, see AUTO_RECURRENT_CLASSES; form='chunk' runs them)")
         if self.analysis.transition_class is TransitionClass.DELTA:
             return (f"chunk for T >= {AUTO_CHUNK_MIN_T} without gradients (the chunked "
-                    "delta-rule backward is not generated yet), recurrent otherwise")
+                    "delta-rule backward runs with form='chunk' but is not yet checked on a "
+                    "GPU), recurrent otherwise")
         return f"chunk for T >= {AUTO_CHUNK_MIN_T}, recurrent below (and for decode)"
 
     def _chunk_reason(self) -> str | None:

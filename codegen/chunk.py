@@ -783,19 +783,22 @@ def chunk_grads_kernel(
 
 @triton.jit
 def delta_chunk_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, beta_ptr, lam_ptr, y_ptr, s0_ptr, sT_ptr, cu_seqlens_ptr, T,
+    q_ptr, k_ptr, v_ptr, beta_ptr, lam_ptr, y_ptr, s0_ptr, sT_ptr, ckpt_ptr, cu_seqlens_ptr,
+    chunk_offsets_ptr, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     C: tl.constexpr, DECAY: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
     STORE_FINAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
+    STORE_CKPT: tl.constexpr = False,
 ):
     """Delta rule S_t = exp(lam_t) (S - beta_t k_t k_t^T S) + beta_t k_t v_t^T, chunk by chunk
     (grid: V blocks, sequences * heads). Within a chunk the updates u_t = beta_t (v_t -
     S_{t-1}^T k_t) solve (I + A) U = beta * (V - exp(b) K S) with A[t, s] = beta_t k_t.k_s
     exp(b_t - b_s) (s < t), a unit lower-triangular system solved by forward substitution
-    in fp32 (the WY form: U = U0 - W S with W, U0 = (I + A)^-1 [beta exp(b) K, beta V])."""
+    in fp32 (the WY form: U = U0 - W S with W, U0 = (I + A)^-1 [beta exp(b) K, beta V]).
+    STORE_CKPT: the state at every chunk start goes to ``ckpt`` for the backward."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    bos, eos, _ = _sequence(cu_seqlens_ptr, cu_seqlens_ptr, i_n, T, C, IS_VARLEN)
+    bos, eos, ck_base = _sequence(cu_seqlens_ptr, chunk_offsets_ptr, i_n, T, C, IS_VARLEN)
     r_c = tl.arange(0, C)
     r_k, r_v, m_k, m_v, m_kv, p_kv = _lanes(i_v, K, V, BK, BV)
     earlier = r_c[:, None] > r_c[None, :]
@@ -808,6 +811,8 @@ def delta_chunk_fwd_kernel(
         rows = (bos + i_c * C + r_c) * H + i_h
         m_tk = m_t[:, None] & m_k[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
+        if STORE_CKPT:
+            tl.store(ckpt_ptr + ((ck_base + i_c) * H + i_h) * K * V + p_kv, S, mask=m_kv)
         q = tl.load(q_ptr + rows[:, None] * K + r_k[None, :], mask=m_tk, other=0.0)
         k = tl.load(k_ptr + rows[:, None] * K + r_k[None, :], mask=m_tk, other=0.0)
         v = tl.load(v_ptr + rows[:, None] * V + r_v[None, :], mask=m_tv, other=0.0)
@@ -842,3 +847,128 @@ def delta_chunk_fwd_kernel(
         S = S * decay_last + _mm(tl.trans(k_dec), U, DOT)
     if STORE_FINAL_STATE:
         tl.store(sT_ptr + i_nh * K * V + p_kv, S.to(sT_ptr.dtype.element_ty), mask=m_kv)
+
+
+@triton.jit
+def _unit_lower_inverse(A, C: tl.constexpr):
+    """(I + A)^-1 for a strictly lower-triangular [C, C] A, by forward substitution in fp32:
+    row t of the inverse is e_t - sum_{s < t} A[t, s] (row s)."""
+    r_c = tl.arange(0, C)
+    X = (r_c[:, None] == r_c[None, :]).to(tl.float32)
+    for t in range(1, C):
+        row = (r_c == t)[:, None]
+        a_t = tl.sum(tl.where(row, A, 0.0), axis=0)
+        X = tl.where(row, X - tl.sum(a_t[:, None] * X, axis=0)[None, :], X)
+    return X
+
+
+@triton.jit
+def _row_sums_of_pairs(P):
+    """For a [C, C] matrix of d loss / d (b_t - b_s) terms: the part of d loss / d b_t,
+    sum_s P[t, s] - sum_s P[s, t]."""
+    return tl.sum(P, axis=1) - tl.sum(P, axis=0)
+
+
+@triton.jit
+def delta_chunk_bwd_kernel(
+    q_ptr, k_ptr, v_ptr, beta_ptr, lam_ptr, dy_ptr, dsT_ptr, ckpt_ptr, ds0_ptr, dq_ptr, dk_ptr,
+    dv_ptr, dbeta_ptr, dlam_ptr, cu_seqlens_ptr, chunk_offsets_ptr, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    C: tl.constexpr, DECAY: tl.constexpr, USE_FINAL_STATE_GRAD: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
+):
+    """Backward of ``delta_chunk_fwd_kernel`` (grid: sequences * heads; every K and V lane
+    in one program, so that dk, dbeta and dlam sum over V without atomics). Chunks last to
+    first, carrying dS, the gradient of the chunk's end state; each chunk's WY form is made
+    again from its start state (``ckpt``): L = I + A, W = L^-1 beta exp(b) K,
+    U0 = L^-1 beta V, U = U0 - W S, and with y = exp(b) q S + (causal(q k^T) exp(b_t - b_s)) U
+    and S' = exp(b_last) S + (k exp(b_last - b))^T U:
+    dU = scores^T dy + k_dec dS', dW = -dU S^T, d[beta exp(b) K, beta V] = L^-T [dW, dU]
+    and dA = -(L^-T dW W^T + L^-T dU U0^T) below the diagonal. The log-decay gradient
+    collects d / d b_t of every exp(b) factor, then dlam_j = sum_{t >= j} db_t + db_last."""
+    i_nh = tl.program_id(0)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos, ck_base = _sequence(cu_seqlens_ptr, chunk_offsets_ptr, i_n, T, C, IS_VARLEN)
+    r_c = tl.arange(0, C)
+    r_k, r_v, m_k, m_v, m_kv, p_kv = _lanes(0, K, V, BK, BV)
+    earlier = r_c[:, None] > r_c[None, :]
+    causal = r_c[:, None] >= r_c[None, :]
+    dS = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_FINAL_STATE_GRAD:
+        dS += tl.load(dsT_ptr + i_nh * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
+    n_chunks = tl.cdiv(eos - bos, C)
+    for i_r in range(0, n_chunks):
+        i_c = n_chunks - 1 - i_r
+        m_t = bos + i_c * C + r_c < eos
+        rows = (bos + i_c * C + r_c) * H + i_h
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        p_tk = rows[:, None] * K + r_k[None, :]
+        p_tv = rows[:, None] * V + r_v[None, :]
+        q = tl.load(q_ptr + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+        beta = tl.load(beta_ptr + rows, mask=m_t, other=0.0).to(tl.float32)
+        S = tl.load(ckpt_ptr + ((ck_base + i_c) * H + i_h) * K * V + p_kv, mask=m_kv,
+                    other=0.0)
+        if DECAY == 1:
+            b, bq, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 1, False)
+            pair = tl.exp(tl.minimum(b[:, None] - b[None, :], 0.0))
+            e_b = tl.exp(b)                 # how a query sees the chunk's start state
+            e_key = tl.exp(b_last - b)      # how a key's term reaches the chunk's end
+            e_last = tl.exp(b_last)
+        else:
+            pair = tl.full([C, C], 1.0, tl.float32)
+            e_b = tl.full([C], 1.0, tl.float32)
+            e_key = tl.full([C], 1.0, tl.float32)
+            e_last = 1.0
+        # the chunk's forward, made again
+        KK = _mm(k, tl.trans(k), DOT)
+        A = tl.where(earlier, KK * pair * beta[:, None], 0.0)
+        L_inv = _unit_lower_inverse(A, C)
+        R_w = k * (beta * e_b)[:, None]
+        W = _mm(L_inv, R_w, DOT)
+        U0 = _mm(L_inv, v * beta[:, None], DOT)
+        U = U0 - _mm(W, S, DOT)
+        QK = _mm(q, tl.trans(k), DOT)
+        scores = tl.where(causal, QK * pair, 0.0)
+        k_dec = k * e_key[:, None]
+        # back through y and S'
+        dU = _mm(tl.trans(scores), dy, DOT) + _mm(k_dec, dS, DOT)
+        dscores = tl.where(causal, _mm(dy, tl.trans(U), DOT), 0.0)
+        dq_dec = _mm(dy, tl.trans(S), DOT)                       # d (q exp(b))
+        dk_dec = _mm(U, tl.trans(dS), DOT)                       # d (k exp(b_last - b))
+        dq = dq_dec * e_b[:, None] + _mm(dscores * pair, k, DOT)
+        dk = _mm(tl.trans(dscores * pair), q, DOT) + dk_dec * e_key[:, None]
+        # back through U = U0 - W S and the solve [W, U0] = L^-1 [R_w, beta V]
+        dW = -_mm(dU, tl.trans(S), DOT)
+        dR_w = _mm(tl.trans(L_inv), dW, DOT)
+        dR_u = _mm(tl.trans(L_inv), dU, DOT)
+        dA = tl.where(earlier, -(_mm(dR_w, tl.trans(W), DOT) + _mm(dR_u, tl.trans(U0), DOT)),
+                      0.0)
+        dk += dR_w * (beta * e_b)[:, None]
+        dv = dR_u * beta[:, None]
+        dA_pair = dA * pair
+        dbeta = (tl.sum(dR_w * k * e_b[:, None], axis=1) + tl.sum(dR_u * v, axis=1)
+                 + tl.sum(dA_pair * KK, axis=1))
+        G = dA_pair * beta[:, None]                              # d loss / d (k_t . k_s)
+        dk += _mm(G, k, DOT) + _mm(tl.trans(G), k, DOT)
+        tl.store(dq_ptr + p_tk, dq, mask=m_tk)
+        tl.store(dk_ptr + p_tk, dk, mask=m_tk)
+        tl.store(dv_ptr + p_tv, dv, mask=m_tv)
+        tl.store(dbeta_ptr + rows, dbeta, mask=m_t)
+        if DECAY == 1:
+            # d / d b_t of every factor exp(+-b_t): q exp(b), the pairs of the scores and
+            # of A, k exp(b_last - b), beta exp(b) k; then the chunk total b_last
+            db = (tl.sum(dq_dec * q, axis=1) * e_b
+                  + _row_sums_of_pairs(dscores * scores) + _row_sums_of_pairs(dA * A)
+                  - tl.sum(dk_dec * k_dec, axis=1) + tl.sum(dR_w * R_w, axis=1))
+            db_last = tl.sum(tl.sum(dk_dec * k_dec, axis=1), axis=0) + e_last * tl.sum(
+                tl.sum(S * dS, axis=1), axis=0)
+            db = tl.where(m_t, db, 0.0)
+            dlam = tl.sum(db, axis=0) - tl.cumsum(db, axis=0) + db + db_last
+            tl.store(dlam_ptr + rows, dlam, mask=m_t)
+        dS = (dS * e_last + _mm(tl.trans(q * e_b[:, None]), dy, DOT)
+              - _mm(tl.trans(W), dU, DOT))
+    tl.store(ds0_ptr + i_nh * K * V + p_kv, dS, mask=m_kv)

@@ -28,8 +28,9 @@ from ..ir.signs import nonnegative
 from ..ir.sympy_view import SympyView, is_one
 from ..ir.transition import TransitionClass
 from .chunk import (DOT_BF16, DOT_IEEE, DOT_TF32, chunk_cumsum_kernel,
-                    chunk_diag_grads_kernel, chunk_diag_scores_kernel, chunk_dstates_kernel, chunk_grads_kernel,
-                    chunk_output_kernel, chunk_states_kernel, delta_chunk_fwd_kernel)
+                    chunk_diag_grads_kernel, chunk_diag_scores_kernel, chunk_dstates_kernel,
+                    chunk_grads_kernel, chunk_output_kernel, chunk_states_kernel,
+                    delta_chunk_bwd_kernel, delta_chunk_fwd_kernel)
 from . import chunk as chunk_core
 from . import ops
 from .launch import Launcher, for_device, interpreting
@@ -733,28 +734,64 @@ def _lambdified(expr: sympy.Expr, symbols, ev: "_Tokens", dims: tuple[str, ...],
     return out.to(torch.float32).expand(shape).contiguous()
 
 
+class DeltaChunkCore(torch.autograd.Function):
+    """The chunked delta rule ``S' = e^lam (S - beta k k^T S) + beta k v^T``, ``y = q @ S'``
+    (``delta_chunk_fwd_kernel``; backward ``delta_chunk_bwd_kernel`` from the state stored
+    at every chunk start); differentiable in q, k, v, beta, lam and S0."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, lam, s0, cfg: dict):
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        dev = q.device
+        on_gpu = dev.type == "cuda"
+        bv = min(_pow2(V), 32) if on_gpu else _pow2(V)
+        if ops.FORCE_BLOCK_V is not None:
+            bv = _pow2(min(bv, ops.FORCE_BLOCK_V))
+        store = any(ctx.needs_input_grad[:6])
+        y = torch.empty(B, T, H, V, dtype=torch.float32, device=dev)
+        sT = torch.empty(cfg["N"], H, K, V, dtype=torch.float32, device=dev)
+        ckpt = torch.empty(cfg["n_chunks"], H, K, V, dtype=torch.float32, device=dev) \
+            if store else y
+        cu, offsets = cfg["cu"], cfg["offsets"]
+        for_device(delta_chunk_fwd_kernel, dev)[(triton.cdiv(V, bv), cfg["N"] * H)](
+            q, k, v, beta, _or(lam, beta), y, _or(s0, y), sT, ckpt, _or(cu, y), _or(offsets, y),
+            T, H=H, K=K, V=V, BK=_pow2(K), BV=bv, C=cfg["C"], DECAY=int(lam is not None),
+            USE_INITIAL_STATE=s0 is not None, STORE_FINAL_STATE=True, IS_VARLEN=cu is not None,
+            DOT=cfg["dot"], STORE_CKPT=store,
+            **({"num_warps": 4, "num_stages": 1} if on_gpu else {}))
+        if store:
+            ctx.save_for_backward(q, k, v, beta, lam, ckpt)
+        ctx.cfg, ctx.has_s0 = cfg, s0 is not None
+        return y, sT
+
+    @staticmethod
+    def backward(ctx, dy, dsT):
+        q, k, v, beta, lam, ckpt = ctx.saved_tensors
+        cfg = ctx.cfg
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        dev = q.device
+        N, cu, offsets = cfg["N"], cfg["cu"], cfg["offsets"]
+        grads = [torch.empty(x.shape, dtype=torch.float32, device=dev) for x in (q, k, v, beta)]
+        dlam = torch.empty(lam.shape, dtype=torch.float32, device=dev) if lam is not None \
+            else None
+        ds0 = torch.empty(N, H, K, V, dtype=torch.float32, device=dev)
+        for_device(delta_chunk_bwd_kernel, dev)[(N * H,)](
+            q, k, v, beta, _or(lam, beta), dy.contiguous(), _or(dsT, dy), ckpt, ds0, *grads,
+            _or(dlam, beta), _or(cu, dy), _or(offsets, dy), T, H=H, K=K, V=V, BK=_pow2(K),
+            BV=_pow2(V), C=cfg["C"], DECAY=int(lam is not None),
+            USE_FINAL_STATE_GRAD=dsT is not None, IS_VARLEN=cu is not None, DOT=cfg["dot"],
+            **({"num_warps": 8, "num_stages": 1} if dev.type == "cuda" else {}))
+        dq, dk, dv, dbeta = (g.to(x.dtype) for g, x in zip(grads, (q, k, v, beta)))
+        return dq, dk, dv, dbeta, dlam, ds0 if ctx.has_s0 else None, None
+
+
 def _delta_forward(q, k, v, beta, lam, s0, cu_seqlens, batch: int, chunk_size: int, dot: int):
-    """The chunked delta rule, forward only (its backward is not generated yet)."""
-    if torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (q, k, v, beta, lam, s0)):
-        raise ChunkUnsupported(
-            "the chunked backward of delta-rule transitions is not generated yet (the "
-            "chunked forward runs without gradients, for prefill); train with form='recurrent'")
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    on_gpu = q.device.type == "cuda"
-    bv = min(_pow2(V), 32) if on_gpu else _pow2(V)
-    if ops.FORCE_BLOCK_V is not None:
-        bv = _pow2(min(bv, ops.FORCE_BLOCK_V))
-    y = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
-    sT = torch.empty(batch, H, K, V, dtype=torch.float32, device=q.device)
-    for_device(delta_chunk_fwd_kernel, q.device)[(triton.cdiv(V, bv), batch * H)](
-        q, k, v, beta, lam if lam is not None else beta, y, s0 if s0 is not None else y, sT,
-        cu_seqlens if cu_seqlens is not None else y, T, H=H, K=K, V=V, BK=_pow2(K), BV=bv,
-        C=chunk_size, DECAY=int(lam is not None), USE_INITIAL_STATE=s0 is not None,
-        STORE_FINAL_STATE=True, IS_VARLEN=cu_seqlens is not None, DOT=dot,
-        **({"num_warps": 4, "num_stages": 1} if on_gpu else {}))
-    return y, sT
+    """The chunked delta rule (``DeltaChunkCore``), differentiable."""
+    cfg = _core_config(batch, q.shape[1], q.shape[-1], v.shape[-1], cu_seqlens, chunk_size,
+                       False, dot, q.device)
+    return DeltaChunkCore.apply(q, k, v, beta, lam, s0, cfg)
 
 
 def _global_state_readout(q, k, v, s0, cu_seqlens, batch: int, cu_keys=None):
