@@ -877,8 +877,10 @@ def delta_chunk_bwd_kernel(
     C: tl.constexpr, DECAY: tl.constexpr, USE_FINAL_STATE_GRAD: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
 ):
-    """Backward of ``delta_chunk_fwd_kernel`` (grid: sequences * heads; every K and V lane
-    in one program, so that dk, dbeta and dlam sum over V without atomics). Chunks last to
+    """Backward of ``delta_chunk_fwd_kernel`` (grid: V blocks, sequences * heads, as the
+    forward). Each program carries one V block of dS; the gradients that sum over V (dq, dk,
+    dbeta, dlam: every term is linear in the V block's part) are added atomically into
+    zeroed fp32 buffers, dv and dS0 stored per block. Chunks last to
     first, carrying dS, the gradient of the chunk's end state; each chunk's WY form is made
     again from its start state (``ckpt``): L = I + A, W = L^-1 beta exp(b) K,
     U0 = L^-1 beta V, U = U0 - W S, and with y = exp(b) q S + (causal(q k^T) exp(b_t - b_s)) U
@@ -886,11 +888,11 @@ def delta_chunk_bwd_kernel(
     dU = scores^T dy + k_dec dS', dW = -dU S^T, d[beta exp(b) K, beta V] = L^-T [dW, dU]
     and dA = -(L^-T dW W^T + L^-T dU U0^T) below the diagonal. The log-decay gradient
     collects d / d b_t of every exp(b) factor, then dlam_j = sum_{t >= j} db_t + db_last."""
-    i_nh = tl.program_id(0)
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos, ck_base = _sequence(cu_seqlens_ptr, chunk_offsets_ptr, i_n, T, C, IS_VARLEN)
     r_c = tl.arange(0, C)
-    r_k, r_v, m_k, m_v, m_kv, p_kv = _lanes(0, K, V, BK, BV)
+    r_k, r_v, m_k, m_v, m_kv, p_kv = _lanes(i_v, K, V, BK, BV)
     earlier = r_c[:, None] > r_c[None, :]
     causal = r_c[:, None] >= r_c[None, :]
     dS = tl.zeros([BK, BV], dtype=tl.float32)
@@ -954,10 +956,10 @@ def delta_chunk_bwd_kernel(
                  + tl.sum(dA_pair * KK, axis=1))
         G = dA_pair * beta[:, None]                              # d loss / d (k_t . k_s)
         dk += _mm(G, k, DOT) + _mm(tl.trans(G), k, DOT)
-        tl.store(dq_ptr + p_tk, dq, mask=m_tk)
-        tl.store(dk_ptr + p_tk, dk, mask=m_tk)
+        tl.atomic_add(dq_ptr + p_tk, dq, mask=m_tk)
+        tl.atomic_add(dk_ptr + p_tk, dk, mask=m_tk)
         tl.store(dv_ptr + p_tv, dv, mask=m_tv)
-        tl.store(dbeta_ptr + rows, dbeta, mask=m_t)
+        tl.atomic_add(dbeta_ptr + rows, dbeta, mask=m_t)
         if DECAY == 1:
             # d / d b_t of every factor exp(+-b_t): q exp(b), the pairs of the scores and
             # of A, k exp(b_last - b), beta exp(b) k; then the chunk total b_last
@@ -968,7 +970,7 @@ def delta_chunk_bwd_kernel(
                 tl.sum(S * dS, axis=1), axis=0)
             db = tl.where(m_t, db, 0.0)
             dlam = tl.sum(db, axis=0) - tl.cumsum(db, axis=0) + db + db_last
-            tl.store(dlam_ptr + rows, dlam, mask=m_t)
+            tl.atomic_add(dlam_ptr + rows, dlam, mask=m_t)
         dS = (dS * e_last + _mm(tl.trans(q * e_b[:, None]), dy, DOT)
               - _mm(tl.trans(W), dU, DOT))
     tl.store(ds0_ptr + i_nh * K * V + p_kv, dS, mask=m_kv)

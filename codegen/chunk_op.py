@@ -748,6 +748,7 @@ class DeltaChunkCore(torch.autograd.Function):
         bv = min(_pow2(V), 32) if on_gpu else _pow2(V)
         if ops.FORCE_BLOCK_V is not None:
             bv = _pow2(min(bv, ops.FORCE_BLOCK_V))
+        cfg["delta_bv"] = bv        # the backward splits V as the forward does
         store = any(ctx.needs_input_grad[:6])
         y = torch.empty(B, T, H, V, dtype=torch.float32, device=dev)
         sT = torch.empty(cfg["N"], H, K, V, dtype=torch.float32, device=dev)
@@ -773,16 +774,20 @@ class DeltaChunkCore(torch.autograd.Function):
         V = v.shape[-1]
         dev = q.device
         N, cu, offsets = cfg["N"], cfg["cu"], cfg["offsets"]
-        grads = [torch.empty(x.shape, dtype=torch.float32, device=dev) for x in (q, k, v, beta)]
-        dlam = torch.empty(lam.shape, dtype=torch.float32, device=dev) if lam is not None \
+        # dq, dk, dbeta and dlam sum the V blocks' parts atomically: zeroed
+        grads = [torch.zeros(x.shape, dtype=torch.float32, device=dev) for x in (q, k, beta)]
+        dv = torch.empty(v.shape, dtype=torch.float32, device=dev)
+        dlam = torch.zeros(lam.shape, dtype=torch.float32, device=dev) if lam is not None \
             else None
         ds0 = torch.empty(N, H, K, V, dtype=torch.float32, device=dev)
-        for_device(delta_chunk_bwd_kernel, dev)[(N * H,)](
-            q, k, v, beta, _or(lam, beta), dy.contiguous(), _or(dsT, dy), ckpt, ds0, *grads,
-            _or(dlam, beta), _or(cu, dy), _or(offsets, dy), T, H=H, K=K, V=V, BK=_pow2(K),
-            BV=_pow2(V), C=cfg["C"], DECAY=int(lam is not None),
+        bv = cfg["delta_bv"]
+        for_device(delta_chunk_bwd_kernel, dev)[(triton.cdiv(V, bv), N * H)](
+            q, k, v, beta, _or(lam, beta), dy.contiguous(), _or(dsT, dy), ckpt, ds0, grads[0],
+            grads[1], dv, grads[2], _or(dlam, beta), _or(cu, dy), _or(offsets, dy), T, H=H, K=K,
+            V=V, BK=_pow2(K), BV=bv, C=cfg["C"], DECAY=int(lam is not None),
             USE_FINAL_STATE_GRAD=dsT is not None, IS_VARLEN=cu is not None, DOT=cfg["dot"],
-            **({"num_warps": 8, "num_stages": 1} if dev.type == "cuda" else {}))
+            **({"num_warps": 4, "num_stages": 1} if dev.type == "cuda" else {}))
+        grads.insert(2, dv)
         dq, dk, dv, dbeta = (g.to(x.dtype) for g, x in zip(grads, (q, k, v, beta)))
         return dq, dk, dv, dbeta, dlam, ds0 if ctx.has_s0 else None, None
 

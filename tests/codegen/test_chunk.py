@@ -217,6 +217,18 @@ def test_chunked_delta_rule_gradients_varlen_and_k_not_v(name):
     check_against_reference(attn, x, init, torch.float32, cu_seqlens=cu, form="chunk")
 
 
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
+def test_chunked_delta_rule_gradients_with_v_split(name, monkeypatch):
+    """V = 40 in blocks of 16: three programs per head, the gradients that sum over V
+    (dq, dk, dbeta, dlam) added atomically."""
+    monkeypatch.setattr(ops, "FORCE_BLOCK_V", 16)
+    attn = linforge.library.get(name)
+    sizes = dict(kernel_sizes(attn), V=40)
+    x = make_inputs(attn, B=2, T=90, H=2, sizes=sizes, seed=22)
+    init = make_state(attn, N=2, H=2, sizes=sizes)
+    check_against_reference(attn, x, init, torch.float32, form="chunk")
+
+
 def test_chunked_delta_rule_auto_still_trains_with_recurrent():
     """form='auto' keeps delta-rule training on the recurrent form until the chunked
     backward has been checked on a GPU; form='chunk' runs it."""
