@@ -175,7 +175,7 @@ def test_chunk_source_shows_the_mapping_and_the_kernels():
 
 @pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
 def test_chunked_delta_rule_forward_matches_reference(name):
-    """WY form with the unit lower-triangular solve per chunk (forward only for now)."""
+    """WY form with the unit lower-triangular solve per chunk: the forward without gradients."""
     attn = linforge.library.get(name)
     sizes = kernel_sizes(attn)
     x = make_inputs(attn, B=2, T=150, H=2, sizes=sizes, seed=18)
