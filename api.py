@@ -267,9 +267,9 @@ class Attention:
         if self.program.noncausal:
             return kernels + ["parallel (GEMM) fwd", "parallel (GEMM) bwd"]
         plan = chunk_plan(self.analysis)
-        if any(sp.beta is not None for sp in plan.states):
-            return kernels + ["chunk fwd"]
         kernels += ["chunk fwd", "chunk bwd"]
+        if any(sp.beta is not None for sp in plan.states):     # delta rules: no parallel form
+            return kernels
         if all(sp.decay < 2 for sp in plan.states):
             kernels += ["parallel fwd", "parallel bwd"]
         return kernels
