@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import sympy
 import torch
-import triton
 
 from ..ir.analysis import Analysis
 from ..ir.functions import ELEMENTWISE, logsigmoid, sigmoid
@@ -283,6 +282,11 @@ FUSE_MAPS = True
 NORMALIZED_IN_FP32 = True
 
 
+def _cdiv(a: int, b: int) -> int:
+    """Ceil division on the host (``triton.cdiv`` is a jit function: microseconds a call)."""
+    return -(-a // b)
+
+
 def _pow2(n: int, least: int = 16) -> int:
     return max(least, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
@@ -378,7 +382,7 @@ class ChunkCore(torch.autograd.Function):
             **_for("grads", blocks))
         if cfg["decay"] == 2:   # the intra-chunk parts of dq and dk, and dlam
             diag = _for("diag_grads", _without(blocks, "V", "BV", "NK", "NV", "DECAY"))
-            for_device(_DIAG_GRADS, dev)((n_chunks, triton.cdiv(K, diag["BK"]), H),
+            for_device(_DIAG_GRADS, dev)((n_chunks, _cdiv(K, diag["BK"]), H),
                 q, k, cumulative, scores, last, cfg["table"], scale, dq, dk, dlam, SUB=_SUB,
                 SPREAD=chunk_core.SPREAD_FOR_DOT, **diag)
         if ds0 is not None and scale != 1.0:
@@ -404,7 +408,7 @@ def _cumulative_decays(lam, cfg: dict, blocks: dict) -> torch.Tensor:
     C, n_chunks, H, K = cfg["C"], cfg["n_chunks"], lam.shape[2], lam.shape[3]
     cumulative = torch.empty(lam.shape, dtype=torch.float32, device=lam.device)
     sums = _for("cumsum", dict(H=H, K=K, BK=blocks["BK"], C=C, **cfg["options"]))
-    for_device(_CUMSUM, lam.device)((n_chunks, triton.cdiv(K, sums["BK"]), H), lam,
+    for_device(_CUMSUM, lam.device)((n_chunks, _cdiv(K, sums["BK"]), H), lam,
                                     cumulative, cfg["table"], **sums)
     return cumulative
 
@@ -425,8 +429,8 @@ def _diagonal_scores(q, k, lam, cfg: dict, blocks: dict, dtype, cumulative):
 
 def _blocks(cfg: dict, H: int, K: int, V: int) -> dict:
     """The core kernels' constexprs for a call (K and V tiles of BK and BV lanes)."""
-    return dict(H=H, K=K, V=V, BK=cfg["BK"], BV=cfg["BV"], NK=triton.cdiv(K, cfg["BK"]),
-                NV=triton.cdiv(V, cfg["BV"]), C=cfg["C"], DECAY=cfg["decay"],
+    return dict(H=H, K=K, V=V, BK=cfg["BK"], BV=cfg["BV"], NK=_cdiv(K, cfg["BK"]),
+                NV=_cdiv(V, cfg["BV"]), C=cfg["C"], DECAY=cfg["decay"],
                 STRICT=cfg["strict"], DOT=cfg["dot"], **cfg["options"])
 
 
@@ -481,7 +485,7 @@ def _for(kernel: str, blocks: dict) -> dict:
                 dim = key[1]
                 value = min(value, out[key])    # never wider than the dim's own tile
                 if "N" + dim in out:
-                    out["N" + dim] = triton.cdiv(out[dim], value)
+                    out["N" + dim] = _cdiv(out[dim], value)
             out[key] = value
     return out
 
@@ -578,7 +582,7 @@ def _core_config(batch: int, T: int, K: int, V: int, cu_seqlens, chunk_size: int
         offsets[1:] = ((lens + chunk_size - 1) // chunk_size).cumsum(0)
         n_chunks = int(offsets[-1])
     else:
-        offsets, n_chunks = None, batch * triton.cdiv(T, chunk_size)
+        offsets, n_chunks = None, batch * _cdiv(T, chunk_size)
     on_gpu = device.type == "cuda"
     table = _chunk_table(batch, T, cu_seqlens, chunk_size, device)
     assert len(table) == n_chunks
@@ -610,7 +614,14 @@ def _tiles(K: int, V: int, on_gpu: bool) -> tuple[int, int]:
 
 def _readout_sums(output: Node, sizes: dict, reads: tuple) -> list[tuple[Node, object]]:
     """The sums over a dim in the readout ``output`` (outside the state reads ``reads``)
-    that run as generated kernels (``fused_sum``), with their plans."""
+    that run as generated kernels (``fused_sum``), with their plans (found once per
+    readout and sizes)."""
+    return _readout_sums_of(output, tuple(sorted(sizes.items())), reads)
+
+
+@functools.lru_cache(maxsize=256)
+def _readout_sums_of(output: Node, sizes: tuple, reads: tuple) -> list[tuple[Node, object]]:
+    sizes = dict(sizes)
     found, seen = [], set(reads)
     for n in output.walk():
         if n.op is Op.SUM and n not in seen and not any(a in seen for a in n.walk()):
@@ -728,12 +739,32 @@ def _lambdified(expr: sympy.Expr, symbols, ev: "_Tokens", dims: tuple[str, ...],
     plan = map_of(expr, symbols, dims, ev.sizes) if FUSE_MAPS else None
     if plan is not None and tuple(shape) == ev.shape(dims):
         return run_map(plan, ev.tensors, shape, torch.float32)
-    fn = _torch_function(expr, tuple(s for s, _ in symbols))
     x0 = ev.ev.values["h"]
+    constant = all(n.op in _CALL_CONSTANT for _, n in symbols)
+    if constant:    # e.g. RetNet's log(1 - 2 ** (-5 - h)): the same tensor every call
+        key = (expr, tuple(symbols), dims, tuple(shape), x0.device,
+               tuple(sorted(ev.sizes.items())))
+        hit = _CONSTANT_MAPS.get(key)
+        if hit is not None:
+            return hit
+    fn = _torch_function(expr, tuple(s for s, _ in symbols))
     out = fn(*(ev.aligned(n, dims) for _, n in symbols))
     if not isinstance(out, torch.Tensor):  # a number: no host-to-device copy
-        return torch.full(shape, float(out), dtype=torch.float32, device=x0.device)
-    return out.to(torch.float32).expand(shape).contiguous()
+        out = torch.full(shape, float(out), dtype=torch.float32, device=x0.device)
+    else:
+        out = out.to(torch.float32).expand(shape).contiguous()
+    if constant:
+        if len(_CONSTANT_MAPS) > 64:
+            _CONSTANT_MAPS.clear()
+        _CONSTANT_MAPS[key] = out
+    return out
+
+
+#: leaves whose values are the same on every call of one shape (head index, sizes)
+_CALL_CONSTANT = (Op.HEAD, Op.HEADS, Op.SIZE, Op.CONST)
+#: values of such maps, made once per expression, shape, device and sizes (each made by a
+#: few torch ops: kernel launches and host time on every call otherwise)
+_CONSTANT_MAPS: dict[tuple, torch.Tensor] = {}
 
 
 class DeltaChunkCore(torch.autograd.Function):
@@ -757,7 +788,7 @@ class DeltaChunkCore(torch.autograd.Function):
         ckpt = torch.empty(cfg["n_chunks"], H, K, V, dtype=torch.float32, device=dev) \
             if store else y
         cu, offsets = cfg["cu"], cfg["offsets"]
-        for_device(delta_chunk_fwd_kernel, dev)[(triton.cdiv(V, bv), cfg["N"] * H)](
+        for_device(delta_chunk_fwd_kernel, dev)[(_cdiv(V, bv), cfg["N"] * H)](
             q, k, v, beta, _or(lam, beta), y, _or(s0, y), sT, ckpt, _or(cu, y), _or(offsets, y),
             T, H=H, K=K, V=V, BK=_pow2(K), BV=bv, C=cfg["C"], DECAY=int(lam is not None),
             USE_INITIAL_STATE=s0 is not None, STORE_FINAL_STATE=True, IS_VARLEN=cu is not None,
@@ -783,7 +814,7 @@ class DeltaChunkCore(torch.autograd.Function):
             else None
         ds0 = torch.empty(N, H, K, V, dtype=torch.float32, device=dev)
         bv = cfg["delta_bv"]
-        for_device(delta_chunk_bwd_kernel, dev)[(triton.cdiv(V, bv), N * H)](
+        for_device(delta_chunk_bwd_kernel, dev)[(_cdiv(V, bv), N * H)](
             q, k, v, beta, _or(lam, beta), dy.contiguous(), _or(dsT, dy), ckpt, ds0, grads[0],
             grads[1], dv, grads[2], _or(dlam, beta), _or(cu, dy), _or(offsets, dy), T, H=H, K=K,
             V=V, BK=_pow2(K), BV=bv, C=cfg["C"], DECAY=int(lam is not None),

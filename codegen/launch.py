@@ -26,8 +26,18 @@ def ensure_backend() -> None:
 
 
 def interpreting() -> bool:
-    """True when Triton runs kernels through its interpreter in this process."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton runs kernels through its interpreter in this process (read from the
+    environment once triton is imported: triton itself decides at import)."""
+    global _INTERPRETING
+    if _INTERPRETING is not None:
+        return _INTERPRETING
+    value = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if "triton" in sys.modules:
+        _INTERPRETING = value
+    return value
+
+
+_INTERPRETING: bool | None = None
 
 
 def for_device(jit_fn, device) -> object:

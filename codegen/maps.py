@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import sympy
 import torch
-import triton
 
 from ..ir.nodes import Node, Op
 from ..ir.sympy_view import SympyView
@@ -70,6 +69,7 @@ def _leaf(node: Node, dims: tuple[str, ...], given: tuple[Node, ...]) -> Leaf | 
     return None
 
 
+@functools.lru_cache(maxsize=1024)
 def _given_name(node: Node) -> str:
     from ..ir.sympy_view import format_node
     return format_node(node)
@@ -236,9 +236,10 @@ def _kernels(plan: MapPlan) -> tuple[Launcher, Launcher]:
 
 
 def _grid(R: int, D: int) -> tuple[tuple[int], int, int]:
-    BD = triton.next_power_of_2(D)
-    BR = max(1, min(TILE // BD, triton.next_power_of_2(R)))
-    return (triton.cdiv(R, BR),), BR, BD
+    # (host integer arithmetic: triton's helpers are jit functions, microseconds a call)
+    BD = 1 << max(0, D - 1).bit_length()
+    BR = max(1, min(TILE // BD, 1 << max(0, R - 1).bit_length()))
+    return (-(-R // BR),), BR, BD
 
 
 class _FusedMap(torch.autograd.Function):
