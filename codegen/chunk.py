@@ -784,7 +784,7 @@ def chunk_grads_kernel(
 @triton.jit
 def delta_chunk_fwd_kernel(
     q_ptr, k_ptr, v_ptr, beta_ptr, lam_ptr, y_ptr, s0_ptr, sT_ptr, ckpt_ptr, cu_seqlens_ptr,
-    chunk_offsets_ptr, T,
+    chunk_offsets_ptr, qk_ptr, kk_ptr, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     C: tl.constexpr, DECAY: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
     STORE_FINAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
@@ -795,7 +795,11 @@ def delta_chunk_fwd_kernel(
     S_{t-1}^T k_t) solve (I + A) U = beta * (V - exp(b) K S) with A[t, s] = beta_t k_t.k_s
     exp(b_t - b_s) (s < t), a unit lower-triangular system solved by forward substitution
     in fp32 (the WY form: U = U0 - W S with W, U0 = (I + A)^-1 [beta exp(b) K, beta V]).
-    STORE_CKPT: the state at every chunk start goes to ``ckpt`` for the backward."""
+    STORE_CKPT: the state at every chunk start goes to ``ckpt`` for the backward.
+    DECAY 2 (lam over the rows of S, KDA: S_t = (I - beta k k^T) diag(exp(lam_t)) S + beta
+    k v^T): the same with exp(b) per row, and the decayed products q_t . k_s exp(b_t - b_s)
+    and k_t . k_s exp(b_t - b_s) read from ``qk`` and ``kk`` (``chunk_diag_scores_kernel``,
+    by sub-chunks: every exponent <= 0 or bounded)."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos, ck_base = _sequence(cu_seqlens_ptr, chunk_offsets_ptr, i_n, T, C, IS_VARLEN)
@@ -818,20 +822,32 @@ def delta_chunk_fwd_kernel(
         v = tl.load(v_ptr + rows[:, None] * V + r_v[None, :], mask=m_tv, other=0.0)
         beta = tl.load(beta_ptr + rows, mask=m_t, other=0.0).to(tl.float32)
         kf = k.to(tl.float32)
-        if DECAY == 1:
-            b, _, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 1, False)
+        if DECAY == 2:      # per row of S: the pairs' decays came with the scores
+            b, bq, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 2, False)
+            p_cc = (((ck_base + i_c) * C + r_c) * H + i_h)[:, None] * C + r_c[None, :]
+            kk = tl.load(kk_ptr + p_cc).to(tl.float32)
+            qk = tl.load(qk_ptr + p_cc).to(tl.float32)
+            Wb = kf * tl.exp(b) * beta[:, None]
+            q_dec = q.to(tl.float32) * tl.exp(b)
+            k_dec = kf * tl.exp(b_last[None, :] - b)
+            decay_last = tl.exp(b_last)[:, None]
+        elif DECAY == 1:
+            b, bq, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 1, False)
             pair = tl.exp(tl.minimum(b[:, None] - b[None, :], 0.0))
+            kk = _mm(k, tl.trans(k), DOT) * pair
+            qk = _mm(q, tl.trans(k), DOT) * pair
             Wb = kf * (beta * tl.exp(b))[:, None]
             q_dec = q.to(tl.float32) * tl.exp(b)[:, None]
             k_dec = kf * tl.exp(b_last - b)[:, None]
             decay_last = tl.exp(b_last)
         else:
-            pair = tl.full([C, C], 1.0, tl.float32)
+            kk = _mm(k, tl.trans(k), DOT)
+            qk = _mm(q, tl.trans(k), DOT)
             Wb = kf * beta[:, None]
             q_dec = q.to(tl.float32)
             k_dec = kf
             decay_last = 1.0
-        A = tl.where(earlier, _mm(k, tl.trans(k), DOT) * pair * beta[:, None], 0.0)
+        A = tl.where(earlier, kk * beta[:, None], 0.0)
         W = Wb
         U = v.to(tl.float32) * beta[:, None]
         for t in range(1, C):  # forward substitution, row t from the rows before it
@@ -840,7 +856,7 @@ def delta_chunk_fwd_kernel(
             W = tl.where(row, W - tl.sum(a_t[:, None] * W, axis=0)[None, :], W)
             U = tl.where(row, U - tl.sum(a_t[:, None] * U, axis=0)[None, :], U)
         U = U - _mm(W, S, DOT)      # the chunk's updates u_t, now that S is known
-        scores = tl.where(causal, _mm(q, tl.trans(k), DOT) * pair, 0.0)
+        scores = tl.where(causal, qk, 0.0)
         y = _mm(q_dec, S, DOT) + _mm(scores, U, DOT)
         tl.store(y_ptr + rows[:, None] * V + r_v[None, :], y.to(y_ptr.dtype.element_ty),
                  mask=m_tv)

@@ -24,7 +24,7 @@ from ..ir.interpret import StepEvaluator, align
 from ..ir.nodes import Node, Op
 from ..ir.readout import ReadoutKind
 from ..ir.signs import nonnegative
-from ..ir.sympy_view import SympyView, is_one
+from ..ir.sympy_view import SympyView, equal, is_one
 from ..ir.transition import TransitionClass
 from .chunk import (DOT_BF16, DOT_IEEE, DOT_TF32, chunk_cumsum_kernel,
                     chunk_diag_grads_kernel, chunk_diag_scores_kernel, chunk_dstates_kernel,
@@ -99,19 +99,32 @@ def _state_reads(p, s: str, columns: tuple[str, ...]):
 
 
 def _delta_plan(analysis: Analysis, s: str) -> StatePlan:
-    """``S' = e^lam (S - beta k (k @ S)) + beta outer(k, v)``: find k, beta, v and lam."""
+    """``S' = e^lam (S - beta k (k @ S)) + beta outer(k, v)`` with a scalar lam, or
+    ``S' = (I - beta k k^T) diag(e^lam) S + beta outer(k, v)`` with lam over the rows (KDA:
+    canonically ``e^lam S + outer(-beta k, (k e^lam) @ S) + ...``): find k, beta, v, lam."""
     p = analysis.program
     cu = analysis.updates[s]
-    if len(cu.dims) != 2 or cu.dims[1] != "V" or cu.scale.dims or not cu.inputs or \
-            len(cu.inputs) != 1 or len(cu.rank_one) != 1:
+    diagonal = bool(cu.scale.dims)
+    if len(cu.dims) != 2 or cu.dims[1] != "V" or cu.scale.dims not in ((), cu.dims[:1]) or \
+            not cu.inputs or len(cu.inputs) != 1 or len(cu.rank_one) != 1:
         raise ChunkUnsupported(f"'{p.name}': the chunked delta rule takes one matrix state "
-                               "with a scalar decay, one rank-one term and one outer(k, v)")
+                               "with a scalar or row decay, one rank-one term and one "
+                               "outer(k, v)")
     (r,), (out,) = cu.rank_one, cu.inputs
+    key_node = r.w
+    if diagonal:    # w = k * e^lam: the key is the other factor
+        factors = r.w.args if r.w.op is Op.MUL else ()
+        key_node = next((a for a, b in (factors, factors[::-1]) if equal(b, cu.scale)), None)
+        if key_node is None:
+            raise ChunkUnsupported(f"'{p.name}': the update of {s} is not (I - beta k k^T) "
+                                   "diag(exp(lam)) S + beta outer(k, v)")
     view = SympyView()
-    key, x, scale = view.to_sympy(r.w), view.to_sympy(r.x), view.to_sympy(cu.scale)
+    key, x, scale = view.to_sympy(key_node), view.to_sympy(r.x), view.to_sympy(cu.scale)
     beta = sympy.simplify(view.to_sympy(out.x) / key)
     beta_nodes = [n for n, sym in view.symbols.items() if sym in beta.free_symbols]
-    if any(n.dims for n in beta_nodes) or sympy.simplify(x + scale * beta * key) != 0:
+    # scalar: x = -e^lam beta k; diagonal: x = -beta k (the decay sits in w)
+    residual = x + beta * key if diagonal else x + scale * beta * key
+    if any(n.dims for n in beta_nodes) or sympy.simplify(residual) != 0:
         raise ChunkUnsupported(f"'{p.name}': the update of {s} is not "
                                "exp(lam) * (S - beta * outer(k, k @ S)) + beta * outer(k, v)")
     reads, query, strict = _state_reads(p, s, ())
@@ -121,9 +134,9 @@ def _delta_plan(analysis: Analysis, s: str) -> StatePlan:
     if not is_one(cu.scale):
         log_decay, lview = _log_of(cu.scale)
         symbols = tuple((sym, node) for node, sym in lview.symbols.items())
-    return StatePlan(s, cu.dims[0], query, r.w, out.y, log_decay, symbols, int(bool(symbols)
-                     or log_decay is not None), (), reads, False, beta,
-                     tuple((view.symbols[n], n) for n in beta_nodes))
+    decay = 2 if diagonal else int(bool(symbols) or log_decay is not None)
+    return StatePlan(s, cu.dims[0], query, key_node, out.y, log_decay, symbols, decay, (),
+                     reads, False, beta, tuple((view.symbols[n], n) for n in beta_nodes))
 
 
 def chunk_plan(analysis: Analysis) -> ChunkPlan:
@@ -788,9 +801,15 @@ class DeltaChunkCore(torch.autograd.Function):
         ckpt = torch.empty(cfg["n_chunks"], H, K, V, dtype=torch.float32, device=dev) \
             if store else y
         cu, offsets = cfg["cu"], cfg["offsets"]
+        qk = kk = y
+        if cfg["decay"] == 2:   # the decayed products by sub-chunks, as diagonal decays'
+            blocks = _blocks(cfg, H, K, V)
+            cumulative = _cumulative_decays(lam, cfg, blocks)
+            qk, _ = _diagonal_scores(q, k, lam, cfg, blocks, torch.float32, cumulative)
+            kk, _ = _diagonal_scores(k, k, lam, cfg, blocks, torch.float32, cumulative)
         for_device(delta_chunk_fwd_kernel, dev)[(_cdiv(V, bv), cfg["N"] * H)](
             q, k, v, beta, _or(lam, beta), y, _or(s0, y), sT, ckpt, _or(cu, y), _or(offsets, y),
-            T, H=H, K=K, V=V, BK=_pow2(K), BV=bv, C=cfg["C"], DECAY=int(lam is not None),
+            qk, kk, T, H=H, K=K, V=V, BK=_pow2(K), BV=bv, C=cfg["C"], DECAY=cfg["decay"],
             USE_INITIAL_STATE=s0 is not None, STORE_FINAL_STATE=True, IS_VARLEN=cu is not None,
             DOT=cfg["dot"], STORE_CKPT=store,
             **({"num_warps": 4, "num_stages": 1} if on_gpu else {}))
@@ -825,10 +844,19 @@ class DeltaChunkCore(torch.autograd.Function):
         return dq, dk, dv, dbeta, dlam, ds0 if ctx.has_s0 else None, None
 
 
-def _delta_forward(q, k, v, beta, lam, s0, cu_seqlens, batch: int, chunk_size: int, dot: int):
-    """The chunked delta rule (``DeltaChunkCore``), differentiable."""
+def _delta_forward(q, k, v, beta, lam, s0, cu_seqlens, batch: int, chunk_size: int, dot: int,
+                   decay: int):
+    """The chunked delta rule (``DeltaChunkCore``): differentiable for no or scalar decays;
+    decays over the rows of S (KDA) run forward only so far."""
+    if decay == 2 and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, beta, lam, s0)):
+        raise ChunkUnsupported(
+            "the chunked backward of delta rules with a decay per key channel (KDA) is not "
+            "generated yet (the chunked forward runs without gradients, for prefill); train "
+            "with form='recurrent'")
     cfg = _core_config(batch, q.shape[1], q.shape[-1], v.shape[-1], cu_seqlens, chunk_size,
                        False, dot, q.device)
+    cfg["decay"] = decay
     return DeltaChunkCore.apply(q, k, v, beta, lam, s0, cfg)
 
 
@@ -929,7 +957,7 @@ def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *
                 beta = _lambdified(sp.beta, sp.beta_symbols, ev, (), (B, T, H))
                 # the delta kernels are verified on the GPU with tf32 dots only
                 y, sT = _delta_forward(q, k, v, beta, lam, s0, cu_seqlens, batch, chunk_size,
-                                       DOT_TF32 if dot == DOT_BF16 else dot)
+                                       DOT_TF32 if dot == DOT_BF16 else dot, sp.decay)
             y_cols, sT_cols = y[..., V:], sT[..., V:]
             y, sT = y[..., :V], sT[..., :V]
         else:

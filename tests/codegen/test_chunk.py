@@ -173,7 +173,7 @@ def test_chunk_source_shows_the_mapping_and_the_kernels():
         linforge.library.get("rwkv7").source("chunk")
 
 
-@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "kda"])
 def test_chunked_delta_rule_forward_matches_reference(name):
     """WY form with the unit lower-triangular solve per chunk: the forward without gradients."""
     attn = linforge.library.get(name)
@@ -227,6 +227,27 @@ def test_chunked_delta_rule_gradients_with_v_split(name, monkeypatch):
     x = make_inputs(attn, B=2, T=90, H=2, sizes=sizes, seed=22)
     init = make_state(attn, N=2, H=2, sizes=sizes)
     check_against_reference(attn, x, init, torch.float32, form="chunk")
+
+
+def test_kda_chunk_forward_with_steep_gates_k_not_v_and_its_gradient_error():
+    """KDA's per-channel gates down to exp(-20) per step in some stretches (sub-chunks then
+    go row by row) with K != V: finite and equal to the reference; asking for gradients
+    says the chunked backward of this class is not generated yet."""
+    attn = linforge.library.get("kda")
+    sizes = dict(kernel_sizes(attn), K=24, V=40)
+    x = make_inputs(attn, B=1, T=140, H=2, sizes=sizes, seed=23)
+    steep = ((torch.arange(140) // 30) % 2 == 1).float().reshape(1, 140, 1, 1)
+    x["g"] = x["g"] * (1 - steep) - 20 * torch.rand(x["g"].shape) * steep
+    init = make_state(attn, N=1, H=2, sizes=sizes)
+    with torch.no_grad():
+        o, final = attn(**x, initial_state=init, output_final_state=True, form="chunk")
+    o_ref, f_ref = attn.reference(**{k: v.double() for k, v in x.items()}, initial_state=init,
+                                  output_final_state=True)
+    assert torch.isfinite(o).all()
+    assert rel_err(o, o_ref) < 1e-4 and rel_err(final["S"], f_ref["S"]) < 1e-4
+    x["q"].requires_grad_()
+    with pytest.raises(NotImplementedError, match="decay per key channel"):
+        attn(**x, form="chunk")
 
 
 def test_chunked_delta_rule_auto_still_trains_with_recurrent():

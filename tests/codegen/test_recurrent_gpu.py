@@ -99,6 +99,24 @@ def test_chunk_gpu(name, dtype):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_chunk_gpu_kda_forward(dtype):
+    """KDA's chunked forward (no backward yet) against the float64 reference."""
+    attn = linforge.library.get("kda")
+    sizes = spec_sizes(attn, K=100, V=72)
+    x = make_inputs(attn, B=2, T=300, H=3, sizes=sizes, seed=7, device="cuda")
+    x = {k: v.to(dtype) if k in ("q", "k", "v") else v for k, v in x.items()}
+    init = make_state(attn, N=2, H=3, sizes=sizes, device="cuda")
+    with torch.no_grad():
+        o, final = attn(**x, initial_state=init, output_final_state=True, form="chunk")
+        o_ref, f_ref = attn(**{k: v.double() for k, v in x.items()},
+                            initial_state={k: v.double() for k, v in init.items()},
+                            output_final_state=True, form="reference")
+    for a, b in ((o, o_ref), (final["S"], f_ref["S"])):
+        assert ((a.double() - b).abs().max() / b.abs().max()).item() < TOL[dtype]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
 def test_chunk_gpu_delta_rule_long_bf16_at_full_width(name):
     """The chunked delta rule at the benchmark's width (K = V = 128), T = 16384, bf16:
