@@ -782,6 +782,22 @@ def chunk_grads_kernel(
 
 
 @triton.jit
+def _delta_program(cu_seqlens_ptr, chunk_offsets_ptr, T, H: tl.constexpr, K: tl.constexpr,
+                   V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                   IS_VARLEN: tl.constexpr):
+    """What a delta-rule program (grid: V blocks, sequences * heads) works on: its sequence
+    and head, the sequence's bounds and first checkpoint, the lanes of K and of its V block
+    (``_lanes``), and a chunk's pairs s < t (``earlier``) and s <= t (``causal``)."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos, ck_base = _sequence(cu_seqlens_ptr, chunk_offsets_ptr, i_n, T, C, IS_VARLEN)
+    r_c = tl.arange(0, C)
+    r_k, r_v, m_k, m_v, m_kv, p_kv = _lanes(i_v, K, V, BK, BV)
+    return (i_nh, i_h, bos, eos, ck_base, r_c, r_k, r_v, m_k, m_v, m_kv, p_kv,
+            r_c[:, None] > r_c[None, :], r_c[:, None] >= r_c[None, :])
+
+
+@triton.jit
 def delta_chunk_fwd_kernel(
     q_ptr, k_ptr, v_ptr, beta_ptr, lam_ptr, y_ptr, s0_ptr, sT_ptr, ckpt_ptr, cu_seqlens_ptr,
     chunk_offsets_ptr, qk_ptr, kk_ptr, T,
@@ -800,13 +816,9 @@ def delta_chunk_fwd_kernel(
     k v^T): the same with exp(b) per row, and the decayed products q_t . k_s exp(b_t - b_s)
     and k_t . k_s exp(b_t - b_s) read from ``qk`` and ``kk`` (``chunk_diag_scores_kernel``,
     by sub-chunks: every exponent <= 0 or bounded)."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, eos, ck_base = _sequence(cu_seqlens_ptr, chunk_offsets_ptr, i_n, T, C, IS_VARLEN)
-    r_c = tl.arange(0, C)
-    r_k, r_v, m_k, m_v, m_kv, p_kv = _lanes(i_v, K, V, BK, BV)
-    earlier = r_c[:, None] > r_c[None, :]
-    causal = r_c[:, None] >= r_c[None, :]
+    (i_nh, i_h, bos, eos, ck_base, r_c, r_k, r_v, m_k, m_v, m_kv, p_kv, earlier,
+     causal) = _delta_program(cu_seqlens_ptr, chunk_offsets_ptr, T, H, K, V, BK, BV, C,
+                              IS_VARLEN)
     S = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_INITIAL_STATE:
         S += tl.load(s0_ptr + i_nh * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
@@ -904,13 +916,9 @@ def delta_chunk_bwd_kernel(
     dU = scores^T dy + k_dec dS', dW = -dU S^T, d[beta exp(b) K, beta V] = L^-T [dW, dU]
     and dA = -(L^-T dW W^T + L^-T dU U0^T) below the diagonal. The log-decay gradient
     collects d / d b_t of every exp(b) factor, then dlam_j = sum_{t >= j} db_t + db_last."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, eos, ck_base = _sequence(cu_seqlens_ptr, chunk_offsets_ptr, i_n, T, C, IS_VARLEN)
-    r_c = tl.arange(0, C)
-    r_k, r_v, m_k, m_v, m_kv, p_kv = _lanes(i_v, K, V, BK, BV)
-    earlier = r_c[:, None] > r_c[None, :]
-    causal = r_c[:, None] >= r_c[None, :]
+    (i_nh, i_h, bos, eos, ck_base, r_c, r_k, r_v, m_k, m_v, m_kv, p_kv, earlier,
+     causal) = _delta_program(cu_seqlens_ptr, chunk_offsets_ptr, T, H, K, V, BK, BV, C,
+                              IS_VARLEN)
     dS = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_FINAL_STATE_GRAD:
         dS += tl.load(dsT_ptr + i_nh * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
