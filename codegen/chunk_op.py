@@ -709,7 +709,7 @@ def chunk_source(analysis: Analysis, direction: str, sizes: dict | None = None) 
                else ("chunk_dstates_kernel", *scores, "chunk_grads_kernel",
                      *(("chunk_diag_grads_kernel",) if diagonal else ())))
     if any(sp.beta is not None for sp in plan.states):     # the delta rule's own pair
-        kernels = (f"delta_chunk_{direction}_kernel",)
+        kernels = (*(scores if direction == "fwd" else ()), f"delta_chunk_{direction}_kernel")
     lines.insert(-1, f"# this direction launches: {', '.join(kernels)}")
     if sizes is None:
         lines.insert(-1, "# (source(..., sizes={'K': ..., 'V': ...}) adds the generated map "
