@@ -267,9 +267,7 @@ class Attention:
         if self.program.noncausal:
             return kernels + ["parallel (GEMM) fwd", "parallel (GEMM) bwd"]
         plan = chunk_plan(self.analysis)
-        kernels += ["chunk fwd"]
-        if not any(sp.beta is not None and sp.decay == 2 for sp in plan.states):
-            kernels += ["chunk bwd"]    # (not yet for KDA's decay per key channel)
+        kernels += ["chunk fwd", "chunk bwd"]
         if any(sp.beta is not None for sp in plan.states):     # delta rules: no parallel form
             return kernels
         if all(sp.decay < 2 for sp in plan.states):
@@ -291,12 +289,9 @@ class Attention:
             return ("recurrent (measured faster than this class's chunked kernels at "
                     "T=4096, see AUTO_RECURRENT_CLASSES; form='chunk' runs them)")
         if self.analysis.transition_class is TransitionClass.DELTA:
-            per_channel = any(sp.decay == 2 for sp in chunk_plan(self.analysis).states)
-            why = ("the chunked backward of a decay per key channel is not generated yet"
-                   if per_channel else "the chunked delta-rule backward runs with "
-                   "form='chunk' but is not yet checked on a GPU")
-            return (f"chunk for T >= {AUTO_CHUNK_MIN_T} without gradients ({why}), "
-                    "recurrent otherwise")
+            return (f"chunk for T >= {AUTO_CHUNK_MIN_T} without gradients (the chunked "
+                    "delta-rule backward runs with form='chunk' but is not yet checked on a "
+                    "GPU), recurrent otherwise")
         return f"chunk for T >= {AUTO_CHUNK_MIN_T}, recurrent below (and for decode)"
 
     def _chunk_reason(self) -> str | None:

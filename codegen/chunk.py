@@ -900,7 +900,8 @@ def _row_sums_of_pairs(P):
 @triton.jit
 def delta_chunk_bwd_kernel(
     q_ptr, k_ptr, v_ptr, beta_ptr, lam_ptr, dy_ptr, dsT_ptr, ckpt_ptr, ds0_ptr, dq_ptr, dk_ptr,
-    dv_ptr, dbeta_ptr, dlam_ptr, cu_seqlens_ptr, chunk_offsets_ptr, T,
+    dv_ptr, dbeta_ptr, dlam_ptr, cu_seqlens_ptr, chunk_offsets_ptr, qk_ptr, kk_ptr, dqk_ptr,
+    dkk_ptr, dk_w_ptr, last_ptr, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     C: tl.constexpr, DECAY: tl.constexpr, USE_FINAL_STATE_GRAD: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
@@ -915,7 +916,12 @@ def delta_chunk_bwd_kernel(
     and S' = exp(b_last) S + (k exp(b_last - b))^T U:
     dU = scores^T dy + k_dec dS', dW = -dU S^T, d[beta exp(b) K, beta V] = L^-T [dW, dU]
     and dA = -(L^-T dW W^T + L^-T dU U0^T) below the diagonal. The log-decay gradient
-    collects d / d b_t of every exp(b) factor, then dlam_j = sum_{t >= j} db_t + db_last."""
+    collects d / d b_t of every exp(b) factor, then dlam_j = sum_{t >= j} db_t + db_last.
+    DECAY 2 (a decay per row of S, KDA): the decayed products q.k and k.k come from the
+    forward (``qk``, ``kk``); this kernel adds their gradients to ``dqk`` and ``dkk``, the
+    parts of dq and dk through the state (q exp(b), k exp(b_last - b)) to ``dq`` and ``dk``
+    and their b_last term to ``last`` (what ``chunk_diag_grads_kernel`` takes), the key's
+    part through beta exp(b) k to ``dk_w`` and its log-decay term to ``dlam``."""
     (i_nh, i_h, bos, eos, ck_base, r_c, r_k, r_v, m_k, m_v, m_kv, p_kv, earlier,
      causal) = _delta_program(cu_seqlens_ptr, chunk_offsets_ptr, T, H, K, V, BK, BV, C,
                               IS_VARLEN)
@@ -938,56 +944,82 @@ def delta_chunk_bwd_kernel(
         beta = tl.load(beta_ptr + rows, mask=m_t, other=0.0).to(tl.float32)
         S = tl.load(ckpt_ptr + ((ck_base + i_c) * H + i_h) * K * V + p_kv, mask=m_kv,
                     other=0.0)
-        if DECAY == 1:
+        p_cc = (((ck_base + i_c) * C + r_c) * H + i_h)[:, None] * C + r_c[None, :]
+        # exp(b) as a query sees the chunk's start state, exp(b_last - b) as a key's term
+        # reaches its end, exp(b_last) over the chunk: per row of the chunk ([C, 1]) or, for
+        # DECAY 2, per row and lane ([C, BK]; the chunk's factor per row of S, [BK, 1])
+        if DECAY == 2:
+            b, bq, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 2, False)
+            e_b = tl.exp(b)
+            e_key = tl.exp(b_last[None, :] - b)
+            e_last = tl.exp(b_last)[:, None]
+            KK = tl.load(kk_ptr + p_cc)          # k_t . k_s exp(b_t - b_s), s <= t
+            QK = tl.load(qk_ptr + p_cc)          # q_t . k_s exp(b_t - b_s), s <= t
+        elif DECAY == 1:
             b, bq, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 1, False)
             pair = tl.exp(tl.minimum(b[:, None] - b[None, :], 0.0))
-            e_b = tl.exp(b)                 # how a query sees the chunk's start state
-            e_key = tl.exp(b_last - b)      # how a key's term reaches the chunk's end
+            e_b = tl.exp(b)[:, None]
+            e_key = tl.exp(b_last - b)[:, None]
             e_last = tl.exp(b_last)
+            KK = _mm(k, tl.trans(k), DOT) * pair
+            QK = _mm(q, tl.trans(k), DOT) * pair
         else:
-            pair = tl.full([C, C], 1.0, tl.float32)
-            e_b = tl.full([C], 1.0, tl.float32)
-            e_key = tl.full([C], 1.0, tl.float32)
+            pair = 1.0
+            e_b = tl.full([C, 1], 1.0, tl.float32)
+            e_key = tl.full([C, 1], 1.0, tl.float32)
             e_last = 1.0
+            KK = _mm(k, tl.trans(k), DOT)
+            QK = _mm(q, tl.trans(k), DOT)
         # the chunk's forward, made again
-        KK = _mm(k, tl.trans(k), DOT)
-        A = tl.where(earlier, KK * pair * beta[:, None], 0.0)
+        A = tl.where(earlier, KK * beta[:, None], 0.0)
         L_inv = _unit_lower_inverse(A, C)
-        R_w = k * (beta * e_b)[:, None]
+        R_w = k * e_b * beta[:, None]
         W = _mm(L_inv, R_w, DOT)
         U0 = _mm(L_inv, v * beta[:, None], DOT)
         U = U0 - _mm(W, S, DOT)
-        QK = _mm(q, tl.trans(k), DOT)
-        scores = tl.where(causal, QK * pair, 0.0)
-        k_dec = k * e_key[:, None]
+        scores = tl.where(causal, QK, 0.0)
+        k_dec = k * e_key
         # back through y and S'
         dU = _mm(tl.trans(scores), dy, DOT) + _mm(k_dec, dS, DOT)
         dscores = tl.where(causal, _mm(dy, tl.trans(U), DOT), 0.0)
         dq_dec = _mm(dy, tl.trans(S), DOT)                       # d (q exp(b))
         dk_dec = _mm(U, tl.trans(dS), DOT)                       # d (k exp(b_last - b))
-        dq = dq_dec * e_b[:, None] + _mm(dscores * pair, k, DOT)
-        dk = _mm(tl.trans(dscores * pair), q, DOT) + dk_dec * e_key[:, None]
         # back through U = U0 - W S and the solve [W, U0] = L^-1 [R_w, beta V]
         dW = -_mm(dU, tl.trans(S), DOT)
         dR_w = _mm(tl.trans(L_inv), dW, DOT)
         dR_u = _mm(tl.trans(L_inv), dU, DOT)
         dA = tl.where(earlier, -(_mm(dR_w, tl.trans(W), DOT) + _mm(dR_u, tl.trans(U0), DOT)),
                       0.0)
-        dk += dR_w * (beta * e_b)[:, None]
         dv = dR_u * beta[:, None]
-        dA_pair = dA * pair
-        dbeta = (tl.sum(dR_w * k * e_b[:, None], axis=1) + tl.sum(dR_u * v, axis=1)
-                 + tl.sum(dA_pair * KK, axis=1))
-        G = dA_pair * beta[:, None]                              # d loss / d (k_t . k_s)
-        dk += _mm(G, k, DOT) + _mm(tl.trans(G), k, DOT)
-        tl.atomic_add(dq_ptr + p_tk, dq, mask=m_tk)
-        tl.atomic_add(dk_ptr + p_tk, dk, mask=m_tk)
+        dbeta = (tl.sum(dR_w * k * e_b, axis=1) + tl.sum(dR_u * v, axis=1)
+                 + tl.sum(dA * KK, axis=1))
+        G = dA * beta[:, None]                       # d loss / d KK[t, s] (below the diagonal)
         tl.store(dv_ptr + p_tv, dv, mask=m_tv)
         tl.atomic_add(dbeta_ptr + rows, dbeta, mask=m_t)
+        if DECAY == 2:  # the products' gradients go on to chunk_diag_grads_kernel
+            tl.atomic_add(dqk_ptr + p_cc, dscores)
+            tl.atomic_add(dkk_ptr + p_cc, G)
+            tl.atomic_add(dq_ptr + p_tk, dq_dec * e_b, mask=m_tk)
+            tl.atomic_add(dk_ptr + p_tk, dk_dec * e_key, mask=m_tk)
+            tl.atomic_add(dk_w_ptr + p_tk, dR_w * e_b * beta[:, None], mask=m_tk)
+            last = (tl.sum(tl.where(m_tk, dk_dec * k_dec, 0.0), axis=0)
+                    + tl.exp(b_last) * tl.sum(S * dS, axis=1))
+            tl.atomic_add(last_ptr + ((ck_base + i_c) * H + i_h) * K + r_k, last, mask=m_k)
+            db_w = tl.where(m_tk, dR_w * R_w, 0.0)       # d / d b of beta exp(b) k
+            tl.atomic_add(dlam_ptr + p_tk, tl.sum(db_w, axis=0)[None, :]
+                          - tl.cumsum(db_w, axis=0) + db_w, mask=m_tk)
+        else:           # through q k^T and k k^T (times the scalar pair decays)
+            dQK = dscores * pair
+            dKK = G * pair
+            dq = dq_dec * e_b + _mm(dQK, k, DOT)
+            dk = (_mm(tl.trans(dQK), q, DOT) + dk_dec * e_key + dR_w * e_b * beta[:, None]
+                  + _mm(dKK, k, DOT) + _mm(tl.trans(dKK), k, DOT))
+            tl.atomic_add(dq_ptr + p_tk, dq, mask=m_tk)
+            tl.atomic_add(dk_ptr + p_tk, dk, mask=m_tk)
         if DECAY == 1:
             # d / d b_t of every factor exp(+-b_t): q exp(b), the pairs of the scores and
             # of A, k exp(b_last - b), beta exp(b) k; then the chunk total b_last
-            db = (tl.sum(dq_dec * q, axis=1) * e_b
+            db = (tl.sum(dq_dec * q * e_b, axis=1)
                   + _row_sums_of_pairs(dscores * scores) + _row_sums_of_pairs(dA * A)
                   - tl.sum(dk_dec * k_dec, axis=1) + tl.sum(dR_w * R_w, axis=1))
             db_last = tl.sum(tl.sum(dk_dec * k_dec, axis=1), axis=0) + e_last * tl.sum(
@@ -995,6 +1027,6 @@ def delta_chunk_bwd_kernel(
             db = tl.where(m_t, db, 0.0)
             dlam = tl.sum(db, axis=0) - tl.cumsum(db, axis=0) + db + db_last
             tl.atomic_add(dlam_ptr + rows, dlam, mask=m_t)
-        dS = (dS * e_last + _mm(tl.trans(q * e_b[:, None]), dy, DOT)
+        dS = (dS * e_last + _mm(tl.trans(q * e_b), dy, DOT)
               - _mm(tl.trans(W), dU, DOT))
     tl.store(ds0_ptr + i_nh * K * V + p_kv, dS, mask=m_kv)

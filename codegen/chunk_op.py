@@ -394,10 +394,7 @@ class ChunkCore(torch.autograd.Function):
             scale, dq, dk, dv, _or(dlam, dq), PARALLEL=cfg["parallel"],
             **_for("grads", blocks))
         if cfg["decay"] == 2:   # the intra-chunk parts of dq and dk, and dlam
-            diag = _for("diag_grads", _without(blocks, "V", "BV", "NK", "NV", "DECAY"))
-            for_device(_DIAG_GRADS, dev)((n_chunks, _cdiv(K, diag["BK"]), H),
-                q, k, cumulative, scores, last, cfg["table"], scale, dq, dk, dlam, SUB=_SUB,
-                SPREAD=chunk_core.SPREAD_FOR_DOT, **diag)
+            _diagonal_grads(q, k, cumulative, scores, last, cfg, blocks, scale, dq, dk, dlam)
         if ds0 is not None and scale != 1.0:
             ds0 = ds0 * scale
         if cfg["parallel"] and dlam is not None:
@@ -438,6 +435,18 @@ def _diagonal_scores(q, k, lam, cfg: dict, blocks: dict, dtype, cumulative):
                                   cfg["table"], SUB=_SUB, KP=_pow2(K),
                                   SPREAD=chunk_core.SPREAD_FOR_DOT, **_for("scores", sub))
     return scores, cumulative
+
+
+def _diagonal_grads(q, k, cumulative, dA, last, cfg: dict, blocks: dict, scale: float, dq, dk,
+                    dlam) -> None:
+    """Diagonal decays, through the scores A[t, s] = q_t . k_s exp(b_t - b_s) given dA:
+    adds their parts to dq and dk (which hold the parts through the states) and stores
+    dlam with the b_last terms in ``last`` (``chunk_diag_grads_kernel``)."""
+    H, K = q.shape[2], q.shape[3]
+    diag = _for("diag_grads", _without(blocks, "V", "BV", "NK", "NV", "DECAY"))
+    for_device(_DIAG_GRADS, q.device)((cfg["n_chunks"], _cdiv(K, diag["BK"]), H),
+        q, k, cumulative, dA, last, cfg["table"], scale, dq, dk, dlam, SUB=_SUB,
+        SPREAD=chunk_core.SPREAD_FOR_DOT, **diag)
 
 
 def _blocks(cfg: dict, H: int, K: int, V: int) -> dict:
@@ -815,6 +824,7 @@ class DeltaChunkCore(torch.autograd.Function):
             **({"num_warps": 4, "num_stages": 1} if on_gpu else {}))
         if store:
             ctx.save_for_backward(q, k, v, beta, lam, ckpt)
+            ctx.products = (qk, kk) if cfg["decay"] == 2 else None
         ctx.cfg, ctx.has_s0 = cfg, s0 is not None
         return y, sT
 
@@ -833,12 +843,32 @@ class DeltaChunkCore(torch.autograd.Function):
             else None
         ds0 = torch.empty(N, H, K, V, dtype=torch.float32, device=dev)
         bv = cfg["delta_bv"]
+        per_row = cfg["decay"] == 2
+        if per_row:     # the decayed products' gradients, the key's part through beta e^b k
+            qk, kk = ctx.products
+            dqk, dkk = torch.zeros_like(qk), torch.zeros_like(kk)
+            dk_w = torch.zeros(k.shape, dtype=torch.float32, device=dev)
+            last = torch.zeros(cfg["n_chunks"], H, K, dtype=torch.float32, device=dev)
+        else:
+            qk = kk = dqk = dkk = dk_w = last = dy
         for_device(delta_chunk_bwd_kernel, dev)[(_cdiv(V, bv), N * H)](
             q, k, v, beta, _or(lam, beta), dy.contiguous(), _or(dsT, dy), ckpt, ds0, grads[0],
-            grads[1], dv, grads[2], _or(dlam, beta), _or(cu, dy), _or(offsets, dy), T, H=H, K=K,
-            V=V, BK=_pow2(K), BV=bv, C=cfg["C"], DECAY=int(lam is not None),
-            USE_FINAL_STATE_GRAD=dsT is not None, IS_VARLEN=cu is not None, DOT=cfg["dot"],
+            grads[1], dv, grads[2], _or(dlam, beta), _or(cu, dy), _or(offsets, dy), qk, kk,
+            dqk, dkk, dk_w, last, T, H=H, K=K, V=V, BK=_pow2(K), BV=bv, C=cfg["C"],
+            DECAY=cfg["decay"], USE_FINAL_STATE_GRAD=dsT is not None,
+            IS_VARLEN=cu is not None, DOT=cfg["dot"],
             **({"num_warps": 4, "num_stages": 1} if dev.type == "cuda" else {}))
+        if per_row:     # through q_t . k_s and k_t . k_s with their decays exp(b_t - b_s)
+            blocks = _blocks(cfg, H, K, V)
+            cumulative = _cumulative_decays(lam, cfg, blocks)
+            dlam_qk, dlam_kk = torch.empty_like(dlam), torch.empty_like(dlam)
+            _diagonal_grads(q, k, cumulative, dqk, last, cfg, blocks, 1.0, grads[0], grads[1],
+                            dlam_qk)
+            dk_rows, dk_cols = torch.zeros_like(dk_w), torch.zeros_like(dk_w)
+            _diagonal_grads(k, k, cumulative, dkk, torch.zeros_like(last), cfg, blocks, 1.0,
+                            dk_rows, dk_cols, dlam_kk)
+            grads[1] += dk_w + dk_rows + dk_cols
+            dlam += dlam_qk + dlam_kk
         grads.insert(2, dv)
         dq, dk, dv, dbeta = (g.to(x.dtype) for g, x in zip(grads, (q, k, v, beta)))
         return dq, dk, dv, dbeta, dlam, ds0 if ctx.has_s0 else None, None
@@ -846,14 +876,7 @@ class DeltaChunkCore(torch.autograd.Function):
 
 def _delta_forward(q, k, v, beta, lam, s0, cu_seqlens, batch: int, chunk_size: int, dot: int,
                    decay: int):
-    """The chunked delta rule (``DeltaChunkCore``): differentiable for no or scalar decays;
-    decays over the rows of S (KDA) run forward only so far."""
-    if decay == 2 and torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (q, k, v, beta, lam, s0)):
-        raise ChunkUnsupported(
-            "the chunked backward of delta rules with a decay per key channel (KDA) is not "
-            "generated yet (the chunked forward runs without gradients, for prefill); train "
-            "with form='recurrent'")
+    """The chunked delta rule (``DeltaChunkCore``), differentiable."""
     cfg = _core_config(batch, q.shape[1], q.shape[-1], v.shape[-1], cu_seqlens, chunk_size,
                        False, dot, q.device)
     cfg["decay"] = decay

@@ -195,7 +195,7 @@ def test_chunked_delta_rule_forward_matches_reference(name):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "kda"])
 def test_chunked_delta_rule_gradients_match_reference(name, dtype):
     """The chunked delta-rule backward (WY form made again per chunk from the stored chunk
     start states): outputs, final states and the gradients of every input, param and the
@@ -207,7 +207,7 @@ def test_chunked_delta_rule_gradients_match_reference(name, dtype):
     check_against_reference(attn, x, init, dtype, form="chunk")
 
 
-@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "kda"])
 def test_chunked_delta_rule_gradients_varlen_and_k_not_v(name):
     attn = linforge.library.get(name)
     sizes = dict(kernel_sizes(attn), K=24, V=40)
@@ -217,7 +217,7 @@ def test_chunked_delta_rule_gradients_varlen_and_k_not_v(name):
     check_against_reference(attn, x, init, torch.float32, cu_seqlens=cu, form="chunk")
 
 
-@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "kda"])
 def test_chunked_delta_rule_gradients_with_v_split(name, monkeypatch):
     """V = 40 in blocks of 16: three programs per head, the gradients that sum over V
     (dq, dk, dbeta, dlam) added atomically."""
@@ -229,25 +229,17 @@ def test_chunked_delta_rule_gradients_with_v_split(name, monkeypatch):
     check_against_reference(attn, x, init, torch.float32, form="chunk")
 
 
-def test_kda_chunk_forward_with_steep_gates_k_not_v_and_its_gradient_error():
-    """KDA's per-channel gates down to exp(-20) per step in some stretches (sub-chunks then
-    go row by row) with K != V: finite and equal to the reference; asking for gradients
-    says the chunked backward of this class is not generated yet."""
+def test_kda_chunk_with_steep_gates_in_some_stretches():
+    """KDA's per-channel gates down to exp(-20) per step in some stretches (their
+    sub-chunks go row by row, the others through dots) with K != V: outputs, final state
+    and every gradient finite and equal to the reference."""
     attn = linforge.library.get("kda")
     sizes = dict(kernel_sizes(attn), K=24, V=40)
     x = make_inputs(attn, B=1, T=140, H=2, sizes=sizes, seed=23)
     steep = ((torch.arange(140) // 30) % 2 == 1).float().reshape(1, 140, 1, 1)
     x["g"] = x["g"] * (1 - steep) - 20 * torch.rand(x["g"].shape) * steep
     init = make_state(attn, N=1, H=2, sizes=sizes)
-    with torch.no_grad():
-        o, final = attn(**x, initial_state=init, output_final_state=True, form="chunk")
-    o_ref, f_ref = attn.reference(**{k: v.double() for k, v in x.items()}, initial_state=init,
-                                  output_final_state=True)
-    assert torch.isfinite(o).all()
-    assert rel_err(o, o_ref) < 1e-4 and rel_err(final["S"], f_ref["S"]) < 1e-4
-    x["q"].requires_grad_()
-    with pytest.raises(NotImplementedError, match="decay per key channel"):
-        attn(**x, form="chunk")
+    check_against_reference(attn, x, init, torch.float32, form="chunk")
 
 
 def test_chunked_delta_rule_auto_still_trains_with_recurrent():

@@ -81,7 +81,7 @@ def test_decode_gpu_equals_full_sequence(name):
 
 CHUNKED = ["linear_attention", "retnet", "mamba2", "lightning_attention", "performer",
            "cosformer", "gated_rfa", "mlstm", "based", "gla", "rwkv6", "rwkv5", "hgrn2",
-           "deltanet", "gated_deltanet"]
+           "deltanet", "gated_deltanet", "kda"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -117,7 +117,7 @@ def test_chunk_gpu_kda_forward(dtype):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "kda"])
 def test_chunk_gpu_delta_rule_long_bf16_at_full_width(name):
     """The chunked delta rule at the benchmark's width (K = V = 128), T = 16384, bf16:
     outputs and every gradient finite and equal to the recurrent kernels' within bf16
