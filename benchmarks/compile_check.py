@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--strict", action="store_true")
     ap.add_argument("--BK", type=int, default=64)
     ap.add_argument("--decay", type=int, default=2, help="DECAY of the shared kernels")
+    ap.add_argument("--low-rank", action="store_true", help="the delta forward's LOW_RANK")
     ap.add_argument("--num-warps", type=int, default=4)
     ap.add_argument("--num-stages", type=int, default=1)
     args = ap.parse_args()
@@ -84,9 +85,11 @@ def main() -> None:
         "delta_chunk_fwd_kernel": (chunk.delta_chunk_fwd_kernel,
             dict(q_ptr=P, k_ptr=P, v_ptr=P, beta_ptr="*fp32", lam_ptr="*fp32", y_ptr="*fp32",
                  s0_ptr="*fp32", sT_ptr="*fp32", ckpt_ptr="*fp32", cu_seqlens_ptr="*i32",
-                 chunk_offsets_ptr="*i64", qk_ptr="*fp32", kk_ptr="*fp32", T="i32"),
+                 chunk_offsets_ptr="*i64", qk_ptr="*fp32", kk_ptr="*fp32", w_ptr=P, x_ptr=P,
+                 ak_ptr="*fp32", rk_ptr="*fp32", T="i32"),
             dict(H=16, K=K, V=128, BK=K, BV=32, C=64, DECAY=args.decay, USE_INITIAL_STATE=True,
-                 STORE_FINAL_STATE=True, IS_VARLEN=False, DOT=1, STORE_CKPT=True)),
+                 STORE_FINAL_STATE=True, IS_VARLEN=False, DOT=1, STORE_CKPT=True,
+                 LOW_RANK=args.low_rank)),
         "delta_chunk_bwd_kernel": (chunk.delta_chunk_bwd_kernel,
             dict(q_ptr=P, k_ptr=P, v_ptr=P, beta_ptr="*fp32", lam_ptr="*fp32", dy_ptr="*fp32",
                  dsT_ptr="*fp32", ckpt_ptr="*fp32", ds0_ptr="*fp32", dq_ptr="*fp32",

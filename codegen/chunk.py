@@ -800,11 +800,11 @@ def _delta_program(cu_seqlens_ptr, chunk_offsets_ptr, T, H: tl.constexpr, K: tl.
 @triton.jit
 def delta_chunk_fwd_kernel(
     q_ptr, k_ptr, v_ptr, beta_ptr, lam_ptr, y_ptr, s0_ptr, sT_ptr, ckpt_ptr, cu_seqlens_ptr,
-    chunk_offsets_ptr, qk_ptr, kk_ptr, T,
+    chunk_offsets_ptr, qk_ptr, kk_ptr, w_ptr, x_ptr, ak_ptr, rk_ptr, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     C: tl.constexpr, DECAY: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
     STORE_FINAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
-    STORE_CKPT: tl.constexpr = False,
+    STORE_CKPT: tl.constexpr = False, LOW_RANK: tl.constexpr = False,
 ):
     """Delta rule S_t = exp(lam_t) (S - beta_t k_t k_t^T S) + beta_t k_t v_t^T, chunk by chunk
     (grid: V blocks, sequences * heads). Within a chunk the updates u_t = beta_t (v_t -
@@ -815,7 +815,11 @@ def delta_chunk_fwd_kernel(
     DECAY 2 (lam over the rows of S, KDA: S_t = (I - beta k k^T) diag(exp(lam_t)) S + beta
     k v^T): the same with exp(b) per row, and the decayed products q_t . k_s exp(b_t - b_s)
     and k_t . k_s exp(b_t - b_s) read from ``qk`` and ``kk`` (``chunk_diag_scores_kernel``,
-    by sub-chunks: every exponent <= 0 or bounded)."""
+    by sub-chunks: every exponent <= 0 or bounded). LOW_RANK (diagonal plus low rank,
+    RWKV-7: S_t = diag(exp(lam_t)) S + x_t (w_t^T S) + k_t v_t^T, ``beta`` unused): the
+    same solve for u_t = w_t^T S_{t-1}, with the products w.x and w.k (s < t, exponent
+    bq_t - b_s with bq the decay before the token; in ``kk`` and ``ak``) and r.x and r.k
+    (s <= t; in ``qk`` and ``rk``)."""
     (i_nh, i_h, bos, eos, ck_base, r_c, r_k, r_v, m_k, m_v, m_kv, p_kv, earlier,
      causal) = _delta_program(cu_seqlens_ptr, chunk_offsets_ptr, T, H, K, V, BK, BV, C,
                               IS_VARLEN)
@@ -834,9 +838,25 @@ def delta_chunk_fwd_kernel(
         v = tl.load(v_ptr + rows[:, None] * V + r_v[None, :], mask=m_tv, other=0.0)
         beta = tl.load(beta_ptr + rows, mask=m_t, other=0.0).to(tl.float32)
         kf = k.to(tl.float32)
-        if DECAY == 2:      # per row of S: the pairs' decays came with the scores
+        p_cc = (((ck_base + i_c) * C + r_c) * H + i_h)[:, None] * C + r_c[None, :]
+        if LOW_RANK:        # S' = diag(e^lam) S + x (w^T S) + k v^T (RWKV-7), per row of S
+            b, bq, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 2, True)
+            lw = tl.load(w_ptr + rows[:, None] * K + r_k[None, :], mask=m_tk,
+                         other=0.0).to(tl.float32)
+            lx = tl.load(x_ptr + rows[:, None] * K + r_k[None, :], mask=m_tk,
+                         other=0.0).to(tl.float32)
+            # u_t = w_t^T S_{t-1} solves (I - WX) U = (w e^bq) S0 + WK V, with the products
+            # WX[t, s] = w_t . x_s e^(bq_t - b_s) and WK likewise (s < t, in kk and ak)
+            kk = -tl.load(kk_ptr + p_cc).to(tl.float32)
+            qk = tl.load(qk_ptr + p_cc).to(tl.float32)      # r_t . x_s e^(b_t - b_s)
+            Wb = -lw * tl.exp(bq)
+            U0 = _mm(tl.load(ak_ptr + p_cc).to(tl.float32), v.to(tl.float32), DOT)
+            q_dec = q.to(tl.float32) * tl.exp(b)
+            u_key = lx * tl.exp(b_last[None, :] - b)         # carries u_s to the chunk end
+            k_dec = kf * tl.exp(b_last[None, :] - b)
+            decay_last = tl.exp(b_last)[:, None]
+        elif DECAY == 2:    # per row of S: the pairs' decays came with the scores
             b, bq, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 2, False)
-            p_cc = (((ck_base + i_c) * C + r_c) * H + i_h)[:, None] * C + r_c[None, :]
             kk = tl.load(kk_ptr + p_cc).to(tl.float32)
             qk = tl.load(qk_ptr + p_cc).to(tl.float32)
             Wb = kf * tl.exp(b) * beta[:, None]
@@ -859,9 +879,13 @@ def delta_chunk_fwd_kernel(
             q_dec = q.to(tl.float32)
             k_dec = kf
             decay_last = 1.0
-        A = tl.where(earlier, kk * beta[:, None], 0.0)
+        if LOW_RANK:
+            A = tl.where(earlier, kk, 0.0)
+            U = U0
+        else:
+            A = tl.where(earlier, kk * beta[:, None], 0.0)
+            U = v.to(tl.float32) * beta[:, None]
         W = Wb
-        U = v.to(tl.float32) * beta[:, None]
         for t in range(1, C):  # forward substitution, row t from the rows before it
             row = (r_c == t)[:, None]
             a_t = tl.sum(tl.where(row, A, 0.0), axis=0)
@@ -870,9 +894,14 @@ def delta_chunk_fwd_kernel(
         U = U - _mm(W, S, DOT)      # the chunk's updates u_t, now that S is known
         scores = tl.where(causal, qk, 0.0)
         y = _mm(q_dec, S, DOT) + _mm(scores, U, DOT)
+        if LOW_RANK:    # the values reach the readout and the state directly too
+            y += _mm(tl.load(rk_ptr + p_cc).to(tl.float32), v.to(tl.float32), DOT)
+            S = (S * decay_last + _mm(tl.trans(u_key), U, DOT)
+                 + _mm(tl.trans(k_dec), v.to(tl.float32), DOT))
+        else:
+            S = S * decay_last + _mm(tl.trans(k_dec), U, DOT)
         tl.store(y_ptr + rows[:, None] * V + r_v[None, :], y.to(y_ptr.dtype.element_ty),
                  mask=m_tv)
-        S = S * decay_last + _mm(tl.trans(k_dec), U, DOT)
     if STORE_FINAL_STATE:
         tl.store(sT_ptr + i_nh * K * V + p_kv, S.to(sT_ptr.dtype.element_ty), mask=m_kv)
 

@@ -61,6 +61,7 @@ class StatePlan:
     strict: bool                     # the readout sees the state before the token's update
     beta: sympy.Expr | None = None   # delta rule: S' = e^lam (S - beta k k^T S) + beta k v^T
     beta_symbols: tuple[tuple[sympy.Symbol, Node], ...] = ()
+    low_rank: tuple[Node, Node] | None = None   # (x, w): S' = e^lam S + x (w @ S) + k v^T
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,27 @@ def _delta_plan(analysis: Analysis, s: str) -> StatePlan:
                      reads, False, beta, tuple((view.symbols[n], n) for n in beta_nodes))
 
 
+def _low_rank_plan(analysis: Analysis, s: str) -> StatePlan:
+    """``S' = diag(e^lam) S + outer(x, w @ S) + outer(k, v)`` (RWKV-7) with lam over the
+    rows of S: find x, w, k, v and lam."""
+    p = analysis.program
+    cu = analysis.updates[s]
+    if len(cu.dims) != 2 or cu.dims[1] != "V" or cu.scale.dims != cu.dims[:1] or \
+            not cu.inputs or len(cu.inputs) != 1 or len(cu.rank_one) != 1:
+        raise ChunkUnsupported(f"'{p.name}': the chunked diagonal-plus-low-rank form takes one "
+                               "matrix state with a decay over its rows, one outer(x, w @ S) "
+                               "and one outer(k, v)")
+    (r,), (out,) = cu.rank_one, cu.inputs
+    reads, query, strict = _state_reads(p, s, ())
+    if strict:
+        raise ChunkUnsupported(f"'{p.name}': a low-rank transition's readout before the "
+                               "update")
+    log_decay, lview = _log_of(cu.scale)
+    symbols = tuple((sym, node) for node, sym in lview.symbols.items())
+    return StatePlan(s, cu.dims[0], query, out.x, out.y, log_decay, symbols, 2, (), reads,
+                     False, low_rank=(r.x, r.w))
+
+
 def chunk_plan(analysis: Analysis) -> ChunkPlan:
     """The chunked mapping of ``analysis`` (derived once per analysis: the sympy work takes
     milliseconds); raises ``ChunkUnsupported`` naming the reason."""
@@ -165,10 +187,13 @@ def _derive_plan(analysis: Analysis) -> ChunkPlan:
         raise ChunkUnsupported(f"'{p.name}' uses {'; '.join(blockers)}")
     if cls is TransitionClass.DELTA:
         return ChunkPlan(tuple(_delta_plan(analysis, s) for s in p.states))
+    if cls is TransitionClass.DPLR:
+        return ChunkPlan(tuple(_low_rank_plan(analysis, s) for s in p.states))
     if cls not in SUPPORTED:
         raise ChunkUnsupported(
             f"'{p.name}' has a {cls.value} transition; chunked kernels exist so far for "
-            f"{', '.join(c.value for c in SUPPORTED)} transitions")
+            f"{', '.join(c.value for c in SUPPORTED)}, {TransitionClass.DELTA.value} and "
+            f"{TransitionClass.DPLR.value} transitions")
     if analysis.readout.kind is ReadoutKind.GENERAL:
         raise ChunkUnsupported(f"'{p.name}': the readout is not linear in the states")
     matrices = [s for s, d in p.states.items() if len(d.dims) == 2]
@@ -664,7 +689,7 @@ def _map_sources(analysis: Analysis, sizes: dict) -> list[tuple[str, str]]:
     p = analysis.program
     found: list[tuple[str, object]] = []
     for sp in plan.states:
-        core = not p.noncausal and sp.beta is None
+        core = not p.noncausal and sp.beta is None and sp.low_rank is None
         for what, node in (("query", sp.query), ("key", sp.key), ("value", sp.value)):
             if core and what != "value":
                 node = _split_scale(node, sizes)[1]
@@ -705,6 +730,8 @@ def chunk_source(analysis: Analysis, direction: str, sizes: dict | None = None) 
                      if sp.columns else ""),
                   f"#   log decay = {sp.log_decay}" if sp.log_decay is not None else
                   "#   no decay",
+                  *([f"#   low rank: outer(x, w @ S), x = {format_node(sp.low_rank[0])}, "
+                     f"w = {format_node(sp.low_rank[1])}"] if sp.low_rank else []),
                   f"#   the readout sees the state {'before' if sp.strict else 'after'} "
                   "the token's update"]
     lines += [f"# readout: o = {format_node(p.output)}",
@@ -717,7 +744,8 @@ def chunk_source(analysis: Analysis, direction: str, sizes: dict | None = None) 
     kernels = (("chunk_states_kernel", *scores, "chunk_output_kernel") if direction == "fwd"
                else ("chunk_dstates_kernel", *scores, "chunk_grads_kernel",
                      *(("chunk_diag_grads_kernel",) if diagonal else ())))
-    if any(sp.beta is not None for sp in plan.states):     # the delta rule's own pair
+    if any(sp.beta is not None or sp.low_rank is not None for sp in plan.states):
+        # the delta rule's own pair (the low-rank transition's too)
         kernels = (*(scores if direction == "fwd" else ()), f"delta_chunk_{direction}_kernel")
     lines.insert(-1, f"# this direction launches: {', '.join(kernels)}")
     if sizes is None:
@@ -795,7 +823,7 @@ class DeltaChunkCore(torch.autograd.Function):
     at every chunk start); differentiable in q, k, v, beta, lam and S0."""
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, lam, s0, cfg: dict):
+    def forward(ctx, q, k, v, beta, lam, s0, cfg: dict, w=None, x=None):
         B, T, H, K = q.shape
         V = v.shape[-1]
         dev = q.device
@@ -810,15 +838,23 @@ class DeltaChunkCore(torch.autograd.Function):
         ckpt = torch.empty(cfg["n_chunks"], H, K, V, dtype=torch.float32, device=dev) \
             if store else y
         cu, offsets = cfg["cu"], cfg["offsets"]
-        qk = kk = y
+        qk = kk = ak = rk = y
         if cfg["decay"] == 2:   # the decayed products by sub-chunks, as diagonal decays'
             blocks = _blocks(cfg, H, K, V)
             cumulative = _cumulative_decays(lam, cfg, blocks)
-            qk, _ = _diagonal_scores(q, k, lam, cfg, blocks, torch.float32, cumulative)
-            kk, _ = _diagonal_scores(k, k, lam, cfg, blocks, torch.float32, cumulative)
+
+            def product(a, b, strict=False):
+                return _diagonal_scores(a, b, lam, cfg, dict(blocks, STRICT=strict),
+                                        torch.float32, cumulative)[0]
+            if w is None:
+                qk, kk = product(q, k), product(k, k)
+            else:               # low rank: w.x and w.k before the token, r.x and r.k
+                kk, ak = product(w, x, True), product(w, k, True)
+                qk, rk = product(q, x), product(q, k)
         for_device(delta_chunk_fwd_kernel, dev)[(_cdiv(V, bv), cfg["N"] * H)](
             q, k, v, beta, _or(lam, beta), y, _or(s0, y), sT, ckpt, _or(cu, y), _or(offsets, y),
-            qk, kk, T, H=H, K=K, V=V, BK=_pow2(K), BV=bv, C=cfg["C"], DECAY=cfg["decay"],
+            qk, kk, _or(w, y), _or(x, y), ak, rk, T, H=H, K=K, V=V, BK=_pow2(K), BV=bv,
+            C=cfg["C"], DECAY=cfg["decay"], LOW_RANK=w is not None,
             USE_INITIAL_STATE=s0 is not None, STORE_FINAL_STATE=True, IS_VARLEN=cu is not None,
             DOT=cfg["dot"], STORE_CKPT=store,
             **({"num_warps": 4, "num_stages": 1} if on_gpu else {}))
@@ -871,16 +907,23 @@ class DeltaChunkCore(torch.autograd.Function):
             dlam += dlam_qk + dlam_kk
         grads.insert(2, dv)
         dq, dk, dv, dbeta = (g.to(x.dtype) for g, x in zip(grads, (q, k, v, beta)))
-        return dq, dk, dv, dbeta, dlam, ds0 if ctx.has_s0 else None, None
+        return dq, dk, dv, dbeta, dlam, ds0 if ctx.has_s0 else None, None, None, None
 
 
 def _delta_forward(q, k, v, beta, lam, s0, cu_seqlens, batch: int, chunk_size: int, dot: int,
-                   decay: int):
-    """The chunked delta rule (``DeltaChunkCore``), differentiable."""
+                   decay: int, low_rank=None):
+    """The chunked delta rule (``DeltaChunkCore``), differentiable; with ``low_rank``
+    (w, x) the diagonal-plus-low-rank transition (forward only so far)."""
+    if low_rank is not None and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, lam, s0, *low_rank)):
+        raise ChunkUnsupported(
+            "the chunked backward of diagonal-plus-low-rank transitions (RWKV-7) is not "
+            "generated yet (the chunked forward runs without gradients, for prefill); train "
+            "with form='recurrent'")
     cfg = _core_config(batch, q.shape[1], q.shape[-1], v.shape[-1], cu_seqlens, chunk_size,
                        False, dot, q.device)
     cfg["decay"] = decay
-    return DeltaChunkCore.apply(q, k, v, beta, lam, s0, cfg)
+    return DeltaChunkCore.apply(q, k, v, beta, lam, s0, cfg, *(low_rank or ()))
 
 
 def _global_state_readout(q, k, v, s0, cu_seqlens, batch: int, cu_keys=None):
@@ -953,7 +996,7 @@ def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *
     for sp in plan.states:
         low = x0.dtype if half and not _cancels(analysis, sp) else torch.float32
         dot = _dot_precision(half, low)
-        core = not p.noncausal and sp.beta is None
+        core = not p.noncausal and sp.beta is None and sp.low_rank is None
         q_scale, query = _split_scale(sp.query, sizes) if core else (1.0, sp.query)
         k_scale, key = _split_scale(sp.key, sizes) if core else (1.0, sp.key)
         q = ev.operand(query, low)
@@ -977,10 +1020,15 @@ def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *
                 y, sT = _global_state_readout(q, k, v, s0, cu_seqlens, batch,
                                               cu_seqlens_memory if memory else None)
             else:
-                beta = _lambdified(sp.beta, sp.beta_symbols, ev, (), (B, T, H))
+                low_rank = None
+                if sp.low_rank is not None:     # (the kernel reads no beta then)
+                    beta = lam
+                    low_rank = (ev.operand(sp.low_rank[1], low), ev.operand(sp.low_rank[0], low))
+                else:
+                    beta = _lambdified(sp.beta, sp.beta_symbols, ev, (), (B, T, H))
                 # the delta kernels are verified on the GPU with tf32 dots only
                 y, sT = _delta_forward(q, k, v, beta, lam, s0, cu_seqlens, batch, chunk_size,
-                                       DOT_TF32 if dot == DOT_BF16 else dot, sp.decay)
+                                       DOT_TF32 if dot == DOT_BF16 else dot, sp.decay, low_rank)
             y_cols, sT_cols = y[..., V:], sT[..., V:]
             y, sT = y[..., :V], sT[..., :V]
         else:

@@ -24,9 +24,9 @@ def chunkable(name):
         return False
 
 
-# identity, scalar and diagonal decays (delta rules: tested below)
+# identity, scalar and diagonal decays (delta rules and RWKV-7: tested below)
 CHUNKED = [n for n in NAMES if chunkable(n) and linforge.library.get(n).analysis.
-           transition_class.value != "delta rank-1"]
+           transition_class.value not in ("delta rank-1", "diagonal plus low rank")]
 
 
 def test_the_identity_scalar_and_diagonal_library_specs_have_a_chunked_form():
@@ -111,12 +111,14 @@ def test_chunk_is_finite_and_exact_with_decays_down_to_exp_minus_20(dims):
 
 
 def test_unsupported_classes_get_a_clear_error():
-    """RWKV-7's diagonal-plus-low-rank transition has no chunked kernel yet: the error says
-    so and what runs."""
-    attn = linforge.library.get("rwkv7")
+    """Mamba-1's full elementwise decay has no chunked form: the error names the class and
+    the form that runs it."""
+    attn = linforge.library.get("mamba")
     x = make_inputs(attn, B=1, T=4, H=1, sizes=kernel_sizes(attn))
-    with pytest.raises(NotImplementedError, match="diagonal plus low rank.*form='recurrent'"):
+    with pytest.raises(ValueError, match="full elementwise decay.*supports: recurrent"):
         attn(**x, form="chunk")
+    with pytest.raises(NotImplementedError, match="full elementwise decay transition"):
+        attn.source("chunk")
 
 
 NONCAUSAL = [n for n in CHUNKED if linforge.library.get(n).program.noncausal]
@@ -169,11 +171,11 @@ def test_chunk_source_shows_the_mapping_and_the_kernels():
     src = linforge.library.get("rwkv6").source("chunk", "bwd")
     assert "key    k^ = k" in src and "log decay = w" in src
     assert "before the token's update" in src and "def chunk_grads_kernel(" in src
-    with pytest.raises(NotImplementedError, match="diagonal plus low rank"):
-        linforge.library.get("rwkv7").source("chunk")
+    src = linforge.library.get("rwkv7").source("chunk", "fwd")
+    assert "delta_chunk_fwd_kernel" in src.split("launches:")[1].splitlines()[0]
 
 
-@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "kda"])
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "kda", "rwkv7"])
 def test_chunked_delta_rule_forward_matches_reference(name):
     """WY form with the unit lower-triangular solve per chunk: the forward without gradients."""
     attn = linforge.library.get(name)
@@ -240,6 +242,32 @@ def test_kda_chunk_with_steep_gates_in_some_stretches():
     x["g"] = x["g"] * (1 - steep) - 20 * torch.rand(x["g"].shape) * steep
     init = make_state(attn, N=1, H=2, sizes=sizes)
     check_against_reference(attn, x, init, torch.float32, form="chunk")
+
+
+def test_rwkv7_chunk_forward_steep_decays_v_split_and_its_gradient_error(monkeypatch):
+    """RWKV-7 (diagonal plus low rank) in the chunked form: decays down to exp(-20) per
+    step in some stretches (sub-chunks row by row there), K != V in three V blocks; equal
+    to the reference. Training asks for the recurrent form (no chunked backward yet), and
+    form='auto' picks it."""
+    monkeypatch.setattr(ops, "FORCE_BLOCK_V", 16)
+    attn = linforge.library.get("rwkv7")
+    sizes = dict(kernel_sizes(attn), K=24, V=40)
+    x = make_inputs(attn, B=1, T=140, H=2, sizes=sizes, seed=24)
+    steep = ((torch.arange(140) // 30) % 2 == 1).float().reshape(1, 140, 1, 1)
+    x["w"] = x["w"] * (1 - steep) - 20 * torch.rand(x["w"].shape) * steep
+    init = make_state(attn, N=1, H=2, sizes=sizes)
+    with torch.no_grad():
+        o, final = attn(**x, initial_state=init, output_final_state=True, form="chunk")
+    o_ref, f_ref = attn.reference(**{k: v.double() for k, v in x.items()}, initial_state=init,
+                                  output_final_state=True)
+    assert torch.isfinite(o).all()
+    assert rel_err(o, o_ref) < 1e-4 and rel_err(final["S"], f_ref["S"]) < 1e-4
+    x["r"].requires_grad_()
+    with pytest.raises(NotImplementedError, match="diagonal-plus-low-rank"):
+        attn(**x, form="chunk")
+    bound = attn.bind(x, None, None)
+    assert attn._auto_form(bound, needs_grad=True) == "recurrent"
+    assert attn._auto_form(bound, needs_grad=False) == "chunk"
 
 
 def test_chunked_delta_rule_auto_still_trains_with_recurrent():

@@ -100,12 +100,14 @@ def test_chunk_gpu(name, dtype):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_chunk_gpu_kda_forward(dtype):
-    """KDA's chunked forward (no backward yet) against the float64 reference."""
-    attn = linforge.library.get("kda")
+@pytest.mark.parametrize("name", ["kda", "rwkv7"])
+def test_chunk_gpu_forward_of_per_channel_delta_and_low_rank(name, dtype):
+    """KDA's and RWKV-7's chunked forward (RWKV-7: no backward yet) against the float64
+    reference."""
+    attn = linforge.library.get(name)
     sizes = spec_sizes(attn, K=100, V=72)
     x = make_inputs(attn, B=2, T=300, H=3, sizes=sizes, seed=7, device="cuda")
-    x = {k: v.to(dtype) if k in ("q", "k", "v") else v for k, v in x.items()}
+    x = {k: v.to(dtype) if k in ("q", "k", "v", "r") else v for k, v in x.items()}
     init = make_state(attn, N=2, H=3, sizes=sizes, device="cuda")
     with torch.no_grad():
         o, final = attn(**x, initial_state=init, output_final_state=True, form="chunk")
