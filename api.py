@@ -34,9 +34,10 @@ AUTO_CHUNK_MIN_T = 64
 #: H200 (B=4, T=4096, H=16, K=V=128, bf16, benchmarks/results/chunk_h200.json); the
 #: recurrent gla was not re-timed on the H200 (its H100 forward+backward is 2.6x slower).
 AUTO_RECURRENT_CLASSES: frozenset = frozenset()
-#: transition classes whose chunked form has no backward yet: form='auto' trains them with
-#: the recurrent form (the chunked forward serves prefill and inference)
-CHUNK_FORWARD_ONLY = (TransitionClass.DPLR,)
+#: transition classes whose chunked backward has not run on a GPU yet: form='auto' trains
+#: them with the recurrent form (form='chunk' trains them chunked; the chunked forward
+#: serves prefill and inference)
+AUTO_TRAINS_RECURRENT = (TransitionClass.DELTA, TransitionClass.DPLR)
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,7 @@ class Attention:
                 isinstance(t, torch.Tensor) and t.requires_grad
                 for t in (*tensors.values(), *params.values()))
             chunked = self._chunk_reason() is None and not (
-                needs_grad and self.analysis.transition_class in CHUNK_FORWARD_ONLY)
+                needs_grad and self.analysis.transition_class in AUTO_TRAINS_RECURRENT)
             return context_parallel(self, tensors, params, group=cp_group,
                                     form=(("chunk" if chunked else "recurrent")
                                           if form == "auto" else form),
@@ -238,7 +239,7 @@ class Attention:
         GPU), parallel for noncausal specs; recurrent
         otherwise (short sequences, other classes)."""
         cls = self.analysis.transition_class
-        delta = cls in (TransitionClass.DELTA, *CHUNK_FORWARD_ONLY)
+        delta = cls in AUTO_TRAINS_RECURRENT
         if self.program.noncausal and self._chunk_reason() is None:
             return "parallel"
         if self._chunk_reason() is None and not (delta and needs_grad) and (
@@ -275,10 +276,9 @@ class Attention:
         if self.program.noncausal:
             return kernels + ["parallel (GEMM) fwd", "parallel (GEMM) bwd"]
         plan = chunk_plan(self.analysis)
-        kernels += ["chunk fwd"]
-        if self.analysis.transition_class not in CHUNK_FORWARD_ONLY:
-            kernels += ["chunk bwd"]
-        if any(sp.beta is not None for sp in plan.states):     # delta rules: no parallel form
+        kernels += ["chunk fwd", "chunk bwd"]
+        if any(sp.beta is not None or sp.low_rank is not None for sp in plan.states):
+            # delta rules and low-rank transitions: no parallel form
             return kernels
         if all(sp.decay < 2 for sp in plan.states):
             kernels += ["parallel fwd", "parallel bwd"]
@@ -298,13 +298,10 @@ class Attention:
         if self.analysis.transition_class in AUTO_RECURRENT_CLASSES:
             return ("recurrent (measured faster than this class's chunked kernels at "
                     "T=4096, see AUTO_RECURRENT_CLASSES; form='chunk' runs them)")
-        if self.analysis.transition_class in CHUNK_FORWARD_ONLY:
+        if self.analysis.transition_class in AUTO_TRAINS_RECURRENT:
             return (f"chunk for T >= {AUTO_CHUNK_MIN_T} without gradients (the chunked "
-                    "backward of this class is not generated yet), recurrent otherwise")
-        if self.analysis.transition_class is TransitionClass.DELTA:
-            return (f"chunk for T >= {AUTO_CHUNK_MIN_T} without gradients (the chunked "
-                    "delta-rule backward runs with form='chunk' but is not yet checked on a "
-                    "GPU), recurrent otherwise")
+                    "backward of this class runs with form='chunk' but is not yet checked on "
+                    "a GPU), recurrent otherwise")
         return f"chunk for T >= {AUTO_CHUNK_MIN_T}, recurrent below (and for decode)"
 
     def _chunk_reason(self) -> str | None:

@@ -1059,3 +1059,92 @@ def delta_chunk_bwd_kernel(
         dS = (dS * e_last + _mm(tl.trans(q * e_b), dy, DOT)
               - _mm(tl.trans(W), dU, DOT))
     tl.store(ds0_ptr + i_nh * K * V + p_kv, dS, mask=m_kv)
+
+
+@triton.jit
+def low_rank_chunk_bwd_kernel(
+    q_ptr, k_ptr, v_ptr, w_ptr, x_ptr, lam_ptr, dy_ptr, dsT_ptr, ckpt_ptr, ds0_ptr,
+    rx_ptr, rk_ptr, wx_ptr, wk_ptr, drx_ptr, drk_ptr, dwx_ptr, dwk_ptr,
+    dq_ptr, dk_ptr, dw_ptr, dx_ptr, dv_ptr, last_ptr, cu_seqlens_ptr, chunk_offsets_ptr, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    C: tl.constexpr, USE_FINAL_STATE_GRAD: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    """Backward of ``delta_chunk_fwd_kernel`` with LOW_RANK (RWKV-7: S_t = diag(exp(lam_t))
+    S + x_t (w_t^T S) + k_t v_t^T, read by q), grid as the forward's. Chunks last to first,
+    carrying one V block of dS; each chunk's solve is made again from its start state:
+    L = I - WX, Wm = -L^-1 (w exp(bq)), U0 = L^-1 (WK V), U = U0 - Wm S, and with
+    y = (q exp(b)) S + QX U + QK V and S' = exp(b_last) S + (x exp(b_last - b))^T U +
+    (k exp(b_last - b))^T V it adds, over the V blocks (atomically), the gradients of the
+    four decayed products (``drx``, ``drk``, ``dwx``, ``dwk``: ``chunk_diag_grads_kernel``
+    takes them on), the parts of dq, dx, dk and dw through the state and through
+    w exp(bq), and each lane's b_last term (``last``); dv and dS0 per block."""
+    (i_nh, i_h, bos, eos, ck_base, r_c, r_k, r_v, m_k, m_v, m_kv, p_kv, earlier,
+     causal) = _delta_program(cu_seqlens_ptr, chunk_offsets_ptr, T, H, K, V, BK, BV, C,
+                              IS_VARLEN)
+    dS = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_FINAL_STATE_GRAD:
+        dS += tl.load(dsT_ptr + i_nh * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
+    n_chunks = tl.cdiv(eos - bos, C)
+    for i_r in range(0, n_chunks):
+        i_c = n_chunks - 1 - i_r
+        m_t = bos + i_c * C + r_c < eos
+        rows = (bos + i_c * C + r_c) * H + i_h
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        p_tk = rows[:, None] * K + r_k[None, :]
+        p_tv = rows[:, None] * V + r_v[None, :]
+        p_cc = (((ck_base + i_c) * C + r_c) * H + i_h)[:, None] * C + r_c[None, :]
+        q = tl.load(q_ptr + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+        lw = tl.load(w_ptr + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+        lx = tl.load(x_ptr + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+        S = tl.load(ckpt_ptr + ((ck_base + i_c) * H + i_h) * K * V + p_kv, mask=m_kv,
+                    other=0.0)
+        b, bq, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 2, True)
+        e_b = tl.exp(b)
+        e_key = tl.exp(b_last[None, :] - b)
+        QX = tl.load(rx_ptr + p_cc)      # q_t . x_s exp(b_t - b_s), s <= t
+        QK = tl.load(rk_ptr + p_cc)
+        WX = tl.load(wx_ptr + p_cc)      # w_t . x_s exp(bq_t - b_s), s < t
+        WK = tl.load(wk_ptr + p_cc)
+        # the chunk's forward, made again
+        L_inv = _unit_lower_inverse(tl.where(earlier, -WX, 0.0), C)
+        R_w = -lw * tl.exp(bq)
+        Wm = _mm(L_inv, R_w, DOT)
+        U0 = _mm(L_inv, _mm(WK, v, DOT), DOT)
+        U = U0 - _mm(Wm, S, DOT)
+        x_dec = lx * e_key
+        k_dec = k * e_key
+        # back through y and S'
+        dU = _mm(tl.trans(QX), dy, DOT) + _mm(x_dec, dS, DOT)
+        dv = _mm(tl.trans(QK), dy, DOT) + _mm(k_dec, dS, DOT)
+        tl.atomic_add(drx_ptr + p_cc, tl.where(causal, _mm(dy, tl.trans(U), DOT), 0.0))
+        tl.atomic_add(drk_ptr + p_cc, tl.where(causal, _mm(dy, tl.trans(v), DOT), 0.0))
+        dq_dec = _mm(dy, tl.trans(S), DOT)
+        dx_dec = _mm(U, tl.trans(dS), DOT)
+        dk_dec = _mm(v, tl.trans(dS), DOT)
+        # back through U = U0 - Wm S, the solve and U0's WK V
+        dWm = -_mm(dU, tl.trans(S), DOT)
+        dR_w = _mm(tl.trans(L_inv), dWm, DOT)
+        dX = _mm(tl.trans(L_inv), dU, DOT)
+        dA = tl.where(earlier, -(_mm(dR_w, tl.trans(Wm), DOT) + _mm(dX, tl.trans(U0), DOT)),
+                      0.0)
+        tl.atomic_add(dwx_ptr + p_cc, -dA)                              # A = -WX
+        tl.atomic_add(dwk_ptr + p_cc, tl.where(earlier, _mm(dX, tl.trans(v), DOT), 0.0))
+        dv += _mm(tl.trans(WK), dX, DOT)
+        tl.store(dv_ptr + p_tv, dv, mask=m_tv)
+        # the parts through the state and through w exp(bq) (their log-decay terms follow
+        # from them in chunk_diag_grads_kernel), and b_last's
+        tl.atomic_add(dq_ptr + p_tk, dq_dec * e_b, mask=m_tk)
+        tl.atomic_add(dx_ptr + p_tk, dx_dec * e_key, mask=m_tk)
+        tl.atomic_add(dk_ptr + p_tk, dk_dec * e_key, mask=m_tk)
+        tl.atomic_add(dw_ptr + p_tk, -dR_w * tl.exp(bq), mask=m_tk)
+        last = (tl.sum(tl.where(m_tk, dx_dec * x_dec + dk_dec * k_dec, 0.0), axis=0)
+                + tl.exp(b_last) * tl.sum(S * dS, axis=1))
+        tl.atomic_add(last_ptr + ((ck_base + i_c) * H + i_h) * K + r_k, last, mask=m_k)
+        dS = (dS * tl.exp(b_last)[:, None] + _mm(tl.trans(q * e_b), dy, DOT)
+              - _mm(tl.trans(Wm), dU, DOT))
+    tl.store(ds0_ptr + i_nh * K * V + p_kv, dS, mask=m_kv)

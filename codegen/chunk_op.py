@@ -29,7 +29,7 @@ from ..ir.transition import TransitionClass
 from .chunk import (DOT_BF16, DOT_IEEE, DOT_TF32, chunk_cumsum_kernel,
                     chunk_diag_grads_kernel, chunk_diag_scores_kernel, chunk_dstates_kernel,
                     chunk_grads_kernel, chunk_output_kernel, chunk_states_kernel,
-                    delta_chunk_bwd_kernel, delta_chunk_fwd_kernel)
+                    delta_chunk_bwd_kernel, delta_chunk_fwd_kernel, low_rank_chunk_bwd_kernel)
 from . import chunk as chunk_core
 from . import ops
 from .launch import Launcher, for_device, interpreting
@@ -859,15 +859,17 @@ class DeltaChunkCore(torch.autograd.Function):
             DOT=cfg["dot"], STORE_CKPT=store,
             **({"num_warps": 4, "num_stages": 1} if on_gpu else {}))
         if store:
-            ctx.save_for_backward(q, k, v, beta, lam, ckpt)
-            ctx.products = (qk, kk) if cfg["decay"] == 2 else None
+            ctx.save_for_backward(q, k, v, beta, lam, ckpt, w, x)
+            ctx.products = (qk, kk, ak, rk) if cfg["decay"] == 2 else None
         ctx.cfg, ctx.has_s0 = cfg, s0 is not None
         return y, sT
 
     @staticmethod
     def backward(ctx, dy, dsT):
-        q, k, v, beta, lam, ckpt = ctx.saved_tensors
+        q, k, v, beta, lam, ckpt, w, x = ctx.saved_tensors
         cfg = ctx.cfg
+        if w is not None:
+            return _low_rank_backward(ctx, q, k, v, lam, ckpt, w, x, dy, dsT)
         B, T, H, K = q.shape
         V = v.shape[-1]
         dev = q.device
@@ -881,7 +883,7 @@ class DeltaChunkCore(torch.autograd.Function):
         bv = cfg["delta_bv"]
         per_row = cfg["decay"] == 2
         if per_row:     # the decayed products' gradients, the key's part through beta e^b k
-            qk, kk = ctx.products
+            qk, kk = ctx.products[:2]
             dqk, dkk = torch.zeros_like(qk), torch.zeros_like(kk)
             dk_w = torch.zeros(k.shape, dtype=torch.float32, device=dev)
             last = torch.zeros(cfg["n_chunks"], H, K, dtype=torch.float32, device=dev)
@@ -910,16 +912,52 @@ class DeltaChunkCore(torch.autograd.Function):
         return dq, dk, dv, dbeta, dlam, ds0 if ctx.has_s0 else None, None, None, None
 
 
+def _low_rank_backward(ctx, q, k, v, lam, ckpt, w, x, dy, dsT):
+    """``DeltaChunkCore.backward`` for the diagonal-plus-low-rank transition:
+    ``low_rank_chunk_bwd_kernel`` (the four decayed products' gradients, the parts through
+    the state and through w exp(bq)), then ``chunk_diag_grads_kernel`` once per product
+    (q.x with the q and x state parts and b_last's terms, q.k with k's, w.x before the token
+    with w's, w.k before the token)."""
+    cfg = ctx.cfg
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    dev = q.device
+    N, cu, offsets = cfg["N"], cfg["cu"], cfg["offsets"]
+    qx, wx, wk, qk = ctx.products
+    d_qx, d_qk, d_wx, d_wk = (torch.zeros_like(t) for t in (qx, qk, wx, wk))
+    dq, dk, dw, dx = (torch.zeros(t.shape, dtype=torch.float32, device=dev)
+                      for t in (q, k, w, x))
+    dv = torch.empty(v.shape, dtype=torch.float32, device=dev)
+    ds0 = torch.empty(N, H, K, V, dtype=torch.float32, device=dev)
+    last = torch.zeros(cfg["n_chunks"], H, K, dtype=torch.float32, device=dev)
+    bv = cfg["delta_bv"]
+    for_device(low_rank_chunk_bwd_kernel, dev)[(_cdiv(V, bv), N * H)](
+        q, k, v, w, x, lam, dy.contiguous(), _or(dsT, dy), ckpt, ds0, qx, qk, wx, wk, d_qx,
+        d_qk, d_wx, d_wk, dq, dk, dw, dx, dv, last, _or(cu, dy), _or(offsets, dy), T, H=H, K=K,
+        V=V, BK=_pow2(K), BV=bv, C=cfg["C"], USE_FINAL_STATE_GRAD=dsT is not None,
+        IS_VARLEN=cu is not None, DOT=cfg["dot"],
+        **({"num_warps": 4, "num_stages": 1} if dev.type == "cuda" else {}))
+    blocks = _blocks(cfg, H, K, V)
+    before = dict(blocks, STRICT=True)     # w's products see the decay before the token
+    cumulative = _cumulative_decays(lam, cfg, blocks)
+    dlam = [torch.empty(lam.shape, dtype=torch.float32, device=dev) for _ in range(4)]
+    none = torch.zeros_like(last)
+    dq_qk, dw_wk, dx_wx, dk_wk = (torch.zeros_like(t) for t in (dq, dw, dx, dk))
+    _diagonal_grads(q, x, cumulative, d_qx, last, cfg, blocks, 1.0, dq, dx, dlam[0])
+    _diagonal_grads(q, k, cumulative, d_qk, none, cfg, blocks, 1.0, dq_qk, dk, dlam[1])
+    _diagonal_grads(w, x, cumulative, d_wx, none, cfg, before, 1.0, dw, dx_wx, dlam[2])
+    _diagonal_grads(w, k, cumulative, d_wk, none, cfg, before, 1.0, dw_wk, dk_wk, dlam[3])
+    grads = (dq + dq_qk, dk + dk_wk, dv, None, sum(dlam), ds0 if ctx.has_s0 else None, None,
+             dw + dw_wk, dx + dx_wx)
+    inputs = (q, k, v, None, lam, None, None, w, x)
+    return tuple(g.to(t.dtype) if g is not None and t is not None and t.dtype != g.dtype
+                 else g for g, t in zip(grads, inputs))
+
+
 def _delta_forward(q, k, v, beta, lam, s0, cu_seqlens, batch: int, chunk_size: int, dot: int,
                    decay: int, low_rank=None):
     """The chunked delta rule (``DeltaChunkCore``), differentiable; with ``low_rank``
-    (w, x) the diagonal-plus-low-rank transition (forward only so far)."""
-    if low_rank is not None and torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (q, k, v, lam, s0, *low_rank)):
-        raise ChunkUnsupported(
-            "the chunked backward of diagonal-plus-low-rank transitions (RWKV-7) is not "
-            "generated yet (the chunked forward runs without gradients, for prefill); train "
-            "with form='recurrent'")
+    (w, x) the diagonal-plus-low-rank transition."""
     cfg = _core_config(batch, q.shape[1], q.shape[-1], v.shape[-1], cu_seqlens, chunk_size,
                        False, dot, q.device)
     cfg["decay"] = decay

@@ -81,7 +81,7 @@ def test_decode_gpu_equals_full_sequence(name):
 
 CHUNKED = ["linear_attention", "retnet", "mamba2", "lightning_attention", "performer",
            "cosformer", "gated_rfa", "mlstm", "based", "gla", "rwkv6", "rwkv5", "hgrn2",
-           "deltanet", "gated_deltanet", "kda"]
+           "deltanet", "gated_deltanet", "kda", "rwkv7"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -102,8 +102,8 @@ def test_chunk_gpu(name, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", ["kda", "rwkv7"])
 def test_chunk_gpu_forward_of_per_channel_delta_and_low_rank(name, dtype):
-    """KDA's and RWKV-7's chunked forward (RWKV-7: no backward yet) against the float64
-    reference."""
+    """KDA's and RWKV-7's chunked forward against the float64 reference (inputs in bf16
+    where the layers pass them so)."""
     attn = linforge.library.get(name)
     sizes = spec_sizes(attn, K=100, V=72)
     x = make_inputs(attn, B=2, T=300, H=3, sizes=sizes, seed=7, device="cuda")
@@ -119,7 +119,7 @@ def test_chunk_gpu_forward_of_per_channel_delta_and_low_rank(name, dtype):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "kda"])
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "kda", "rwkv7"])
 def test_chunk_gpu_delta_rule_long_bf16_at_full_width(name):
     """The chunked delta rule at the benchmark's width (K = V = 128), T = 16384, bf16:
     outputs and every gradient finite and equal to the recurrent kernels' within bf16
@@ -127,7 +127,7 @@ def test_chunk_gpu_delta_rule_long_bf16_at_full_width(name):
     attn = linforge.library.get(name)
     sizes = spec_sizes(attn, K=128, V=128)
     x = make_inputs(attn, B=1, T=16384, H=2, sizes=sizes, seed=9, device="cuda")
-    x = {k: v.to(torch.bfloat16) if k in ("q", "k", "v") else v for k, v in x.items()}
+    x = {k: v.to(torch.bfloat16) if k in ("q", "k", "v", "r") else v for k, v in x.items()}
     grads = {}
     for form in ("chunk", "recurrent"):
         xs = {k: v.detach().requires_grad_() for k, v in x.items()}
