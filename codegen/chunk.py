@@ -798,6 +798,42 @@ def _delta_program(cu_seqlens_ptr, chunk_offsets_ptr, T, H: tl.constexpr, K: tl.
 
 
 @triton.jit
+def _delta_rows(bos, eos, i_c, ck_base, r_c, i_h, r_k, r_v, m_k, m_v, H: tl.constexpr,
+                K: tl.constexpr, V: tl.constexpr, C: tl.constexpr):
+    """Chunk ``i_c`` of a delta-rule program's sequence: its rows' mask and offsets (rows
+    of a [T*, H] tensor), the masks and offsets of its [C, K] and [C, V] tiles, and of its
+    [C, C] block of a chunk-product buffer ([chunks * C, H, C])."""
+    m_t = bos + i_c * C + r_c < eos
+    rows = (bos + i_c * C + r_c) * H + i_h
+    return (m_t, rows, m_t[:, None] & m_k[None, :], m_t[:, None] & m_v[None, :],
+            rows[:, None] * K + r_k[None, :], rows[:, None] * V + r_v[None, :],
+            (((ck_base + i_c) * C + r_c) * H + i_h)[:, None] * C + r_c[None, :])
+
+
+@triton.jit
+def _end_state_grad(dsT_ptr, i_nh, p_kv, m_kv, K: tl.constexpr, V: tl.constexpr,
+                    BK: tl.constexpr, BV: tl.constexpr, USE_FINAL_STATE_GRAD: tl.constexpr):
+    """The gradient of a sequence's final state on this program's tile (0 without one)."""
+    dS = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_FINAL_STATE_GRAD:
+        dS += tl.load(dsT_ptr + i_nh * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
+    return dS
+
+
+@triton.jit
+def _backward_operands(q_ptr, k_ptr, v_ptr, dy_ptr, ckpt_ptr, p_tk, p_tv, m_tk, m_tv, p_kv,
+                       m_kv, ck_base, i_c, i_h, H: tl.constexpr, K: tl.constexpr,
+                       V: tl.constexpr):
+    """A chunk's q, k, v and dy in fp32 and its start state (``ckpt``), for a backward."""
+    return (tl.load(q_ptr + p_tk, mask=m_tk, other=0.0).to(tl.float32),
+            tl.load(k_ptr + p_tk, mask=m_tk, other=0.0).to(tl.float32),
+            tl.load(v_ptr + p_tv, mask=m_tv, other=0.0).to(tl.float32),
+            tl.load(dy_ptr + p_tv, mask=m_tv, other=0.0).to(tl.float32),
+            tl.load(ckpt_ptr + ((ck_base + i_c) * H + i_h) * K * V + p_kv, mask=m_kv,
+                    other=0.0))
+
+
+@triton.jit
 def delta_chunk_fwd_kernel(
     q_ptr, k_ptr, v_ptr, beta_ptr, lam_ptr, y_ptr, s0_ptr, sT_ptr, ckpt_ptr, cu_seqlens_ptr,
     chunk_offsets_ptr, qk_ptr, kk_ptr, w_ptr, x_ptr, ak_ptr, rk_ptr, T,
@@ -827,10 +863,8 @@ def delta_chunk_fwd_kernel(
     if USE_INITIAL_STATE:
         S += tl.load(s0_ptr + i_nh * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
     for i_c in range(0, tl.cdiv(eos - bos, C)):
-        m_t = bos + i_c * C + r_c < eos
-        rows = (bos + i_c * C + r_c) * H + i_h
-        m_tk = m_t[:, None] & m_k[None, :]
-        m_tv = m_t[:, None] & m_v[None, :]
+        m_t, rows, m_tk, m_tv, p_tk, p_tv, p_cc = _delta_rows(
+            bos, eos, i_c, ck_base, r_c, i_h, r_k, r_v, m_k, m_v, H, K, V, C)
         if STORE_CKPT:
             tl.store(ckpt_ptr + ((ck_base + i_c) * H + i_h) * K * V + p_kv, S, mask=m_kv)
         q = tl.load(q_ptr + rows[:, None] * K + r_k[None, :], mask=m_tk, other=0.0)
@@ -838,7 +872,6 @@ def delta_chunk_fwd_kernel(
         v = tl.load(v_ptr + rows[:, None] * V + r_v[None, :], mask=m_tv, other=0.0)
         beta = tl.load(beta_ptr + rows, mask=m_t, other=0.0).to(tl.float32)
         kf = k.to(tl.float32)
-        p_cc = (((ck_base + i_c) * C + r_c) * H + i_h)[:, None] * C + r_c[None, :]
         if LOW_RANK:        # S' = diag(e^lam) S + x (w^T S) + k v^T (RWKV-7), per row of S
             b, bq, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 2, True)
             lw = tl.load(w_ptr + rows[:, None] * K + r_k[None, :], mask=m_tk,
@@ -954,26 +987,15 @@ def delta_chunk_bwd_kernel(
     (i_nh, i_h, bos, eos, ck_base, r_c, r_k, r_v, m_k, m_v, m_kv, p_kv, earlier,
      causal) = _delta_program(cu_seqlens_ptr, chunk_offsets_ptr, T, H, K, V, BK, BV, C,
                               IS_VARLEN)
-    dS = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_FINAL_STATE_GRAD:
-        dS += tl.load(dsT_ptr + i_nh * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
+    dS = _end_state_grad(dsT_ptr, i_nh, p_kv, m_kv, K, V, BK, BV, USE_FINAL_STATE_GRAD)
     n_chunks = tl.cdiv(eos - bos, C)
     for i_r in range(0, n_chunks):
         i_c = n_chunks - 1 - i_r
-        m_t = bos + i_c * C + r_c < eos
-        rows = (bos + i_c * C + r_c) * H + i_h
-        m_tk = m_t[:, None] & m_k[None, :]
-        m_tv = m_t[:, None] & m_v[None, :]
-        p_tk = rows[:, None] * K + r_k[None, :]
-        p_tv = rows[:, None] * V + r_v[None, :]
-        q = tl.load(q_ptr + p_tk, mask=m_tk, other=0.0).to(tl.float32)
-        k = tl.load(k_ptr + p_tk, mask=m_tk, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + p_tv, mask=m_tv, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+        m_t, rows, m_tk, m_tv, p_tk, p_tv, p_cc = _delta_rows(
+            bos, eos, i_c, ck_base, r_c, i_h, r_k, r_v, m_k, m_v, H, K, V, C)
+        q, k, v, dy, S = _backward_operands(q_ptr, k_ptr, v_ptr, dy_ptr, ckpt_ptr, p_tk, p_tv,
+                                            m_tk, m_tv, p_kv, m_kv, ck_base, i_c, i_h, H, K, V)
         beta = tl.load(beta_ptr + rows, mask=m_t, other=0.0).to(tl.float32)
-        S = tl.load(ckpt_ptr + ((ck_base + i_c) * H + i_h) * K * V + p_kv, mask=m_kv,
-                    other=0.0)
-        p_cc = (((ck_base + i_c) * C + r_c) * H + i_h)[:, None] * C + r_c[None, :]
         # exp(b) as a query sees the chunk's start state, exp(b_last - b) as a key's term
         # reaches its end, exp(b_last) over the chunk: per row of the chunk ([C, 1]) or, for
         # DECAY 2, per row and lane ([C, BK]; the chunk's factor per row of S, [BK, 1])
@@ -1082,27 +1104,16 @@ def low_rank_chunk_bwd_kernel(
     (i_nh, i_h, bos, eos, ck_base, r_c, r_k, r_v, m_k, m_v, m_kv, p_kv, earlier,
      causal) = _delta_program(cu_seqlens_ptr, chunk_offsets_ptr, T, H, K, V, BK, BV, C,
                               IS_VARLEN)
-    dS = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_FINAL_STATE_GRAD:
-        dS += tl.load(dsT_ptr + i_nh * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
+    dS = _end_state_grad(dsT_ptr, i_nh, p_kv, m_kv, K, V, BK, BV, USE_FINAL_STATE_GRAD)
     n_chunks = tl.cdiv(eos - bos, C)
     for i_r in range(0, n_chunks):
         i_c = n_chunks - 1 - i_r
-        m_t = bos + i_c * C + r_c < eos
-        rows = (bos + i_c * C + r_c) * H + i_h
-        m_tk = m_t[:, None] & m_k[None, :]
-        m_tv = m_t[:, None] & m_v[None, :]
-        p_tk = rows[:, None] * K + r_k[None, :]
-        p_tv = rows[:, None] * V + r_v[None, :]
-        p_cc = (((ck_base + i_c) * C + r_c) * H + i_h)[:, None] * C + r_c[None, :]
-        q = tl.load(q_ptr + p_tk, mask=m_tk, other=0.0).to(tl.float32)
-        k = tl.load(k_ptr + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+        m_t, rows, m_tk, m_tv, p_tk, p_tv, p_cc = _delta_rows(
+            bos, eos, i_c, ck_base, r_c, i_h, r_k, r_v, m_k, m_v, H, K, V, C)
+        q, k, v, dy, S = _backward_operands(q_ptr, k_ptr, v_ptr, dy_ptr, ckpt_ptr, p_tk, p_tv,
+                                            m_tk, m_tv, p_kv, m_kv, ck_base, i_c, i_h, H, K, V)
         lw = tl.load(w_ptr + p_tk, mask=m_tk, other=0.0).to(tl.float32)
         lx = tl.load(x_ptr + p_tk, mask=m_tk, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + p_tv, mask=m_tv, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + p_tv, mask=m_tv, other=0.0).to(tl.float32)
-        S = tl.load(ckpt_ptr + ((ck_base + i_c) * H + i_h) * K * V + p_kv, mask=m_kv,
-                    other=0.0)
         b, bq, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 2, True)
         e_b = tl.exp(b)
         e_key = tl.exp(b_last[None, :] - b)
