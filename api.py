@@ -277,8 +277,7 @@ class Attention:
             return kernels + ["parallel (GEMM) fwd", "parallel (GEMM) bwd"]
         plan = chunk_plan(self.analysis)
         kernels += ["chunk fwd", "chunk bwd"]
-        if any(sp.beta is not None or sp.low_rank is not None for sp in plan.states):
-            # delta rules and low-rank transitions: no parallel form
+        if any(sp.solved for sp in plan.states):    # delta rules, low rank: no parallel form
             return kernels
         if all(sp.decay < 2 for sp in plan.states):
             kernels += ["parallel fwd", "parallel bwd"]

@@ -470,7 +470,7 @@ def chunk_diag_scores_kernel(
     q_ptr, k_ptr, b_ptr, A_ptr, chunk_table_ptr,
     H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, STRICT: tl.constexpr,
     DOT: tl.constexpr, SUB: tl.constexpr = 16, KP: tl.constexpr = 16,
-    SPREAD: tl.constexpr = 60.0,
+    SPREAD: tl.constexpr = SPREAD_FOR_DOT,
 ):
     """Grid (chunks, sub-chunks, heads), diagonal decays: the intra-chunk scores of the SUB
     queries of sub-chunk ``i_s``, A[t, s] = sum_k q[t,k] k[s,k] exp(bq[t,k] - b[s,k]), stored
@@ -604,7 +604,7 @@ def chunk_diag_grads_kernel(
     q_ptr, k_ptr, b_ptr, dA_ptr, last_ptr, chunk_table_ptr, scale, dq_ptr, dk_ptr, dlam_ptr,
     H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, C: tl.constexpr,
     STRICT: tl.constexpr, DOT: tl.constexpr, SUB: tl.constexpr = 16,
-    SPREAD: tl.constexpr = 60.0,
+    SPREAD: tl.constexpr = SPREAD_FOR_DOT,
 ):
     """Grid (chunks, K blocks, heads), diagonal decays, after ``chunk_grads_kernel``: adds the
     intra-chunk parts to dq and dk (which hold the parts through the chunk's states), then

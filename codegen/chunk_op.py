@@ -63,6 +63,12 @@ class StatePlan:
     beta_symbols: tuple[tuple[sympy.Symbol, Node], ...] = ()
     low_rank: tuple[Node, Node] | None = None   # (x, w): S' = e^lam S + x (w @ S) + k v^T
 
+    @property
+    def solved(self) -> bool:
+        """The transition reads the state (delta rule, low rank): each chunk's updates come
+        from a triangular solve (the delta kernels), not from the chunked core."""
+        return self.beta is not None or self.low_rank is not None
+
 
 @dataclass(frozen=True)
 class ChunkPlan:
@@ -358,8 +364,8 @@ class ChunkCore(torch.autograd.Function):
                 IS_VARLEN=cu is not None, **sb)
         scores = y
         if cfg["decay"] == 2:   # diagonal decays: intra-chunk scores by sub-chunks first
-            scores, _ = _diagonal_scores(q, k, lam, cfg, blocks, ckpt_dtype,
-                                         _cumulative_decays(lam, cfg, blocks))
+            scores = _diagonal_scores(q, k, lam, cfg, blocks, ckpt_dtype,
+                                      _cumulative_decays(lam, cfg, blocks))
         for_device(_OUTPUT, dev)((n_chunks, H), q, k, v, lam_, y, ckpt, cfg["table"], scores,
                                  cfg["scale"], PARALLEL=cfg["parallel"],
                                  **_for("output", blocks))
@@ -412,7 +418,7 @@ class ChunkCore(torch.autograd.Function):
             if ctx.scores is not None:      # the forward's scores (a first backward)
                 scores, ctx.scores = ctx.scores, None
             else:                           # (a second backward through a retained graph)
-                scores, _ = _diagonal_scores(q, k, lam, cfg, blocks, ckpt.dtype, cumulative)
+                scores = _diagonal_scores(q, k, lam, cfg, blocks, ckpt.dtype, cumulative)
             last = torch.empty(n_chunks, H, K, dtype=torch.float32, device=dev)
         for_device(_GRADS, dev)((n_chunks, H),
             q, k, v, lam_, dy, _or(ckpt, dy), _or(dckpt, dy), cfg["table"], scores, last,
@@ -448,18 +454,17 @@ def _cumulative_decays(lam, cfg: dict, blocks: dict) -> torch.Tensor:
     return cumulative
 
 
-def _diagonal_scores(q, k, lam, cfg: dict, blocks: dict, dtype, cumulative):
+def _diagonal_scores(q, k, lam, cfg: dict, blocks: dict, dtype, cumulative) -> torch.Tensor:
     """Diagonal decays: every chunk's intra-chunk scores from the cumulative log decays
     (``_cumulative_decays``), [chunks * C, H, C] in ``dtype``
-    (``chunk_diag_scores_kernel``: one program per chunk, sub-chunk and head).
-    Returns (scores, b)."""
+    (``chunk_diag_scores_kernel``: one program per chunk, sub-chunk and head)."""
     C, n_chunks, H, K = cfg["C"], cfg["n_chunks"], q.shape[2], q.shape[3]
     scores = torch.empty(n_chunks * C, H, C, dtype=dtype, device=q.device)
     sub = _without(blocks, "V", "BV", "BK", "NK", "NV", "DECAY")
     for_device(_SCORES, q.device)((n_chunks, C // _SUB, H), q, k, cumulative, scores,
                                   cfg["table"], SUB=_SUB, KP=_pow2(K),
                                   SPREAD=chunk_core.SPREAD_FOR_DOT, **_for("scores", sub))
-    return scores, cumulative
+    return scores
 
 
 def _diagonal_grads(q, k, cumulative, dA, last, cfg: dict, blocks: dict, scale: float, dq, dk,
@@ -689,7 +694,7 @@ def _map_sources(analysis: Analysis, sizes: dict) -> list[tuple[str, str]]:
     p = analysis.program
     found: list[tuple[str, object]] = []
     for sp in plan.states:
-        core = not p.noncausal and sp.beta is None and sp.low_rank is None
+        core = not p.noncausal and not sp.solved
         for what, node in (("query", sp.query), ("key", sp.key), ("value", sp.value)):
             if core and what != "value":
                 node = _split_scale(node, sizes)[1]
@@ -744,8 +749,7 @@ def chunk_source(analysis: Analysis, direction: str, sizes: dict | None = None) 
     kernels = (("chunk_states_kernel", *scores, "chunk_output_kernel") if direction == "fwd"
                else ("chunk_dstates_kernel", *scores, "chunk_grads_kernel",
                      *(("chunk_diag_grads_kernel",) if diagonal else ())))
-    if any(sp.beta is not None or sp.low_rank is not None for sp in plan.states):
-        # the delta rule's own pair (the low-rank transition's too)
+    if any(sp.solved for sp in plan.states):    # the delta kernels' own pair
         kernels = (*(scores if direction == "fwd" else ()), f"delta_chunk_{direction}_kernel")
     lines.insert(-1, f"# this direction launches: {', '.join(kernels)}")
     if sizes is None:
@@ -832,7 +836,7 @@ class DeltaChunkCore(torch.autograd.Function):
         if ops.FORCE_BLOCK_V is not None:
             bv = _pow2(min(bv, ops.FORCE_BLOCK_V))
         cfg["delta_bv"] = bv        # the backward splits V as the forward does
-        store = any(ctx.needs_input_grad[:6])
+        store = any(ctx.needs_input_grad)     # (w and x of a low rank count too)
         y = torch.empty(B, T, H, V, dtype=torch.float32, device=dev)
         sT = torch.empty(cfg["N"], H, K, V, dtype=torch.float32, device=dev)
         ckpt = torch.empty(cfg["n_chunks"], H, K, V, dtype=torch.float32, device=dev) \
@@ -845,7 +849,7 @@ class DeltaChunkCore(torch.autograd.Function):
 
             def product(a, b, strict=False):
                 return _diagonal_scores(a, b, lam, cfg, dict(blocks, STRICT=strict),
-                                        torch.float32, cumulative)[0]
+                                        torch.float32, cumulative)
             if w is None:
                 qk, kk = product(q, k), product(k, k)
             else:               # low rank: w.x and w.k before the token, r.x and r.k
@@ -1034,7 +1038,7 @@ def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *
     for sp in plan.states:
         low = x0.dtype if half and not _cancels(analysis, sp) else torch.float32
         dot = _dot_precision(half, low)
-        core = not p.noncausal and sp.beta is None and sp.low_rank is None
+        core = not p.noncausal and not sp.solved
         q_scale, query = _split_scale(sp.query, sizes) if core else (1.0, sp.query)
         k_scale, key = _split_scale(sp.key, sizes) if core else (1.0, sp.key)
         q = ev.operand(query, low)

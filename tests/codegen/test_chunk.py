@@ -262,6 +262,24 @@ def test_rwkv7_chunk_with_steep_decays_in_some_stretches(monkeypatch):
     assert attn._auto_form(bound, needs_grad=False) == "chunk"
 
 
+def test_rwkv7_chunk_gradient_of_the_low_rank_vectors_alone():
+    """Only a and b (the low-rank pair) ask for gradients: the forward still keeps what the
+    backward needs, and their gradients match the reference."""
+    attn = linforge.library.get("rwkv7")
+    sizes = kernel_sizes(attn)
+    x = make_inputs(attn, B=1, T=70, H=2, sizes=sizes, seed=25)
+    grads = {}
+    for form, run in (("chunk", lambda **t: attn(**t, form="chunk")),
+                      ("reference", attn.reference)):
+        dtype = torch.float64 if form == "reference" else torch.float32
+        xs = {n: t.detach().to(dtype).requires_grad_(n in ("a", "b")) for n, t in x.items()}
+        o, _ = run(**xs)
+        o.sum().backward()
+        grads[form] = {n: xs[n].grad for n in ("a", "b")}
+    for n in ("a", "b"):
+        assert rel_err(grads["chunk"][n], grads["reference"][n]) < 1e-4, n
+
+
 def test_chunked_delta_rule_auto_still_trains_with_recurrent():
     """form='auto' keeps delta-rule training on the recurrent form until the chunked
     backward has been checked on a GPU; form='chunk' runs it."""
