@@ -28,14 +28,17 @@ import triton
 import triton.language as tl
 
 
-#: operand precision of the kernels' dots (the constexpr DOT)
-DOT_BF16, DOT_TF32, DOT_IEEE = 0, 1, 2
+#: operand precision of the kernels' dots (the constexpr DOT); TF32X3 splits each fp32
+#: operand into a tf32 high and low part (three tensor-core dots, about fp32's accuracy)
+DOT_BF16, DOT_TF32, DOT_IEEE, DOT_TF32X3 = 0, 1, 2, 3
 
 
 @triton.jit
 def _mm(a, b, DOT: tl.constexpr):
-    """a @ b with an fp32 accumulator; operands in bf16, tf32 or exact fp32 (ieee)."""
-    if DOT == 2:
+    """a @ b with an fp32 accumulator; operands in bf16, tf32, tf32x3 or exact fp32 (ieee)."""
+    if DOT == 3:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
+    elif DOT == 2:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     elif DOT == 1:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")

@@ -26,7 +26,7 @@ from ..ir.readout import ReadoutKind
 from ..ir.signs import nonnegative
 from ..ir.sympy_view import SympyView, equal, is_one
 from ..ir.transition import TransitionClass
-from .chunk import (DOT_BF16, DOT_IEEE, DOT_TF32, chunk_cumsum_kernel,
+from .chunk import (DOT_BF16, DOT_IEEE, DOT_TF32, DOT_TF32X3, chunk_cumsum_kernel,
                     chunk_diag_grads_kernel, chunk_diag_scores_kernel, chunk_dstates_kernel,
                     chunk_grads_kernel, chunk_output_kernel, chunk_states_kernel,
                     delta_chunk_bwd_kernel, delta_chunk_fwd_kernel, low_rank_chunk_bwd_kernel)
@@ -916,6 +916,12 @@ class DeltaChunkCore(torch.autograd.Function):
         return dq, dk, dv, dbeta, dlam, ds0 if ctx.has_s0 else None, None, None, None
 
 
+#: V lanes per program of the low-rank backward on a GPU: at 32 lanes Triton 3.6 asks for
+#: 248 KB of shared memory for K = 128 (an H200 has 227 KB; test_chunk_gpu[rwkv7-bf16]
+#: failed so), at 16 lanes 212 KB (benchmarks/compile_check.py)
+LOW_RANK_BWD_BV = 16
+
+
 def _low_rank_backward(ctx, q, k, v, lam, ckpt, w, x, dy, dsT):
     """``DeltaChunkCore.backward`` for the diagonal-plus-low-rank transition:
     ``low_rank_chunk_bwd_kernel`` (the four decayed products' gradients, the parts through
@@ -934,7 +940,7 @@ def _low_rank_backward(ctx, q, k, v, lam, ckpt, w, x, dy, dsT):
     dv = torch.empty(v.shape, dtype=torch.float32, device=dev)
     ds0 = torch.empty(N, H, K, V, dtype=torch.float32, device=dev)
     last = torch.zeros(cfg["n_chunks"], H, K, dtype=torch.float32, device=dev)
-    bv = cfg["delta_bv"]
+    bv = min(cfg["delta_bv"], LOW_RANK_BWD_BV) if dev.type == "cuda" else cfg["delta_bv"]
     for_device(low_rank_chunk_bwd_kernel, dev)[(_cdiv(V, bv), N * H)](
         q, k, v, w, x, lam, dy.contiguous(), _or(dsT, dy), ckpt, ds0, qx, qk, wx, wk, d_qx,
         d_qk, d_wx, d_wk, dq, dk, dw, dx, dv, last, _or(cu, dy), _or(offsets, dy), T, H=H, K=K,
@@ -1009,7 +1015,9 @@ def _dot_precision(half: bool, low: torch.dtype) -> int:
         return DOT_IEEE  # the interpreter's bf16 dots are wrong; fp32 inputs want fp32 dots
     if low is not torch.float32:
         return DOT_BF16  # half storage: bf16 operands, fp32 accumulation (as fla)
-    return DOT_TF32      # fp32 storage of half inputs (normalized readouts): tf32 operands
+    # fp32 storage of half inputs (a normalized readout that may cancel): tf32's 10-bit
+    # operands cost gated_rfa 2.1e-2 in dv on an H200; tf32x3 keeps about fp32's accuracy
+    return DOT_TF32X3
 
 
 def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *, batch: int,
