@@ -2,8 +2,10 @@
 ptxas), and print each kernel's registers, spills and shared memory: catches compile errors
 the interpreter does not see, and register pressure, before any device time is spent.
 
-Usage: python benchmarks/compile_check.py [--K 128] [--strict] (no CUDA needed; do not set
-TRITON_INTERPRET).
+Usage: python benchmarks/compile_check.py [--K 128] [--strict] [--decay 0|1|2] (no CUDA
+needed; do not set TRITON_INTERPRET). Run it with the device's Triton (3.6; its wheel is on
+this machine's disk: a virtualenv with torch==2.13.0 triton==3.6.0): shared memory differs
+between versions (the low-rank backward at 32 V lanes: 248 KB with 3.6, 152 KB with 3.9).
 """
 
 from __future__ import annotations
@@ -55,13 +57,12 @@ def main() -> None:
     ap.add_argument("--strict", action="store_true")
     ap.add_argument("--BK", type=int, default=64)
     ap.add_argument("--decay", type=int, default=2, help="DECAY of the shared kernels")
-    ap.add_argument("--low-rank", action="store_true", help="the delta forward's LOW_RANK")
     ap.add_argument("--num-warps", type=int, default=4)
     ap.add_argument("--num-stages", type=int, default=1)
     args = ap.parse_args()
     BK = args.BK
     K = args.K
-    P = "*bf16"
+    P, F = "*bf16", "*fp32"
     cases = {
         "chunk_diag_scores_kernel": (chunk.chunk_diag_scores_kernel,
             dict(q_ptr=P, k_ptr=P, b_ptr="*fp32", A_ptr=P, chunk_table_ptr="*i64"),
@@ -82,23 +83,33 @@ def main() -> None:
                  chunk_table_ptr="*i64", A_ptr=P, scale="fp32"),
             dict(H=16, K=K, V=128, BK=BK, BV=BK, NK=K // BK, NV=128 // BK, C=64,
                  DECAY=args.decay, STRICT=args.strict, DOT=0, SUB=16, PARALLEL=False)),
-        "delta_chunk_fwd_kernel": (chunk.delta_chunk_fwd_kernel,
-            dict(q_ptr=P, k_ptr=P, v_ptr=P, beta_ptr="*fp32", lam_ptr="*fp32", y_ptr="*fp32",
-                 s0_ptr="*fp32", sT_ptr="*fp32", ckpt_ptr="*fp32", cu_seqlens_ptr="*i32",
-                 chunk_offsets_ptr="*i64", qk_ptr="*fp32", kk_ptr="*fp32", w_ptr=P, x_ptr=P,
-                 ak_ptr="*fp32", rk_ptr="*fp32", T="i32"),
-            dict(H=16, K=K, V=128, BK=K, BV=32, C=64, DECAY=args.decay, USE_INITIAL_STATE=True,
-                 STORE_FINAL_STATE=True, IS_VARLEN=False, DOT=1, STORE_CKPT=True,
-                 LOW_RANK=args.low_rank)),
-        "delta_chunk_bwd_kernel": (chunk.delta_chunk_bwd_kernel,
-            dict(q_ptr=P, k_ptr=P, v_ptr=P, beta_ptr="*fp32", lam_ptr="*fp32", dy_ptr="*fp32",
-                 dsT_ptr="*fp32", ckpt_ptr="*fp32", ds0_ptr="*fp32", dq_ptr="*fp32",
-                 dk_ptr="*fp32", dv_ptr="*fp32", dbeta_ptr="*fp32", dlam_ptr="*fp32",
-                 cu_seqlens_ptr="*i32", chunk_offsets_ptr="*i64", qk_ptr="*fp32",
-                 kk_ptr="*fp32", dqk_ptr="*fp32", dkk_ptr="*fp32", dk_w_ptr="*fp32",
-                 last_ptr="*fp32", T="i32"),
-            dict(H=16, K=K, V=128, BK=K, BV=32, C=64, DECAY=args.decay, USE_FINAL_STATE_GRAD=True,
-                 IS_VARLEN=False, DOT=1)),
+        "delta_wy_kernel": (chunk.delta_wy_kernel,
+            dict(k_ptr=P, v_ptr=P, beta_ptr=F, lam_ptr=F, kk_ptr=F, w_ptr=F, u_ptr=F,
+                 inv_ptr=F, chunk_table_ptr="*i64"),
+            dict(H=16, K=K, V=128, BK=K, BV=32, NV=4, C=64, DECAY=args.decay, DOT=1,
+                 STORE_INVERSE=True)),
+        "chunk_states_kernel (delta)": (chunk.chunk_states_kernel,
+            dict(k_ptr=P, v_ptr=P, lam_ptr=F, s0_ptr=F, sT_ptr=F, ckpt_ptr=F,
+                 cu_seqlens_ptr="*i32", chunk_offsets_ptr="*i64", T="i32", w_ptr=F, u_ptr=F),
+            dict(H=16, K=K, V=128, BK=K, BV=32, NV=4, C=64, DECAY=args.decay,
+                 USE_INITIAL_STATE=True, IS_VARLEN=False, DOT=1, DELTA=True)),
+        "chunk_dstates_kernel (delta)": (chunk.chunk_dstates_kernel,
+            dict(q_ptr=P, lam_ptr=F, dy_ptr=F, dsT_ptr=F, ds0_ptr=F, dckpt_ptr=F,
+                 cu_seqlens_ptr="*i32", chunk_offsets_ptr="*i64", T="i32", k_ptr=P, w_ptr=F,
+                 A_ptr=F, du_ptr=F),
+            dict(H=16, K=K, V=128, BK=K, BV=32, NV=4, C=64, DECAY=args.decay, STRICT=False,
+                 USE_FINAL_STATE_GRAD=True, IS_VARLEN=False, DOT=1, DELTA=True)),
+        "delta_wy_bwd_kernel": (chunk.delta_wy_bwd_kernel,
+            dict(k_ptr=P, v_ptr=P, beta_ptr=F, lam_ptr=F, kk_ptr=F, inv_ptr=F, w_ptr=F,
+                 du_ptr=F, ckpt_ptr=F, chunk_table_ptr="*i64", dk_ptr=F, dv_ptr=F,
+                 dbeta_ptr=F, dlam_ptr=F, dkk_ptr=F),
+            dict(H=16, K=K, V=128, BK=K, BV=32, NV=4, C=64, DECAY=args.decay, DOT=1)),
+        "low_rank_chunk_fwd_kernel": (chunk.low_rank_chunk_fwd_kernel,
+            dict(q_ptr=P, k_ptr=P, v_ptr=P, lam_ptr=F, y_ptr=F, s0_ptr=F, sT_ptr=F,
+                 ckpt_ptr=F, cu_seqlens_ptr="*i32", chunk_offsets_ptr="*i64", qx_ptr=F,
+                 wx_ptr=F, w_ptr=P, x_ptr=P, wk_ptr=F, qk_ptr=F, T="i32"),
+            dict(H=16, K=K, V=128, BK=K, BV=32, C=64, USE_INITIAL_STATE=True,
+                 STORE_FINAL_STATE=True, IS_VARLEN=False, DOT=1, STORE_CKPT=True)),
         "low_rank_chunk_bwd_kernel": (chunk.low_rank_chunk_bwd_kernel,
             dict(q_ptr=P, k_ptr=P, v_ptr=P, w_ptr=P, x_ptr=P, lam_ptr="*fp32", dy_ptr="*fp32",
                  dsT_ptr="*fp32", ckpt_ptr="*fp32", ds0_ptr="*fp32", rx_ptr="*fp32",
@@ -106,7 +117,7 @@ def main() -> None:
                  drk_ptr="*fp32", dwx_ptr="*fp32", dwk_ptr="*fp32", dq_ptr="*fp32",
                  dk_ptr="*fp32", dw_ptr="*fp32", dx_ptr="*fp32", dv_ptr="*fp32",
                  last_ptr="*fp32", cu_seqlens_ptr="*i32", chunk_offsets_ptr="*i64", T="i32"),
-            dict(H=16, K=K, V=128, BK=K, BV=32, C=64, USE_FINAL_STATE_GRAD=True,
+            dict(H=16, K=K, V=128, BK=K, BV=16, C=64, USE_FINAL_STATE_GRAD=True,
                  IS_VARLEN=False, DOT=1)),
         "chunk_cumsum_kernel": (chunk.chunk_cumsum_kernel,
             dict(lam_ptr="*fp32", b_ptr="*fp32", chunk_table_ptr="*i64"),

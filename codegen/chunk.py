@@ -318,12 +318,15 @@ def _chunk_scores(q_ptr, k_ptr, lam_ptr, rows, m_t, r_c, K: tl.constexpr, BK: tl
 @triton.jit
 def chunk_states_kernel(
     k_ptr, v_ptr, lam_ptr, s0_ptr, sT_ptr, ckpt_ptr, cu_seqlens_ptr, chunk_offsets_ptr, T,
+    w_ptr, u_ptr,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
-    IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DOT: tl.constexpr, DELTA: tl.constexpr = False,
 ):
     """Grid (K blocks * V blocks, sequences * heads): one state tile at every chunk start
-    (ckpt) and after the last token (sT), in chunk order."""
+    (ckpt) and after the last token (sT), in chunk order. DELTA (the delta rule in its WY
+    form, one K block): a chunk's values are its updates u = U0 - W S, from ``u_ptr``
+    (U0, overwritten with u) and ``w_ptr`` (``delta_wy_kernel``) and the start state."""
     i_kv, i_nh = tl.program_id(0), tl.program_id(1)
     i_k, i_v = i_kv // NV, i_kv % NV
     i_n, i_h = i_nh // H, i_nh % H
@@ -337,7 +340,14 @@ def chunk_states_kernel(
         m_t = bos + i_c * C + r_c < eos
         rows = (bos + i_c * C + r_c) * H + i_h
         k = _rows_of(k_ptr, rows, m_t, r_k, m_k, K)
-        v = _rows_of(v_ptr, rows, m_t, r_v, m_v, V)
+        if DELTA:
+            p_u = rows[:, None] * V + r_v[None, :]
+            m_u = m_t[:, None] & m_v[None, :]
+            v = (tl.load(u_ptr + p_u, mask=m_u, other=0.0)
+                 - _mm(_rows_of(w_ptr, rows, m_t, r_k, m_k, K), S, DOT))
+            tl.store(u_ptr + p_u, v, mask=m_u)
+        else:
+            v = _rows_of(v_ptr, rows, m_t, r_v, m_v, V)
         tl.store(ckpt_ptr + ((ck_base + i_c) * H + i_h) * K * V + p_kv,
                  S.to(ckpt_ptr.dtype.element_ty), mask=m_kv)
         k_dec, decay_last = _key_decay(k, lam_ptr, rows, m_t, r_k, m_k, K, DECAY, False)
@@ -561,12 +571,17 @@ def chunk_output_kernel(
 @triton.jit
 def chunk_dstates_kernel(
     q_ptr, lam_ptr, dy_ptr, dsT_ptr, ds0_ptr, dckpt_ptr, cu_seqlens_ptr, chunk_offsets_ptr, T,
+    k_ptr, w_ptr, A_ptr, du_ptr,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr, STRICT: tl.constexpr,
     USE_FINAL_STATE_GRAD: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
+    DELTA: tl.constexpr = False,
 ):
     """Grid (K blocks * V blocks, sequences * heads), chunks last to first: one tile of the
-    gradient of every chunk's end state (dckpt) and of the initial state (ds0)."""
+    gradient of every chunk's end state (dckpt) and of the initial state (ds0). DELTA (one
+    K block): the chunk's updates u = U0 - W S took part in its readout and end state, so
+    their gradient dU = scores^T dy + (k exp(b_last - b)) dS goes to ``du_ptr`` and the
+    start state's gradient gains -W^T dU (scores of diagonal decays from ``A_ptr``)."""
     i_kv, i_nh = tl.program_id(0), tl.program_id(1)
     i_k, i_v = i_kv // NV, i_kv % NV
     i_n, i_h = i_nh // H, i_nh % H
@@ -585,7 +600,22 @@ def chunk_dstates_kernel(
         q = _rows_of(q_ptr, rows, m_t, r_k, m_k, K)
         dy = _rows_of(dy_ptr, rows, m_t, r_v, m_v, V)
         q_dec, decay_last = _query_decay(q, lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)
-        dS = dS * decay_last + _mm(tl.trans(q_dec), dy, DOT)
+        if DELTA:
+            if DECAY == 2:
+                A = tl.load(A_ptr + (((ck_base + i_c) * C + r_c) * H + i_h)[:, None] * C
+                            + r_c[None, :])
+            else:
+                A, _ = _chunk_scores(q_ptr, k_ptr, lam_ptr, rows, m_t, r_c, K, BK, 1, C,
+                                     DECAY, STRICT, DOT)
+            k_dec, _ = _key_decay(_rows_of(k_ptr, rows, m_t, r_k, m_k, K), lam_ptr, rows,
+                                  m_t, r_k, m_k, K, DECAY, False)
+            dU = _mm(tl.trans(A), dy, DOT) + _mm(k_dec, dS, DOT)
+            tl.store(du_ptr + rows[:, None] * V + r_v[None, :], dU,
+                     mask=m_t[:, None] & m_v[None, :])
+            dS = (dS * decay_last + _mm(tl.trans(q_dec), dy, DOT)
+                  - _mm(tl.trans(_rows_of(w_ptr, rows, m_t, r_k, m_k, K)), dU, DOT))
+        else:
+            dS = dS * decay_last + _mm(tl.trans(q_dec), dy, DOT)
     tl.store(ds0_ptr + i_nh * K * V + p_kv, dS, mask=m_kv)
 
 
@@ -686,9 +716,11 @@ def chunk_grads_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NK: tl.constexpr, NV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
     STRICT: tl.constexpr, DOT: tl.constexpr, PARALLEL: tl.constexpr = False,
+    STORE_DV: tl.constexpr = True,
 ):
-    """Grid (chunks, heads): dq, dk, dv and dlam of one chunk from its start state S and the
-    gradient dS of its end state, every K and V block in one program (no atomics):
+    """Grid (chunks, heads): dq, dk, dv (unless not STORE_DV) and dlam of one chunk from its
+    start state S and the gradient dS of its end state, every K and V block in one program
+    (no atomics):
     dA = dy v^T; dv = A^T dy + k_dec dS per V block; dq = dy S^T exp(bq) + dA k and
     dk = v dS^T exp(b_last - b) + dA^T q per K block. Diagonal decays: this kernel stores
     dv, the state parts of dq and dk (unscaled), each lane's sum over V of S_next * dS
@@ -710,21 +742,22 @@ def chunk_grads_kernel(
     else:
         A, mask = _chunk_scores(q_ptr, k_ptr, lam_ptr, rows, m_t, r_c, K, BK, NK, C, DECAY,
                                 STRICT, DOT)
-    for i_v in tl.static_range(NV):
-        r_v, m_v = _block(i_v, BV, V)
-        dv = _mm(tl.trans(A), _rows_of(dy_ptr, rows, m_t, r_v, m_v, V), DOT)
-        if PARALLEL:
-            dv += _later_blocks_dv(q_ptr, k_ptr, lam_ptr, dy_ptr, chunk_table_ptr, rows, m_t,
-                                   r_c, r_v, m_v, i_h, H, K, V, BK, NK, DECAY, STRICT, DOT)
-        else:
-            for i_k in tl.static_range(NK):
-                r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
-                k_dec, _ = _key_decay(_rows_of(k_ptr, rows, m_t, r_k, m_k, K), lam_ptr,
-                                      rows, m_t, r_k, m_k, K, DECAY, False)
-                dv += _mm(k_dec, tl.load(dckpt_ptr + p_state + p_kv, mask=m_kv,
-                                         other=0.0), DOT)
-        tl.store(dv_ptr + rows[:, None] * V + r_v[None, :],
-                 (dv * scale).to(dv_ptr.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+    if STORE_DV:
+        for i_v in tl.static_range(NV):
+            r_v, m_v = _block(i_v, BV, V)
+            dv = _mm(tl.trans(A), _rows_of(dy_ptr, rows, m_t, r_v, m_v, V), DOT)
+            if PARALLEL:
+                dv += _later_blocks_dv(q_ptr, k_ptr, lam_ptr, dy_ptr, chunk_table_ptr, rows, m_t,
+                                       r_c, r_v, m_v, i_h, H, K, V, BK, NK, DECAY, STRICT, DOT)
+            else:
+                for i_k in tl.static_range(NK):
+                    r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
+                    k_dec, _ = _key_decay(_rows_of(k_ptr, rows, m_t, r_k, m_k, K), lam_ptr,
+                                          rows, m_t, r_k, m_k, K, DECAY, False)
+                    dv += _mm(k_dec, tl.load(dckpt_ptr + p_state + p_kv, mask=m_kv,
+                                             other=0.0), DOT)
+            tl.store(dv_ptr + rows[:, None] * V + r_v[None, :],
+                     (dv * scale).to(dv_ptr.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
     if DECAY == 2:
         # every thread has used its scores (the dots above): dA may take their place
         tl.debug_barrier()
@@ -837,28 +870,21 @@ def _backward_operands(q_ptr, k_ptr, v_ptr, dy_ptr, ckpt_ptr, p_tk, p_tv, m_tk, 
 
 
 @triton.jit
-def delta_chunk_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, beta_ptr, lam_ptr, y_ptr, s0_ptr, sT_ptr, ckpt_ptr, cu_seqlens_ptr,
-    chunk_offsets_ptr, qk_ptr, kk_ptr, w_ptr, x_ptr, ak_ptr, rk_ptr, T,
+def low_rank_chunk_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, lam_ptr, y_ptr, s0_ptr, sT_ptr, ckpt_ptr, cu_seqlens_ptr,
+    chunk_offsets_ptr, qx_ptr, wx_ptr, w_ptr, x_ptr, wk_ptr, qk_ptr, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    C: tl.constexpr, DECAY: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
-    STORE_FINAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
-    STORE_CKPT: tl.constexpr = False, LOW_RANK: tl.constexpr = False,
+    C: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DOT: tl.constexpr, STORE_CKPT: tl.constexpr = False,
 ):
-    """Delta rule S_t = exp(lam_t) (S - beta_t k_t k_t^T S) + beta_t k_t v_t^T, chunk by chunk
-    (grid: V blocks, sequences * heads). Within a chunk the updates u_t = beta_t (v_t -
-    S_{t-1}^T k_t) solve (I + A) U = beta * (V - exp(b) K S) with A[t, s] = beta_t k_t.k_s
-    exp(b_t - b_s) (s < t), a unit lower-triangular system solved by forward substitution
-    in fp32 (the WY form: U = U0 - W S with W, U0 = (I + A)^-1 [beta exp(b) K, beta V]).
-    STORE_CKPT: the state at every chunk start goes to ``ckpt`` for the backward.
-    DECAY 2 (lam over the rows of S, KDA: S_t = (I - beta k k^T) diag(exp(lam_t)) S + beta
-    k v^T): the same with exp(b) per row, and the decayed products q_t . k_s exp(b_t - b_s)
-    and k_t . k_s exp(b_t - b_s) read from ``qk`` and ``kk`` (``chunk_diag_scores_kernel``,
-    by sub-chunks: every exponent <= 0 or bounded). LOW_RANK (diagonal plus low rank,
-    RWKV-7: S_t = diag(exp(lam_t)) S + x_t (w_t^T S) + k_t v_t^T, ``beta`` unused): the
-    same solve for u_t = w_t^T S_{t-1}, with the products w.x and w.k (s < t, exponent
-    bq_t - b_s with bq the decay before the token; in ``kk`` and ``ak``) and r.x and r.k
-    (s <= t; in ``qk`` and ``rk``)."""
+    """Diagonal plus low rank (RWKV-7): S_t = diag(exp(lam_t)) S + x_t (w_t^T S) + k_t v_t^T,
+    read by q (y_t = q_t S_t), chunk by chunk (grid: V blocks, sequences * heads). Within a
+    chunk the low-rank reads u_t = w_t^T S_{t-1} solve (I - WX) U = (w exp(bq)) S + WK V,
+    with the decayed products WX[t, s] = w_t . x_s exp(bq_t - b_s) and WK likewise (s < t,
+    bq the decay before the token; ``wx``, ``wk``), QX[t, s] = q_t . x_s exp(b_t - b_s) and
+    QK (s <= t; ``qx``, ``qk``), all from ``chunk_diag_scores_kernel``; the unit lower
+    triangular system is solved by forward substitution in fp32. STORE_CKPT: the state at
+    every chunk start goes to ``ckpt`` for the backward."""
     (i_nh, i_h, bos, eos, ck_base, r_c, r_k, r_v, m_k, m_v, m_kv, p_kv, earlier,
      causal) = _delta_program(cu_seqlens_ptr, chunk_offsets_ptr, T, H, K, V, BK, BV, C,
                               IS_VARLEN)
@@ -870,74 +896,21 @@ def delta_chunk_fwd_kernel(
             bos, eos, i_c, ck_base, r_c, i_h, r_k, r_v, m_k, m_v, H, K, V, C)
         if STORE_CKPT:
             tl.store(ckpt_ptr + ((ck_base + i_c) * H + i_h) * K * V + p_kv, S, mask=m_kv)
-        q = tl.load(q_ptr + rows[:, None] * K + r_k[None, :], mask=m_tk, other=0.0)
-        k = tl.load(k_ptr + rows[:, None] * K + r_k[None, :], mask=m_tk, other=0.0)
-        v = tl.load(v_ptr + rows[:, None] * V + r_v[None, :], mask=m_tv, other=0.0)
-        beta = tl.load(beta_ptr + rows, mask=m_t, other=0.0).to(tl.float32)
-        kf = k.to(tl.float32)
-        if LOW_RANK:        # S' = diag(e^lam) S + x (w^T S) + k v^T (RWKV-7), per row of S
-            b, bq, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 2, True)
-            lw = tl.load(w_ptr + rows[:, None] * K + r_k[None, :], mask=m_tk,
-                         other=0.0).to(tl.float32)
-            lx = tl.load(x_ptr + rows[:, None] * K + r_k[None, :], mask=m_tk,
-                         other=0.0).to(tl.float32)
-            # u_t = w_t^T S_{t-1} solves (I - WX) U = (w e^bq) S0 + WK V, with the products
-            # WX[t, s] = w_t . x_s e^(bq_t - b_s) and WK likewise (s < t, in kk and ak)
-            kk = -tl.load(kk_ptr + p_cc).to(tl.float32)
-            qk = tl.load(qk_ptr + p_cc).to(tl.float32)      # r_t . x_s e^(b_t - b_s)
-            Wb = -lw * tl.exp(bq)
-            U0 = _mm(tl.load(ak_ptr + p_cc).to(tl.float32), v.to(tl.float32), DOT)
-            q_dec = q.to(tl.float32) * tl.exp(b)
-            u_key = lx * tl.exp(b_last[None, :] - b)         # carries u_s to the chunk end
-            k_dec = kf * tl.exp(b_last[None, :] - b)
-            decay_last = tl.exp(b_last)[:, None]
-        elif DECAY == 2:    # per row of S: the pairs' decays came with the scores
-            b, bq, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 2, False)
-            kk = tl.load(kk_ptr + p_cc).to(tl.float32)
-            qk = tl.load(qk_ptr + p_cc).to(tl.float32)
-            Wb = kf * tl.exp(b) * beta[:, None]
-            q_dec = q.to(tl.float32) * tl.exp(b)
-            k_dec = kf * tl.exp(b_last[None, :] - b)
-            decay_last = tl.exp(b_last)[:, None]
-        elif DECAY == 1:
-            b, bq, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 1, False)
-            pair = tl.exp(tl.minimum(b[:, None] - b[None, :], 0.0))
-            kk = _mm(k, tl.trans(k), DOT) * pair
-            qk = _mm(q, tl.trans(k), DOT) * pair
-            Wb = kf * (beta * tl.exp(b))[:, None]
-            q_dec = q.to(tl.float32) * tl.exp(b)[:, None]
-            k_dec = kf * tl.exp(b_last - b)[:, None]
-            decay_last = tl.exp(b_last)
-        else:
-            kk = _mm(k, tl.trans(k), DOT)
-            qk = _mm(q, tl.trans(k), DOT)
-            Wb = kf * beta[:, None]
-            q_dec = q.to(tl.float32)
-            k_dec = kf
-            decay_last = 1.0
-        if LOW_RANK:
-            A = tl.where(earlier, kk, 0.0)
-            U = U0
-        else:
-            A = tl.where(earlier, kk * beta[:, None], 0.0)
-            U = v.to(tl.float32) * beta[:, None]
-        W = Wb
-        for t in range(1, C):  # forward substitution, row t from the rows before it
-            row = (r_c == t)[:, None]
-            a_t = tl.sum(tl.where(row, A, 0.0), axis=0)
-            W = tl.where(row, W - tl.sum(a_t[:, None] * W, axis=0)[None, :], W)
-            U = tl.where(row, U - tl.sum(a_t[:, None] * U, axis=0)[None, :], U)
-        U = U - _mm(W, S, DOT)      # the chunk's updates u_t, now that S is known
-        scores = tl.where(causal, qk, 0.0)
-        y = _mm(q_dec, S, DOT) + _mm(scores, U, DOT)
-        if LOW_RANK:    # the values reach the readout and the state directly too
-            y += _mm(tl.load(rk_ptr + p_cc).to(tl.float32), v.to(tl.float32), DOT)
-            S = (S * decay_last + _mm(tl.trans(u_key), U, DOT)
-                 + _mm(tl.trans(k_dec), v.to(tl.float32), DOT))
-        else:
-            S = S * decay_last + _mm(tl.trans(k_dec), U, DOT)
-        tl.store(y_ptr + rows[:, None] * V + r_v[None, :], y.to(y_ptr.dtype.element_ty),
-                 mask=m_tv)
+        q = tl.load(q_ptr + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+        lw = tl.load(w_ptr + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+        lx = tl.load(x_ptr + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+        b, bq, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 2, True)
+        L_inv = _unit_lower_inverse(tl.where(earlier, -tl.load(wx_ptr + p_cc), 0.0), C)
+        U = _mm(L_inv, _mm(tl.load(wk_ptr + p_cc), v, DOT) + _mm(lw * tl.exp(bq), S, DOT),
+                DOT)
+        y = (_mm(q * tl.exp(b), S, DOT) + _mm(tl.where(causal, tl.load(qx_ptr + p_cc), 0.0), U, DOT)
+             + _mm(tl.load(qk_ptr + p_cc), v, DOT))
+        e_key = tl.exp(b_last[None, :] - b)     # carries a term of token s to the chunk end
+        S = (S * tl.exp(b_last)[:, None] + _mm(tl.trans(lx * e_key), U, DOT)
+             + _mm(tl.trans(k * e_key), v, DOT))
+        tl.store(y_ptr + p_tv, y.to(y_ptr.dtype.element_ty), mask=m_tv)
     if STORE_FINAL_STATE:
         tl.store(sT_ptr + i_nh * K * V + p_kv, S.to(sT_ptr.dtype.element_ty), mask=m_kv)
 
@@ -963,127 +936,126 @@ def _row_sums_of_pairs(P):
 
 
 @triton.jit
-def delta_chunk_bwd_kernel(
-    q_ptr, k_ptr, v_ptr, beta_ptr, lam_ptr, dy_ptr, dsT_ptr, ckpt_ptr, ds0_ptr, dq_ptr, dk_ptr,
-    dv_ptr, dbeta_ptr, dlam_ptr, cu_seqlens_ptr, chunk_offsets_ptr, qk_ptr, kk_ptr, dqk_ptr,
-    dkk_ptr, dk_w_ptr, last_ptr, T,
+def _wy_chunk(k_ptr, beta_ptr, lam_ptr, kk_ptr, chunk_table_ptr, H: tl.constexpr,
+              K: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
+              DOT: tl.constexpr):
+    """What the delta rule's WY form of this program's chunk is made from: its rows and
+    their mask, the lanes of K, the offsets of its [C, C] block of a chunk-product buffer
+    ([chunks * C, H, C]), k (fp32), beta, exp(b) per row (or row and lane), the products
+    KK[t, s] = k_t . k_s exp(b_t - b_s) (diagonal decays: from ``kk_ptr``), the scalar
+    pair decays exp(b_t - b_s) in it (1 otherwise), the pairs s < t, and the strictly lower
+    A = beta_t KK[t, s] with L = I + A."""
+    i_g, i_h = tl.program_id(0), tl.program_id(1)
+    r_c = tl.arange(0, C)
+    rows, m_t = _chunk(chunk_table_ptr, i_h, H, r_c)
+    r_k, m_k = _block(0, BK, K)
+    p_cc = ((i_g * C + r_c) * H + i_h)[:, None] * C + r_c[None, :]
+    k = _rows_of(k_ptr, rows, m_t, r_k, m_k, K).to(tl.float32)
+    beta = tl.load(beta_ptr + rows, mask=m_t, other=0.0).to(tl.float32)
+    if DECAY == 2:
+        b, _, _ = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 2, False)
+        e_b = tl.exp(b)
+        pair = 1.0
+        KK = tl.load(kk_ptr + p_cc).to(tl.float32)
+    elif DECAY == 1:
+        b, _, _ = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 1, False)
+        e_b = tl.exp(b)[:, None]
+        pair = tl.exp(tl.minimum(b[:, None] - b[None, :], 0.0))
+        KK = _mm(k, tl.trans(k), DOT) * pair
+    else:
+        e_b = tl.full([C, 1], 1.0, tl.float32)
+        pair = 1.0
+        KK = _mm(k, tl.trans(k), DOT)
+    earlier = r_c[:, None] > r_c[None, :]
+    A = tl.where(earlier, KK * beta[:, None], 0.0)
+    return rows, m_t, r_k, m_k, p_cc, k, beta, e_b, pair, earlier, KK, A
+
+
+@triton.jit
+def delta_wy_kernel(
+    k_ptr, v_ptr, beta_ptr, lam_ptr, kk_ptr, w_ptr, u_ptr, inv_ptr, chunk_table_ptr,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    C: tl.constexpr, DECAY: tl.constexpr, USE_FINAL_STATE_GRAD: tl.constexpr,
-    IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
+    NV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr, DOT: tl.constexpr,
+    STORE_INVERSE: tl.constexpr,
 ):
-    """Backward of ``delta_chunk_fwd_kernel`` (grid: V blocks, sequences * heads, as the
-    forward). Each program carries one V block of dS; the gradients that sum over V (dq, dk,
-    dbeta, dlam: every term is linear in the V block's part) are added atomically into
-    zeroed fp32 buffers, dv and dS0 stored per block. Chunks last to
-    first, carrying dS, the gradient of the chunk's end state; each chunk's WY form is made
-    again from its start state (``ckpt``): L = I + A, W = L^-1 beta exp(b) K,
-    U0 = L^-1 beta V, U = U0 - W S, and with y = exp(b) q S + (causal(q k^T) exp(b_t - b_s)) U
-    and S' = exp(b_last) S + (k exp(b_last - b))^T U:
-    dU = scores^T dy + k_dec dS', dW = -dU S^T, d[beta exp(b) K, beta V] = L^-T [dW, dU]
-    and dA = -(L^-T dW W^T + L^-T dU U0^T) below the diagonal. The log-decay gradient
-    collects d / d b_t of every exp(b) factor, then dlam_j = sum_{t >= j} db_t + db_last.
-    DECAY 2 (a decay per row of S, KDA): the decayed products q.k and k.k come from the
-    forward (``qk``, ``kk``); this kernel adds their gradients to ``dqk`` and ``dkk``, the
-    parts of dq and dk through the state (q exp(b), k exp(b_last - b)) to ``dq`` and ``dk``
-    and their b_last term to ``last`` (what ``chunk_diag_grads_kernel`` takes), the key's
-    part through beta exp(b) k to ``dk_w`` and its log-decay term to ``dlam``."""
-    (i_nh, i_h, bos, eos, ck_base, r_c, r_k, r_v, m_k, m_v, m_kv, p_kv, earlier,
-     causal) = _delta_program(cu_seqlens_ptr, chunk_offsets_ptr, T, H, K, V, BK, BV, C,
-                              IS_VARLEN)
-    dS = _end_state_grad(dsT_ptr, i_nh, p_kv, m_kv, K, V, BK, BV, USE_FINAL_STATE_GRAD)
-    n_chunks = tl.cdiv(eos - bos, C)
-    for i_r in range(0, n_chunks):
-        i_c = n_chunks - 1 - i_r
-        m_t, rows, m_tk, m_tv, p_tk, p_tv, p_cc = _delta_rows(
-            bos, eos, i_c, ck_base, r_c, i_h, r_k, r_v, m_k, m_v, H, K, V, C)
-        q, k, v, dy, S = _backward_operands(q_ptr, k_ptr, v_ptr, dy_ptr, ckpt_ptr, p_tk, p_tv,
-                                            m_tk, m_tv, p_kv, m_kv, ck_base, i_c, i_h, H, K, V)
-        beta = tl.load(beta_ptr + rows, mask=m_t, other=0.0).to(tl.float32)
-        # exp(b) as a query sees the chunk's start state, exp(b_last - b) as a key's term
-        # reaches its end, exp(b_last) over the chunk: per row of the chunk ([C, 1]) or, for
-        # DECAY 2, per row and lane ([C, BK]; the chunk's factor per row of S, [BK, 1])
-        if DECAY == 2:
-            b, bq, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 2, False)
-            e_b = tl.exp(b)
-            e_key = tl.exp(b_last[None, :] - b)
-            e_last = tl.exp(b_last)[:, None]
-            KK = tl.load(kk_ptr + p_cc)          # k_t . k_s exp(b_t - b_s), s <= t
-            QK = tl.load(qk_ptr + p_cc)          # q_t . k_s exp(b_t - b_s), s <= t
-        elif DECAY == 1:
-            b, bq, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 1, False)
-            pair = tl.exp(tl.minimum(b[:, None] - b[None, :], 0.0))
-            e_b = tl.exp(b)[:, None]
-            e_key = tl.exp(b_last - b)[:, None]
-            e_last = tl.exp(b_last)
-            KK = _mm(k, tl.trans(k), DOT) * pair
-            QK = _mm(q, tl.trans(k), DOT) * pair
-        else:
-            pair = 1.0
-            e_b = tl.full([C, 1], 1.0, tl.float32)
-            e_key = tl.full([C, 1], 1.0, tl.float32)
-            e_last = 1.0
-            KK = _mm(k, tl.trans(k), DOT)
-            QK = _mm(q, tl.trans(k), DOT)
-        # the chunk's forward, made again
-        A = tl.where(earlier, KK * beta[:, None], 0.0)
-        L_inv = _unit_lower_inverse(A, C)
-        R_w = k * e_b * beta[:, None]
-        W = _mm(L_inv, R_w, DOT)
-        U0 = _mm(L_inv, v * beta[:, None], DOT)
-        U = U0 - _mm(W, S, DOT)
-        scores = tl.where(causal, QK, 0.0)
-        k_dec = k * e_key
-        # back through y and S'
-        dU = _mm(tl.trans(scores), dy, DOT) + _mm(k_dec, dS, DOT)
-        dscores = tl.where(causal, _mm(dy, tl.trans(U), DOT), 0.0)
-        dq_dec = _mm(dy, tl.trans(S), DOT)                       # d (q exp(b))
-        dk_dec = _mm(U, tl.trans(dS), DOT)                       # d (k exp(b_last - b))
-        # back through U = U0 - W S and the solve [W, U0] = L^-1 [R_w, beta V]
-        dW = -_mm(dU, tl.trans(S), DOT)
-        dR_w = _mm(tl.trans(L_inv), dW, DOT)
+    """Grid (chunks, heads), every chunk at once: the delta rule's WY form. Within a chunk
+    the updates u_t = beta_t (v_t - S_{t-1}^T k_t) solve (I + A) U = beta (V - exp(b) K S)
+    for the chunk's start state S, so U = U0 - W S with W = L^-1 (beta exp(b) K) and
+    U0 = L^-1 (beta V), L = I + A unit lower triangular, inverted by forward substitution
+    in fp32. Stores W (``w_ptr``, [T*, H, K]), U0 (``u_ptr``, [T*, H, V]; the states kernel
+    turns it into U) and, for the backward, L^-1 (``inv_ptr``, [chunks * C, H, C])."""
+    rows, m_t, r_k, m_k, p_cc, k, beta, e_b, _, _, _, A = _wy_chunk(
+        k_ptr, beta_ptr, lam_ptr, kk_ptr, chunk_table_ptr, H, K, BK, C, DECAY, DOT)
+    L_inv = _unit_lower_inverse(A, C)
+    if STORE_INVERSE:
+        tl.store(inv_ptr + p_cc, L_inv)
+    tl.store(w_ptr + rows[:, None] * K + r_k[None, :],
+             _mm(L_inv, k * e_b * beta[:, None], DOT), mask=m_t[:, None] & m_k[None, :])
+    for i_v in tl.static_range(NV):
+        r_v, m_v = _block(i_v, BV, V)
+        v = _rows_of(v_ptr, rows, m_t, r_v, m_v, V).to(tl.float32)
+        tl.store(u_ptr + rows[:, None] * V + r_v[None, :], _mm(L_inv, v * beta[:, None], DOT),
+                 mask=m_t[:, None] & m_v[None, :])
+
+
+@triton.jit
+def delta_wy_bwd_kernel(
+    k_ptr, v_ptr, beta_ptr, lam_ptr, kk_ptr, inv_ptr, w_ptr, du_ptr, ckpt_ptr, chunk_table_ptr,
+    dk_ptr, dv_ptr, dbeta_ptr, dlam_ptr, dkk_ptr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    NV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr, DOT: tl.constexpr,
+):
+    """Grid (chunks, heads): back through a chunk's WY form (``delta_wy_kernel``) given dU,
+    the gradient of its updates (``chunk_dstates_kernel``), and its start state S (ckpt).
+    With U = U0 - W S and [W, U0] = L^-1 [R_w, beta V], R_w = beta exp(b) K:
+    dW = -dU S^T, [dR_w, dR_u] = L^-T [dW, dU], dA = -(dR_w W^T + dR_u U0^T) below the
+    diagonal; dv = beta dR_u and dbeta are stored, dk and dlam (the parts through q's
+    readout and the state, from ``chunk_grads_kernel``) gain the key's terms through R_w and
+    through A = beta KK. Diagonal decays: d loss / d KK goes to ``dkk_ptr`` for
+    ``chunk_diag_grads_kernel`` instead."""
+    rows, m_t, r_k, m_k, p_cc, k, beta, e_b, pair, earlier, KK, A = _wy_chunk(
+        k_ptr, beta_ptr, lam_ptr, kk_ptr, chunk_table_ptr, H, K, BK, C, DECAY, DOT)
+    i_g, i_h = tl.program_id(0), tl.program_id(1)
+    L_inv = tl.load(inv_ptr + p_cc)
+    m_tk = m_t[:, None] & m_k[None, :]
+    p_tk = rows[:, None] * K + r_k[None, :]
+    W = tl.load(w_ptr + p_tk, mask=m_tk, other=0.0)
+    dW = tl.zeros([C, BK], dtype=tl.float32)
+    dA = tl.zeros([C, C], dtype=tl.float32)
+    dbeta = tl.zeros([C], dtype=tl.float32)
+    for i_v in tl.static_range(NV):
+        r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(0, i_v, K, V, BK, BV)
+        m_tv = m_t[:, None] & m_v[None, :]
+        S = tl.load(ckpt_ptr + (i_g * H + i_h) * K * V + p_kv, mask=m_kv, other=0.0)
+        dU = tl.load(du_ptr + rows[:, None] * V + r_v[None, :], mask=m_tv, other=0.0)
+        v = _rows_of(v_ptr, rows, m_t, r_v, m_v, V).to(tl.float32)
         dR_u = _mm(tl.trans(L_inv), dU, DOT)
-        dA = tl.where(earlier, -(_mm(dR_w, tl.trans(W), DOT) + _mm(dR_u, tl.trans(U0), DOT)),
-                      0.0)
-        dv = dR_u * beta[:, None]
-        dbeta = (tl.sum(dR_w * k * e_b, axis=1) + tl.sum(dR_u * v, axis=1)
-                 + tl.sum(dA * KK, axis=1))
-        G = dA * beta[:, None]                       # d loss / d KK[t, s] (below the diagonal)
-        tl.store(dv_ptr + p_tv, dv, mask=m_tv)
-        tl.atomic_add(dbeta_ptr + rows, dbeta, mask=m_t)
-        if DECAY == 2:  # the products' gradients go on to chunk_diag_grads_kernel
-            tl.atomic_add(dqk_ptr + p_cc, dscores)
-            tl.atomic_add(dkk_ptr + p_cc, G)
-            tl.atomic_add(dq_ptr + p_tk, dq_dec * e_b, mask=m_tk)
-            tl.atomic_add(dk_ptr + p_tk, dk_dec * e_key, mask=m_tk)
-            tl.atomic_add(dk_w_ptr + p_tk, dR_w * e_b * beta[:, None], mask=m_tk)
-            last = (tl.sum(tl.where(m_tk, dk_dec * k_dec, 0.0), axis=0)
-                    + tl.exp(b_last) * tl.sum(S * dS, axis=1))
-            tl.atomic_add(last_ptr + ((ck_base + i_c) * H + i_h) * K + r_k, last, mask=m_k)
-            db_w = tl.where(m_tk, dR_w * R_w, 0.0)       # d / d b of beta exp(b) k
-            tl.atomic_add(dlam_ptr + p_tk, tl.sum(db_w, axis=0)[None, :]
-                          - tl.cumsum(db_w, axis=0) + db_w, mask=m_tk)
-        else:           # through q k^T and k k^T (times the scalar pair decays)
-            dQK = dscores * pair
-            dKK = G * pair
-            dq = dq_dec * e_b + _mm(dQK, k, DOT)
-            dk = (_mm(tl.trans(dQK), q, DOT) + dk_dec * e_key + dR_w * e_b * beta[:, None]
-                  + _mm(dKK, k, DOT) + _mm(tl.trans(dKK), k, DOT))
-            tl.atomic_add(dq_ptr + p_tk, dq, mask=m_tk)
-            tl.atomic_add(dk_ptr + p_tk, dk, mask=m_tk)
-        if DECAY == 1:
-            # d / d b_t of every factor exp(+-b_t): q exp(b), the pairs of the scores and
-            # of A, k exp(b_last - b), beta exp(b) k; then the chunk total b_last
-            db = (tl.sum(dq_dec * q * e_b, axis=1)
-                  + _row_sums_of_pairs(dscores * scores) + _row_sums_of_pairs(dA * A)
-                  - tl.sum(dk_dec * k_dec, axis=1) + tl.sum(dR_w * R_w, axis=1))
-            db_last = tl.sum(tl.sum(dk_dec * k_dec, axis=1), axis=0) + e_last * tl.sum(
-                tl.sum(S * dS, axis=1), axis=0)
-            db = tl.where(m_t, db, 0.0)
-            dlam = tl.sum(db, axis=0) - tl.cumsum(db, axis=0) + db + db_last
-            tl.atomic_add(dlam_ptr + rows, dlam, mask=m_t)
-        dS = (dS * e_last + _mm(tl.trans(q * e_b), dy, DOT)
-              - _mm(tl.trans(W), dU, DOT))
-    tl.store(ds0_ptr + i_nh * K * V + p_kv, dS, mask=m_kv)
+        dW -= _mm(dU, tl.trans(S), DOT)
+        dA -= _mm(dR_u, tl.trans(_mm(L_inv, v * beta[:, None], DOT)), DOT)
+        dbeta += tl.sum(dR_u * v, axis=1)
+        tl.store(dv_ptr + rows[:, None] * V + r_v[None, :], dR_u * beta[:, None], mask=m_tv)
+    dR_w = _mm(tl.trans(L_inv), dW, DOT)
+    R_w = k * e_b * beta[:, None]
+    dA = tl.where(earlier, dA - _mm(dR_w, tl.trans(W), DOT), 0.0)
+    dbeta += tl.sum(dR_w * k * e_b, axis=1) + tl.sum(dA * KK, axis=1)
+    tl.store(dbeta_ptr + rows, dbeta, mask=m_t)
+    G = dA * beta[:, None]                      # d loss / d KK[t, s], s < t
+    dk = tl.load(dk_ptr + p_tk, mask=m_tk, other=0.0) + dR_w * e_b * beta[:, None]
+    if DECAY == 2:      # KK's own gradients follow in chunk_diag_grads_kernel
+        tl.store(dkk_ptr + p_cc, G)
+        db_w = tl.where(m_tk, dR_w * R_w, 0.0)      # d / d b of beta exp(b) k, per lane
+        dlam = (tl.load(dlam_ptr + p_tk, mask=m_tk, other=0.0)
+                + tl.sum(db_w, axis=0)[None, :] - tl.cumsum(db_w, axis=0) + db_w)
+        tl.store(dlam_ptr + p_tk, dlam, mask=m_tk)
+    else:               # KK = k k^T (times the scalar pair decays, which A carries)
+        dKK = G * pair
+        dk += _mm(dKK, k, DOT) + _mm(tl.trans(dKK), k, DOT)
+        if DECAY == 1:  # d / d b_t of the pairs' exp(b_t - b_s) and of R_w's exp(b_t)
+            db = tl.where(m_t, _row_sums_of_pairs(dA * A) + tl.sum(dR_w * R_w, axis=1), 0.0)
+            dlam = (tl.load(dlam_ptr + rows, mask=m_t, other=0.0)
+                    + tl.sum(db, axis=0) - tl.cumsum(db, axis=0) + db)
+            tl.store(dlam_ptr + rows, dlam, mask=m_t)
+    tl.store(dk_ptr + p_tk, dk, mask=m_tk)
 
 
 @triton.jit
@@ -1095,7 +1067,7 @@ def low_rank_chunk_bwd_kernel(
     C: tl.constexpr, USE_FINAL_STATE_GRAD: tl.constexpr, IS_VARLEN: tl.constexpr,
     DOT: tl.constexpr,
 ):
-    """Backward of ``delta_chunk_fwd_kernel`` with LOW_RANK (RWKV-7: S_t = diag(exp(lam_t))
+    """Backward of ``low_rank_chunk_fwd_kernel`` (RWKV-7: S_t = diag(exp(lam_t))
     S + x_t (w_t^T S) + k_t v_t^T, read by q), grid as the forward's. Chunks last to first,
     carrying one V block of dS; each chunk's solve is made again from its start state:
     L = I - WX, Wm = -L^-1 (w exp(bq)), U0 = L^-1 (WK V), U = U0 - Wm S, and with

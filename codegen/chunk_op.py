@@ -29,7 +29,8 @@ from ..ir.transition import TransitionClass
 from .chunk import (DOT_BF16, DOT_IEEE, DOT_TF32, DOT_TF32X3, chunk_cumsum_kernel,
                     chunk_diag_grads_kernel, chunk_diag_scores_kernel, chunk_dstates_kernel,
                     chunk_grads_kernel, chunk_output_kernel, chunk_states_kernel,
-                    delta_chunk_bwd_kernel, delta_chunk_fwd_kernel, low_rank_chunk_bwd_kernel)
+                    delta_wy_bwd_kernel, delta_wy_kernel, low_rank_chunk_bwd_kernel,
+                    low_rank_chunk_fwd_kernel)
 from . import chunk as chunk_core
 from . import ops
 from .launch import Launcher, for_device, interpreting
@@ -360,7 +361,7 @@ class ChunkCore(torch.autograd.Function):
             sb = _for("states", _without(blocks, "NK", "STRICT"))
             for_device(_STATES, dev)((blocks["NK"] * sb["NV"], N * H),
                 k, v, lam_, s0 if s0 is not None else y, sT, ckpt, _or(cu, y),
-                _or(offsets, y), T, USE_INITIAL_STATE=s0 is not None,
+                _or(offsets, y), T, y, y, USE_INITIAL_STATE=s0 is not None,
                 IS_VARLEN=cu is not None, **sb)
         scores = y
         if cfg["decay"] == 2:   # diagonal decays: intra-chunk scores by sub-chunks first
@@ -410,7 +411,7 @@ class ChunkCore(torch.autograd.Function):
             db = _for("dstates", _without(blocks, "NK"))
             for_device(_DSTATES, dev)((blocks["NK"] * db["NV"], N * H),
                 q, lam_, dy, _or(dsT, dy), ds0, dckpt, _or(cu, dy), _or(offsets, dy), T,
-                USE_FINAL_STATE_GRAD=dsT is not None, IS_VARLEN=cu is not None,
+                dy, dy, dy, dy, USE_FINAL_STATE_GRAD=dsT is not None, IS_VARLEN=cu is not None,
                 **db)
         scores = last = cumulative = dy
         if cfg["decay"] == 2:   # the forward's intra-chunk scores, made again
@@ -548,9 +549,15 @@ def _for(kernel: str, blocks: dict) -> dict:
 #: K=V=128 bf16, results/sweep_chunk_launch_h200.jsonl): prefetching the next chunk's k and
 #: v in the ordered state loops took states 0.189 -> 0.116 ms (3 stages) and dstates
 #: 0.207 -> 0.134 ms (2 stages); the output and gradient kernels are fastest as they are.
+#: The delta rule's kernels hold all of K (128 lanes) per program: at 4 warps Triton 3.6
+#: spills 0.4-5 KB per thread in them, at 8 warps 0.07-2 KB (benchmarks/compile_check.py;
+#: not yet timed on a GPU).
 KERNEL_OPTIONS: dict[str, dict] = {"states": {"num_stages": 3}, "dstates": {"num_stages": 2},
                                    "scores": {"num_stages": 2},
-                                   "diag_grads": {"BK": 32, "num_stages": 2}}
+                                   "diag_grads": {"BK": 32, "num_stages": 2},
+                                   "wy": {"num_warps": 8}, "wy_bwd": {"num_warps": 8},
+                                   "delta_states": {"num_warps": 8},
+                                   "delta_dstates": {"num_warps": 8}}
 
 
 _ARITHMETIC = {Op.ADD: lambda a, b: a + b, Op.SUB: lambda a, b: a - b,
@@ -749,8 +756,14 @@ def chunk_source(analysis: Analysis, direction: str, sizes: dict | None = None) 
     kernels = (("chunk_states_kernel", *scores, "chunk_output_kernel") if direction == "fwd"
                else ("chunk_dstates_kernel", *scores, "chunk_grads_kernel",
                      *(("chunk_diag_grads_kernel",) if diagonal else ())))
-    if any(sp.solved for sp in plan.states):    # the delta kernels' own pair
-        kernels = (*(scores if direction == "fwd" else ()), f"delta_chunk_{direction}_kernel")
+    if any(sp.low_rank is not None for sp in plan.states):
+        kernels = ((*scores, "low_rank_chunk_fwd_kernel") if direction == "fwd" else
+                   ("low_rank_chunk_bwd_kernel", "chunk_diag_grads_kernel"))
+    elif any(sp.solved for sp in plan.states):  # the delta rule's WY form around the core
+        kernels = ((*scores, "delta_wy_kernel", "chunk_states_kernel", "chunk_output_kernel")
+                   if direction == "fwd" else
+                   ("chunk_dstates_kernel", "chunk_grads_kernel", "delta_wy_bwd_kernel",
+                    *(("chunk_diag_grads_kernel",) if diagonal else ())))
     lines.insert(-1, f"# this direction launches: {', '.join(kernels)}")
     if sizes is None:
         lines.insert(-1, "# (source(..., sizes={'K': ..., 'V': ...}) adds the generated map "
@@ -822,9 +835,15 @@ _CONSTANT_MAPS: dict[tuple, torch.Tensor] = {}
 
 
 class DeltaChunkCore(torch.autograd.Function):
-    """The chunked delta rule ``S' = e^lam (S - beta k k^T S) + beta k v^T``, ``y = q @ S'``
-    (``delta_chunk_fwd_kernel``; backward ``delta_chunk_bwd_kernel`` from the state stored
-    at every chunk start); differentiable in q, k, v, beta, lam and S0."""
+    """The chunked delta rule ``S' = e^lam (S - beta k k^T S) + beta k v^T``, ``y = q @ S'``,
+    differentiable in q, k, v, beta, lam and S0. Forward: the WY form of every chunk at once
+    (``delta_wy_kernel``), the states in order with the updates u = U0 - W S as values
+    (``chunk_states_kernel``, DELTA), then the outputs as for any state with u as values
+    (``chunk_output_kernel``). Backward: the state gradients in reverse order with dU
+    (``chunk_dstates_kernel``, DELTA), dq and the readout's and state's parts of dk and dlam
+    (``chunk_grads_kernel`` on u), then back through the WY form (``delta_wy_bwd_kernel``).
+    With ``w`` and ``x`` the diagonal-plus-low-rank transition (``low_rank_chunk_fwd_kernel``
+    and ``_low_rank_backward``)."""
 
     @staticmethod
     def forward(ctx, q, k, v, beta, lam, s0, cfg: dict, w=None, x=None):
@@ -835,85 +854,131 @@ class DeltaChunkCore(torch.autograd.Function):
         bv = min(_pow2(V), 32) if on_gpu else _pow2(V)
         if ops.FORCE_BLOCK_V is not None:
             bv = _pow2(min(bv, ops.FORCE_BLOCK_V))
-        cfg["delta_bv"] = bv        # the backward splits V as the forward does
+        cfg["delta_bv"] = bv
         store = any(ctx.needs_input_grad)     # (w and x of a low rank count too)
         y = torch.empty(B, T, H, V, dtype=torch.float32, device=dev)
         sT = torch.empty(cfg["N"], H, K, V, dtype=torch.float32, device=dev)
         ckpt = torch.empty(cfg["n_chunks"], H, K, V, dtype=torch.float32, device=dev) \
-            if store else y
+            if store or w is None else y
         cu, offsets = cfg["cu"], cfg["offsets"]
-        qk = kk = ak = rk = y
+        products = None
         if cfg["decay"] == 2:   # the decayed products by sub-chunks, as diagonal decays'
-            blocks = _blocks(cfg, H, K, V)
-            cumulative = _cumulative_decays(lam, cfg, blocks)
-
-            def product(a, b, strict=False):
-                return _diagonal_scores(a, b, lam, cfg, dict(blocks, STRICT=strict),
-                                        torch.float32, cumulative)
-            if w is None:
-                qk, kk = product(q, k), product(k, k)
-            else:               # low rank: w.x and w.k before the token, r.x and r.k
-                kk, ak = product(w, x, True), product(w, k, True)
-                qk, rk = product(q, x), product(q, k)
-        for_device(delta_chunk_fwd_kernel, dev)[(_cdiv(V, bv), cfg["N"] * H)](
-            q, k, v, beta, _or(lam, beta), y, _or(s0, y), sT, ckpt, _or(cu, y), _or(offsets, y),
-            qk, kk, _or(w, y), _or(x, y), ak, rk, T, H=H, K=K, V=V, BK=_pow2(K), BV=bv,
-            C=cfg["C"], DECAY=cfg["decay"], LOW_RANK=w is not None,
-            USE_INITIAL_STATE=s0 is not None, STORE_FINAL_STATE=True, IS_VARLEN=cu is not None,
-            DOT=cfg["dot"], STORE_CKPT=store,
-            **({"num_warps": 4, "num_stages": 1} if on_gpu else {}))
+            products = _delta_products(q, k, lam, cfg, w, x)
+        if w is not None:
+            qx, wx, wk, qk = products
+            for_device(low_rank_chunk_fwd_kernel, dev)[(_cdiv(V, bv), cfg["N"] * H)](
+                q, k, v, lam, y, _or(s0, y), sT, ckpt, _or(cu, y), _or(offsets, y), qx, wx, w,
+                x, wk, qk, T, H=H, K=K, V=V, BK=_pow2(K), BV=bv, C=cfg["C"],
+                USE_INITIAL_STATE=s0 is not None, STORE_FINAL_STATE=True,
+                IS_VARLEN=cu is not None, DOT=cfg["dot"], STORE_CKPT=store,
+                **({"num_warps": 4, "num_stages": 1} if on_gpu else {}))
+            inverse = wy = u = None
+        else:
+            blocks = _delta_blocks(cfg, H, K, V)
+            wy = torch.empty(q.shape, dtype=torch.float32, device=dev)
+            u = torch.empty(v.shape, dtype=torch.float32, device=dev)
+            inverse = torch.empty(cfg["n_chunks"] * cfg["C"], H, cfg["C"], dtype=torch.float32,
+                                  device=dev) if store else y
+            lam_ = _or(lam, beta)
+            kk = products[1] if products is not None else y
+            for_device(_WY, dev)((cfg["n_chunks"], H), k, v, beta, lam_, kk, wy, u, inverse,
+                                 cfg["table"], STORE_INVERSE=store,
+                                 **_for("wy", _without(blocks, "NK", "STRICT")))
+            for_device(_STATES, dev)((blocks["NV"], cfg["N"] * H), k, v, lam_, _or(s0, y), sT,
+                                     ckpt, _or(cu, y), _or(offsets, y), T, wy, u,
+                                     USE_INITIAL_STATE=s0 is not None, IS_VARLEN=cu is not None,
+                                     DELTA=True,
+                                     **_for("delta_states", _without(blocks, "NK", "STRICT")))
+            scores = products[0] if products is not None else y
+            for_device(_OUTPUT, dev)((cfg["n_chunks"], H), q, k, u, lam_, y, ckpt, cfg["table"],
+                                     scores, 1.0, **_for("output", _blocks(cfg, H, K, V)))
         if store:
-            ctx.save_for_backward(q, k, v, beta, lam, ckpt, w, x)
-            ctx.products = (qk, kk, ak, rk) if cfg["decay"] == 2 else None
+            ctx.save_for_backward(q, k, v, beta, lam, ckpt, w, x, wy, u, inverse)
+            ctx.products = products
         ctx.cfg, ctx.has_s0 = cfg, s0 is not None
         return y, sT
 
     @staticmethod
     def backward(ctx, dy, dsT):
-        q, k, v, beta, lam, ckpt, w, x = ctx.saved_tensors
+        q, k, v, beta, lam, ckpt, w, x, wy, u, inverse = ctx.saved_tensors
         cfg = ctx.cfg
+        if ctx.products is None and cfg["decay"] == 2:  # a second backward: made again
+            ctx.products = _delta_products(q, k, lam, cfg, w, x)
+        products, ctx.products = ctx.products, None      # (the backward overwrites them)
         if w is not None:
-            return _low_rank_backward(ctx, q, k, v, lam, ckpt, w, x, dy, dsT)
+            return _low_rank_backward(ctx, q, k, v, lam, ckpt, w, x, dy, dsT, products)
         B, T, H, K = q.shape
         V = v.shape[-1]
         dev = q.device
         N, cu, offsets = cfg["N"], cfg["cu"], cfg["offsets"]
-        # dq, dk, dbeta and dlam sum the V blocks' parts atomically: zeroed
-        grads = [torch.zeros(x.shape, dtype=torch.float32, device=dev) for x in (q, k, beta)]
+        dy = dy.contiguous().float()
+        dq, dk = (torch.empty(t.shape, dtype=torch.float32, device=dev) for t in (q, k))
         dv = torch.empty(v.shape, dtype=torch.float32, device=dev)
-        dlam = torch.zeros(lam.shape, dtype=torch.float32, device=dev) if lam is not None \
+        dbeta = torch.empty(beta.shape, dtype=torch.float32, device=dev)
+        dlam = torch.empty(lam.shape, dtype=torch.float32, device=dev) if lam is not None \
             else None
         ds0 = torch.empty(N, H, K, V, dtype=torch.float32, device=dev)
-        bv = cfg["delta_bv"]
+        dckpt = torch.empty(ckpt.shape, dtype=torch.float32, device=dev)
+        du = torch.empty(v.shape, dtype=torch.float32, device=dev)
+        blocks = _delta_blocks(cfg, H, K, V)
+        lam_ = _or(lam, beta)
         per_row = cfg["decay"] == 2
-        if per_row:     # the decayed products' gradients, the key's part through beta e^b k
-            qk, kk = ctx.products[:2]
-            dqk, dkk = torch.zeros_like(qk), torch.zeros_like(kk)
-            dk_w = torch.zeros(k.shape, dtype=torch.float32, device=dev)
-            last = torch.zeros(cfg["n_chunks"], H, K, dtype=torch.float32, device=dev)
-        else:
-            qk = kk = dqk = dkk = dk_w = last = dy
-        for_device(delta_chunk_bwd_kernel, dev)[(_cdiv(V, bv), N * H)](
-            q, k, v, beta, _or(lam, beta), dy.contiguous(), _or(dsT, dy), ckpt, ds0, grads[0],
-            grads[1], dv, grads[2], _or(dlam, beta), _or(cu, dy), _or(offsets, dy), qk, kk,
-            dqk, dkk, dk_w, last, T, H=H, K=K, V=V, BK=_pow2(K), BV=bv, C=cfg["C"],
-            DECAY=cfg["decay"], USE_FINAL_STATE_GRAD=dsT is not None,
-            IS_VARLEN=cu is not None, DOT=cfg["dot"],
-            **({"num_warps": 4, "num_stages": 1} if dev.type == "cuda" else {}))
-        if per_row:     # through q_t . k_s and k_t . k_s with their decays exp(b_t - b_s)
-            blocks = _blocks(cfg, H, K, V)
-            cumulative = _cumulative_decays(lam, cfg, blocks)
-            dlam_qk, dlam_kk = torch.empty_like(dlam), torch.empty_like(dlam)
-            _diagonal_grads(q, k, cumulative, dqk, last, cfg, blocks, 1.0, grads[0], grads[1],
-                            dlam_qk)
-            dk_rows, dk_cols = torch.zeros_like(dk_w), torch.zeros_like(dk_w)
-            _diagonal_grads(k, k, cumulative, dkk, torch.zeros_like(last), cfg, blocks, 1.0,
+        qk, kk = products if per_row else (dy, dy)
+        for_device(_DSTATES, dev)((blocks["NV"], N * H), q, lam_, dy, _or(dsT, dy), ds0,
+                                  dckpt, _or(cu, dy), _or(offsets, dy), T, k, wy, qk, du,
+                                  USE_FINAL_STATE_GRAD=dsT is not None, IS_VARLEN=cu is not None,
+                                  DELTA=True, **_for("delta_dstates", _without(blocks, "NK")))
+        out = _blocks(cfg, H, K, V)
+        last = torch.empty(cfg["n_chunks"], H, K, dtype=torch.float32, device=dev) \
+            if per_row else dy
+        # dq and the parts of dk and dlam through the readout and the state, u as values
+        # (diagonal decays: the state parts, and dA in place of the scores q.k)
+        for_device(_GRADS, dev)((cfg["n_chunks"], H), q, k, u, lam_, dy, ckpt, dckpt,
+                                cfg["table"], qk, last, 1.0, dq, dk, dv, _or(dlam, dq),
+                                STORE_DV=False, **_for("grads", out))
+        if per_row:     # through q_t . k_s exp(b_t - b_s)
+            cumulative = _cumulative_decays(lam, cfg, out)
+            _diagonal_grads(q, k, cumulative, qk, last, cfg, out, 1.0, dq, dk, dlam)
+        dkk = kk if per_row else dy    # (d loss / d KK replaces KK, which is read first)
+        for_device(_WY_BWD, dev)((cfg["n_chunks"], H), k, v, beta, lam_, kk, inverse, wy, du,
+                                 ckpt, cfg["table"], dk, dv, dbeta, _or(dlam, dk), dkk,
+                                 **_for("wy_bwd", _without(blocks, "NK", "STRICT")))
+        if per_row:     # through k_t . k_s exp(b_t - b_s), s < t
+            dlam_kk = torch.empty_like(dlam)
+            dk_rows, dk_cols = torch.zeros_like(dk), torch.zeros_like(dk)
+            _diagonal_grads(k, k, cumulative, dkk, torch.zeros_like(last), cfg, out, 1.0,
                             dk_rows, dk_cols, dlam_kk)
-            grads[1] += dk_w + dk_rows + dk_cols
-            dlam += dlam_qk + dlam_kk
-        grads.insert(2, dv)
-        dq, dk, dv, dbeta = (g.to(x.dtype) for g, x in zip(grads, (q, k, v, beta)))
+            dk += dk_rows + dk_cols
+            dlam += dlam_kk
+        dq, dk, dv, dbeta = (g.to(t.dtype) for g, t in zip((dq, dk, dv, dbeta),
+                                                          (q, k, v, beta)))
         return dq, dk, dv, dbeta, dlam, ds0 if ctx.has_s0 else None, None, None, None
+
+
+_WY, _WY_BWD = Launcher(delta_wy_kernel), Launcher(delta_wy_bwd_kernel)
+
+
+def _delta_blocks(cfg: dict, H: int, K: int, V: int) -> dict:
+    """Constexprs of the delta rule's ordered and WY kernels: all of K in one tile, V in
+    tiles of the delta's own width (``delta_bv``)."""
+    bv = cfg["delta_bv"]
+    return dict(_blocks(cfg, H, K, V), BK=_pow2(K), NK=1, BV=bv, NV=_cdiv(V, bv))
+
+
+def _delta_products(q, k, lam, cfg: dict, w=None, x=None) -> tuple:
+    """Diagonal decays: the delta rule's decayed products, [chunks * C, H, C] fp32 by
+    sub-chunks (``chunk_diag_scores_kernel``): q.k and k.k; for the low rank q.x, w.x and
+    w.k before the token, and q.k."""
+    H, K, V = q.shape[2], q.shape[3], q.shape[3]
+    blocks = _blocks(cfg, H, K, V)
+    cumulative = _cumulative_decays(lam, cfg, blocks)
+
+    def product(a, b, strict=False):
+        return _diagonal_scores(a, b, lam, cfg, dict(blocks, STRICT=strict), torch.float32,
+                                cumulative)
+    if w is None:
+        return product(q, k), product(k, k)
+    return product(q, x), product(w, x, True), product(w, k, True), product(q, k)
 
 
 #: V lanes per program of the low-rank backward on a GPU: at 32 lanes Triton 3.6 asks for
@@ -922,7 +987,7 @@ class DeltaChunkCore(torch.autograd.Function):
 LOW_RANK_BWD_BV = 16
 
 
-def _low_rank_backward(ctx, q, k, v, lam, ckpt, w, x, dy, dsT):
+def _low_rank_backward(ctx, q, k, v, lam, ckpt, w, x, dy, dsT, products):
     """``DeltaChunkCore.backward`` for the diagonal-plus-low-rank transition:
     ``low_rank_chunk_bwd_kernel`` (the four decayed products' gradients, the parts through
     the state and through w exp(bq)), then ``chunk_diag_grads_kernel`` once per product
@@ -933,7 +998,7 @@ def _low_rank_backward(ctx, q, k, v, lam, ckpt, w, x, dy, dsT):
     V = v.shape[-1]
     dev = q.device
     N, cu, offsets = cfg["N"], cfg["cu"], cfg["offsets"]
-    qx, wx, wk, qk = ctx.products
+    qx, wx, wk, qk = products
     d_qx, d_qk, d_wx, d_wk = (torch.zeros_like(t) for t in (qx, qk, wx, wk))
     dq, dk, dw, dx = (torch.zeros(t.shape, dtype=torch.float32, device=dev)
                       for t in (q, k, w, x))
