@@ -318,15 +318,17 @@ def _chunk_scores(q_ptr, k_ptr, lam_ptr, rows, m_t, r_c, K: tl.constexpr, BK: tl
 @triton.jit
 def chunk_states_kernel(
     k_ptr, v_ptr, lam_ptr, s0_ptr, sT_ptr, ckpt_ptr, cu_seqlens_ptr, chunk_offsets_ptr, T,
-    w_ptr, u_ptr,
+    w_ptr, u_ptr, x_ptr,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT: tl.constexpr, DELTA: tl.constexpr = False,
+    LOW_RANK: tl.constexpr = False,
 ):
     """Grid (K blocks * V blocks, sequences * heads): one state tile at every chunk start
     (ckpt) and after the last token (sT), in chunk order. DELTA (the delta rule in its WY
     form, one K block): a chunk's values are its updates u = U0 - W S, from ``u_ptr``
-    (U0, overwritten with u) and ``w_ptr`` (``delta_wy_kernel``) and the start state."""
+    (U0, overwritten with u) and ``w_ptr`` (``delta_wy_kernel``) and the start state.
+    LOW_RANK (RWKV-7): u is written along x (``x_ptr``), and k v^T adds as well."""
     i_kv, i_nh = tl.program_id(0), tl.program_id(1)
     i_k, i_v = i_kv // NV, i_kv % NV
     i_n, i_h = i_nh // H, i_nh % H
@@ -343,15 +345,22 @@ def chunk_states_kernel(
         if DELTA:
             p_u = rows[:, None] * V + r_v[None, :]
             m_u = m_t[:, None] & m_v[None, :]
-            v = (tl.load(u_ptr + p_u, mask=m_u, other=0.0)
+            u = (tl.load(u_ptr + p_u, mask=m_u, other=0.0)
                  - _mm(_rows_of(w_ptr, rows, m_t, r_k, m_k, K), S, DOT))
-            tl.store(u_ptr + p_u, v, mask=m_u)
-        else:
-            v = _rows_of(v_ptr, rows, m_t, r_v, m_v, V)
+            tl.store(u_ptr + p_u, u, mask=m_u)
         tl.store(ckpt_ptr + ((ck_base + i_c) * H + i_h) * K * V + p_kv,
                  S.to(ckpt_ptr.dtype.element_ty), mask=m_kv)
         k_dec, decay_last = _key_decay(k, lam_ptr, rows, m_t, r_k, m_k, K, DECAY, False)
-        S = S * decay_last + _mm(tl.trans(k_dec), v, DOT)
+        if LOW_RANK:
+            x_dec, _ = _key_decay(_rows_of(x_ptr, rows, m_t, r_k, m_k, K), lam_ptr, rows, m_t,
+                                  r_k, m_k, K, DECAY, False)
+            S = (S * decay_last + _mm(tl.trans(x_dec), u, DOT)
+                 + _mm(tl.trans(k_dec), _rows_of(v_ptr, rows, m_t, r_v, m_v, V), DOT))
+        elif DELTA:
+            S = S * decay_last + _mm(tl.trans(k_dec), u, DOT)
+        else:
+            S = S * decay_last + _mm(tl.trans(k_dec), _rows_of(v_ptr, rows, m_t, r_v, m_v, V),
+                                     DOT)
     tl.store(sT_ptr + i_nh * K * V + p_kv, S, mask=m_kv)
 
 
@@ -523,17 +532,20 @@ def chunk_diag_scores_kernel(
 
 @triton.jit
 def chunk_output_kernel(
-    q_ptr, k_ptr, v_ptr, lam_ptr, y_ptr, ckpt_ptr, chunk_table_ptr, A_ptr, scale,
+    q_ptr, k_ptr, v_ptr, lam_ptr, y_ptr, ckpt_ptr, chunk_table_ptr, A_ptr, scale, v2_ptr,
+    A2_ptr,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NK: tl.constexpr, NV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
     STRICT: tl.constexpr, DOT: tl.constexpr, SUB: tl.constexpr = 16,
-    PARALLEL: tl.constexpr = False,
+    PARALLEL: tl.constexpr = False, SECOND: tl.constexpr = False,
 ):
     """Grid (chunks, heads): y of one chunk, times ``scale`` (constant factors of the query
     and key, taken out of them by the compiler). The scores are built once over the K blocks;
     each V block of y is then scores @ v plus the queries, decayed to the chunk start,
     times the start state. Diagonal decays read their scores from
-    ``chunk_diag_scores_kernel`` (``A_ptr``) and decay the queries per channel."""
+    ``chunk_diag_scores_kernel`` (``A_ptr``) and decay the queries per channel. SECOND
+    (RWKV-7's k v^T beside x u^T): y adds the scores ``A2_ptr`` (stored the same way) times
+    the values ``v2_ptr``."""
     i_g, i_h = tl.program_id(0), tl.program_id(1)
     r_c = tl.arange(0, C)
     rows, m_t = _chunk(chunk_table_ptr, i_h, H, r_c)
@@ -563,6 +575,10 @@ def chunk_output_kernel(
                 q_factor, _ = _query_factor(lam_ptr, rows, m_t, r_c, m_t, K, DECAY, STRICT)
                 y = y * q_factor
         y += _mm(A, _rows_of(v_ptr, rows, m_t, r_v, m_v, V), DOT)
+        if SECOND:
+            y += _mm(tl.load(A2_ptr + ((i_g * C + r_c) * H + i_h)[:, None] * C + r_c[None, :],
+                             mask=m_t[:, None], other=0.0),
+                     _rows_of(v2_ptr, rows, m_t, r_v, m_v, V), DOT)
         y = y * scale
         tl.store(y_ptr + rows[:, None] * V + r_v[None, :], y.to(y_ptr.dtype.element_ty),
                  mask=m_t[:, None] & m_v[None, :])
@@ -818,104 +834,6 @@ def chunk_grads_kernel(
 
 
 @triton.jit
-def _delta_program(cu_seqlens_ptr, chunk_offsets_ptr, T, H: tl.constexpr, K: tl.constexpr,
-                   V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-                   IS_VARLEN: tl.constexpr):
-    """What a delta-rule program (grid: V blocks, sequences * heads) works on: its sequence
-    and head, the sequence's bounds and first checkpoint, the lanes of K and of its V block
-    (``_lanes``), and a chunk's pairs s < t (``earlier``) and s <= t (``causal``)."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, eos, ck_base = _sequence(cu_seqlens_ptr, chunk_offsets_ptr, i_n, T, C, IS_VARLEN)
-    r_c = tl.arange(0, C)
-    r_k, r_v, m_k, m_v, m_kv, p_kv = _lanes(i_v, K, V, BK, BV)
-    return (i_nh, i_h, bos, eos, ck_base, r_c, r_k, r_v, m_k, m_v, m_kv, p_kv,
-            r_c[:, None] > r_c[None, :], r_c[:, None] >= r_c[None, :])
-
-
-@triton.jit
-def _delta_rows(bos, eos, i_c, ck_base, r_c, i_h, r_k, r_v, m_k, m_v, H: tl.constexpr,
-                K: tl.constexpr, V: tl.constexpr, C: tl.constexpr):
-    """Chunk ``i_c`` of a delta-rule program's sequence: its rows' mask and offsets (rows
-    of a [T*, H] tensor), the masks and offsets of its [C, K] and [C, V] tiles, and of its
-    [C, C] block of a chunk-product buffer ([chunks * C, H, C])."""
-    m_t = bos + i_c * C + r_c < eos
-    rows = (bos + i_c * C + r_c) * H + i_h
-    return (m_t, rows, m_t[:, None] & m_k[None, :], m_t[:, None] & m_v[None, :],
-            rows[:, None] * K + r_k[None, :], rows[:, None] * V + r_v[None, :],
-            (((ck_base + i_c) * C + r_c) * H + i_h)[:, None] * C + r_c[None, :])
-
-
-@triton.jit
-def _end_state_grad(dsT_ptr, i_nh, p_kv, m_kv, K: tl.constexpr, V: tl.constexpr,
-                    BK: tl.constexpr, BV: tl.constexpr, USE_FINAL_STATE_GRAD: tl.constexpr):
-    """The gradient of a sequence's final state on this program's tile (0 without one)."""
-    dS = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_FINAL_STATE_GRAD:
-        dS += tl.load(dsT_ptr + i_nh * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
-    return dS
-
-
-@triton.jit
-def _backward_operands(q_ptr, k_ptr, v_ptr, dy_ptr, ckpt_ptr, p_tk, p_tv, m_tk, m_tv, p_kv,
-                       m_kv, ck_base, i_c, i_h, H: tl.constexpr, K: tl.constexpr,
-                       V: tl.constexpr):
-    """A chunk's q, k, v and dy in fp32 and its start state (``ckpt``), for a backward."""
-    return (tl.load(q_ptr + p_tk, mask=m_tk, other=0.0).to(tl.float32),
-            tl.load(k_ptr + p_tk, mask=m_tk, other=0.0).to(tl.float32),
-            tl.load(v_ptr + p_tv, mask=m_tv, other=0.0).to(tl.float32),
-            tl.load(dy_ptr + p_tv, mask=m_tv, other=0.0).to(tl.float32),
-            tl.load(ckpt_ptr + ((ck_base + i_c) * H + i_h) * K * V + p_kv, mask=m_kv,
-                    other=0.0))
-
-
-@triton.jit
-def low_rank_chunk_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, lam_ptr, y_ptr, s0_ptr, sT_ptr, ckpt_ptr, cu_seqlens_ptr,
-    chunk_offsets_ptr, qx_ptr, wx_ptr, w_ptr, x_ptr, wk_ptr, qk_ptr, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    C: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
-    IS_VARLEN: tl.constexpr, DOT: tl.constexpr, STORE_CKPT: tl.constexpr = False,
-):
-    """Diagonal plus low rank (RWKV-7): S_t = diag(exp(lam_t)) S + x_t (w_t^T S) + k_t v_t^T,
-    read by q (y_t = q_t S_t), chunk by chunk (grid: V blocks, sequences * heads). Within a
-    chunk the low-rank reads u_t = w_t^T S_{t-1} solve (I - WX) U = (w exp(bq)) S + WK V,
-    with the decayed products WX[t, s] = w_t . x_s exp(bq_t - b_s) and WK likewise (s < t,
-    bq the decay before the token; ``wx``, ``wk``), QX[t, s] = q_t . x_s exp(b_t - b_s) and
-    QK (s <= t; ``qx``, ``qk``), all from ``chunk_diag_scores_kernel``; the unit lower
-    triangular system is solved by forward substitution in fp32. STORE_CKPT: the state at
-    every chunk start goes to ``ckpt`` for the backward."""
-    (i_nh, i_h, bos, eos, ck_base, r_c, r_k, r_v, m_k, m_v, m_kv, p_kv, earlier,
-     causal) = _delta_program(cu_seqlens_ptr, chunk_offsets_ptr, T, H, K, V, BK, BV, C,
-                              IS_VARLEN)
-    S = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_INITIAL_STATE:
-        S += tl.load(s0_ptr + i_nh * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
-    for i_c in range(0, tl.cdiv(eos - bos, C)):
-        m_t, rows, m_tk, m_tv, p_tk, p_tv, p_cc = _delta_rows(
-            bos, eos, i_c, ck_base, r_c, i_h, r_k, r_v, m_k, m_v, H, K, V, C)
-        if STORE_CKPT:
-            tl.store(ckpt_ptr + ((ck_base + i_c) * H + i_h) * K * V + p_kv, S, mask=m_kv)
-        q = tl.load(q_ptr + p_tk, mask=m_tk, other=0.0).to(tl.float32)
-        k = tl.load(k_ptr + p_tk, mask=m_tk, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + p_tv, mask=m_tv, other=0.0).to(tl.float32)
-        lw = tl.load(w_ptr + p_tk, mask=m_tk, other=0.0).to(tl.float32)
-        lx = tl.load(x_ptr + p_tk, mask=m_tk, other=0.0).to(tl.float32)
-        b, bq, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 2, True)
-        L_inv = _unit_lower_inverse(tl.where(earlier, -tl.load(wx_ptr + p_cc), 0.0), C)
-        U = _mm(L_inv, _mm(tl.load(wk_ptr + p_cc), v, DOT) + _mm(lw * tl.exp(bq), S, DOT),
-                DOT)
-        y = (_mm(q * tl.exp(b), S, DOT) + _mm(tl.where(causal, tl.load(qx_ptr + p_cc), 0.0), U, DOT)
-             + _mm(tl.load(qk_ptr + p_cc), v, DOT))
-        e_key = tl.exp(b_last[None, :] - b)     # carries a term of token s to the chunk end
-        S = (S * tl.exp(b_last)[:, None] + _mm(tl.trans(lx * e_key), U, DOT)
-             + _mm(tl.trans(k * e_key), v, DOT))
-        tl.store(y_ptr + p_tv, y.to(y_ptr.dtype.element_ty), mask=m_tv)
-    if STORE_FINAL_STATE:
-        tl.store(sT_ptr + i_nh * K * V + p_kv, S.to(sT_ptr.dtype.element_ty), mask=m_kv)
-
-
-@triton.jit
 def _unit_lower_inverse(A, C: tl.constexpr):
     """(I + A)^-1 for a strictly lower-triangular [C, C] A, by forward substitution in fp32:
     row t of the inverse is e_t - sum_{s < t} A[t, s] (row s)."""
@@ -938,23 +856,28 @@ def _row_sums_of_pairs(P):
 @triton.jit
 def _wy_chunk(k_ptr, beta_ptr, lam_ptr, kk_ptr, chunk_table_ptr, H: tl.constexpr,
               K: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
-              DOT: tl.constexpr):
+              DOT: tl.constexpr, LOW_RANK: tl.constexpr):
     """What the delta rule's WY form of this program's chunk is made from: its rows and
     their mask, the lanes of K, the offsets of its [C, C] block of a chunk-product buffer
     ([chunks * C, H, C]), k (fp32), beta, exp(b) per row (or row and lane), the products
     KK[t, s] = k_t . k_s exp(b_t - b_s) (diagonal decays: from ``kk_ptr``), the scalar
     pair decays exp(b_t - b_s) in it (1 otherwise), the pairs s < t, and the strictly lower
-    A = beta_t KK[t, s] with L = I + A."""
+    A = beta_t KK[t, s] with L = I + A. LOW_RANK (RWKV-7, the state read along w and
+    written along x): ``k_ptr`` is w, KK the products w_t . x_s exp(bq_t - b_s) with bq the
+    decay before the token, exp(bq) in place of exp(b), and beta = -1 (A = -WX)."""
     i_g, i_h = tl.program_id(0), tl.program_id(1)
     r_c = tl.arange(0, C)
     rows, m_t = _chunk(chunk_table_ptr, i_h, H, r_c)
     r_k, m_k = _block(0, BK, K)
     p_cc = ((i_g * C + r_c) * H + i_h)[:, None] * C + r_c[None, :]
     k = _rows_of(k_ptr, rows, m_t, r_k, m_k, K).to(tl.float32)
-    beta = tl.load(beta_ptr + rows, mask=m_t, other=0.0).to(tl.float32)
+    if LOW_RANK:
+        beta = tl.full([C], -1.0, tl.float32)
+    else:
+        beta = tl.load(beta_ptr + rows, mask=m_t, other=0.0).to(tl.float32)
     if DECAY == 2:
-        b, _, _ = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 2, False)
-        e_b = tl.exp(b)
+        _, bq, _ = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 2, LOW_RANK)
+        e_b = tl.exp(bq)
         pair = 1.0
         KK = tl.load(kk_ptr + p_cc).to(tl.float32)
     elif DECAY == 1:
@@ -973,19 +896,22 @@ def _wy_chunk(k_ptr, beta_ptr, lam_ptr, kk_ptr, chunk_table_ptr, H: tl.constexpr
 
 @triton.jit
 def delta_wy_kernel(
-    k_ptr, v_ptr, beta_ptr, lam_ptr, kk_ptr, w_ptr, u_ptr, inv_ptr, chunk_table_ptr,
+    k_ptr, v_ptr, beta_ptr, lam_ptr, kk_ptr, w_ptr, u_ptr, inv_ptr, chunk_table_ptr, wk_ptr,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr, DOT: tl.constexpr,
-    STORE_INVERSE: tl.constexpr,
+    STORE_INVERSE: tl.constexpr, LOW_RANK: tl.constexpr = False,
 ):
     """Grid (chunks, heads), every chunk at once: the delta rule's WY form. Within a chunk
     the updates u_t = beta_t (v_t - S_{t-1}^T k_t) solve (I + A) U = beta (V - exp(b) K S)
     for the chunk's start state S, so U = U0 - W S with W = L^-1 (beta exp(b) K) and
     U0 = L^-1 (beta V), L = I + A unit lower triangular, inverted by forward substitution
     in fp32. Stores W (``w_ptr``, [T*, H, K]), U0 (``u_ptr``, [T*, H, V]; the states kernel
-    turns it into U) and, for the backward, L^-1 (``inv_ptr``, [chunks * C, H, C])."""
+    turns it into U) and, for the backward, L^-1 (``inv_ptr``, [chunks * C, H, C]).
+    LOW_RANK (RWKV-7, ``_wy_chunk``): the reads u_t = w_t^T S_{t-1} solve (I - WX) U =
+    (w exp(bq)) S + WK V, so W = -L^-1 (w exp(bq)) and U0 = L^-1 (WK V), WK[t, s] =
+    w_t . k_s exp(bq_t - b_s) (s < t, ``wk_ptr``)."""
     rows, m_t, r_k, m_k, p_cc, k, beta, e_b, _, _, _, A = _wy_chunk(
-        k_ptr, beta_ptr, lam_ptr, kk_ptr, chunk_table_ptr, H, K, BK, C, DECAY, DOT)
+        k_ptr, beta_ptr, lam_ptr, kk_ptr, chunk_table_ptr, H, K, BK, C, DECAY, DOT, LOW_RANK)
     L_inv = _unit_lower_inverse(A, C)
     if STORE_INVERSE:
         tl.store(inv_ptr + p_cc, L_inv)
@@ -994,7 +920,11 @@ def delta_wy_kernel(
     for i_v in tl.static_range(NV):
         r_v, m_v = _block(i_v, BV, V)
         v = _rows_of(v_ptr, rows, m_t, r_v, m_v, V).to(tl.float32)
-        tl.store(u_ptr + rows[:, None] * V + r_v[None, :], _mm(L_inv, v * beta[:, None], DOT),
+        if LOW_RANK:
+            v = _mm(tl.load(wk_ptr + p_cc), v, DOT)
+        else:
+            v = v * beta[:, None]
+        tl.store(u_ptr + rows[:, None] * V + r_v[None, :], _mm(L_inv, v, DOT),
                  mask=m_t[:, None] & m_v[None, :])
 
 
@@ -1014,7 +944,7 @@ def delta_wy_bwd_kernel(
     through A = beta KK. Diagonal decays: d loss / d KK goes to ``dkk_ptr`` for
     ``chunk_diag_grads_kernel`` instead."""
     rows, m_t, r_k, m_k, p_cc, k, beta, e_b, pair, earlier, KK, A = _wy_chunk(
-        k_ptr, beta_ptr, lam_ptr, kk_ptr, chunk_table_ptr, H, K, BK, C, DECAY, DOT)
+        k_ptr, beta_ptr, lam_ptr, kk_ptr, chunk_table_ptr, H, K, BK, C, DECAY, DOT, False)
     i_g, i_h = tl.program_id(0), tl.program_id(1)
     L_inv = tl.load(inv_ptr + p_cc)
     m_tk = m_t[:, None] & m_k[None, :]
@@ -1059,78 +989,115 @@ def delta_wy_bwd_kernel(
 
 
 @triton.jit
-def low_rank_chunk_bwd_kernel(
-    q_ptr, k_ptr, v_ptr, w_ptr, x_ptr, lam_ptr, dy_ptr, dsT_ptr, ckpt_ptr, ds0_ptr,
-    rx_ptr, rk_ptr, wx_ptr, wk_ptr, drx_ptr, drk_ptr, dwx_ptr, dwk_ptr,
-    dq_ptr, dk_ptr, dw_ptr, dx_ptr, dv_ptr, last_ptr, cu_seqlens_ptr, chunk_offsets_ptr, T,
+def _low_rank_chunk(chunk_table_ptr, lam_ptr, i_k, H: tl.constexpr, K: tl.constexpr,
+                    BK: tl.constexpr, C: tl.constexpr):
+    """A low-rank backward program's chunk: its rows and mask, K block ``i_k``'s lanes, the
+    [C, BK]
+    tiles' mask and offsets, the chunk's [C, C] block of a product buffer, the offset of its
+    start state, and the cumulative log decays b, bq (before the token) and b_last."""
+    i_g, i_h = tl.program_id(0), tl.program_id(1)
+    r_c = tl.arange(0, C)
+    rows, m_t = _chunk(chunk_table_ptr, i_h, H, r_c)
+    r_k, m_k = _block(i_k, BK, K)
+    b, bq, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 2, True)
+    return (rows, m_t, r_k, m_k, m_t[:, None] & m_k[None, :], rows[:, None] * K + r_k[None, :],
+            ((i_g * C + r_c) * H + i_h)[:, None] * C + r_c[None, :], i_g * H + i_h, b, bq,
+            b_last)
+
+
+@triton.jit
+def low_rank_state_grads_kernel(
+    q_ptr, k_ptr, v_ptr, x_ptr, lam_ptr, dy_ptr, ckpt_ptr, dckpt_ptr, wy_ptr, u_ptr, du_ptr,
+    inv_ptr, chunk_table_ptr, dq_ptr, dk_ptr, dw_ptr, dx_ptr, last_ptr, dwx_ptr,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    C: tl.constexpr, USE_FINAL_STATE_GRAD: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DOT: tl.constexpr,
+    NV: tl.constexpr, C: tl.constexpr, DOT: tl.constexpr,
 ):
-    """Backward of ``low_rank_chunk_fwd_kernel`` (RWKV-7: S_t = diag(exp(lam_t))
-    S + x_t (w_t^T S) + k_t v_t^T, read by q), grid as the forward's. Chunks last to first,
-    carrying one V block of dS; each chunk's solve is made again from its start state:
-    L = I - WX, Wm = -L^-1 (w exp(bq)), U0 = L^-1 (WK V), U = U0 - Wm S, and with
+    """Grid (chunks, heads, K blocks), the diagonal-plus-low-rank transition (RWKV-7), first
+    of two backward kernels: the gradients that sum over V on the K side. From the forward: the
+    start state S (ckpt), u = U0 - W S (``u_ptr``), W = -L^-1 (w exp(bq)) (``wy_ptr``) and
+    L^-1; from ``chunk_dstates_kernel``: the end state's gradient dS (dckpt) and dU. With
     y = (q exp(b)) S + QX U + QK V and S' = exp(b_last) S + (x exp(b_last - b))^T U +
-    (k exp(b_last - b))^T V it adds, over the V blocks (atomically), the gradients of the
-    four decayed products (``drx``, ``drk``, ``dwx``, ``dwk``: ``chunk_diag_grads_kernel``
-    takes them on), the parts of dq, dx, dk and dw through the state and through
-    w exp(bq), and each lane's b_last term (``last``); dv and dS0 per block."""
-    (i_nh, i_h, bos, eos, ck_base, r_c, r_k, r_v, m_k, m_v, m_kv, p_kv, earlier,
-     causal) = _delta_program(cu_seqlens_ptr, chunk_offsets_ptr, T, H, K, V, BK, BV, C,
-                              IS_VARLEN)
-    dS = _end_state_grad(dsT_ptr, i_nh, p_kv, m_kv, K, V, BK, BV, USE_FINAL_STATE_GRAD)
-    n_chunks = tl.cdiv(eos - bos, C)
-    for i_r in range(0, n_chunks):
-        i_c = n_chunks - 1 - i_r
-        m_t, rows, m_tk, m_tv, p_tk, p_tv, p_cc = _delta_rows(
-            bos, eos, i_c, ck_base, r_c, i_h, r_k, r_v, m_k, m_v, H, K, V, C)
-        q, k, v, dy, S = _backward_operands(q_ptr, k_ptr, v_ptr, dy_ptr, ckpt_ptr, p_tk, p_tv,
-                                            m_tk, m_tv, p_kv, m_kv, ck_base, i_c, i_h, H, K, V)
-        lw = tl.load(w_ptr + p_tk, mask=m_tk, other=0.0).to(tl.float32)
-        lx = tl.load(x_ptr + p_tk, mask=m_tk, other=0.0).to(tl.float32)
-        b, bq, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 2, True)
-        e_b = tl.exp(b)
-        e_key = tl.exp(b_last[None, :] - b)
-        QX = tl.load(rx_ptr + p_cc)      # q_t . x_s exp(b_t - b_s), s <= t
-        QK = tl.load(rk_ptr + p_cc)
-        WX = tl.load(wx_ptr + p_cc)      # w_t . x_s exp(bq_t - b_s), s < t
-        WK = tl.load(wk_ptr + p_cc)
-        # the chunk's forward, made again
-        L_inv = _unit_lower_inverse(tl.where(earlier, -WX, 0.0), C)
-        R_w = -lw * tl.exp(bq)
-        Wm = _mm(L_inv, R_w, DOT)
-        U0 = _mm(L_inv, _mm(WK, v, DOT), DOT)
-        U = U0 - _mm(Wm, S, DOT)
-        x_dec = lx * e_key
-        k_dec = k * e_key
-        # back through y and S'
-        dU = _mm(tl.trans(QX), dy, DOT) + _mm(x_dec, dS, DOT)
-        dv = _mm(tl.trans(QK), dy, DOT) + _mm(k_dec, dS, DOT)
-        tl.atomic_add(drx_ptr + p_cc, tl.where(causal, _mm(dy, tl.trans(U), DOT), 0.0))
-        tl.atomic_add(drk_ptr + p_cc, tl.where(causal, _mm(dy, tl.trans(v), DOT), 0.0))
-        dq_dec = _mm(dy, tl.trans(S), DOT)
-        dx_dec = _mm(U, tl.trans(dS), DOT)
-        dk_dec = _mm(v, tl.trans(dS), DOT)
-        # back through U = U0 - Wm S, the solve and U0's WK V
-        dWm = -_mm(dU, tl.trans(S), DOT)
-        dR_w = _mm(tl.trans(L_inv), dWm, DOT)
-        dX = _mm(tl.trans(L_inv), dU, DOT)
-        dA = tl.where(earlier, -(_mm(dR_w, tl.trans(Wm), DOT) + _mm(dX, tl.trans(U0), DOT)),
-                      0.0)
-        tl.atomic_add(dwx_ptr + p_cc, -dA)                              # A = -WX
-        tl.atomic_add(dwk_ptr + p_cc, tl.where(earlier, _mm(dX, tl.trans(v), DOT), 0.0))
-        dv += _mm(tl.trans(WK), dX, DOT)
-        tl.store(dv_ptr + p_tv, dv, mask=m_tv)
-        # the parts through the state and through w exp(bq) (their log-decay terms follow
-        # from them in chunk_diag_grads_kernel), and b_last's
-        tl.atomic_add(dq_ptr + p_tk, dq_dec * e_b, mask=m_tk)
-        tl.atomic_add(dx_ptr + p_tk, dx_dec * e_key, mask=m_tk)
-        tl.atomic_add(dk_ptr + p_tk, dk_dec * e_key, mask=m_tk)
-        tl.atomic_add(dw_ptr + p_tk, -dR_w * tl.exp(bq), mask=m_tk)
-        last = (tl.sum(tl.where(m_tk, dx_dec * x_dec + dk_dec * k_dec, 0.0), axis=0)
-                + tl.exp(b_last) * tl.sum(S * dS, axis=1))
-        tl.atomic_add(last_ptr + ((ck_base + i_c) * H + i_h) * K + r_k, last, mask=m_k)
-        dS = (dS * tl.exp(b_last)[:, None] + _mm(tl.trans(q * e_b), dy, DOT)
-              - _mm(tl.trans(Wm), dU, DOT))
-    tl.store(ds0_ptr + i_nh * K * V + p_kv, dS, mask=m_kv)
+    (k exp(b_last - b))^T V: stores the parts of dq, dx and dk through the state, dw (through
+    w exp(bq) in U = L^-1 (w exp(bq)) S + ...), each lane's b_last term (``last``) and
+    dR W^T (dR = L^-T dW, the solve's share of d loss / d A, summed over the K blocks into
+    the zeroed ``dwx_ptr``, which ``low_rank_pair_grads_kernel`` completes)."""
+    i_k = tl.program_id(2)
+    (rows, m_t, r_k, m_k, m_tk, p_tk, p_cc, i_state, b, bq, b_last) = _low_rank_chunk(
+        chunk_table_ptr, lam_ptr, i_k, H, K, BK, C)
+    e_key = tl.exp(b_last[None, :] - b)
+    dq_dec = tl.zeros([C, BK], dtype=tl.float32)
+    dx_dec = tl.zeros([C, BK], dtype=tl.float32)
+    dk_dec = tl.zeros([C, BK], dtype=tl.float32)
+    dW = tl.zeros([C, BK], dtype=tl.float32)
+    last = tl.zeros([BK], dtype=tl.float32)
+    for i_v in tl.static_range(NV):
+        r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
+        m_tv = m_t[:, None] & m_v[None, :]
+        p_tv = rows[:, None] * V + r_v[None, :]
+        S = tl.load(ckpt_ptr + i_state * K * V + p_kv, mask=m_kv, other=0.0)
+        dS = tl.load(dckpt_ptr + i_state * K * V + p_kv, mask=m_kv, other=0.0)
+        U = tl.load(u_ptr + p_tv, mask=m_tv, other=0.0)
+        dq_dec += _mm(tl.load(dy_ptr + p_tv, mask=m_tv, other=0.0), tl.trans(S), DOT)
+        dx_dec += _mm(U, tl.trans(dS), DOT)
+        dk_dec += _mm(tl.load(v_ptr + p_tv, mask=m_tv, other=0.0), tl.trans(dS), DOT)
+        dW -= _mm(tl.load(du_ptr + p_tv, mask=m_tv, other=0.0), tl.trans(S), DOT)
+        last += tl.sum(S * dS, axis=1)
+    dR = _mm(tl.trans(tl.load(inv_ptr + p_cc)), dW, DOT)      # d (-w exp(bq))
+    tl.atomic_add(dwx_ptr + p_cc,
+                  _mm(dR, tl.trans(tl.load(wy_ptr + p_tk, mask=m_tk, other=0.0)), DOT))
+    tl.store(dq_ptr + p_tk, dq_dec * tl.exp(b), mask=m_tk)
+    tl.store(dx_ptr + p_tk, dx_dec * e_key, mask=m_tk)
+    tl.store(dk_ptr + p_tk, dk_dec * e_key, mask=m_tk)
+    tl.store(dw_ptr + p_tk, -dR * tl.exp(bq), mask=m_tk)
+    x = _rows_of(x_ptr, rows, m_t, r_k, m_k, K).to(tl.float32)
+    k = _rows_of(k_ptr, rows, m_t, r_k, m_k, K).to(tl.float32)
+    last = (tl.sum(tl.where(m_tk, (dx_dec * x + dk_dec * k) * e_key, 0.0), axis=0)
+            + tl.exp(b_last) * last)
+    tl.store(last_ptr + i_state * K + r_k, last, mask=m_k)
+
+
+@triton.jit
+def low_rank_pair_grads_kernel(
+    k_ptr, v_ptr, lam_ptr, dy_ptr, dckpt_ptr, u_ptr, du_ptr, inv_ptr, chunk_table_ptr,
+    qk_ptr, wk_ptr, dqx_ptr, dqk_ptr, dwx_ptr, dwk_ptr, dv_ptr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    NV: tl.constexpr, C: tl.constexpr, DOT: tl.constexpr,
+):
+    """Grid (chunks, heads), RWKV-7's second backward kernel (after
+    ``low_rank_state_grads_kernel``): the gradients of the four decayed products QX, QK, WX
+    and WK (``dqx``, ``dqk``, ``dwx``, ``dwk``, for ``chunk_diag_grads_kernel``) and dv.
+    With dX = L^-T dU (the gradient of WK V) and U0 = L^-1 (WK V): dQX = dy U^T,
+    dQK = dy V^T (s <= t), dWX = dR W^T + dX U0^T, dWK = dX V^T (s < t),
+    dv = QK^T dy + (k exp(b_last - b)) dS + WK^T dX."""
+    (rows, m_t, r_k, m_k, m_tk, p_tk, p_cc, i_state, b, bq, b_last) = _low_rank_chunk(
+        chunk_table_ptr, lam_ptr, 0, H, K, BK, C)
+    r_c = tl.arange(0, C)
+    causal = r_c[:, None] >= r_c[None, :]
+    earlier = r_c[:, None] > r_c[None, :]
+    L_inv = tl.load(inv_ptr + p_cc)
+    QK = tl.load(qk_ptr + p_cc)
+    WK = tl.load(wk_ptr + p_cc)
+    k_dec = _rows_of(k_ptr, rows, m_t, r_k, m_k, K).to(tl.float32) * tl.exp(b_last[None, :] - b)
+    dQX = tl.zeros([C, C], dtype=tl.float32)
+    dQK = tl.zeros([C, C], dtype=tl.float32)
+    dWX = tl.load(dwx_ptr + p_cc)           # dR W^T, from low_rank_state_grads_kernel
+    dWK = tl.zeros([C, C], dtype=tl.float32)
+    for i_v in tl.static_range(NV):
+        r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(0, i_v, K, V, BK, BV)
+        m_tv = m_t[:, None] & m_v[None, :]
+        p_tv = rows[:, None] * V + r_v[None, :]
+        U = tl.load(u_ptr + p_tv, mask=m_tv, other=0.0)
+        v = tl.load(v_ptr + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+        dX = _mm(tl.trans(L_inv), tl.load(du_ptr + p_tv, mask=m_tv, other=0.0), DOT)
+        dQX += _mm(dy, tl.trans(U), DOT)
+        dQK += _mm(dy, tl.trans(v), DOT)
+        dWX += _mm(dX, tl.trans(_mm(L_inv, _mm(WK, v, DOT), DOT)), DOT)
+        dWK += _mm(dX, tl.trans(v), DOT)
+        dS = tl.load(dckpt_ptr + i_state * K * V + p_kv, mask=m_kv, other=0.0)
+        tl.store(dv_ptr + p_tv, _mm(tl.trans(QK), dy, DOT) + _mm(k_dec, dS, DOT)
+                 + _mm(tl.trans(WK), dX, DOT), mask=m_tv)
+    tl.store(dqx_ptr + p_cc, tl.where(causal, dQX, 0.0))
+    tl.store(dqk_ptr + p_cc, tl.where(causal, dQK, 0.0))
+    tl.store(dwx_ptr + p_cc, tl.where(earlier, dWX, 0.0))
+    tl.store(dwk_ptr + p_cc, tl.where(earlier, dWK, 0.0))

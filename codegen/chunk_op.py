@@ -29,8 +29,8 @@ from ..ir.transition import TransitionClass
 from .chunk import (DOT_BF16, DOT_IEEE, DOT_TF32, DOT_TF32X3, chunk_cumsum_kernel,
                     chunk_diag_grads_kernel, chunk_diag_scores_kernel, chunk_dstates_kernel,
                     chunk_grads_kernel, chunk_output_kernel, chunk_states_kernel,
-                    delta_wy_bwd_kernel, delta_wy_kernel, low_rank_chunk_bwd_kernel,
-                    low_rank_chunk_fwd_kernel)
+                    delta_wy_bwd_kernel, delta_wy_kernel, low_rank_pair_grads_kernel,
+                    low_rank_state_grads_kernel)
 from . import chunk as chunk_core
 from . import ops
 from .launch import Launcher, for_device, interpreting
@@ -361,14 +361,14 @@ class ChunkCore(torch.autograd.Function):
             sb = _for("states", _without(blocks, "NK", "STRICT"))
             for_device(_STATES, dev)((blocks["NK"] * sb["NV"], N * H),
                 k, v, lam_, s0 if s0 is not None else y, sT, ckpt, _or(cu, y),
-                _or(offsets, y), T, y, y, USE_INITIAL_STATE=s0 is not None,
+                _or(offsets, y), T, y, y, y, USE_INITIAL_STATE=s0 is not None,
                 IS_VARLEN=cu is not None, **sb)
         scores = y
         if cfg["decay"] == 2:   # diagonal decays: intra-chunk scores by sub-chunks first
             scores = _diagonal_scores(q, k, lam, cfg, blocks, ckpt_dtype,
                                       _cumulative_decays(lam, cfg, blocks))
         for_device(_OUTPUT, dev)((n_chunks, H), q, k, v, lam_, y, ckpt, cfg["table"], scores,
-                                 cfg["scale"], PARALLEL=cfg["parallel"],
+                                 cfg["scale"], y, y, PARALLEL=cfg["parallel"],
                                  **_for("output", blocks))
         ctx.save_for_backward(q, k, v, lam, ckpt if not cfg["parallel"] else None)
         # diagonal decays: the backward's first run reads these scores (and overwrites them
@@ -557,7 +557,8 @@ KERNEL_OPTIONS: dict[str, dict] = {"states": {"num_stages": 3}, "dstates": {"num
                                    "diag_grads": {"BK": 32, "num_stages": 2},
                                    "wy": {"num_warps": 8}, "wy_bwd": {"num_warps": 8},
                                    "delta_states": {"num_warps": 8},
-                                   "delta_dstates": {"num_warps": 8}}
+                                   "delta_dstates": {"num_warps": 8},
+                                   "low_rank_grads": {"num_warps": 8}}
 
 
 _ARITHMETIC = {Op.ADD: lambda a, b: a + b, Op.SUB: lambda a, b: a - b,
@@ -757,8 +758,10 @@ def chunk_source(analysis: Analysis, direction: str, sizes: dict | None = None) 
                else ("chunk_dstates_kernel", *scores, "chunk_grads_kernel",
                      *(("chunk_diag_grads_kernel",) if diagonal else ())))
     if any(sp.low_rank is not None for sp in plan.states):
-        kernels = ((*scores, "low_rank_chunk_fwd_kernel") if direction == "fwd" else
-                   ("low_rank_chunk_bwd_kernel", "chunk_diag_grads_kernel"))
+        kernels = ((*scores, "delta_wy_kernel", "chunk_states_kernel", "chunk_output_kernel")
+                   if direction == "fwd" else
+                   ("chunk_dstates_kernel", "low_rank_state_grads_kernel",
+                    "low_rank_pair_grads_kernel", "chunk_diag_grads_kernel"))
     elif any(sp.solved for sp in plan.states):  # the delta rule's WY form around the core
         kernels = ((*scores, "delta_wy_kernel", "chunk_states_kernel", "chunk_output_kernel")
                    if direction == "fwd" else
@@ -842,8 +845,9 @@ class DeltaChunkCore(torch.autograd.Function):
     (``chunk_output_kernel``). Backward: the state gradients in reverse order with dU
     (``chunk_dstates_kernel``, DELTA), dq and the readout's and state's parts of dk and dlam
     (``chunk_grads_kernel`` on u), then back through the WY form (``delta_wy_bwd_kernel``).
-    With ``w`` and ``x`` the diagonal-plus-low-rank transition (``low_rank_chunk_fwd_kernel``
-    and ``_low_rank_backward``)."""
+    With ``w`` and ``x`` the diagonal-plus-low-rank transition (RWKV-7), through the same
+    kernels in their LOW_RANK / SECOND modes (the state read along w, written along x, and
+    k v^T beside), its backward after the state gradients in ``_low_rank_backward``."""
 
     @staticmethod
     def forward(ctx, q, k, v, beta, lam, s0, cfg: dict, w=None, x=None):
@@ -858,40 +862,36 @@ class DeltaChunkCore(torch.autograd.Function):
         store = any(ctx.needs_input_grad)     # (w and x of a low rank count too)
         y = torch.empty(B, T, H, V, dtype=torch.float32, device=dev)
         sT = torch.empty(cfg["N"], H, K, V, dtype=torch.float32, device=dev)
-        ckpt = torch.empty(cfg["n_chunks"], H, K, V, dtype=torch.float32, device=dev) \
-            if store or w is None else y
+        ckpt = torch.empty(cfg["n_chunks"], H, K, V, dtype=torch.float32, device=dev)
         cu, offsets = cfg["cu"], cfg["offsets"]
         products = None
         if cfg["decay"] == 2:   # the decayed products by sub-chunks, as diagonal decays'
             products = _delta_products(q, k, lam, cfg, w, x)
-        if w is not None:
+        low_rank = w is not None
+        blocks = _delta_blocks(cfg, H, K, V)
+        wy = torch.empty(q.shape, dtype=torch.float32, device=dev)
+        u = torch.empty(v.shape, dtype=torch.float32, device=dev)
+        inverse = torch.empty(cfg["n_chunks"] * cfg["C"], H, cfg["C"], dtype=torch.float32,
+                              device=dev) if store else y
+        lam_ = _or(lam, beta)
+        if low_rank:    # the state read along w, written along x; k v^T beside
             qx, wx, wk, qk = products
-            for_device(low_rank_chunk_fwd_kernel, dev)[(_cdiv(V, bv), cfg["N"] * H)](
-                q, k, v, lam, y, _or(s0, y), sT, ckpt, _or(cu, y), _or(offsets, y), qx, wx, w,
-                x, wk, qk, T, H=H, K=K, V=V, BK=_pow2(K), BV=bv, C=cfg["C"],
-                USE_INITIAL_STATE=s0 is not None, STORE_FINAL_STATE=True,
-                IS_VARLEN=cu is not None, DOT=cfg["dot"], STORE_CKPT=store,
-                **({"num_warps": 4, "num_stages": 1} if on_gpu else {}))
-            inverse = wy = u = None
+            read, beta_, kk, scores, second = w, lam, wx, qx, dict(v2_ptr=v, A2_ptr=qk)
         else:
-            blocks = _delta_blocks(cfg, H, K, V)
-            wy = torch.empty(q.shape, dtype=torch.float32, device=dev)
-            u = torch.empty(v.shape, dtype=torch.float32, device=dev)
-            inverse = torch.empty(cfg["n_chunks"] * cfg["C"], H, cfg["C"], dtype=torch.float32,
-                                  device=dev) if store else y
-            lam_ = _or(lam, beta)
-            kk = products[1] if products is not None else y
-            for_device(_WY, dev)((cfg["n_chunks"], H), k, v, beta, lam_, kk, wy, u, inverse,
-                                 cfg["table"], STORE_INVERSE=store,
-                                 **_for("wy", _without(blocks, "NK", "STRICT")))
-            for_device(_STATES, dev)((blocks["NV"], cfg["N"] * H), k, v, lam_, _or(s0, y), sT,
-                                     ckpt, _or(cu, y), _or(offsets, y), T, wy, u,
-                                     USE_INITIAL_STATE=s0 is not None, IS_VARLEN=cu is not None,
-                                     DELTA=True,
-                                     **_for("delta_states", _without(blocks, "NK", "STRICT")))
-            scores = products[0] if products is not None else y
-            for_device(_OUTPUT, dev)((cfg["n_chunks"], H), q, k, u, lam_, y, ckpt, cfg["table"],
-                                     scores, 1.0, **_for("output", _blocks(cfg, H, K, V)))
+            read, beta_, wk = k, beta, y
+            kk, scores = (products[1], products[0]) if products is not None else (y, y)
+            second = dict(v2_ptr=y, A2_ptr=y)
+        for_device(_WY, dev)((cfg["n_chunks"], H), read, v, beta_, lam_, kk, wy, u, inverse,
+                             cfg["table"], wk, STORE_INVERSE=store, LOW_RANK=low_rank,
+                             **_for("wy", _without(blocks, "NK", "STRICT")))
+        for_device(_STATES, dev)((blocks["NV"], cfg["N"] * H), k, v, lam_, _or(s0, y), sT,
+                                 ckpt, _or(cu, y), _or(offsets, y), T, wy, u, _or(x, y),
+                                 USE_INITIAL_STATE=s0 is not None, IS_VARLEN=cu is not None,
+                                 DELTA=True, LOW_RANK=low_rank,
+                                 **_for("delta_states", _without(blocks, "NK", "STRICT")))
+        for_device(_OUTPUT, dev)((cfg["n_chunks"], H), q, k, u, lam_, y, ckpt, cfg["table"],
+                                 scores, 1.0, *second.values(), SECOND=low_rank,
+                                 **_for("output", _blocks(cfg, H, K, V)))
         if store:
             ctx.save_for_backward(q, k, v, beta, lam, ckpt, w, x, wy, u, inverse)
             ctx.products = products
@@ -905,8 +905,6 @@ class DeltaChunkCore(torch.autograd.Function):
         if ctx.products is None and cfg["decay"] == 2:  # a second backward: made again
             ctx.products = _delta_products(q, k, lam, cfg, w, x)
         products, ctx.products = ctx.products, None      # (the backward overwrites them)
-        if w is not None:
-            return _low_rank_backward(ctx, q, k, v, lam, ckpt, w, x, dy, dsT, products)
         B, T, H, K = q.shape
         V = v.shape[-1]
         dev = q.device
@@ -923,11 +921,16 @@ class DeltaChunkCore(torch.autograd.Function):
         blocks = _delta_blocks(cfg, H, K, V)
         lam_ = _or(lam, beta)
         per_row = cfg["decay"] == 2
-        qk, kk = products if per_row else (dy, dy)
+        if w is not None:       # u written along x, read by q through q.x
+            written, qk, kk = x, products[0], None
+        else:
+            written, (qk, kk) = k, products if per_row else (dy, dy)
         for_device(_DSTATES, dev)((blocks["NV"], N * H), q, lam_, dy, _or(dsT, dy), ds0,
-                                  dckpt, _or(cu, dy), _or(offsets, dy), T, k, wy, qk, du,
+                                  dckpt, _or(cu, dy), _or(offsets, dy), T, written, wy, qk, du,
                                   USE_FINAL_STATE_GRAD=dsT is not None, IS_VARLEN=cu is not None,
                                   DELTA=True, **_for("delta_dstates", _without(blocks, "NK")))
+        if w is not None:
+            return _low_rank_backward(ctx, products, dy, dckpt, du, ds0)
         out = _blocks(cfg, H, K, V)
         last = torch.empty(cfg["n_chunks"], H, K, dtype=torch.float32, device=dev) \
             if per_row else dy
@@ -956,6 +959,8 @@ class DeltaChunkCore(torch.autograd.Function):
 
 
 _WY, _WY_BWD = Launcher(delta_wy_kernel), Launcher(delta_wy_bwd_kernel)
+_LOW_RANK_STATE_GRADS = Launcher(low_rank_state_grads_kernel)
+_LOW_RANK_PAIR_GRADS = Launcher(low_rank_pair_grads_kernel)
 
 
 def _delta_blocks(cfg: dict, H: int, K: int, V: int) -> dict:
@@ -981,37 +986,35 @@ def _delta_products(q, k, lam, cfg: dict, w=None, x=None) -> tuple:
     return product(q, x), product(w, x, True), product(w, k, True), product(q, k)
 
 
-#: V lanes per program of the low-rank backward on a GPU: at 32 lanes Triton 3.6 asks for
-#: 248 KB of shared memory for K = 128 (an H200 has 227 KB; test_chunk_gpu[rwkv7-bf16]
-#: failed so), at 16 lanes 212 KB (benchmarks/compile_check.py)
-LOW_RANK_BWD_BV = 16
-
-
-def _low_rank_backward(ctx, q, k, v, lam, ckpt, w, x, dy, dsT, products):
-    """``DeltaChunkCore.backward`` for the diagonal-plus-low-rank transition:
-    ``low_rank_chunk_bwd_kernel`` (the four decayed products' gradients, the parts through
-    the state and through w exp(bq)), then ``chunk_diag_grads_kernel`` once per product
-    (q.x with the q and x state parts and b_last's terms, q.k with k's, w.x before the token
-    with w's, w.k before the token)."""
+def _low_rank_backward(ctx, products, dy, dckpt, du, ds0):
+    """``DeltaChunkCore.backward`` for the diagonal-plus-low-rank transition, after the
+    state gradients: ``low_rank_state_grads_kernel`` and ``low_rank_pair_grads_kernel``
+    (every chunk at once: the parts through the state and through w exp(bq), the four
+    decayed products' gradients, dv), then
+    ``chunk_diag_grads_kernel`` once per product (q.x with the q and x state parts and
+    b_last's terms, q.k with k's, w.x before the token with w's, w.k before the token)."""
+    q, k, v, beta, lam, ckpt, w, x, wy, u, inverse = ctx.saved_tensors
     cfg = ctx.cfg
     B, T, H, K = q.shape
     V = v.shape[-1]
     dev = q.device
-    N, cu, offsets = cfg["N"], cfg["cu"], cfg["offsets"]
     qx, wx, wk, qk = products
-    d_qx, d_qk, d_wx, d_wk = (torch.zeros_like(t) for t in (qx, qk, wx, wk))
-    dq, dk, dw, dx = (torch.zeros(t.shape, dtype=torch.float32, device=dev)
+    d_qx, d_qk, d_wx, d_wk = (torch.empty_like(t) for t in (qx, qk, wx, wk))
+    dq, dk, dw, dx = (torch.empty(t.shape, dtype=torch.float32, device=dev)
                       for t in (q, k, w, x))
     dv = torch.empty(v.shape, dtype=torch.float32, device=dev)
-    ds0 = torch.empty(N, H, K, V, dtype=torch.float32, device=dev)
-    last = torch.zeros(cfg["n_chunks"], H, K, dtype=torch.float32, device=dev)
-    bv = min(cfg["delta_bv"], LOW_RANK_BWD_BV) if dev.type == "cuda" else cfg["delta_bv"]
-    for_device(low_rank_chunk_bwd_kernel, dev)[(_cdiv(V, bv), N * H)](
-        q, k, v, w, x, lam, dy.contiguous(), _or(dsT, dy), ckpt, ds0, qx, qk, wx, wk, d_qx,
-        d_qk, d_wx, d_wk, dq, dk, dw, dx, dv, last, _or(cu, dy), _or(offsets, dy), T, H=H, K=K,
-        V=V, BK=_pow2(K), BV=bv, C=cfg["C"], USE_FINAL_STATE_GRAD=dsT is not None,
-        IS_VARLEN=cu is not None, DOT=cfg["dot"],
-        **({"num_warps": 4, "num_stages": 1} if dev.type == "cuda" else {}))
+    last = torch.empty(cfg["n_chunks"], H, K, dtype=torch.float32, device=dev)
+    blocks = _delta_blocks(cfg, H, K, V)
+    sizes = _without(blocks, "NK", "STRICT", "DECAY")
+    d_wx.zero_()
+    # the K side in K blocks of the core's width (fewer live [C, K] tiles per program)
+    bk = min(cfg["BK"], sizes["BK"])
+    for_device(_LOW_RANK_STATE_GRADS, dev)((cfg["n_chunks"], H, _cdiv(K, bk)),
+        q, k, v, x, lam, dy, ckpt, dckpt, wy, u, du, inverse, cfg["table"], dq, dk, dw, dx,
+        last, d_wx, **_for("low_rank_grads", dict(sizes, BK=bk)))
+    for_device(_LOW_RANK_PAIR_GRADS, dev)((cfg["n_chunks"], H),
+        k, v, lam, dy, dckpt, u, du, inverse, cfg["table"], qk, wk, d_qx, d_qk, d_wx, d_wk, dv,
+        **_for("low_rank_grads", sizes))
     blocks = _blocks(cfg, H, K, V)
     before = dict(blocks, STRICT=True)     # w's products see the decay before the token
     cumulative = _cumulative_decays(lam, cfg, blocks)

@@ -172,7 +172,7 @@ def test_chunk_source_shows_the_mapping_and_the_kernels():
     assert "key    k^ = k" in src and "log decay = w" in src
     assert "before the token's update" in src and "def chunk_grads_kernel(" in src
     src = linforge.library.get("rwkv7").source("chunk", "fwd")
-    assert "low_rank_chunk_fwd_kernel" in src.split("launches:")[1].splitlines()[0]
+    assert "delta_wy_kernel" in src.split("launches:")[1].splitlines()[0]
     src = linforge.library.get("gated_deltanet").source("chunk", "bwd")
     assert "delta_wy_bwd_kernel" in src.split("launches:")[1].splitlines()[0]
 
