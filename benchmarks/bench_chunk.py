@@ -36,6 +36,16 @@ def inputs(name: str, seed: int = 0) -> dict:
                     D=rnd(H, dtype=torch.float32), dt_bias=rnd(H, dtype=torch.float32) * 0.1)
     if name in ("gla", "rwkv6", "deltanet", "gated_deltanet"):
         return recurrent_inputs(name, B, T)
+    if name == "kda":       # q, k l2-normalized inside the spec (fla: in its kernel)
+        return dict(q=rnd(B, T, H, K), k=rnd(B, T, H, K), v=rnd(B, T, H, V),
+                    g=F.logsigmoid(rnd(B, T, H, K, dtype=torch.float32)) / 16,
+                    beta=torch.sigmoid(rnd(B, T, H, dtype=torch.float32)))
+    if name == "rwkv7":     # as the model makes them: a = -kappa, b = kappa * a_in
+        kappa = F.normalize(rnd(B, T, H, K, dtype=torch.float32), dim=-1)
+        a_in = torch.sigmoid(rnd(B, T, H, K, dtype=torch.float32))
+        return dict(r=rnd(B, T, H, K), k=rnd(B, T, H, K) * K ** -0.5, v=rnd(B, T, H, V),
+                    w=-0.6065 * torch.sigmoid(rnd(B, T, H, K, dtype=torch.float32)),
+                    a=(-kappa).to(torch.bfloat16), b=(kappa * a_in).to(torch.bfloat16))
     return dict(q=rnd(B, T, H, K), k=rnd(B, T, H, K), v=rnd(B, T, H, V))
 
 
@@ -71,6 +81,14 @@ def fla_op(name: str):
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
         return lambda x: chunk_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"],
                                                 use_qk_l2norm_in_kernel=True)[0]
+    if name == "kda":
+        from fla.ops.kda import chunk_kda
+        return lambda x: chunk_kda(x["q"], x["k"], x["v"], x["g"], x["beta"],
+                                   use_qk_l2norm_in_kernel=True)[0]
+    if name == "rwkv7":
+        from fla.ops.rwkv7 import chunk_rwkv7
+        return lambda x: chunk_rwkv7(x["r"], x["w"], x["k"], x["v"], x["a"], x["b"],
+                                     scale=1.0)[0]
     raise KeyError(name)
 
 
@@ -94,7 +112,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--ops", default="linear_attention,retnet,mamba2,gla,rwkv6,deltanet,"
-                                     "gated_deltanet")
+                                     "gated_deltanet,kda,rwkv7")
     ap.add_argument("--forward-only", default="", help="ops timed forward only (e.g. to "
                     "spare fla's backward autotuning in a short run)")
     args = ap.parse_args()

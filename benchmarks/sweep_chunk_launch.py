@@ -24,7 +24,11 @@ from bench_chunk import B, H, T, V, inputs
 
 KERNELS = {"states": "chunk_states_kernel", "output": "chunk_output_kernel",
            "dstates": "chunk_dstates_kernel", "grads": "chunk_grads_kernel",
-           "scores": "chunk_diag_scores_kernel", "diag_grads": "chunk_diag_grads_kernel"}
+           "scores": "chunk_diag_scores_kernel", "diag_grads": "chunk_diag_grads_kernel",
+           # the delta rule's (deltanet, gated_deltanet, kda) and the low rank's (rwkv7)
+           "wy": "delta_wy_kernel", "wy_bwd": "delta_wy_bwd_kernel",
+           "delta_states": "chunk_states_kernel", "delta_dstates": "chunk_dstates_kernel",
+           "low_rank_grads": "low_rank_"}
 GRID = {"states": dict(BV=[32, 64], num_stages=[1, 2, 3], num_warps=[4]),
         "dstates": dict(BV=[32, 64], num_stages=[1, 2, 3], num_warps=[4]),
         # K and V tiles of 32 take the spills of these two kernels from 0.8-3.5 KB per
@@ -33,7 +37,14 @@ GRID = {"states": dict(BV=[32, 64], num_stages=[1, 2, 3], num_warps=[4]),
         "grads": dict(BK=[32, 64], BV=[32, 64], num_stages=[1], num_warps=[4, 8]),
         # diagonal decays only: stages pipeline the loads of the row-by-row sub-chunk loops
         "scores": dict(num_stages=[1, 2, 3], num_warps=[2, 4, 8]),
-        "diag_grads": dict(BK=[32, 64], num_stages=[1, 2], num_warps=[4, 8])}
+        "diag_grads": dict(BK=[32, 64], num_stages=[1, 2], num_warps=[4, 8]),
+        # the delta kernels hold all of K per program: 8 warps by default for their spills
+        # (compile_check.py), not yet timed
+        "wy": dict(num_stages=[1, 2], num_warps=[4, 8]),
+        "wy_bwd": dict(num_stages=[1, 2], num_warps=[4, 8]),
+        "delta_states": dict(num_stages=[1, 2, 3], num_warps=[4, 8]),
+        "delta_dstates": dict(num_stages=[1, 2, 3], num_warps=[4, 8]),
+        "low_rank_grads": dict(num_stages=[1, 2], num_warps=[4, 8])}
 
 
 def step(attn, x, do):
