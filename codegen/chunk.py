@@ -248,6 +248,16 @@ def _key_decay(k, lam_ptr, rows, m_t, r_k, m_k, K: tl.constexpr, DECAY: tl.const
 
 
 @triton.jit
+def _lane_decay(decay_last, DECAY: tl.constexpr):
+    """A chunk's total decay per K lane ([BK]) from ``_key_factor``'s [BK, 1] (diagonal
+    decays), or as it is (a scalar, or 1)."""
+    if DECAY == 2:
+        return tl.sum(decay_last, axis=1)
+    else:
+        return decay_last
+
+
+@triton.jit
 def _query_decay(q, lam_ptr, rows, m_t, r_k, m_k, K: tl.constexpr, DECAY: tl.constexpr,
                  STRICT: tl.constexpr):
     """q * exp(bq) (how a query sees the chunk's start state) and exp(b_last)."""
@@ -318,17 +328,20 @@ def _chunk_scores(q_ptr, k_ptr, lam_ptr, rows, m_t, r_c, K: tl.constexpr, BK: tl
 @triton.jit
 def chunk_states_kernel(
     k_ptr, v_ptr, lam_ptr, s0_ptr, sT_ptr, ckpt_ptr, cu_seqlens_ptr, chunk_offsets_ptr, T,
-    w_ptr, u_ptr, x_ptr,
+    w_ptr, u_ptr, x_ptr, z0_ptr, zT_ptr, zckpt_ptr,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT: tl.constexpr, DELTA: tl.constexpr = False,
-    LOW_RANK: tl.constexpr = False,
+    LOW_RANK: tl.constexpr = False, NORM: tl.constexpr = False,
 ):
     """Grid (K blocks * V blocks, sequences * heads): one state tile at every chunk start
     (ckpt) and after the last token (sT), in chunk order. DELTA (the delta rule in its WY
     form, one K block): a chunk's values are its updates u = U0 - W S, from ``u_ptr``
     (U0, overwritten with u) and ``w_ptr`` (``delta_wy_kernel``) and the start state.
-    LOW_RANK (RWKV-7): u is written along x (``x_ptr``), and k v^T adds as well."""
+    LOW_RANK (RWKV-7): u is written along x (``x_ptr``), and k v^T adds as well. NORM: the
+    normalizer z (a column of ones as its value: z' = exp(b_last) z + sum_t k_dec_t) rides
+    along, its K tile kept by the programs of the first V block (``z0``, ``zT``, ``zckpt``:
+    [N, H, K], [N, H, K], [chunks, H, K])."""
     i_kv, i_nh = tl.program_id(0), tl.program_id(1)
     i_k, i_v = i_kv // NV, i_kv % NV
     i_n, i_h = i_nh // H, i_nh % H
@@ -336,8 +349,12 @@ def chunk_states_kernel(
     r_c = tl.arange(0, C)
     r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
     S = tl.zeros([BK, BV], dtype=tl.float32)
+    z = tl.zeros([BK], dtype=tl.float32)
+    m_z = m_k & (tl.zeros([BK], dtype=tl.int32) + i_v == 0)    # z: first V block only
     if USE_INITIAL_STATE:
         S += tl.load(s0_ptr + i_nh * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
+        if NORM:
+            z += tl.load(z0_ptr + i_nh * K + r_k, mask=m_k, other=0.0)
     for i_c in range(0, tl.cdiv(eos - bos, C)):
         m_t = bos + i_c * C + r_c < eos
         rows = (bos + i_c * C + r_c) * H + i_h
@@ -361,7 +378,12 @@ def chunk_states_kernel(
         else:
             S = S * decay_last + _mm(tl.trans(k_dec), _rows_of(v_ptr, rows, m_t, r_v, m_v, V),
                                      DOT)
+        if NORM:
+            tl.store(zckpt_ptr + ((ck_base + i_c) * H + i_h) * K + r_k, z, mask=m_z)
+            z = z * _lane_decay(decay_last, DECAY) + tl.sum(k_dec, axis=0)
     tl.store(sT_ptr + i_nh * K * V + p_kv, S, mask=m_kv)
+    if NORM:
+        tl.store(zT_ptr + i_nh * K + r_k, z, mask=m_z)
 
 
 @triton.jit
@@ -533,11 +555,11 @@ def chunk_diag_scores_kernel(
 @triton.jit
 def chunk_output_kernel(
     q_ptr, k_ptr, v_ptr, lam_ptr, y_ptr, ckpt_ptr, chunk_table_ptr, A_ptr, scale, v2_ptr,
-    A2_ptr,
+    A2_ptr, zckpt_ptr, ycol_ptr,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NK: tl.constexpr, NV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
     STRICT: tl.constexpr, DOT: tl.constexpr, SUB: tl.constexpr = 16,
-    PARALLEL: tl.constexpr = False, SECOND: tl.constexpr = False,
+    PARALLEL: tl.constexpr = False, SECOND: tl.constexpr = False, NORM: tl.constexpr = False,
 ):
     """Grid (chunks, heads): y of one chunk, times ``scale`` (constant factors of the query
     and key, taken out of them by the compiler). The scores are built once over the K blocks;
@@ -545,7 +567,9 @@ def chunk_output_kernel(
     times the start state. Diagonal decays read their scores from
     ``chunk_diag_scores_kernel`` (``A_ptr``) and decay the queries per channel. SECOND
     (RWKV-7's k v^T beside x u^T): y adds the scores ``A2_ptr`` (stored the same way) times
-    the values ``v2_ptr``."""
+    the values ``v2_ptr``. NORM: also the normalizer's read, the queries times the chunk's
+    start z (``zckpt``) plus the scores' row sums (a column of ones as the value), to
+    ``ycol`` ([T*, H], fp32)."""
     i_g, i_h = tl.program_id(0), tl.program_id(1)
     r_c = tl.arange(0, C)
     rows, m_t = _chunk(chunk_table_ptr, i_h, H, r_c)
@@ -555,6 +579,19 @@ def chunk_output_kernel(
     else:
         A, _ = _chunk_scores(q_ptr, k_ptr, lam_ptr, rows, m_t, r_c, K, BK, NK, C, DECAY,
                              STRICT, DOT)
+    if NORM:
+        y_col = tl.zeros([C], dtype=tl.float32)
+        for i_k in tl.static_range(NK):
+            r_k, m_k = _block(i_k, BK, K)
+            q = _rows_of(q_ptr, rows, m_t, r_k, m_k, K)
+            if DECAY == 2:
+                q, _ = _query_decay(q, lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)
+            z = tl.load(zckpt_ptr + (i_g * H + i_h) * K + r_k, mask=m_k, other=0.0)
+            y_col += tl.sum(q.to(tl.float32) * z[None, :], axis=1)
+        if DECAY == 1:
+            q_factor, _ = _query_factor(lam_ptr, rows, m_t, r_c, m_t, K, DECAY, STRICT)
+            y_col = y_col * tl.sum(q_factor, axis=1)
+        tl.store(ycol_ptr + rows, (y_col + tl.sum(A, axis=1)) * scale, mask=m_t)
     for i_v in tl.static_range(NV):
         r_v, m_v = _block(i_v, BV, V)
         if PARALLEL:    # earlier chunks, pair by pair
@@ -587,17 +624,19 @@ def chunk_output_kernel(
 @triton.jit
 def chunk_dstates_kernel(
     q_ptr, lam_ptr, dy_ptr, dsT_ptr, ds0_ptr, dckpt_ptr, cu_seqlens_ptr, chunk_offsets_ptr, T,
-    k_ptr, w_ptr, A_ptr, du_ptr,
+    k_ptr, w_ptr, A_ptr, du_ptr, dycol_ptr, dzT_ptr, dz0_ptr, dzckpt_ptr,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr, STRICT: tl.constexpr,
     USE_FINAL_STATE_GRAD: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
-    DELTA: tl.constexpr = False,
+    DELTA: tl.constexpr = False, NORM: tl.constexpr = False,
 ):
     """Grid (K blocks * V blocks, sequences * heads), chunks last to first: one tile of the
     gradient of every chunk's end state (dckpt) and of the initial state (ds0). DELTA (one
     K block): the chunk's updates u = U0 - W S took part in its readout and end state, so
     their gradient dU = scores^T dy + (k exp(b_last - b)) dS goes to ``du_ptr`` and the
-    start state's gradient gains -W^T dU (scores of diagonal decays from ``A_ptr``)."""
+    start state's gradient gains -W^T dU (scores of diagonal decays from ``A_ptr``). NORM:
+    the normalizer's gradient dz rides along in the first V block's programs, from the
+    gradient of its reads (``dycol``, [T*, H]): dz = exp(b_last) dz' + q_dec^T dycol."""
     i_kv, i_nh = tl.program_id(0), tl.program_id(1)
     i_k, i_v = i_kv // NV, i_kv % NV
     i_n, i_h = i_nh // H, i_nh % H
@@ -605,14 +644,20 @@ def chunk_dstates_kernel(
     r_c = tl.arange(0, C)
     r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
     dS = tl.zeros([BK, BV], dtype=tl.float32)
+    dz = tl.zeros([BK], dtype=tl.float32)
+    m_z = m_k & (tl.zeros([BK], dtype=tl.int32) + i_v == 0)    # z: first V block only
     if USE_FINAL_STATE_GRAD:
         dS += tl.load(dsT_ptr + i_nh * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
+        if NORM:
+            dz += tl.load(dzT_ptr + i_nh * K + r_k, mask=m_k, other=0.0)
     n_chunks = tl.cdiv(eos - bos, C)
     for i_r in range(0, n_chunks):
         i_c = n_chunks - 1 - i_r
         m_t = bos + i_c * C + r_c < eos
         rows = (bos + i_c * C + r_c) * H + i_h
         tl.store(dckpt_ptr + ((ck_base + i_c) * H + i_h) * K * V + p_kv, dS, mask=m_kv)
+        if NORM:
+            tl.store(dzckpt_ptr + ((ck_base + i_c) * H + i_h) * K + r_k, dz, mask=m_z)
         q = _rows_of(q_ptr, rows, m_t, r_k, m_k, K)
         dy = _rows_of(dy_ptr, rows, m_t, r_v, m_v, V)
         q_dec, decay_last = _query_decay(q, lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)
@@ -632,7 +677,12 @@ def chunk_dstates_kernel(
                   - _mm(tl.trans(_rows_of(w_ptr, rows, m_t, r_k, m_k, K)), dU, DOT))
         else:
             dS = dS * decay_last + _mm(tl.trans(q_dec), dy, DOT)
+        if NORM:
+            dz = dz * _lane_decay(decay_last, DECAY) + tl.sum(
+                q_dec * tl.load(dycol_ptr + rows, mask=m_t, other=0.0)[:, None], axis=0)
     tl.store(ds0_ptr + i_nh * K * V + p_kv, dS, mask=m_kv)
+    if NORM:
+        tl.store(dz0_ptr + i_nh * K + r_k, dz, mask=m_z)
 
 
 @triton.jit
@@ -728,11 +778,11 @@ def chunk_diag_grads_kernel(
 @triton.jit
 def chunk_grads_kernel(
     q_ptr, k_ptr, v_ptr, lam_ptr, dy_ptr, ckpt_ptr, dckpt_ptr, chunk_table_ptr, A_ptr, last_ptr,
-    scale, dq_ptr, dk_ptr, dv_ptr, dlam_ptr,
+    scale, dq_ptr, dk_ptr, dv_ptr, dlam_ptr, dycol_ptr, zckpt_ptr, dzckpt_ptr,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NK: tl.constexpr, NV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
     STRICT: tl.constexpr, DOT: tl.constexpr, PARALLEL: tl.constexpr = False,
-    STORE_DV: tl.constexpr = True,
+    STORE_DV: tl.constexpr = True, NORM: tl.constexpr = False,
 ):
     """Grid (chunks, heads): dq, dk, dv (unless not STORE_DV) and dlam of one chunk from its
     start state S and the gradient dS of its end state, every K and V block in one program
@@ -741,7 +791,10 @@ def chunk_grads_kernel(
     dk = v dS^T exp(b_last - b) + dA^T q per K block. Diagonal decays: this kernel stores
     dv, the state parts of dq and dk (unscaled), each lane's sum over V of S_next * dS
     (``last_ptr``) and dA in place of the scores it read (``A_ptr``);
-    ``chunk_diag_grads_kernel`` adds the intra-chunk parts and the decay gradients."""
+    ``chunk_diag_grads_kernel`` adds the intra-chunk parts and the decay gradients. NORM:
+    the normalizer's reads (a column of ones as the value) add their gradient ``dycol`` to
+    every dA[t, s] of the row, dycol z^T to dq and the gradient of the chunk's end z
+    (``dzckpt``) to every key row's dk."""
     i_g, i_h = tl.program_id(0), tl.program_id(1)
     r_c = tl.arange(0, C)
     rows, m_t = _chunk(chunk_table_ptr, i_h, H, r_c)
@@ -752,6 +805,9 @@ def chunk_grads_kernel(
         r_v, m_v = _block(i_v, BV, V)
         dA += _mm(_rows_of(dy_ptr, rows, m_t, r_v, m_v, V),
                   tl.trans(_rows_of(v_ptr, rows, m_t, r_v, m_v, V)), DOT)
+    if NORM:
+        dy_col = tl.load(dycol_ptr + rows, mask=m_t, other=0.0)
+        dA += dy_col[:, None]
     dA = tl.where(_causal(r_c, STRICT), dA, 0.0)
     if DECAY == 2:      # scores from chunk_diag_scores_kernel
         A = tl.load(A_ptr + p_A, mask=m_t[:, None], other=0.0)
@@ -806,6 +862,13 @@ def chunk_grads_kernel(
                 dk += _mm(v, tl.trans(dS), DOT)
                 if DECAY > 0:
                     last += tl.sum(S * dS * decay_last, axis=1)
+            if NORM:
+                z = tl.load(zckpt_ptr + (i_g * H + i_h) * K + r_k, mask=m_k, other=0.0)
+                dz = tl.load(dzckpt_ptr + (i_g * H + i_h) * K + r_k, mask=m_k, other=0.0)
+                dq += dy_col[:, None] * z[None, :]
+                dk += dz[None, :]
+                if DECAY > 0:
+                    last += z * dz * _lane_decay(decay_last, DECAY)
             if DECAY > 0:
                 # sum over V of S_next * dS, S_next = exp(b_last) S + (k exp(b_last -
                 # b))^T v: its second part is sum over s of k_dec[s] * (v dS^T)[s],

@@ -337,10 +337,13 @@ def _pow2(n: int, least: int = 16) -> int:
 
 
 class ChunkCore(torch.autograd.Function):
-    """``y = q @ S_t`` through the chunked kernels; differentiable in q, k, v, lam, S0."""
+    """``y = q @ S_t`` through the chunked kernels; differentiable in q, k, v, lam, S0. With
+    ``cfg["norm"]`` a normalizer state z (a column of ones as its value, initial ``z0``)
+    rides along: its reads ``q_t @ z_t`` and final state are the third and fourth
+    outputs."""
 
     @staticmethod
-    def forward(ctx, q, k, v, lam, s0, cfg: dict):
+    def forward(ctx, q, k, v, lam, s0, cfg: dict, z0=None):
         B, T, H, K = q.shape
         V = v.shape[-1]
         dev = q.device
@@ -355,32 +358,40 @@ class ChunkCore(torch.autograd.Function):
                                                          device=dev)
         blocks = _blocks(cfg, H, K, V)
         lam_ = lam if lam is not None else q
+        norm = cfg.get("norm", False)
+        zT = zckpt = y_col = y
+        if norm:
+            zT = torch.empty(N, H, K, dtype=torch.float32, device=dev)
+            zckpt = torch.empty(n_chunks, H, K, dtype=torch.float32, device=dev)
+            y_col = torch.empty(B, T, H, dtype=torch.float32, device=dev)
         if cfg["parallel"]:     # no states: every chunk reads the earlier ones directly
             ckpt = y
         else:
             sb = _for("states", _without(blocks, "NK", "STRICT"))
             for_device(_STATES, dev)((blocks["NK"] * sb["NV"], N * H),
                 k, v, lam_, s0 if s0 is not None else y, sT, ckpt, _or(cu, y),
-                _or(offsets, y), T, y, y, y, USE_INITIAL_STATE=s0 is not None,
-                IS_VARLEN=cu is not None, **sb)
+                _or(offsets, y), T, y, y, y, _or(z0, y), zT, zckpt,
+                USE_INITIAL_STATE=s0 is not None, IS_VARLEN=cu is not None, NORM=norm, **sb)
         scores = y
         if cfg["decay"] == 2:   # diagonal decays: intra-chunk scores by sub-chunks first
             scores = _diagonal_scores(q, k, lam, cfg, blocks, ckpt_dtype,
                                       _cumulative_decays(lam, cfg, blocks))
         for_device(_OUTPUT, dev)((n_chunks, H), q, k, v, lam_, y, ckpt, cfg["table"], scores,
-                                 cfg["scale"], y, y, PARALLEL=cfg["parallel"],
-                                 **_for("output", blocks))
-        ctx.save_for_backward(q, k, v, lam, ckpt if not cfg["parallel"] else None)
+                                 cfg["scale"], y, y, zckpt, y_col, PARALLEL=cfg["parallel"],
+                                 NORM=norm, **_for("output", blocks))
+        ctx.save_for_backward(q, k, v, lam, ckpt if not cfg["parallel"] else None,
+                              zckpt if norm else None)
         # diagonal decays: the backward's first run reads these scores (and overwrites them
         # with dA), so they are kept rather than made again (C / K of q's size)
         ctx.scores = scores if cfg["decay"] == 2 else None
         ctx.cfg = cfg
         ctx.has_s0 = s0 is not None
-        return y, sT
+        return (y, sT, y_col, zT) if norm else (y, sT)
 
     @staticmethod
-    def backward(ctx, dy, dsT):
-        q, k, v, lam, ckpt = ctx.saved_tensors
+    def backward(ctx, dy, dsT, dy_col=None, dzT=None):
+        q, k, v, lam, ckpt, zckpt = ctx.saved_tensors
+        norm = zckpt is not None
         cfg = ctx.cfg
         B, T, H, K = q.shape
         V = v.shape[-1]
@@ -401,6 +412,18 @@ class ChunkCore(torch.autograd.Function):
         scale = cfg["scale"]
         if dsT is not None and scale != 1.0:
             dsT = dsT / scale
+        dz0 = dzckpt = None
+        if norm:
+            # the normalizer's gradients: zeros where its reads or final state are unused
+            dy_col = (dy_col.contiguous() if dy_col is not None
+                      else torch.zeros(B, T, H, dtype=torch.float32, device=dev))
+            if dsT is not None or dzT is not None:  # (one flag covers both final states)
+                dzT = (dzT / scale if scale != 1.0 else dzT).contiguous() if dzT is not None \
+                    else torch.zeros(N, H, K, dtype=torch.float32, device=dev)
+                if dsT is None:
+                    dsT = torch.zeros(N, H, K, V, dtype=torch.float32, device=dev)
+            dz0 = torch.empty(N, H, K, dtype=torch.float32, device=dev)
+            dzckpt = torch.empty(zckpt.shape, dtype=torch.float32, device=dev)
         lam_ = lam if lam is not None else q
         blocks = _blocks(cfg, H, K, V)
         if cfg["parallel"]:
@@ -411,7 +434,8 @@ class ChunkCore(torch.autograd.Function):
             db = _for("dstates", _without(blocks, "NK"))
             for_device(_DSTATES, dev)((blocks["NK"] * db["NV"], N * H),
                 q, lam_, dy, _or(dsT, dy), ds0, dckpt, _or(cu, dy), _or(offsets, dy), T,
-                dy, dy, dy, dy, USE_FINAL_STATE_GRAD=dsT is not None, IS_VARLEN=cu is not None,
+                dy, dy, dy, dy, _or(dy_col, dy), _or(dzT, dy), _or(dz0, dy), _or(dzckpt, dy),
+                USE_FINAL_STATE_GRAD=dsT is not None, IS_VARLEN=cu is not None, NORM=norm,
                 **db)
         scores = last = cumulative = dy
         if cfg["decay"] == 2:   # the forward's intra-chunk scores, made again
@@ -423,16 +447,17 @@ class ChunkCore(torch.autograd.Function):
             last = torch.empty(n_chunks, H, K, dtype=torch.float32, device=dev)
         for_device(_GRADS, dev)((n_chunks, H),
             q, k, v, lam_, dy, _or(ckpt, dy), _or(dckpt, dy), cfg["table"], scores, last,
-            scale, dq, dk, dv, _or(dlam, dq), PARALLEL=cfg["parallel"],
-            **_for("grads", blocks))
+            scale, dq, dk, dv, _or(dlam, dq), _or(dy_col, dq), _or(zckpt, dq), _or(dzckpt, dq),
+            PARALLEL=cfg["parallel"], NORM=norm, **_for("grads", blocks))
         if cfg["decay"] == 2:   # the intra-chunk parts of dq and dk, and dlam
             _diagonal_grads(q, k, cumulative, scores, last, cfg, blocks, scale, dq, dk, dlam)
         if ds0 is not None and scale != 1.0:
             ds0 = ds0 * scale
+            dz0 = dz0 * scale if dz0 is not None else None
         if cfg["parallel"] and dlam is not None:
             dlam = _parallel_decay_grad(q, k, dq, dk, cu, cfg["strict"])
         return (dq.to(q.dtype), dk.to(k.dtype), dv, dlam,
-                ds0 if ctx.has_s0 else None, None)
+                ds0 if ctx.has_s0 else None, None, dz0 if ctx.has_s0 else None)
 
 
 _STATES, _OUTPUT = Launcher(chunk_states_kernel), Launcher(chunk_output_kernel)
@@ -885,12 +910,12 @@ class DeltaChunkCore(torch.autograd.Function):
                              cfg["table"], wk, STORE_INVERSE=store, LOW_RANK=low_rank,
                              **_for("wy", _without(blocks, "NK", "STRICT")))
         for_device(_STATES, dev)((blocks["NV"], cfg["N"] * H), k, v, lam_, _or(s0, y), sT,
-                                 ckpt, _or(cu, y), _or(offsets, y), T, wy, u, _or(x, y),
+                                 ckpt, _or(cu, y), _or(offsets, y), T, wy, u, _or(x, y), y, y, y,
                                  USE_INITIAL_STATE=s0 is not None, IS_VARLEN=cu is not None,
                                  DELTA=True, LOW_RANK=low_rank,
                                  **_for("delta_states", _without(blocks, "NK", "STRICT")))
         for_device(_OUTPUT, dev)((cfg["n_chunks"], H), q, k, u, lam_, y, ckpt, cfg["table"],
-                                 scores, 1.0, *second.values(), SECOND=low_rank,
+                                 scores, 1.0, *second.values(), y, y, SECOND=low_rank,
                                  **_for("output", _blocks(cfg, H, K, V)))
         if store:
             ctx.save_for_backward(q, k, v, beta, lam, ckpt, w, x, wy, u, inverse)
@@ -927,6 +952,7 @@ class DeltaChunkCore(torch.autograd.Function):
             written, (qk, kk) = k, products if per_row else (dy, dy)
         for_device(_DSTATES, dev)((blocks["NV"], N * H), q, lam_, dy, _or(dsT, dy), ds0,
                                   dckpt, _or(cu, dy), _or(offsets, dy), T, written, wy, qk, du,
+                                  dy, dy, dy, dy,
                                   USE_FINAL_STATE_GRAD=dsT is not None, IS_VARLEN=cu is not None,
                                   DELTA=True, **_for("delta_dstates", _without(blocks, "NK")))
         if w is not None:
@@ -937,8 +963,8 @@ class DeltaChunkCore(torch.autograd.Function):
         # dq and the parts of dk and dlam through the readout and the state, u as values
         # (diagonal decays: the state parts, and dA in place of the scores q.k)
         for_device(_GRADS, dev)((cfg["n_chunks"], H), q, k, u, lam_, dy, ckpt, dckpt,
-                                cfg["table"], qk, last, 1.0, dq, dk, dv, _or(dlam, dq),
-                                STORE_DV=False, **_for("grads", out))
+                                cfg["table"], qk, last, 1.0, dq, dk, dv, _or(dlam, dq), dq, dq,
+                                dq, STORE_DV=False, **_for("grads", out))
         if per_row:     # through q_t . k_s exp(b_t - b_s)
             cumulative = _cumulative_decays(lam, cfg, out)
             _diagonal_grads(q, k, cumulative, qk, last, cfg, out, 1.0, dq, dk, dlam)
@@ -1150,20 +1176,33 @@ def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *
             y_cols, sT_cols = y[..., V:], sT[..., V:]
             y, sT = y[..., :V], sT[..., :V]
         else:
-            def run(v, s0, direct):
+            def run(v, s0, direct, z0=None, norm=False):
                 cfg = _core_config(batch, T, q.shape[-1], v.shape[-1], cu_seqlens, chunk_size,
                                    sp.strict, dot, q.device)
                 cfg.update(decay=sp.decay, parallel=parallel, scale=q_scale * k_scale,
-                           y_dtype=out_dtype if direct else torch.float32)
+                           y_dtype=out_dtype if direct else torch.float32, norm=norm)
                 if s0 is not None and k_scale != 1.0:
                     s0 = s0 / k_scale   # the core's state is the spec's over k's factor
-                y, sT = ChunkCore.apply(q, k, v, lam, s0, cfg)
-                return y, (sT * k_scale if k_scale != 1.0 and output_final_state else sT)
+                    z0 = z0 / k_scale if z0 is not None else None
+                out = ChunkCore.apply(q, k, v, lam, s0, cfg, z0)
+                if k_scale != 1.0 and output_final_state:
+                    out = (out[0], out[1] * k_scale, *out[2:3],
+                           *((out[3] * k_scale,) if norm else ()))
+                return out
             # an output that is the state read itself is stored in its dtype by the kernel
             direct = not sp.columns and any(node == p.output for node, _ in sp.reads)
-            y, sT = run(ev.operand(sp.value, low), s0, direct)
             y_cols = sT_cols = None
-            if sp.columns:  # normalizers: a second run with columns of ones as the value
+            if len(sp.columns) == 1 and not parallel:
+                # one normalizer: it rides along in the same kernels (its value a column of
+                # ones: the scores' row sums and the queries times its state)
+                y, sT, y_col, zT = run(ev.operand(sp.value, low), s0, direct,
+                                       columns[0][..., 0].contiguous() if columns else None,
+                                       norm=True)
+                y_cols, sT_cols = y_col[..., None], zT[..., None]
+            else:
+                y, sT = run(ev.operand(sp.value, low), s0, direct)
+            if sp.columns and y_cols is None:
+                # normalizers: a second run with columns of ones as the value
                 ones = torch.ones(B, T, H, len(sp.columns), dtype=low, device=x0.device)
                 y_cols, sT_cols = run(ones, torch.cat(columns, -1).contiguous()
                                       if columns else None, False)

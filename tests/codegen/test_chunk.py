@@ -442,3 +442,37 @@ def test_diagonal_decays_steep_in_some_subchunks_only():
          "v": torch.randn(B, T, H, V, generator=g),
          "g": -(0.05 + 19.95 * steep) * torch.rand(B, T, H, K, generator=g)}
     check_against_reference(attn, x, None, torch.float32, form="chunk")
+
+
+@pytest.mark.parametrize("dims", ["", "[K]"], ids=["scalar", "diagonal"])
+def test_normalizer_riding_along_in_the_core_matches_reference(dims):
+    """A normalized readout's z runs inside the core's kernels (its reads, its state, its
+    part of every gradient, the decay's through the chunk totals): fp32 against the float64
+    reference with positive features (no cancellation), initial and final states, and
+    varlen; its final state and its initial state's gradient included."""
+    attn = linforge.compile(f"""
+attention normed
+    inputs q[K], k[K], v[V], g{dims}
+    state  S[K, V], z[K]
+    q = exp(q)
+    k = exp(k)
+    S = exp(g) * S + outer(k, v)
+    z = exp(g) * z + k
+    o = (q @ S) / (q @ z)
+""")
+    assert len(chunk_plan(attn.analysis).states[0].columns) == 1
+    gen = torch.Generator().manual_seed(5)
+    B, T, H, K, V = 1, 150, 2, 20, 24
+    x = {"q": 0.3 * torch.randn(B, T, H, K, generator=gen),
+         "k": 0.3 * torch.randn(B, T, H, K, generator=gen),
+         "v": torch.randn(B, T, H, V, generator=gen),
+         "g": -0.5 * torch.rand(B, T, H, *([K] if dims else []), generator=gen)}
+    cu = torch.tensor([0, 61, 150])
+    init = {"S": torch.randn(2, H, K, V, generator=gen),
+            "z": 5.0 + torch.rand(2, H, K, generator=gen)}
+    o_ref, f_ref, g_ref = run_with_grads(attn, x, init, dtype=torch.float64, form="reference",
+                                         cu_seqlens=cu)
+    o, f, g = run_with_grads(attn, x, init, dtype=torch.float32, form="chunk", cu_seqlens=cu)
+    errors = {"o": rel_err(o, o_ref), **{f"final {s}": rel_err(f[s], f_ref[s]) for s in f_ref},
+              **{f"d{n}": rel_err(g[n], g_ref[n]) for n in g_ref}}
+    assert max(errors.values()) < 1e-5, errors
