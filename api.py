@@ -279,9 +279,7 @@ class Attention:
         kernels += ["chunk fwd", "chunk bwd"]
         if any(sp.solved for sp in plan.states):    # delta rules, low rank: no parallel form
             return kernels
-        if all(sp.decay < 2 for sp in plan.states):
-            kernels += ["parallel fwd", "parallel bwd"]
-        return kernels
+        return kernels + ["parallel fwd", "parallel bwd"]
 
     def _auto_form_text(self) -> str:
         blockers = getattr(self.analysis, "kernel_blockers", ())

@@ -148,11 +148,34 @@ def _cross_block_grads(q_ptr, k_ptr, v_ptr, lam_ptr, dy_ptr, chunk_table_ptr, ro
                        BV: tl.constexpr, NV: tl.constexpr, DECAY: tl.constexpr,
                        STRICT: tl.constexpr, DOT: tl.constexpr):
     """Parallel form: the parts of this block's dq from keys of earlier blocks and of its dk
-    from queries of later blocks (same sequence), on K lanes ``r_k``, pair by pair."""
+    from queries of later blocks (same sequence), on K lanes ``r_k``, pair by pair.
+    Diagonal decays: per lane, the query side decayed from its block's start, the key side
+    to its block's end and the blocks between by the product of their decays (each factor
+    <= 1)."""
     t0, eos, bos = _span(chunk_table_ptr)
     C: tl.constexpr = r_c.shape[0]
     dq = tl.zeros([C, r_k.shape[0]], dtype=tl.float32)
     dk = tl.zeros([C, r_k.shape[0]], dtype=tl.float32)
+    if DECAY == 2:
+        between = tl.full([r_k.shape[0]], 1.0, tl.float32)
+        for jj in range(0, (t0 - bos) // C):      # earlier blocks, nearest first
+            rows_j, m_j = _block_rows(t0 - (jj + 1) * C, r_c, eos, i_h, H)
+            dA = _pair_product(dy_ptr, v_ptr, rows, m_t, rows_j, m_j, V, BV, NV, DOT)
+            k_j, last_j = _key_decay(_rows_of(k_ptr, rows_j, m_j, r_k, m_k, K), lam_ptr,
+                                     rows_j, m_j, r_k, m_k, K, DECAY, False)
+            dq += _mm(dA, k_j * between[None, :], DOT)
+            between = between * _lane_decay(last_j, DECAY)
+        q_factor, _ = _query_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)
+        between = tl.full([r_k.shape[0]], 1.0, tl.float32)
+        for l0 in range(t0 + C, eos, C):          # later blocks, nearest first
+            rows_l, m_l = _block_rows(l0, r_c, eos, i_h, H)
+            dA = _pair_product(dy_ptr, v_ptr, rows_l, m_l, rows, m_t, V, BV, NV, DOT)
+            q_l, last_l = _query_decay(_rows_of(q_ptr, rows_l, m_l, r_k, m_k, K), lam_ptr,
+                                       rows_l, m_l, r_k, m_k, K, DECAY, STRICT)
+            dk += _mm(tl.trans(dA), q_l * between[None, :], DOT)
+            between = between * _lane_decay(last_l, DECAY)
+        k_factor, _ = _key_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY)
+        return dq * q_factor, dk * k_factor
     gap = tl.sum(tl.zeros([1], dtype=tl.float32), axis=0)
     for jj in range(0, (t0 - bos) // C):          # earlier blocks, nearest first
         rows_j, m_j = _block_rows(t0 - (jj + 1) * C, r_c, eos, i_h, H)
@@ -176,10 +199,25 @@ def _cross_block_output(q_ptr, k_ptr, v_ptr, lam_ptr, chunk_table_ptr, rows, m_t
                         BK: tl.constexpr, NK: tl.constexpr, DECAY: tl.constexpr,
                         STRICT: tl.constexpr, DOT: tl.constexpr):
     """Parallel form: this block's y on V lanes ``r_v`` from the keys and values of the
-    earlier blocks of its sequence (what the chunked form reads from the state)."""
+    earlier blocks of its sequence (what the chunked form reads from the state). Diagonal
+    decays: by K tiles, each pair's scores made from the decayed rows (``_cross_block_grads``)."""
     t0, eos, bos = _span(chunk_table_ptr)
     C: tl.constexpr = r_c.shape[0]
     y = tl.zeros([C, r_v.shape[0]], dtype=tl.float32)
+    if DECAY == 2:
+        for i_k in tl.static_range(NK):
+            r_k, m_k = _block(i_k, BK, K)
+            q, _ = _query_decay(_rows_of(q_ptr, rows, m_t, r_k, m_k, K), lam_ptr, rows, m_t,
+                                r_k, m_k, K, DECAY, STRICT)
+            between = tl.full([BK], 1.0, tl.float32)
+            for jj in range(0, (t0 - bos) // C):  # earlier blocks, nearest first
+                rows_j, m_j = _block_rows(t0 - (jj + 1) * C, r_c, eos, i_h, H)
+                k_j, last_j = _key_decay(_rows_of(k_ptr, rows_j, m_j, r_k, m_k, K), lam_ptr,
+                                         rows_j, m_j, r_k, m_k, K, DECAY, False)
+                A = _mm(q, tl.trans(k_j * between[None, :]), DOT)
+                y += _mm(A, _rows_of(v_ptr, rows_j, m_j, r_v, m_v, V), DOT)
+                between = between * _lane_decay(last_j, DECAY)
+        return y
     gap = tl.sum(tl.zeros([1], dtype=tl.float32), axis=0)
     for jj in range(0, (t0 - bos) // C):          # earlier blocks, nearest first
         rows_j, m_j = _block_rows(t0 - (jj + 1) * C, r_c, eos, i_h, H)
@@ -196,10 +234,25 @@ def _later_blocks_dv(q_ptr, k_ptr, lam_ptr, dy_ptr, chunk_table_ptr, rows, m_t, 
                      NK: tl.constexpr, DECAY: tl.constexpr, STRICT: tl.constexpr,
                      DOT: tl.constexpr):
     """Parallel form: the part of this block's dv from queries of later blocks (V lanes
-    ``r_v``): the scores of later queries on this block's keys, transposed, times their dy."""
+    ``r_v``): the scores of later queries on this block's keys, transposed, times their dy
+    (diagonal decays: by K tiles, as ``_cross_block_output``)."""
     t0, eos, bos = _span(chunk_table_ptr)
     C: tl.constexpr = r_c.shape[0]
     dv = tl.zeros([C, r_v.shape[0]], dtype=tl.float32)
+    if DECAY == 2:
+        for i_k in tl.static_range(NK):
+            r_k, m_k = _block(i_k, BK, K)
+            k, _ = _key_decay(_rows_of(k_ptr, rows, m_t, r_k, m_k, K), lam_ptr, rows, m_t,
+                              r_k, m_k, K, DECAY, False)
+            between = tl.full([BK], 1.0, tl.float32)
+            for l0 in range(t0 + C, eos, C):      # later blocks, nearest first
+                rows_l, m_l = _block_rows(l0, r_c, eos, i_h, H)
+                q_l, last_l = _query_decay(_rows_of(q_ptr, rows_l, m_l, r_k, m_k, K), lam_ptr,
+                                           rows_l, m_l, r_k, m_k, K, DECAY, STRICT)
+                A = _mm(q_l * between[None, :], tl.trans(k), DOT)
+                dv += _mm(tl.trans(A), _rows_of(dy_ptr, rows_l, m_l, r_v, m_v, V), DOT)
+                between = between * _lane_decay(last_l, DECAY)
+        return dv
     gap = tl.sum(tl.zeros([1], dtype=tl.float32), axis=0)
     for l0 in range(t0 + C, eos, C):              # later blocks, nearest first
         rows_l, m_l = _block_rows(l0, r_c, eos, i_h, H)
@@ -847,6 +900,7 @@ def chunk_grads_kernel(
             dq, dk = _cross_block_grads(q_ptr, k_ptr, v_ptr, lam_ptr, dy_ptr,
                                         chunk_table_ptr, rows, m_t, r_c, r_k, m_k, i_h, H,
                                         K, V, BV, NV, DECAY, STRICT, DOT)
+            last = tl.zeros([BK], dtype=tl.float32)     # (no chunk states)
         else:
             k_factor, decay_last = _key_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY)
             q_factor, _ = _query_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)

@@ -455,7 +455,7 @@ class ChunkCore(torch.autograd.Function):
             ds0 = ds0 * scale
             dz0 = dz0 * scale if dz0 is not None else None
         if cfg["parallel"] and dlam is not None:
-            dlam = _parallel_decay_grad(q, k, dq, dk, cu, cfg["strict"])
+            dlam = _parallel_decay_grad(q, k, dq, dk, cu, cfg["strict"], cfg["decay"] == 2)
         return (dq.to(q.dtype), dk.to(k.dtype), dv, dlam,
                 ds0 if ctx.has_s0 else None, None, dz0 if ctx.has_s0 else None)
 
@@ -519,21 +519,24 @@ def _check_parallel(plan: ChunkPlan, name: str, initial_state, output_final_stat
                                "(initial_state / output_final_state need form='chunk' or "
                                "'recurrent')")
     for sp in plan.states:
-        if sp.beta is not None or sp.decay == 2:
+        if sp.solved:
             raise ChunkUnsupported(
-                f"'{name}': the causal parallel form is generated for identity and scalar "
-                "decays so far (this spec's diagonal decay or delta rule is not); use "
-                "form='chunk' or 'recurrent'")
+                f"'{name}': the causal parallel form is generated for identity, scalar and "
+                "diagonal decays (this spec's delta rule or low-rank transition has no "
+                "parallel form); use form='chunk' or 'recurrent'")
 
 
-def _parallel_decay_grad(q, k, dq, dk, cu_seqlens, strict: bool) -> torch.Tensor:
+def _parallel_decay_grad(q, k, dq, dk, cu_seqlens, strict: bool,
+                         diagonal: bool = False) -> torch.Tensor:
     """Parallel form, scalar decay: lam_j enters the exponent bq_t - b_s of every pair with
     t >= j (t > j when strict) on the query side and s >= j on the key side, so
     dlam_j = sum_{t >= j} q_t . dq_t - sum_{s >= j} k_s . dk_s over the rest of its sequence
-    (the query sum from t = j + 1 when strict)."""
-    # the two sums are large and nearly cancel: float64 ([B, T, H], cheap)
-    qdq = (q.float() * dq).sum(-1).double()
-    kdk = (k.float() * dk).sum(-1).double()
+    (the query sum from t = j + 1 when strict). Diagonal decays: the same per K lane."""
+    # the two sums are large and nearly cancel: float64 ([B, T, H(, K)], cheap)
+    qdq = q.double() * dq.double()
+    kdk = k.double() * dk.double()
+    if not diagonal:
+        qdq, kdk = qdq.sum(-1), kdk.sum(-1)
     later_q = _suffix_sums(qdq, cu_seqlens)
     if strict:
         later_q = later_q - qdq
@@ -1121,8 +1124,8 @@ def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *
     """Run the chunked form (differentiable); same contract as ``ops.recurrent_forward``.
     A noncausal spec runs as two GEMM stages (its parallel form). ``parallel``: the causal
     parallel form, every block of queries reading the keys and values of the earlier blocks
-    directly instead of through chunk states (identity and scalar decays; no state in or
-    out). With ``memory`` (a cross-attention spec's memory inputs, packed by
+    directly instead of through chunk states (identity, scalar and diagonal decays; no
+    state in or out). With ``memory`` (a cross-attention spec's memory inputs, packed by
     ``cu_seqlens_memory``) the noncausal form's first stage sums the memory's keys and
     values."""
     plan = chunk_plan(analysis)

@@ -304,14 +304,15 @@ def test_mlstm_chunk_with_input_gates_up_to_plus_30_is_finite_and_exact():
     check_against_reference(attn, x, None, torch.float32, form="chunk")
 
 
-# the causal parallel form: identity and scalar decays
+# the causal parallel form: identity, scalar and diagonal decays
 PARALLEL = [n for n in CHUNKED if not linforge.library.get(n).program.noncausal
-            and all(sp.decay < 2 for sp in chunk_plan(linforge.library.get(n).analysis).states)]
+            and not any(sp.solved for sp in chunk_plan(linforge.library.get(n).analysis).states)]
 
 
-def test_the_causal_parallel_form_covers_identity_and_scalar_library_specs():
+def test_the_causal_parallel_form_covers_identity_scalar_and_diagonal_library_specs():
     assert set(PARALLEL) >= {"linear_attention", "retnet", "mamba2", "lightning_attention",
-                             "performer", "based", "cosformer", "gated_rfa", "mlstm"}
+                             "performer", "based", "cosformer", "gated_rfa", "mlstm", "gla",
+                             "rwkv6", "rwkv5", "hgrn2"}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -323,7 +324,8 @@ def test_causal_parallel_matches_reference(name, dtype):
     check_against_reference(attn, x, None, dtype, form="parallel", states=False)
 
 
-@pytest.mark.parametrize("name", ["retnet", "linear_attention", "lightning_attention"])
+@pytest.mark.parametrize("name", ["retnet", "linear_attention", "lightning_attention", "gla",
+                                  "rwkv6"])
 def test_causal_parallel_varlen_and_tiles(name):
     """Packed sequences (one shorter than a block, one over two blocks), K and V in tiles."""
     attn = linforge.library.get(name)
@@ -334,24 +336,26 @@ def test_causal_parallel_varlen_and_tiles(name):
                             states=False)
 
 
-STRICT_SCALAR = """
-attention strict_scalar
-    inputs q[K], k[K], v[V], g
+STRICT_DECAY = """
+attention strict_decay
+    inputs q[K], k[K], v[V], g{dims}
     state  S[K, V]
     o = q @ S
     S = exp(g) * S + outer(k, v)
 """
 
 
+@pytest.mark.parametrize("dims", ["", "[K]"], ids=["scalar", "diagonal"])
 @pytest.mark.parametrize("form", ["parallel", "chunk"])
-def test_readout_before_the_update_with_steep_scalar_decays(form):
+def test_readout_before_the_update_with_steep_decays(form, dims):
     """The readout sees the state before its own token (strict), decays down to exp(-20)
     per step: parallel and chunked forms equal the reference, finite."""
-    attn = linforge.compile(STRICT_SCALAR)
+    attn = linforge.compile(STRICT_DECAY.format(dims=dims))
     g = torch.Generator().manual_seed(20)
     B, T, H, K, V = 1, 200, 2, 16, 16
     x = {"q": torch.randn(B, T, H, K, generator=g), "k": torch.randn(B, T, H, K, generator=g),
-         "v": torch.randn(B, T, H, V, generator=g), "g": -20 * torch.rand(B, T, H, generator=g)}
+         "v": torch.randn(B, T, H, V, generator=g),
+         "g": -20 * torch.rand(B, T, H, *([K] if dims else []), generator=g)}
     check_against_reference(attn, x, None, torch.float32, form=form, states=False)
 
 
@@ -360,10 +364,11 @@ def test_causal_parallel_errors_say_what_runs_instead():
     x = make_inputs(retnet, B=1, T=8, H=1, sizes=kernel_sizes(retnet))
     with pytest.raises(NotImplementedError, match="carries no state.*form='chunk'"):
         retnet(**x, form="parallel", output_final_state=True)
-    gla = linforge.library.get("gla")
-    x = make_inputs(gla, B=1, T=8, H=1, sizes=kernel_sizes(gla))
-    with pytest.raises(NotImplementedError, match="identity and scalar decays so far"):
-        gla(**x, form="parallel")
+    deltanet = linforge.library.get("deltanet")
+    x = make_inputs(deltanet, B=1, T=8, H=1, sizes=kernel_sizes(deltanet))
+    with pytest.raises(ValueError, match="does not support form='parallel'; it supports: "
+                                         "recurrent, chunk"):
+        deltanet(**x, form="parallel")
 
 
 @pytest.mark.parametrize("chunk_size", [16, 128])
