@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# One short GPU session (the device tool): the chunked benchmark beside fla, then the chunked
-# form's GPU tests in parallel processes (their kernels compile on separate CPU cores).
-# Usage: OUT=dir BENCH_OPS=retnet,mamba2,gla FWD_ONLY=gla bash benchmarks/gpu_session.sh
+# The next GPU session's first call (the device tool, 10 minutes): the chunked GPU tests of
+# the kernels that have not run on a GPU yet, in parallel processes (their kernels compile on
+# separate CPU cores), logs under $OUT. Then, in later calls: bench_chunk.py (every op beside
+# fla; fla autotunes 1-3 minutes per op and direction), sweep_chunk_launch.py for the delta
+# kernels, bench_forms.py (the forms' crossovers beside SDPA).
+# Usage: OUT=dir TEST_S=500 bash benchmarks/gpu_session.sh
 set -u
 cd "$(dirname "$0")"
-timeout "${BENCH_S:-250}" python bench_chunk.py --out "$OUT" --ops "${BENCH_OPS:-retnet,mamba2,gla}" \
-    --forward-only "${FWD_ONLY:-gla}" 2>&1 | grep -v -i warn | tail -14
-cd ..
-i=0
-for sel in "retnet or mamba2 or lightning" "gla" "linear_attention or mlstm or performer" \
-           "rwkv6 or hgrn2"; do
-    i=$((i + 1))
-    timeout "${TEST_S:-110}" python -m pytest -q -n 0 -m gpu tests/codegen/test_recurrent_gpu.py \
-        -k "chunk_gpu and ($sel) and not long" > "$OUT/gpu_tests_$i.txt" 2>&1 &
-done
-wait
-tail -n 4 "$OUT"/gpu_tests_*.txt
+F=tests/codegen/test_recurrent_gpu.py
+OUT="$OUT" TEST_S="${TEST_S:-500}" bash gpu_tests.sh \
+    "$F::chunk_gpu and (deltanet or kda) and not long" \
+    "$F::chunk_gpu and rwkv7 and not long" \
+    "$F::chunk_gpu and (linear_attention or mlstm or performer)" \
+    "$F::chunk_gpu and (cosformer or gated_rfa or based)" \
+    "$F::chunk_gpu and (retnet or mamba2 or lightning or gla) and not long" \
+    "$F::long and (deltanet or kda or rwkv7)" \
+    "$F::parallel_gpu" \
+    "$F::chunk_gpu and (rwkv6 or hgrn2 or rwkv5)"

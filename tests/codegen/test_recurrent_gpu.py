@@ -174,7 +174,8 @@ attention steep
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("name", ["linear_attention", "retnet", "mamba2", "mlstm"])
+@pytest.mark.parametrize("name", ["linear_attention", "retnet", "mamba2", "mlstm", "gla",
+                                  "rwkv6"])
 def test_causal_parallel_gpu(name, dtype):
     from test_recurrent_bwd import check_against_reference
 
