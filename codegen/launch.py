@@ -80,7 +80,22 @@ class Launcher:
         self.compiled: dict = {}
 
     def __call__(self, grid: tuple, *args, **constexprs) -> None:
-        """``kernel[grid](*args, **constexprs)``."""
+        """``kernel[grid](*args, **constexprs)``; a GPU without the shared memory or
+        registers a compiled kernel asks for gets an error that names the kernel and what
+        to do, instead of Triton's."""
+        try:
+            self._launch(grid, *args, **constexprs)
+        except Exception as e:
+            if type(e).__name__ != "OutOfResources":
+                raise
+            raise RuntimeError(
+                f"linforge: the generated kernel '{self.fn.__name__}' needs {e.required} "
+                f"{e.name} per block and this GPU allows {e.limit} (its tiles: "
+                f"{_tiles_of(constexprs)}). Narrower value tiles need less: set "
+                "linforge.codegen.ops.FORCE_BLOCK_V = 16 (or 32) before the call; "
+                "form='recurrent' runs every spec with little shared memory") from None
+
+    def _launch(self, grid: tuple, *args, **constexprs) -> None:
         if interpreting():
             self.fn[grid](*args, **constexprs)
             return
@@ -93,3 +108,9 @@ class Launcher:
             return
         rest = [constexprs[n] for n in self.names[len(args):]]
         kernel[(*grid, 1, 1)[:3]](*args, *rest)
+
+
+def _tiles_of(constexprs: dict) -> str:
+    """The tile sizes among a launch's constexprs, for an error message."""
+    tiles = {k: v for k, v in constexprs.items() if k in ("BK", "BV", "C", "SUB")}
+    return ", ".join(f"{k}={v}" for k, v in tiles.items()) or "none"
