@@ -1014,9 +1014,11 @@ def _wy_chunk(k_ptr, beta_ptr, lam_ptr, kk_ptr, chunk_table_ptr, H: tl.constexpr
 @triton.jit
 def delta_wy_kernel(
     k_ptr, v_ptr, beta_ptr, lam_ptr, kk_ptr, w_ptr, u_ptr, inv_ptr, chunk_table_ptr, wk_ptr,
+    ckpt_ptr,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr, DOT: tl.constexpr,
     STORE_INVERSE: tl.constexpr, LOW_RANK: tl.constexpr = False,
+    FROM_STATES: tl.constexpr = False,
 ):
     """Grid (chunks, heads), every chunk at once: the delta rule's WY form. Within a chunk
     the updates u_t = beta_t (v_t - S_{t-1}^T k_t) solve (I + A) U = beta (V - exp(b) K S)
@@ -1026,14 +1028,16 @@ def delta_wy_kernel(
     turns it into U) and, for the backward, L^-1 (``inv_ptr``, [chunks * C, H, C]).
     LOW_RANK (RWKV-7, ``_wy_chunk``): the reads u_t = w_t^T S_{t-1} solve (I - WX) U =
     (w exp(bq)) S + WK V, so W = -L^-1 (w exp(bq)) and U0 = L^-1 (WK V), WK[t, s] =
-    w_t . k_s exp(bq_t - b_s) (s < t, ``wk_ptr``)."""
+    w_t . k_s exp(bq_t - b_s) (s < t, ``wk_ptr``). FROM_STATES (the backward, which keeps
+    only the chunk start states): stores u = U0 - W S from the states in ``ckpt`` instead of
+    U0, so nothing else of the forward need be kept."""
     rows, m_t, r_k, m_k, p_cc, k, beta, e_b, _, _, _, A = _wy_chunk(
         k_ptr, beta_ptr, lam_ptr, kk_ptr, chunk_table_ptr, H, K, BK, C, DECAY, DOT, LOW_RANK)
     L_inv = _unit_lower_inverse(A, C)
     if STORE_INVERSE:
         tl.store(inv_ptr + p_cc, L_inv)
-    tl.store(w_ptr + rows[:, None] * K + r_k[None, :],
-             _mm(L_inv, k * e_b * beta[:, None], DOT), mask=m_t[:, None] & m_k[None, :])
+    W = _mm(L_inv, k * e_b * beta[:, None], DOT)
+    tl.store(w_ptr + rows[:, None] * K + r_k[None, :], W, mask=m_t[:, None] & m_k[None, :])
     for i_v in tl.static_range(NV):
         r_v, m_v = _block(i_v, BV, V)
         v = _rows_of(v_ptr, rows, m_t, r_v, m_v, V).to(tl.float32)
@@ -1041,8 +1045,12 @@ def delta_wy_kernel(
             v = _mm(tl.load(wk_ptr + p_cc), v, DOT)
         else:
             v = v * beta[:, None]
-        tl.store(u_ptr + rows[:, None] * V + r_v[None, :], _mm(L_inv, v, DOT),
-                 mask=m_t[:, None] & m_v[None, :])
+        U = _mm(L_inv, v, DOT)
+        if FROM_STATES:
+            _, _, _, _, m_kv, p_kv = _tile(0, i_v, K, V, BK, BV)
+            U -= _mm(W, tl.load(ckpt_ptr + (tl.program_id(0) * H + tl.program_id(1)) * K * V
+                                + p_kv, mask=m_kv, other=0.0), DOT)
+        tl.store(u_ptr + rows[:, None] * V + r_v[None, :], U, mask=m_t[:, None] & m_v[None, :])
 
 
 @triton.jit

@@ -897,42 +897,37 @@ class DeltaChunkCore(torch.autograd.Function):
             products = _delta_products(q, k, lam, cfg, w, x)
         low_rank = w is not None
         blocks = _delta_blocks(cfg, H, K, V)
-        wy = torch.empty(q.shape, dtype=torch.float32, device=dev)
-        u = torch.empty(v.shape, dtype=torch.float32, device=dev)
-        inverse = torch.empty(cfg["n_chunks"] * cfg["C"], H, cfg["C"], dtype=torch.float32,
-                              device=dev) if store else y
+        wy, u = _wy_form(q, k, v, beta, lam, ckpt, cfg, products, w, store_inverse=False)[:2]
         lam_ = _or(lam, beta)
         if low_rank:    # the state read along w, written along x; k v^T beside
-            qx, wx, wk, qk = products
-            read, beta_, kk, scores, second = w, lam, wx, qx, dict(v2_ptr=v, A2_ptr=qk)
+            scores, second = products[0], dict(v2_ptr=v, A2_ptr=products[3])
         else:
-            read, beta_, wk = k, beta, y
-            kk, scores = (products[1], products[0]) if products is not None else (y, y)
+            scores = products[0] if products is not None else y
             second = dict(v2_ptr=y, A2_ptr=y)
-        for_device(_WY, dev)((cfg["n_chunks"], H), read, v, beta_, lam_, kk, wy, u, inverse,
-                             cfg["table"], wk, STORE_INVERSE=store, LOW_RANK=low_rank,
-                             **_for("wy", _without(blocks, "NK", "STRICT")))
         for_device(_STATES, dev)((blocks["NV"], cfg["N"] * H), k, v, lam_, _or(s0, y), sT,
-                                 ckpt, _or(cu, y), _or(offsets, y), T, wy, u, _or(x, y), y, y, y,
+                                 ckpt, _or(cu, y), _or(offsets, y), T, wy, u, _or(x, y), y, y,
+                                 y,
                                  USE_INITIAL_STATE=s0 is not None, IS_VARLEN=cu is not None,
                                  DELTA=True, LOW_RANK=low_rank,
                                  **_for("delta_states", _without(blocks, "NK", "STRICT")))
         for_device(_OUTPUT, dev)((cfg["n_chunks"], H), q, k, u, lam_, y, ckpt, cfg["table"],
                                  scores, 1.0, *second.values(), y, y, SECOND=low_rank,
                                  **_for("output", _blocks(cfg, H, K, V)))
-        if store:
-            ctx.save_for_backward(q, k, v, beta, lam, ckpt, w, x, wy, u, inverse)
+        if store:   # (the backward makes W, u and L^-1 again from the states)
+            ctx.save_for_backward(q, k, v, beta, lam, ckpt, w, x)
             ctx.products = products
         ctx.cfg, ctx.has_s0 = cfg, s0 is not None
         return y, sT
 
     @staticmethod
     def backward(ctx, dy, dsT):
-        q, k, v, beta, lam, ckpt, w, x, wy, u, inverse = ctx.saved_tensors
+        q, k, v, beta, lam, ckpt, w, x = ctx.saved_tensors
         cfg = ctx.cfg
         if ctx.products is None and cfg["decay"] == 2:  # a second backward: made again
             ctx.products = _delta_products(q, k, lam, cfg, w, x)
         products, ctx.products = ctx.products, None      # (the backward overwrites them)
+        wy, u, inverse = _wy_form(q, k, v, beta, lam, ckpt, cfg, products, w,
+                                  store_inverse=True)
         B, T, H, K = q.shape
         V = v.shape[-1]
         dev = q.device
@@ -959,7 +954,7 @@ class DeltaChunkCore(torch.autograd.Function):
                                   USE_FINAL_STATE_GRAD=dsT is not None, IS_VARLEN=cu is not None,
                                   DELTA=True, **_for("delta_dstates", _without(blocks, "NK")))
         if w is not None:
-            return _low_rank_backward(ctx, products, dy, dckpt, du, ds0)
+            return _low_rank_backward(ctx, products, dy, dckpt, du, ds0, wy, u, inverse)
         out = _blocks(cfg, H, K, V)
         last = torch.empty(cfg["n_chunks"], H, K, dtype=torch.float32, device=dev) \
             if per_row else dy
@@ -988,6 +983,28 @@ class DeltaChunkCore(torch.autograd.Function):
 
 
 _WY, _WY_BWD = Launcher(delta_wy_kernel), Launcher(delta_wy_bwd_kernel)
+
+
+def _wy_form(q, k, v, beta, lam, ckpt, cfg: dict, products, w, store_inverse: bool):
+    """Every chunk's WY form (``delta_wy_kernel``): W [T*, H, K] and, in the forward, U0
+    (the states kernel turns it into u), in the backward u itself from the stored states
+    (``store_inverse``), with L^-1 [chunks * C, H, C]; fp32."""
+    B, T, H, K = q.shape
+    dev = q.device
+    wy = torch.empty(q.shape, dtype=torch.float32, device=dev)
+    u = torch.empty(v.shape, dtype=torch.float32, device=dev)
+    inverse = torch.empty(cfg["n_chunks"] * cfg["C"], H, cfg["C"], dtype=torch.float32,
+                          device=dev) if store_inverse else wy
+    if w is not None:    # the state read along w: its products with x and k
+        read, beta_, kk, wk = w, lam, products[1], products[2]
+    else:
+        read, beta_, kk, wk = k, beta, products[1] if products is not None else wy, wy
+    blocks = _delta_blocks(cfg, H, K, v.shape[-1])
+    for_device(_WY, dev)((cfg["n_chunks"], H), read, v, beta_, _or(lam, beta), kk, wy, u,
+                         inverse, cfg["table"], wk, ckpt, STORE_INVERSE=store_inverse,
+                         LOW_RANK=w is not None, FROM_STATES=store_inverse,
+                         **_for("wy", _without(blocks, "NK", "STRICT")))
+    return wy, u, inverse
 _LOW_RANK_STATE_GRADS = Launcher(low_rank_state_grads_kernel)
 _LOW_RANK_PAIR_GRADS = Launcher(low_rank_pair_grads_kernel)
 
@@ -1015,14 +1032,14 @@ def _delta_products(q, k, lam, cfg: dict, w=None, x=None) -> tuple:
     return product(q, x), product(w, x, True), product(w, k, True), product(q, k)
 
 
-def _low_rank_backward(ctx, products, dy, dckpt, du, ds0):
+def _low_rank_backward(ctx, products, dy, dckpt, du, ds0, wy, u, inverse):
     """``DeltaChunkCore.backward`` for the diagonal-plus-low-rank transition, after the
     state gradients: ``low_rank_state_grads_kernel`` and ``low_rank_pair_grads_kernel``
     (every chunk at once: the parts through the state and through w exp(bq), the four
     decayed products' gradients, dv), then
     ``chunk_diag_grads_kernel`` once per product (q.x with the q and x state parts and
     b_last's terms, q.k with k's, w.x before the token with w's, w.k before the token)."""
-    q, k, v, beta, lam, ckpt, w, x, wy, u, inverse = ctx.saved_tensors
+    q, k, v, beta, lam, ckpt, w, x = ctx.saved_tensors
     cfg = ctx.cfg
     B, T, H, K = q.shape
     V = v.shape[-1]
