@@ -888,7 +888,7 @@ class DeltaChunkCore(torch.autograd.Function):
             bv = _pow2(min(bv, ops.FORCE_BLOCK_V))
         cfg["delta_bv"] = bv
         store = any(ctx.needs_input_grad)     # (w and x of a low rank count too)
-        y = torch.empty(B, T, H, V, dtype=torch.float32, device=dev)
+        y = torch.empty(B, T, H, V, dtype=cfg.get("y_dtype", torch.float32), device=dev)
         sT = torch.empty(cfg["N"], H, K, V, dtype=torch.float32, device=dev)
         ckpt = torch.empty(cfg["n_chunks"], H, K, V, dtype=torch.float32, device=dev)
         cu, offsets = cfg["cu"], cfg["offsets"]
@@ -932,7 +932,7 @@ class DeltaChunkCore(torch.autograd.Function):
         V = v.shape[-1]
         dev = q.device
         N, cu, offsets = cfg["N"], cfg["cu"], cfg["offsets"]
-        dy = dy.contiguous().float()
+        dy = dy.contiguous()    # (the kernels read it in its dtype, compute in fp32)
         dq, dk = (torch.empty(t.shape, dtype=torch.float32, device=dev) for t in (q, k))
         dv = torch.empty(v.shape, dtype=torch.float32, device=dev)
         dbeta = torch.empty(beta.shape, dtype=torch.float32, device=dev)
@@ -1079,12 +1079,12 @@ def _low_rank_backward(ctx, products, dy, dckpt, du, ds0, wy, u, inverse):
 
 
 def _delta_forward(q, k, v, beta, lam, s0, cu_seqlens, batch: int, chunk_size: int, dot: int,
-                   decay: int, low_rank=None):
+                   decay: int, low_rank=None, y_dtype=torch.float32):
     """The chunked delta rule (``DeltaChunkCore``), differentiable; with ``low_rank``
-    (w, x) the diagonal-plus-low-rank transition."""
+    (w, x) the diagonal-plus-low-rank transition; its output stored in ``y_dtype``."""
     cfg = _core_config(batch, q.shape[1], q.shape[-1], v.shape[-1], cu_seqlens, chunk_size,
                        False, dot, q.device)
-    cfg["decay"] = decay
+    cfg.update(decay=decay, y_dtype=y_dtype)
     return DeltaChunkCore.apply(q, k, v, beta, lam, s0, cfg, *(low_rank or ()))
 
 
@@ -1191,8 +1191,11 @@ def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *
                 else:
                     beta = _lambdified(sp.beta, sp.beta_symbols, ev, (), (B, T, H))
                 # the delta kernels are verified on the GPU with tf32 dots only
+                # an output that is the state read itself: stored in its dtype by the kernel
+                direct = not sp.columns and any(node == p.output for node, _ in sp.reads)
                 y, sT = _delta_forward(q, k, v, beta, lam, s0, cu_seqlens, batch, chunk_size,
-                                       DOT_TF32 if dot == DOT_BF16 else dot, sp.decay, low_rank)
+                                       DOT_TF32 if dot == DOT_BF16 else dot, sp.decay, low_rank,
+                                       out_dtype if direct else torch.float32)
             y_cols, sT_cols = y[..., V:], sT[..., V:]
             y, sT = y[..., :V], sT[..., :V]
         else:
