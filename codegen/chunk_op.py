@@ -3,8 +3,9 @@
 The compiler reads the analysed IR as ``S' = exp(lam) * S + outer(k^, v^)`` and
 ``o = f(q^ @ S, q^ @ z, inputs)``: a query ``q^``, key ``k^``, value ``v^`` and a log decay
 ``lam`` (derived with sympy from the transition's scale: ``log(exp(g)) = g``,
-``log(sigmoid(f)) = logsigmoid(f)``, ...), normalizer states riding along as extra columns
-of ``V``, and the readout ``f``. The per-token maps run as torch ops on all tokens at once
+``log(sigmoid(f)) = logsigmoid(f)``, ...), normalizer states riding along (a column of ones
+as their value: one inside the core's kernels, ``NORM``; more as extra columns of ``V``), and
+the readout ``f``. The per-token maps run as torch ops on all tokens at once
 (autograd through them); the state recurrence runs in the chunked Triton kernels.
 """
 
@@ -767,8 +768,9 @@ def chunk_source(analysis: Analysis, direction: str, sizes: dict | None = None) 
                   f"#   query  q^ = {format_node(sp.query)}",
                   f"#   key    k^ = {format_node(sp.key)}",
                   f"#   value  v^ = {format_node(sp.value)}"
-                  + (f"  (+ {len(sp.columns)} column(s) of ones for {', '.join(sp.columns)})"
-                     if sp.columns else ""),
+                  + (f"  (+ {len(sp.columns)} column(s) of ones for {', '.join(sp.columns)}"
+                     + (", riding along in the same kernels (NORM)" if len(sp.columns) == 1
+                        else "") + ")" if sp.columns else ""),
                   f"#   log decay = {sp.log_decay}" if sp.log_decay is not None else
                   "#   no decay",
                   *([f"#   low rank: outer(x, w @ S), x = {format_node(sp.low_rank[0])}, "
