@@ -194,6 +194,45 @@ def _cross_block_grads(q_ptr, k_ptr, v_ptr, lam_ptr, dy_ptr, chunk_table_ptr, ro
 
 
 @triton.jit
+def _cross_blocks_by_lane(q_ptr, k_ptr, w_ptr, lam_ptr, chunk_table_ptr, rows, m_t, r_c, r_w,
+                          m_w, i_h, H: tl.constexpr, K: tl.constexpr, W: tl.constexpr,
+                          BK: tl.constexpr, NK: tl.constexpr, STRICT: tl.constexpr,
+                          DOT: tl.constexpr, LATER: tl.constexpr):
+    """Parallel form, diagonal decays: sum over the earlier blocks of this block's sequence
+    of (this block's queries . their keys, decayed per lane) @ their rows of ``w`` (the
+    values: this block's y), or with LATER over the later blocks of (this block's keys .
+    their queries) @ their rows of ``w`` (dy: this block's dv). By K tiles: the query side
+    decayed from its block's start, the key side to its block's end, the blocks between by
+    the product of their totals (every factor <= 1)."""
+    t0, eos, bos = _span(chunk_table_ptr)
+    C: tl.constexpr = r_c.shape[0]
+    out = tl.zeros([C, r_w.shape[0]], dtype=tl.float32)
+    n_other = (eos - t0 - 1) // C if LATER else (t0 - bos) // C
+    for i_k in tl.static_range(NK):
+        r_k, m_k = _block(i_k, BK, K)
+        if LATER:
+            mine, _ = _key_decay(_rows_of(k_ptr, rows, m_t, r_k, m_k, K), lam_ptr, rows, m_t,
+                                 r_k, m_k, K, 2, False)
+        else:
+            mine, _ = _query_decay(_rows_of(q_ptr, rows, m_t, r_k, m_k, K), lam_ptr, rows,
+                                   m_t, r_k, m_k, K, 2, STRICT)
+        between = tl.full([BK], 1.0, tl.float32)
+        for jj in range(0, n_other):              # nearest first
+            rows_o, m_o = _block_rows(t0 + (jj + 1) * C if LATER else t0 - (jj + 1) * C,
+                                      r_c, eos, i_h, H)
+            if LATER:
+                theirs, last = _query_decay(_rows_of(q_ptr, rows_o, m_o, r_k, m_k, K),
+                                            lam_ptr, rows_o, m_o, r_k, m_k, K, 2, STRICT)
+            else:
+                theirs, last = _key_decay(_rows_of(k_ptr, rows_o, m_o, r_k, m_k, K), lam_ptr,
+                                          rows_o, m_o, r_k, m_k, K, 2, False)
+            pairs = _mm(mine, tl.trans(theirs * between[None, :]), DOT)
+            out += _mm(pairs, _rows_of(w_ptr, rows_o, m_o, r_w, m_w, W), DOT)
+            between = between * _lane_decay(last, 2)
+    return out
+
+
+@triton.jit
 def _cross_block_output(q_ptr, k_ptr, v_ptr, lam_ptr, chunk_table_ptr, rows, m_t, r_c, r_v,
                         m_v, i_h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                         BK: tl.constexpr, NK: tl.constexpr, DECAY: tl.constexpr,
@@ -205,19 +244,8 @@ def _cross_block_output(q_ptr, k_ptr, v_ptr, lam_ptr, chunk_table_ptr, rows, m_t
     C: tl.constexpr = r_c.shape[0]
     y = tl.zeros([C, r_v.shape[0]], dtype=tl.float32)
     if DECAY == 2:
-        for i_k in tl.static_range(NK):
-            r_k, m_k = _block(i_k, BK, K)
-            q, _ = _query_decay(_rows_of(q_ptr, rows, m_t, r_k, m_k, K), lam_ptr, rows, m_t,
-                                r_k, m_k, K, DECAY, STRICT)
-            between = tl.full([BK], 1.0, tl.float32)
-            for jj in range(0, (t0 - bos) // C):  # earlier blocks, nearest first
-                rows_j, m_j = _block_rows(t0 - (jj + 1) * C, r_c, eos, i_h, H)
-                k_j, last_j = _key_decay(_rows_of(k_ptr, rows_j, m_j, r_k, m_k, K), lam_ptr,
-                                         rows_j, m_j, r_k, m_k, K, DECAY, False)
-                A = _mm(q, tl.trans(k_j * between[None, :]), DOT)
-                y += _mm(A, _rows_of(v_ptr, rows_j, m_j, r_v, m_v, V), DOT)
-                between = between * _lane_decay(last_j, DECAY)
-        return y
+        return _cross_blocks_by_lane(q_ptr, k_ptr, v_ptr, lam_ptr, chunk_table_ptr, rows, m_t,
+                                     r_c, r_v, m_v, i_h, H, K, V, BK, NK, STRICT, DOT, False)
     gap = tl.sum(tl.zeros([1], dtype=tl.float32), axis=0)
     for jj in range(0, (t0 - bos) // C):          # earlier blocks, nearest first
         rows_j, m_j = _block_rows(t0 - (jj + 1) * C, r_c, eos, i_h, H)
@@ -240,19 +268,8 @@ def _later_blocks_dv(q_ptr, k_ptr, lam_ptr, dy_ptr, chunk_table_ptr, rows, m_t, 
     C: tl.constexpr = r_c.shape[0]
     dv = tl.zeros([C, r_v.shape[0]], dtype=tl.float32)
     if DECAY == 2:
-        for i_k in tl.static_range(NK):
-            r_k, m_k = _block(i_k, BK, K)
-            k, _ = _key_decay(_rows_of(k_ptr, rows, m_t, r_k, m_k, K), lam_ptr, rows, m_t,
-                              r_k, m_k, K, DECAY, False)
-            between = tl.full([BK], 1.0, tl.float32)
-            for l0 in range(t0 + C, eos, C):      # later blocks, nearest first
-                rows_l, m_l = _block_rows(l0, r_c, eos, i_h, H)
-                q_l, last_l = _query_decay(_rows_of(q_ptr, rows_l, m_l, r_k, m_k, K), lam_ptr,
-                                           rows_l, m_l, r_k, m_k, K, DECAY, STRICT)
-                A = _mm(q_l * between[None, :], tl.trans(k), DOT)
-                dv += _mm(tl.trans(A), _rows_of(dy_ptr, rows_l, m_l, r_v, m_v, V), DOT)
-                between = between * _lane_decay(last_l, DECAY)
-        return dv
+        return _cross_blocks_by_lane(q_ptr, k_ptr, dy_ptr, lam_ptr, chunk_table_ptr, rows, m_t,
+                                     r_c, r_v, m_v, i_h, H, K, V, BK, NK, STRICT, DOT, True)
     gap = tl.sum(tl.zeros([1], dtype=tl.float32), axis=0)
     for l0 in range(t0 + C, eos, C):              # later blocks, nearest first
         rows_l, m_l = _block_rows(l0, r_c, eos, i_h, H)
