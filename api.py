@@ -34,9 +34,11 @@ AUTO_CHUNK_MIN_T = 64
 #: H200 (B=4, T=4096, H=16, K=V=128, bf16, benchmarks/results/chunk_h200.json); the
 #: recurrent gla was not re-timed on the H200 (its H100 forward+backward is 2.6x slower).
 AUTO_RECURRENT_CLASSES: frozenset = frozenset()
-#: transition classes whose chunked backward has not run on a GPU yet: form='auto' trains
-#: them with the recurrent form (form='chunk' trains them chunked; the chunked forward
-#: serves prefill and inference)
+#: transition classes whose chunked kernels, as they are now, have not run on a GPU yet (the
+#: first design passed the GPU tests on an H200 on 2026-12-04; the WY kernels around the
+#: shared core that replaced it are CPU-checked only): form='auto' trains them with the
+#: recurrent form (form='chunk' trains them chunked; the chunked forward serves prefill and
+#: inference)
 AUTO_TRAINS_RECURRENT = (TransitionClass.DELTA, TransitionClass.DPLR)
 
 
@@ -297,8 +299,8 @@ class Attention:
                     "T=4096, see AUTO_RECURRENT_CLASSES; form='chunk' runs them)")
         if self.analysis.transition_class in AUTO_TRAINS_RECURRENT:
             return (f"chunk for T >= {AUTO_CHUNK_MIN_T} without gradients (the chunked "
-                    "backward of this class runs with form='chunk' but is not yet checked on "
-                    "a GPU), recurrent otherwise")
+                    "backward of this class runs with form='chunk' but its current kernels "
+                    "are not yet checked on a GPU), recurrent otherwise")
         return f"chunk for T >= {AUTO_CHUNK_MIN_T}, recurrent below (and for decode)"
 
     def _chunk_reason(self) -> str | None:

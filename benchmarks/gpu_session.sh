@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
 # The next GPU session's first call (the device tool, 10 minutes): the chunked GPU tests of
-# the kernels that have not run on a GPU yet, in parallel processes (their kernels compile on
-# separate CPU cores), logs under $OUT. Then, in later calls: bench_chunk.py (every op beside
-# fla; fla autotunes 1-3 minutes per op and direction), sweep_chunk_launch.py for the delta
-# kernels, bench_forms.py (the forms' crossovers beside SDPA).
-# Usage: OUT=dir TEST_S=500 bash benchmarks/gpu_session.sh
+# the kernels that have not run on a GPU yet, in 12 parallel processes (their kernels compile
+# on separate CPU cores; session 7's slowest group of this size took 8 minutes); the summary
+# in $OUT/gpu_tests.txt and every log in $OUT/gpu_logs.tgz (a call brings back 8 files at
+# most). Then, in later calls: bench_chunk.py (every op beside fla; fla autotunes 1-3 minutes
+# per op and direction), sweep_chunk_launch.py for the delta kernels, bench_forms.py (the
+# forms' crossovers beside SDPA).
+# Usage: OUT=dir TEST_S=520 bash benchmarks/gpu_session.sh
 set -u
 cd "$(dirname "$0")"
 F=tests/codegen/test_recurrent_gpu.py
-OUT="$OUT" TEST_S="${TEST_S:-500}" bash gpu_tests.sh \
-    "$F::chunk_gpu and (deltanet or kda) and not long" \
+OUT="$OUT" TEST_S="${TEST_S:-520}" bash gpu_tests.sh \
+    "$F::chunk_gpu and deltanet and not long" \
+    "$F::chunk_gpu and kda and not long" \
     "$F::chunk_gpu and rwkv7 and not long" \
-    "$F::chunk_gpu and (linear_attention or mlstm or performer)" \
-    "$F::chunk_gpu and (cosformer or gated_rfa or based)" \
-    "$F::chunk_gpu and (retnet or mamba2 or lightning or gla) and not long" \
+    "$F::chunk_gpu and linear_attention" \
+    "$F::chunk_gpu and (mlstm or performer)" \
+    "$F::chunk_gpu and (cosformer or gated_rfa)" \
+    "$F::chunk_gpu and based" \
+    "$F::chunk_gpu and (retnet or mamba2 or lightning) and not long" \
+    "$F::chunk_gpu and gla and not long" \
     "$F::long and (deltanet or kda or rwkv7)" \
     "$F::parallel_gpu" \
-    "$F::chunk_gpu and (rwkv6 or hgrn2 or rwkv5)"
+    "$F::(chunk_gpu and (rwkv6 or hgrn2 or rwkv5)) or steep"
+tar czf "$OUT/gpu_logs.tgz" -C /tmp gpu_logs
