@@ -35,7 +35,7 @@ from .chunk import (DOT_BF16, DOT_IEEE, DOT_TF32, DOT_TF32X3, chunk_cumsum_kerne
 from . import chunk as chunk_core
 from . import ops
 from .launch import Launcher, for_device, interpreting
-from .maps import _given_name, fused_map, fused_sum, map_of, run_map
+from .maps import _given_name, fused_map, fused_sum, map_of, run_l2norm, run_map
 
 SUPPORTED = (TransitionClass.IDENTITY, TransitionClass.SCALAR, TransitionClass.DIAGONAL)
 #: the kernels' DECAY constexpr per transition class
@@ -302,6 +302,11 @@ class _Tokens:
         plan = fused_map(n, self.sizes) if FUSE_MAPS else None
         if plan is not None:    # one generated kernel instead of a chain of torch ops
             return run_map(plan, self.tensors, self.shape(n.dims), dtype)
+        scale, rest = _split_scale(n, self.sizes)
+        if (FUSE_MAPS and rest.op is Op.L2NORM and rest.args[0].op is self.leaf
+                and rest.args[0].dims == rest.dims == (rest.attr,)):
+            # an input normalized over its dim (the delta rules' q and k): one kernel
+            return run_l2norm(self.inputs[rest.args[0].attr], scale, dtype)
         return self(n).to(dtype).contiguous()
 
     def aligned(self, n: Node, dims: tuple[str, ...]) -> torch.Tensor:

@@ -12,7 +12,9 @@ A map qualifies when its value has at most one dim ``D`` and every leaf is an in
 number. Rows are the B * T * H (token, head) pairs; a leaf without dims is one value per
 row, broadcast over ``D``. Anything else stays in torch (``fused_map`` returns None). A sum
 over ``D`` of such a map (RWKV-6's bonus ``sum(r * u * k)``) is one too, reduced in the
-same kernel to one value per row (``fused_sum``).
+same kernel to one value per row (``fused_sum``). An input normalized over its dim
+(``l2norm(q) * K ** -0.5``, the delta rules' queries and keys) is one fixed kernel pair with
+the row's sum of squares in registers (``run_l2norm``).
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from dataclasses import dataclass
 
 import sympy
 import torch
+import triton
+import triton.language as tl
 
-from ..ir.nodes import Node, Op
+from ..ir.nodes import L2NORM_EPS, Node, Op
 from ..ir.sympy_view import SympyView
 from .cache import cache_key, load_module
 from .launch import Launcher, for_device, interpreting
@@ -288,4 +292,68 @@ def run_map(plan: MapPlan, tensors: dict, shape: tuple, dtype: torch.dtype) -> t
     return _FusedMap.apply(plan, tuple(shape), dtype, shape[2], *xs)
 
 
-__all__ = ["MapPlan", "fused_map", "fused_sum", "map_of", "run_map"]
+@triton.jit
+def l2norm_fwd_kernel(x_ptr, out_ptr, R, scale, EPS: tl.constexpr, D: tl.constexpr,
+                      BR: tl.constexpr, BD: tl.constexpr):
+    """out = scale * x / sqrt(sum(x * x) + EPS) over the D lanes of BR rows (token, head)."""
+    r = tl.program_id(0) * BR + tl.arange(0, BR)[:, None]
+    c = tl.arange(0, BD)[None, :]
+    m = (r < R) & (c < D)
+    x = tl.load(x_ptr + r * D + c, mask=m, other=0.0).to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) + EPS)
+    tl.store(out_ptr + r * D + c, (x * (inv * scale)[:, None]).to(out_ptr.dtype.element_ty),
+             mask=m)
+
+
+@triton.jit
+def l2norm_bwd_kernel(x_ptr, g_ptr, dx_ptr, R, scale, EPS: tl.constexpr, D: tl.constexpr,
+                      BR: tl.constexpr, BD: tl.constexpr):
+    """dx = scale / n * (g - x^ (x^ . g)) for out = scale * x^, x^ = x / n,
+    n = sqrt(sum(x * x) + EPS)."""
+    r = tl.program_id(0) * BR + tl.arange(0, BR)[:, None]
+    c = tl.arange(0, BD)[None, :]
+    m = (r < R) & (c < D)
+    x = tl.load(x_ptr + r * D + c, mask=m, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + r * D + c, mask=m, other=0.0).to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) + EPS)
+    x_hat = x * inv[:, None]
+    dx = (g - x_hat * tl.sum(x_hat * g, axis=1)[:, None]) * (inv * scale)[:, None]
+    tl.store(dx_ptr + r * D + c, dx.to(dx_ptr.dtype.element_ty), mask=m)
+
+
+_L2NORM_FWD, _L2NORM_BWD = Launcher(l2norm_fwd_kernel), Launcher(l2norm_bwd_kernel)
+
+
+class _L2Norm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale: float, dtype: torch.dtype):
+        D = x.shape[-1]
+        R = x.numel() // D
+        out = torch.empty(x.shape, dtype=dtype, device=x.device)
+        grid, BR, BD = _grid(R, D)
+        for_device(_L2NORM_FWD, x.device)(grid, x, out, R, scale, EPS=L2NORM_EPS, D=D, BR=BR,
+                                          BD=BD, **({} if interpreting() else {"num_warps": 4}))
+        ctx.save_for_backward(x)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        D = x.shape[-1]
+        R = x.numel() // D
+        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        grid, BR, BD = _grid(R, D)
+        for_device(_L2NORM_BWD, x.device)(grid, x, g.contiguous(), dx, R, ctx.scale,
+                                          EPS=L2NORM_EPS, D=D, BR=BR, BD=BD,
+                                          **({} if interpreting() else {"num_warps": 4}))
+        return dx, None, None
+
+
+def run_l2norm(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """``scale * l2norm(x)`` over the last dim of ``x`` ([B, T, H, D]) in ``dtype``,
+    differentiable in ``x`` (one kernel each way; computed in fp32)."""
+    return _L2Norm.apply(x.contiguous(), float(scale), dtype)
+
+
+__all__ = ["MapPlan", "fused_map", "fused_sum", "map_of", "run_l2norm", "run_map"]

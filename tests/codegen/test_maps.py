@@ -93,3 +93,27 @@ def test_fused_map_equals_torch_forward_and_gradients(expr, dtype):
 def test_maps_that_do_not_qualify_stay_in_torch():
     for expr in ("l2norm(q)", "q * sum(k)"):
         assert fused_map(_node(expr), {"K": K, "V": V, "H": H}) is None, expr
+
+
+def test_l2norm_kernel_matches_torch_values_and_gradients():
+    """``scale * l2norm(x)`` (the delta rules' q and k) as one kernel pair: values and the
+    gradient against float64 torch, a zero row included (eps keeps it finite), D not a
+    power of two, and a bf16 output."""
+    from linforge.codegen.maps import run_l2norm
+    from linforge.ir.nodes import L2NORM_EPS
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 7, 3, 20, generator=g)
+    x[0, 0, 0] = 0.0
+    w = torch.randn(x.shape, generator=g)
+    xs = x.clone().requires_grad_()
+    out = run_l2norm(xs, 0.25, torch.float32)
+    (out * w).sum().backward()
+    xd = x.double().requires_grad_()
+    ref = 0.25 * xd / torch.sqrt((xd * xd).sum(-1, keepdim=True) + L2NORM_EPS)
+    (ref * w.double()).sum().backward()
+    assert torch.isfinite(xs.grad).all()
+    assert (out.double() - ref).abs().max().item() < 1e-6
+    assert (xs.grad.double() - xd.grad).abs().max().item() < 1e-5 * xd.grad.abs().max().item()
+    low = run_l2norm(x, 0.25, torch.bfloat16)
+    assert low.dtype is torch.bfloat16 and (low.double() - ref).abs().max().item() < 1e-2
