@@ -17,6 +17,12 @@ chunk, head and V block). The backward mirrors it: ``chunk_dstates_kernel`` walk
 in reverse storing the gradient of every chunk's end state, and ``chunk_grads_kernel``
 computes every chunk's dq, dk, dv and decay gradients in parallel.
 
+The same four kernels carry the other structures through constexpr modes. NORM: a
+normalizer z (a column of ones as its value) rides along with S. DELTA: the delta rule, whose
+values are each chunk's updates u = U0 - W S, made from its WY form by ``delta_wy_kernel``
+(every chunk at once) and taken back through by ``delta_wy_bwd_kernel``. LOW_RANK / SECOND:
+the diagonal-plus-low-rank transition (RWKV-7), with its own two parallel backward kernels.
+
 ``codegen/chunk_op.py`` maps a spec onto this core (feature maps, gates and readouts
 around it); ``STRICT`` makes the readout see the state before the token's own update
 (RWKV-6 style), the rest of such readouts being elementwise.
@@ -58,13 +64,6 @@ def _sequence(cu_seqlens_ptr, chunk_offsets_ptr, i_n, T, C: tl.constexpr,
         eos = bos + T
         ck_base = i_n.to(tl.int64) * tl.cdiv(T, C)
     return bos, eos, ck_base
-
-
-@triton.jit
-def _lanes(i_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """Lanes of all of K and of this program's V block, their masks, and a state block's
-    offsets."""
-    return _tile(0, i_v, K, V, BK, BV)
 
 
 @triton.jit
