@@ -642,9 +642,9 @@ def chunk_output_kernel(
     i_g, i_h = tl.program_id(0), tl.program_id(1)
     r_c = tl.arange(0, C)
     rows, m_t = _chunk(chunk_table_ptr, i_h, H, r_c)
+    p_A = ((i_g * C + r_c) * H + i_h)[:, None] * C + r_c[None, :]    # its [C, C] score block
     if DECAY == 2:      # scores from chunk_diag_scores_kernel
-        A = tl.load(A_ptr + ((i_g * C + r_c) * H + i_h)[:, None] * C + r_c[None, :],
-                    mask=m_t[:, None], other=0.0)
+        A = tl.load(A_ptr + p_A, mask=m_t[:, None], other=0.0)
     else:
         A, _ = _chunk_scores(q_ptr, k_ptr, lam_ptr, rows, m_t, r_c, K, BK, NK, C, DECAY,
                              STRICT, DOT)
@@ -682,8 +682,7 @@ def chunk_output_kernel(
                 y = y * q_factor
         y += _mm(A, _rows_of(v_ptr, rows, m_t, r_v, m_v, V), DOT)
         if SECOND:
-            y += _mm(tl.load(A2_ptr + ((i_g * C + r_c) * H + i_h)[:, None] * C + r_c[None, :],
-                             mask=m_t[:, None], other=0.0),
+            y += _mm(tl.load(A2_ptr + p_A, mask=m_t[:, None], other=0.0),
                      _rows_of(v2_ptr, rows, m_t, r_v, m_v, V), DOT)
         y = y * scale
         tl.store(y_ptr + rows[:, None] * V + r_v[None, :], y.to(y_ptr.dtype.element_ty),

@@ -538,11 +538,11 @@ def _parallel_decay_grad(q, k, dq, dk, cu_seqlens, strict: bool,
     t >= j (t > j when strict) on the query side and s >= j on the key side, so
     dlam_j = sum_{t >= j} q_t . dq_t - sum_{s >= j} k_s . dk_s over the rest of its sequence
     (the query sum from t = j + 1 when strict). Diagonal decays: the same per K lane."""
-    # the two sums are large and nearly cancel: float64 ([B, T, H(, K)], cheap)
-    qdq = q.double() * dq.double()
-    kdk = k.double() * dk.double()
+    qdq, kdk = q.float() * dq, k.float() * dk
     if not diagonal:
         qdq, kdk = qdq.sum(-1), kdk.sum(-1)
+    # the two sums are large and nearly cancel: float64 ([B, T, H(, K)], cheap)
+    qdq, kdk = qdq.double(), kdk.double()
     later_q = _suffix_sums(qdq, cu_seqlens)
     if strict:
         later_q = later_q - qdq
@@ -990,6 +990,8 @@ class DeltaChunkCore(torch.autograd.Function):
 
 
 _WY, _WY_BWD = Launcher(delta_wy_kernel), Launcher(delta_wy_bwd_kernel)
+_LOW_RANK_STATE_GRADS = Launcher(low_rank_state_grads_kernel)
+_LOW_RANK_PAIR_GRADS = Launcher(low_rank_pair_grads_kernel)
 
 
 def _wy_form(q, k, v, beta, lam, ckpt, cfg: dict, products, w, store_inverse: bool):
@@ -1012,8 +1014,6 @@ def _wy_form(q, k, v, beta, lam, ckpt, cfg: dict, products, w, store_inverse: bo
                          LOW_RANK=w is not None, FROM_STATES=store_inverse,
                          **_for("wy", _without(blocks, "NK", "STRICT")))
     return wy, u, inverse
-_LOW_RANK_STATE_GRADS = Launcher(low_rank_state_grads_kernel)
-_LOW_RANK_PAIR_GRADS = Launcher(low_rank_pair_grads_kernel)
 
 
 def _delta_blocks(cfg: dict, H: int, K: int, V: int) -> dict:
@@ -1027,8 +1027,8 @@ def _delta_products(q, k, lam, cfg: dict, w=None, x=None) -> tuple:
     """Diagonal decays: the delta rule's decayed products, [chunks * C, H, C] fp32 by
     sub-chunks (``chunk_diag_scores_kernel``): q.k and k.k; for the low rank q.x, w.x and
     w.k before the token, and q.k."""
-    H, K, V = q.shape[2], q.shape[3], q.shape[3]
-    blocks = _blocks(cfg, H, K, V)
+    H, K = q.shape[2], q.shape[3]
+    blocks = _blocks(cfg, H, K, K)      # (the product kernels read no V)
     cumulative = _cumulative_decays(lam, cfg, blocks)
 
     def product(a, b, strict=False):
@@ -1172,6 +1172,8 @@ def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *
         k_scale, key = _split_scale(sp.key, sizes) if core else (1.0, sp.key)
         q = ev.operand(query, low)
         k = ev_keys.operand(key, low)
+        # an output that is the state read itself is stored in its dtype by the kernel
+        direct = not sp.columns and any(node == p.output for node, _ in sp.reads)
         lam = None
         if sp.log_decay is not None:
             dims = (sp.row,) if sp.decay == 2 else ()
@@ -1198,8 +1200,6 @@ def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *
                 else:
                     beta = _lambdified(sp.beta, sp.beta_symbols, ev, (), (B, T, H))
                 # the delta kernels are verified on the GPU with tf32 dots only
-                # an output that is the state read itself: stored in its dtype by the kernel
-                direct = not sp.columns and any(node == p.output for node, _ in sp.reads)
                 y, sT = _delta_forward(q, k, v, beta, lam, s0, cu_seqlens, batch, chunk_size,
                                        DOT_TF32 if dot == DOT_BF16 else dot, sp.decay, low_rank,
                                        out_dtype if direct else torch.float32)
@@ -1219,8 +1219,6 @@ def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *
                     out = (out[0], out[1] * k_scale, *out[2:3],
                            *((out[3] * k_scale,) if norm else ()))
                 return out
-            # an output that is the state read itself is stored in its dtype by the kernel
-            direct = not sp.columns and any(node == p.output for node, _ in sp.reads)
             y_cols = sT_cols = None
             if len(sp.columns) == 1 and not parallel:
                 # one normalizer: it rides along in the same kernels (its value a column of

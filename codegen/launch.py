@@ -83,11 +83,11 @@ class Launcher:
         """``kernel[grid](*args, **constexprs)``; a GPU without the shared memory or
         registers a compiled kernel asks for gets an error that names the kernel and what
         to do, instead of Triton's."""
+        from triton.runtime.errors import OutOfResources    # (triton is imported by now)
+
         try:
             self._launch(grid, *args, **constexprs)
-        except Exception as e:
-            if type(e).__name__ != "OutOfResources":
-                raise
+        except OutOfResources as e:
             raise RuntimeError(
                 f"linforge: the generated kernel '{self.fn.__name__}' needs {e.required} "
                 f"{e.name} per block and this GPU allows {e.limit} (its tiles: "

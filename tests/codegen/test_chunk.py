@@ -233,17 +233,24 @@ def test_chunked_delta_rule_gradients_with_v_split(name, monkeypatch):
     check_against_reference(attn, x, init, torch.float32, form="chunk")
 
 
-def test_kda_chunk_with_steep_gates_in_some_stretches():
-    """KDA's per-channel gates down to exp(-20) per step in some stretches (their
-    sub-chunks go row by row, the others through dots) with K != V: outputs, final state
-    and every gradient finite and equal to the reference."""
-    attn = linforge.library.get("kda")
+def _check_with_steep_stretches(name: str, decay: str, seed: int):
+    """``name`` chunked against the reference (K = 24 != V = 40, T = 140) with its log
+    decay ``decay`` down to -20 per step in every other stretch of 30 tokens (their
+    sub-chunks go row by row, the others through dots); returns the spec and inputs."""
+    attn = linforge.library.get(name)
     sizes = dict(kernel_sizes(attn), K=24, V=40)
-    x = make_inputs(attn, B=1, T=140, H=2, sizes=sizes, seed=23)
+    x = make_inputs(attn, B=1, T=140, H=2, sizes=sizes, seed=seed)
     steep = ((torch.arange(140) // 30) % 2 == 1).float().reshape(1, 140, 1, 1)
-    x["g"] = x["g"] * (1 - steep) - 20 * torch.rand(x["g"].shape) * steep
+    x[decay] = x[decay] * (1 - steep) - 20 * torch.rand(x[decay].shape) * steep
     init = make_state(attn, N=1, H=2, sizes=sizes)
     check_against_reference(attn, x, init, torch.float32, form="chunk")
+    return attn, x
+
+
+def test_kda_chunk_with_steep_gates_in_some_stretches():
+    """KDA's per-channel gates down to exp(-20) per step in some stretches with K != V:
+    outputs, final state and every gradient finite and equal to the reference."""
+    _check_with_steep_stretches("kda", "g", seed=23)
 
 
 def test_rwkv7_chunk_with_steep_decays_in_some_stretches(monkeypatch):
@@ -252,13 +259,7 @@ def test_rwkv7_chunk_with_steep_decays_in_some_stretches(monkeypatch):
     final state and every gradient equal to the reference; form='auto' trains it with the
     recurrent form until its chunked backward is checked on a GPU."""
     monkeypatch.setattr(ops, "FORCE_BLOCK_V", 16)
-    attn = linforge.library.get("rwkv7")
-    sizes = dict(kernel_sizes(attn), K=24, V=40)
-    x = make_inputs(attn, B=1, T=140, H=2, sizes=sizes, seed=24)
-    steep = ((torch.arange(140) // 30) % 2 == 1).float().reshape(1, 140, 1, 1)
-    x["w"] = x["w"] * (1 - steep) - 20 * torch.rand(x["w"].shape) * steep
-    init = make_state(attn, N=1, H=2, sizes=sizes)
-    check_against_reference(attn, x, init, torch.float32, form="chunk")
+    attn, x = _check_with_steep_stretches("rwkv7", "w", seed=24)
     bound = attn.bind(x, None, None)
     assert attn._auto_form(bound, needs_grad=True) == "recurrent"
     assert attn._auto_form(bound, needs_grad=False) == "chunk"
