@@ -68,13 +68,16 @@ def test_chunk_varlen(name):
     check_against_reference(attn, x, init, torch.float32, cu_seqlens=cu, form="chunk")
 
 
-@pytest.mark.parametrize("name", ["mamba2", "linear_attention", "rwkv6"])
-def test_chunk_with_v_split(name, monkeypatch):
-    """V = 40 in tiles of 16: three V tiles per program (the last one partial)."""
+@pytest.mark.parametrize("name, seed", [("mamba2", 14), ("linear_attention", 14),
+                                        ("rwkv6", 14), ("deltanet", 22),
+                                        ("gated_deltanet", 22), ("kda", 22), ("rwkv7", 22)])
+def test_chunk_with_v_split(name, seed, monkeypatch):
+    """V = 40 in tiles of 16, the last one partial: three V tiles per program of the core,
+    three programs per head in the delta rules' ordered kernels."""
     monkeypatch.setattr(ops, "FORCE_BLOCK_V", 16)
     attn = linforge.library.get(name)
     sizes = dict(kernel_sizes(attn), V=40)
-    x = make_inputs(attn, B=2, T=90, H=2, sizes=sizes, seed=14)
+    x = make_inputs(attn, B=2, T=90, H=2, sizes=sizes, seed=seed)
     init = make_state(attn, N=2, H=2, sizes=sizes)
     check_against_reference(attn, x, init, torch.float32, form="chunk")
 
@@ -219,18 +222,6 @@ def test_chunked_delta_rule_gradients_varlen_and_k_not_v(name):
     x = make_inputs(attn, B=1, T=170, H=2, sizes=sizes, seed=21)
     init = make_state(attn, N=4, H=2, sizes=sizes)
     check_against_reference(attn, x, init, torch.float32, cu_seqlens=cu, form="chunk")
-
-
-@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "kda", "rwkv7"])
-def test_chunked_delta_rule_gradients_with_v_split(name, monkeypatch):
-    """V = 40 in blocks of 16: three programs per head, the gradients that sum over V
-    (dq, dk, dbeta, dlam) added atomically."""
-    monkeypatch.setattr(ops, "FORCE_BLOCK_V", 16)
-    attn = linforge.library.get(name)
-    sizes = dict(kernel_sizes(attn), V=40)
-    x = make_inputs(attn, B=2, T=90, H=2, sizes=sizes, seed=22)
-    init = make_state(attn, N=2, H=2, sizes=sizes)
-    check_against_reference(attn, x, init, torch.float32, form="chunk")
 
 
 def _check_with_steep_stretches(name: str, decay: str, seed: int):
