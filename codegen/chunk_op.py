@@ -34,7 +34,7 @@ from .chunk import (DOT_BF16, DOT_IEEE, DOT_TF32, DOT_TF32X3, chunk_cumsum_kerne
                     low_rank_state_grads_kernel)
 from . import chunk as chunk_core
 from . import ops
-from .launch import Launcher, for_device, interpreting
+from .launch import Launcher, for_device, interpreting, targets_gpu
 from .maps import _given_name, fused_map, fused_sum, map_of, run_l2norm, run_map
 
 SUPPORTED = (TransitionClass.IDENTITY, TransitionClass.SCALAR, TransitionClass.DIAGONAL)
@@ -677,7 +677,7 @@ def _core_config(batch: int, T: int, K: int, V: int, cu_seqlens, chunk_size: int
         n_chunks = int(offsets[-1])
     else:
         offsets, n_chunks = None, batch * _cdiv(T, chunk_size)
-    on_gpu = device.type == "cuda"
+    on_gpu = targets_gpu(device)
     table = _chunk_table(batch, T, cu_seqlens, chunk_size, device)
     assert len(table) == n_chunks
     bk, bv = _tiles(K, V, on_gpu)
@@ -889,7 +889,7 @@ class DeltaChunkCore(torch.autograd.Function):
         B, T, H, K = q.shape
         V = v.shape[-1]
         dev = q.device
-        on_gpu = dev.type == "cuda"
+        on_gpu = targets_gpu(dev)
         bv = min(_pow2(V), 32) if on_gpu else _pow2(V)
         if ops.FORCE_BLOCK_V is not None:
             bv = _pow2(min(bv, ops.FORCE_BLOCK_V))

@@ -40,10 +40,21 @@ def interpreting() -> bool:
 _INTERPRETING: bool | None = None
 
 
+#: set by ``benchmarks/preflight.py``: every launch is handed to it (kernel, grid, args,
+#: constexprs) to compile for a GPU this machine may not have, and nothing runs
+PREFLIGHT = None
+
+
+def targets_gpu(device) -> bool:
+    """Whether launches for tensors on ``device`` are compiled for a GPU (tile sizes, warps
+    and dot precisions are chosen for one): CUDA tensors, or any under a preflight."""
+    return getattr(device, "type", device) == "cuda" or PREFLIGHT is not None
+
+
 def for_device(jit_fn, device) -> object:
     """The kernel to launch for tensors on ``device``; a clear error when the process
     compiles for the GPU but the tensors live on the CPU."""
-    if getattr(device, "type", device) == "cpu" and not interpreting():
+    if getattr(device, "type", device) == "cpu" and not interpreting() and PREFLIGHT is None:
         raise ValueError(
             "linforge kernels got CPU tensors but Triton compiles for the GPU in this process; "
             "move the tensors to CUDA, or set TRITON_INTERPRET=1 before importing triton (or "
@@ -85,6 +96,9 @@ class Launcher:
         to do, instead of Triton's."""
         from triton.runtime.errors import OutOfResources    # (triton is imported by now)
 
+        if PREFLIGHT is not None:
+            PREFLIGHT(self.fn, grid, args, {**self.defaults, **constexprs})
+            return
         try:
             self._launch(grid, *args, **constexprs)
         except OutOfResources as e:

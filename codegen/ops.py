@@ -12,7 +12,7 @@ import triton
 from ..ir.analysis import Analysis
 from ..ir.show import show_ir
 from .cache import cache_key, load_module
-from .launch import Launcher, for_device
+from .launch import Launcher, for_device, targets_gpu
 from .recurrent import (choose_bv, emit_recurrent_bwd, emit_recurrent_fwd, kernel_name,
                         used_dims)
 
@@ -83,7 +83,7 @@ def plan(analysis: Analysis, sizes: dict, *, batch: int, B: int, T: int, H: int,
     """Blocks, V split and checkpoint chunking for a call; ``chunk`` overrides the tokens
     between checkpoints (``codegen.torch_op`` picks it from shapes alone)."""
     p = analysis.program
-    on_gpu = device.type == "cuda"
+    on_gpu = targets_gpu(device)
     blocks = {}
     for d in used_dims(p):
         if d == "V":
