@@ -49,6 +49,39 @@ def _fake_driver():
     return Driver()
 
 
+#: SASS opcode families counted per kernel (static counts: unrolled loops count every copy)
+SASS_FAMILIES = {"mma": ("HGMMA", "HMMA", "WGMMA"), "exp": ("MUFU",), "bar": ("BAR",),
+                 "shared": ("LDS", "STS", "LDSM", "STSM"), "global": ("LDG", "STG", "LDGSTS"),
+                 "local": ("LDL", "STL")}
+
+
+def sass_counts(cubin: bytes) -> dict:
+    """Instruction counts of a compiled kernel's SASS: all, and per family (tensor-core
+    MMAs, MUFU (exp), barriers, shared, global and local (spill) loads and stores)."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                        "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+    ops = []
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("/*") and "*/" in line:
+            body = line.split("*/", 1)[1].strip().lstrip("{").strip()
+            if body and not body.startswith("/*"):
+                op = body.split()[0]
+                if op.startswith("@"):
+                    op = body.split()[1]
+                ops.append(op.split(".")[0])
+    counts = {"all": len(ops)}
+    for family, prefixes in SASS_FAMILIES.items():
+        counts[family] = sum(op in prefixes for op in ops)
+    return counts
+
+
 class Recorder:
     """Stands in for every launch: compiles the kernel for sm_90, records its resources."""
 
@@ -72,7 +105,7 @@ class Recorder:
                           "num_stages")}
         self.rows.append(dict(key=key, phase=self.phase, kernel=fn.__name__, modes=modes,
                               compile_s=round(seconds, 2), shared=kernel.metadata.shared,
-                              resources=res, over_shared=kernel.metadata.shared > SHARED_LIMIT))
+                              resources=res, sass=sass_counts(kernel.asm["cubin"]), over_shared=kernel.metadata.shared > SHARED_LIMIT))
 
 
 def run_op(name: str, forms: list[str], T: int) -> list[dict]:

@@ -98,20 +98,34 @@ def _pair_decay(lam_ptr, rows_q, m_q, rows_k, m_kr, gap, DECAY: tl.constexpr,
 
 @triton.jit
 def _decays(lam_ptr, rows, m_t, r_k, m_k, K: tl.constexpr, DECAY: tl.constexpr,
-            STRICT: tl.constexpr):
-    """The chunk's cumulative log decays: b (keys), bq (queries; b - lam when STRICT) and
-    b_last (the whole chunk); [C] or [C, BK] (padded rows and lanes decay by exp(0))."""
+            STRICT: tl.constexpr, H: tl.constexpr = 1):
+    """The chunk's cumulative log decays: b (keys), bq (queries; the row before's b when
+    STRICT) and b_last (the whole chunk); [C] or [C, BK]. Scalar decays sum ``lam_ptr``'s
+    [C] log decays here (padded rows decay by exp(0)). Diagonal decays read them from the
+    in-chunk cumulative sums that ``lam_ptr`` holds then (``chunk_cumsum_kernel``, run
+    once per call): no scan of a [C, BK] tile per use (8 per chunk in the gradient kernel).
+    Their padded rows and lanes read b = 0; every caller multiplies those rows by zeros."""
     if DECAY == 2:
-        lam = tl.load(lam_ptr + rows[:, None] * K + r_k[None, :],
-                      mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+        m = m_t[:, None] & m_k[None, :]
+        p = lam_ptr + rows[:, None] * K + r_k[None, :]
+        b = tl.load(p, mask=m, other=0.0)
+        if STRICT:      # the row before, H rows back (0 before the chunk's first row)
+            later = (tl.arange(0, rows.shape[0]) > 0)[:, None]
+            bq = tl.load(p - H * K, mask=m & later, other=0.0)
+        else:
+            bq = b
+        # (a vector: the interpreter refuses a scalar mask term)
+        last = tl.max(tl.where(m_t, rows, -1), axis=0) + 0 * r_k
+        b_last = tl.load(lam_ptr + last * K + r_k, mask=m_k & (last >= 0), other=0.0)
     else:
         lam = tl.load(lam_ptr + rows, mask=m_t, other=0.0).to(tl.float32)
-    b = tl.cumsum(lam, axis=0)
-    if STRICT:
-        bq = b - lam
-    else:
-        bq = b
-    return b, bq, tl.sum(lam, axis=0)
+        b = tl.cumsum(lam, axis=0)
+        if STRICT:
+            bq = b - lam
+        else:
+            bq = b
+        b_last = tl.sum(lam, axis=0)
+    return b, bq, b_last
 
 
 @triton.jit
@@ -161,19 +175,19 @@ def _cross_block_grads(q_ptr, k_ptr, v_ptr, lam_ptr, dy_ptr, chunk_table_ptr, ro
             rows_j, m_j = _block_rows(t0 - (jj + 1) * C, r_c, eos, i_h, H)
             dA = _pair_product(dy_ptr, v_ptr, rows, m_t, rows_j, m_j, V, BV, NV, DOT)
             k_j, last_j = _key_decay(_rows_of(k_ptr, rows_j, m_j, r_k, m_k, K), lam_ptr,
-                                     rows_j, m_j, r_k, m_k, K, DECAY, False)
+                                     rows_j, m_j, r_k, m_k, K, DECAY, False, H)
             dq += _mm(dA, k_j * between[None, :], DOT)
             between = between * _lane_decay(last_j, DECAY)
-        q_factor, _ = _query_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)
+        q_factor, _ = _query_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT, H)
         between = tl.full([r_k.shape[0]], 1.0, tl.float32)
         for l0 in range(t0 + C, eos, C):          # later blocks, nearest first
             rows_l, m_l = _block_rows(l0, r_c, eos, i_h, H)
             dA = _pair_product(dy_ptr, v_ptr, rows_l, m_l, rows, m_t, V, BV, NV, DOT)
             q_l, last_l = _query_decay(_rows_of(q_ptr, rows_l, m_l, r_k, m_k, K), lam_ptr,
-                                       rows_l, m_l, r_k, m_k, K, DECAY, STRICT)
+                                       rows_l, m_l, r_k, m_k, K, DECAY, STRICT, H)
             dk += _mm(tl.trans(dA), q_l * between[None, :], DOT)
             between = between * _lane_decay(last_l, DECAY)
-        k_factor, _ = _key_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY)
+        k_factor, _ = _key_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, H)
         return dq * q_factor, dk * k_factor
     gap = tl.sum(tl.zeros([1], dtype=tl.float32), axis=0)
     for jj in range(0, (t0 - bos) // C):          # earlier blocks, nearest first
@@ -211,20 +225,20 @@ def _cross_blocks_by_lane(q_ptr, k_ptr, w_ptr, lam_ptr, chunk_table_ptr, rows, m
         r_k, m_k = _block(i_k, BK, K)
         if LATER:
             mine, _ = _key_decay(_rows_of(k_ptr, rows, m_t, r_k, m_k, K), lam_ptr, rows, m_t,
-                                 r_k, m_k, K, 2, False)
+                                 r_k, m_k, K, 2, False, H)
         else:
             mine, _ = _query_decay(_rows_of(q_ptr, rows, m_t, r_k, m_k, K), lam_ptr, rows,
-                                   m_t, r_k, m_k, K, 2, STRICT)
+                                   m_t, r_k, m_k, K, 2, STRICT, H)
         between = tl.full([BK], 1.0, tl.float32)
         for jj in range(0, n_other):              # nearest first
             rows_o, m_o = _block_rows(t0 + (jj + 1) * C if LATER else t0 - (jj + 1) * C,
                                       r_c, eos, i_h, H)
             if LATER:
                 theirs, last = _query_decay(_rows_of(q_ptr, rows_o, m_o, r_k, m_k, K),
-                                            lam_ptr, rows_o, m_o, r_k, m_k, K, 2, STRICT)
+                                            lam_ptr, rows_o, m_o, r_k, m_k, K, 2, STRICT, H)
             else:
                 theirs, last = _key_decay(_rows_of(k_ptr, rows_o, m_o, r_k, m_k, K), lam_ptr,
-                                          rows_o, m_o, r_k, m_k, K, 2, False)
+                                          rows_o, m_o, r_k, m_k, K, 2, False, H)
             pairs = _mm(mine, tl.trans(theirs * between[None, :]), DOT)
             out += _mm(pairs, _rows_of(w_ptr, rows_o, m_o, r_w, m_w, W), DOT)
             between = between * _lane_decay(last, 2)
@@ -280,11 +294,12 @@ def _later_blocks_dv(q_ptr, k_ptr, lam_ptr, dy_ptr, chunk_table_ptr, rows, m_t, 
 
 
 @triton.jit
-def _key_factor(lam_ptr, rows, m_t, r_k, m_k, K: tl.constexpr, DECAY: tl.constexpr):
+def _key_factor(lam_ptr, rows, m_t, r_k, m_k, K: tl.constexpr, DECAY: tl.constexpr,
+                H: tl.constexpr):
     """exp(b_last - b), what decays a key's term to the chunk's end ([C, BK], [C, 1] or 1),
     and exp(b_last), the decay of the whole chunk ([BK, 1], scalar or 1)."""
     if DECAY == 2:
-        b, _, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, False)
+        b, _, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, False, H)
         return tl.exp(b_last[None, :] - b), tl.exp(b_last)[:, None]
     elif DECAY == 1:
         b, _, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, False)
@@ -295,11 +310,11 @@ def _key_factor(lam_ptr, rows, m_t, r_k, m_k, K: tl.constexpr, DECAY: tl.constex
 
 @triton.jit
 def _query_factor(lam_ptr, rows, m_t, r_k, m_k, K: tl.constexpr, DECAY: tl.constexpr,
-                  STRICT: tl.constexpr):
+                  STRICT: tl.constexpr, H: tl.constexpr):
     """exp(bq), how a query sees the chunk's start state ([C, BK], [C, 1] or 1), and
     exp(b_last)."""
     if DECAY == 2:
-        _, bq, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)
+        _, bq, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT, H)
         return tl.exp(bq), tl.exp(b_last)[:, None]
     elif DECAY == 1:
         _, bq, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)
@@ -310,9 +325,9 @@ def _query_factor(lam_ptr, rows, m_t, r_k, m_k, K: tl.constexpr, DECAY: tl.const
 
 @triton.jit
 def _key_decay(k, lam_ptr, rows, m_t, r_k, m_k, K: tl.constexpr, DECAY: tl.constexpr,
-               STRICT: tl.constexpr):
+               STRICT: tl.constexpr, H: tl.constexpr):
     """k * exp(b_last - b) (what a key adds to the chunk's end state) and exp(b_last)."""
-    factor, decay_last = _key_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY)
+    factor, decay_last = _key_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, H)
     return k.to(tl.float32) * factor, decay_last
 
 
@@ -328,9 +343,9 @@ def _lane_decay(decay_last, DECAY: tl.constexpr):
 
 @triton.jit
 def _query_decay(q, lam_ptr, rows, m_t, r_k, m_k, K: tl.constexpr, DECAY: tl.constexpr,
-                 STRICT: tl.constexpr):
+                 STRICT: tl.constexpr, H: tl.constexpr):
     """q * exp(bq) (how a query sees the chunk's start state) and exp(b_last)."""
-    factor, decay_last = _query_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)
+    factor, decay_last = _query_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT, H)
     return q.to(tl.float32) * factor, decay_last
 
 
@@ -436,10 +451,10 @@ def chunk_states_kernel(
             tl.store(u_ptr + p_u, u, mask=m_u)
         tl.store(ckpt_ptr + ((ck_base + i_c) * H + i_h) * K * V + p_kv,
                  S.to(ckpt_ptr.dtype.element_ty), mask=m_kv)
-        k_dec, decay_last = _key_decay(k, lam_ptr, rows, m_t, r_k, m_k, K, DECAY, False)
+        k_dec, decay_last = _key_decay(k, lam_ptr, rows, m_t, r_k, m_k, K, DECAY, False, H)
         if LOW_RANK:
             x_dec, _ = _key_decay(_rows_of(x_ptr, rows, m_t, r_k, m_k, K), lam_ptr, rows, m_t,
-                                  r_k, m_k, K, DECAY, False)
+                                  r_k, m_k, K, DECAY, False, H)
             S = (S * decay_last + _mm(tl.trans(x_dec), u, DOT)
                  + _mm(tl.trans(k_dec), _rows_of(v_ptr, rows, m_t, r_v, m_v, V), DOT))
         elif DELTA:
@@ -654,11 +669,11 @@ def chunk_output_kernel(
             r_k, m_k = _block(i_k, BK, K)
             q = _rows_of(q_ptr, rows, m_t, r_k, m_k, K)
             if DECAY == 2:
-                q, _ = _query_decay(q, lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)
+                q, _ = _query_decay(q, lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT, H)
             z = tl.load(zckpt_ptr + (i_g * H + i_h) * K + r_k, mask=m_k, other=0.0)
             y_col += tl.sum(q.to(tl.float32) * z[None, :], axis=1)
         if DECAY == 1:
-            q_factor, _ = _query_factor(lam_ptr, rows, m_t, r_c, m_t, K, DECAY, STRICT)
+            q_factor, _ = _query_factor(lam_ptr, rows, m_t, r_c, m_t, K, DECAY, STRICT, H)
             y_col = y_col * tl.sum(q_factor, axis=1)
         tl.store(ycol_ptr + rows, (y_col + tl.sum(A, axis=1)) * scale, mask=m_t)
     for i_v in tl.static_range(NV):
@@ -675,10 +690,10 @@ def chunk_output_kernel(
                             other=0.0)
                 q = _rows_of(q_ptr, rows, m_t, r_k, m_k, K)
                 if DECAY == 2:  # the query decayed to the chunk start, per channel
-                    q, _ = _query_decay(q, lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)
+                    q, _ = _query_decay(q, lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT, H)
                 y += _mm(q, S, DOT)
             if DECAY == 1:
-                q_factor, _ = _query_factor(lam_ptr, rows, m_t, r_c, m_t, K, DECAY, STRICT)
+                q_factor, _ = _query_factor(lam_ptr, rows, m_t, r_c, m_t, K, DECAY, STRICT, H)
                 y = y * q_factor
         y += _mm(A, _rows_of(v_ptr, rows, m_t, r_v, m_v, V), DOT)
         if SECOND:
@@ -728,7 +743,7 @@ def chunk_dstates_kernel(
             tl.store(dzckpt_ptr + ((ck_base + i_c) * H + i_h) * K + r_k, dz, mask=m_z)
         q = _rows_of(q_ptr, rows, m_t, r_k, m_k, K)
         dy = _rows_of(dy_ptr, rows, m_t, r_v, m_v, V)
-        q_dec, decay_last = _query_decay(q, lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)
+        q_dec, decay_last = _query_decay(q, lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT, H)
         if DELTA:
             if DECAY == 2:
                 A = tl.load(A_ptr + (((ck_base + i_c) * C + r_c) * H + i_h)[:, None] * C
@@ -737,7 +752,7 @@ def chunk_dstates_kernel(
                 A, _ = _chunk_scores(q_ptr, k_ptr, lam_ptr, rows, m_t, r_c, K, BK, 1, C,
                                      DECAY, STRICT, DOT)
             k_dec, _ = _key_decay(_rows_of(k_ptr, rows, m_t, r_k, m_k, K), lam_ptr, rows,
-                                  m_t, r_k, m_k, K, DECAY, False)
+                                  m_t, r_k, m_k, K, DECAY, False, H)
             dU = _mm(tl.trans(A), dy, DOT) + _mm(k_dec, dS, DOT)
             tl.store(du_ptr + rows[:, None] * V + r_v[None, :], dU,
                      mask=m_t[:, None] & m_v[None, :])
@@ -893,7 +908,7 @@ def chunk_grads_kernel(
                 for i_k in tl.static_range(NK):
                     r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
                     k_dec, _ = _key_decay(_rows_of(k_ptr, rows, m_t, r_k, m_k, K), lam_ptr,
-                                          rows, m_t, r_k, m_k, K, DECAY, False)
+                                          rows, m_t, r_k, m_k, K, DECAY, False, H)
                     dv += _mm(k_dec, tl.load(dckpt_ptr + p_state + p_kv, mask=m_kv,
                                              other=0.0), DOT)
             tl.store(dv_ptr + rows[:, None] * V + r_v[None, :],
@@ -917,8 +932,8 @@ def chunk_grads_kernel(
                                         K, V, BV, NV, DECAY, STRICT, DOT)
             last = tl.zeros([BK], dtype=tl.float32)     # (no chunk states)
         else:
-            k_factor, decay_last = _key_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY)
-            q_factor, _ = _query_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT)
+            k_factor, decay_last = _key_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, H)
+            q_factor, _ = _query_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT, H)
             dq = tl.zeros([C, BK], dtype=tl.float32)
             dk = tl.zeros([C, BK], dtype=tl.float32)
             last = tl.zeros([BK], dtype=tl.float32)
@@ -1008,7 +1023,7 @@ def _wy_chunk(k_ptr, beta_ptr, lam_ptr, kk_ptr, chunk_table_ptr, H: tl.constexpr
     else:
         beta = tl.load(beta_ptr + rows, mask=m_t, other=0.0).to(tl.float32)
     if DECAY == 2:
-        _, bq, _ = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 2, LOW_RANK)
+        _, bq, _ = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 2, LOW_RANK, H)
         e_b = tl.exp(bq)
         pair = 1.0
         KK = tl.load(kk_ptr + p_cc).to(tl.float32)
@@ -1141,7 +1156,7 @@ def _low_rank_chunk(chunk_table_ptr, lam_ptr, i_k, H: tl.constexpr, K: tl.conste
     r_c = tl.arange(0, C)
     rows, m_t = _chunk(chunk_table_ptr, i_h, H, r_c)
     r_k, m_k = _block(i_k, BK, K)
-    b, bq, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 2, True)
+    b, bq, b_last = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 2, True, H)
     return (rows, m_t, r_k, m_k, m_t[:, None] & m_k[None, :], rows[:, None] * K + r_k[None, :],
             ((i_g * C + r_c) * H + i_h)[:, None] * C + r_c[None, :], i_g * H + i_h, b, bq,
             b_last)

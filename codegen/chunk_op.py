@@ -363,6 +363,10 @@ class ChunkCore(torch.autograd.Function):
         ckpt = None if cfg["parallel"] else torch.empty(n_chunks, H, K, V, dtype=ckpt_dtype,
                                                          device=dev)
         blocks = _blocks(cfg, H, K, V)
+        if cfg["decay"] == 2:
+            # every kernel reads the in-chunk cumulative log decays instead of summing lam
+            # again (the backward keeps them in place of lam: dlam is still lam's gradient)
+            lam = _cumulative_decays(lam, cfg, blocks)
         lam_ = lam if lam is not None else q
         norm = cfg.get("norm", False)
         zT = zckpt = y_col = y
@@ -380,8 +384,7 @@ class ChunkCore(torch.autograd.Function):
                 USE_INITIAL_STATE=s0 is not None, IS_VARLEN=cu is not None, NORM=norm, **sb)
         scores = y
         if cfg["decay"] == 2:   # diagonal decays: intra-chunk scores by sub-chunks first
-            scores = _diagonal_scores(q, k, lam, cfg, blocks, ckpt_dtype,
-                                      _cumulative_decays(lam, cfg, blocks))
+            scores = _diagonal_scores(q, k, lam, cfg, blocks, ckpt_dtype)
         for_device(_OUTPUT, dev)((n_chunks, H), q, k, v, lam_, y, ckpt, cfg["table"], scores,
                                  cfg["scale"], y, y, zckpt, y_col, PARALLEL=cfg["parallel"],
                                  NORM=norm, **_for("output", blocks))
@@ -443,20 +446,19 @@ class ChunkCore(torch.autograd.Function):
                 dy, dy, dy, dy, _or(dy_col, dy), _or(dzT, dy), _or(dz0, dy), _or(dzckpt, dy),
                 USE_FINAL_STATE_GRAD=dsT is not None, IS_VARLEN=cu is not None, NORM=norm,
                 **db)
-        scores = last = cumulative = dy
-        if cfg["decay"] == 2:   # the forward's intra-chunk scores, made again
-            cumulative = _cumulative_decays(lam, cfg, blocks)
+        scores = last = dy
+        if cfg["decay"] == 2:   # (lam holds the cumulative log decays: see forward)
             if ctx.scores is not None:      # the forward's scores (a first backward)
                 scores, ctx.scores = ctx.scores, None
             else:                           # (a second backward through a retained graph)
-                scores = _diagonal_scores(q, k, lam, cfg, blocks, ckpt.dtype, cumulative)
+                scores = _diagonal_scores(q, k, lam, cfg, blocks, ckpt.dtype)
             last = torch.empty(n_chunks, H, K, dtype=torch.float32, device=dev)
         for_device(_GRADS, dev)((n_chunks, H),
             q, k, v, lam_, dy, _or(ckpt, dy), _or(dckpt, dy), cfg["table"], scores, last,
             scale, dq, dk, dv, _or(dlam, dq), _or(dy_col, dq), _or(zckpt, dq), _or(dzckpt, dq),
             PARALLEL=cfg["parallel"], NORM=norm, **_for("grads", blocks))
         if cfg["decay"] == 2:   # the intra-chunk parts of dq and dk, and dlam
-            _diagonal_grads(q, k, cumulative, scores, last, cfg, blocks, scale, dq, dk, dlam)
+            _diagonal_grads(q, k, lam, scores, last, cfg, blocks, scale, dq, dk, dlam)
         if ds0 is not None and scale != 1.0:
             ds0 = ds0 * scale
             dz0 = dz0 * scale if dz0 is not None else None
@@ -486,7 +488,7 @@ def _cumulative_decays(lam, cfg: dict, blocks: dict) -> torch.Tensor:
     return cumulative
 
 
-def _diagonal_scores(q, k, lam, cfg: dict, blocks: dict, dtype, cumulative) -> torch.Tensor:
+def _diagonal_scores(q, k, cumulative, cfg: dict, blocks: dict, dtype) -> torch.Tensor:
     """Diagonal decays: every chunk's intra-chunk scores from the cumulative log decays
     (``_cumulative_decays``), [chunks * C, H, C] in ``dtype``
     (``chunk_diag_scores_kernel``: one program per chunk, sub-chunk and head)."""
@@ -900,7 +902,10 @@ class DeltaChunkCore(torch.autograd.Function):
         ckpt = torch.empty(cfg["n_chunks"], H, K, V, dtype=torch.float32, device=dev)
         cu, offsets = cfg["cu"], cfg["offsets"]
         products = None
-        if cfg["decay"] == 2:   # the decayed products by sub-chunks, as diagonal decays'
+        if cfg["decay"] == 2:
+            # the kernels read the in-chunk cumulative log decays (kept in place of lam)
+            lam = _cumulative_decays(lam, cfg, _blocks(cfg, H, K, K))
+            # the decayed products by sub-chunks, as diagonal decays'
             products = _delta_products(q, k, lam, cfg, w, x)
         low_rank = w is not None
         blocks = _delta_blocks(cfg, H, K, V)
@@ -970,9 +975,8 @@ class DeltaChunkCore(torch.autograd.Function):
         for_device(_GRADS, dev)((cfg["n_chunks"], H), q, k, u, lam_, dy, ckpt, dckpt,
                                 cfg["table"], qk, last, 1.0, dq, dk, dv, _or(dlam, dq), dq, dq,
                                 dq, STORE_DV=False, **_for("grads", out))
-        if per_row:     # through q_t . k_s exp(b_t - b_s)
-            cumulative = _cumulative_decays(lam, cfg, out)
-            _diagonal_grads(q, k, cumulative, qk, last, cfg, out, 1.0, dq, dk, dlam)
+        if per_row:     # through q_t . k_s exp(b_t - b_s) (lam: the cumulative log decays)
+            _diagonal_grads(q, k, lam, qk, last, cfg, out, 1.0, dq, dk, dlam)
         dkk = kk if per_row else dy    # (d loss / d KK replaces KK, which is read first)
         for_device(_WY_BWD, dev)((cfg["n_chunks"], H), k, v, beta, lam_, kk, inverse, wy, du,
                                  ckpt, cfg["table"], dk, dv, dbeta, _or(dlam, dk), dkk,
@@ -980,7 +984,7 @@ class DeltaChunkCore(torch.autograd.Function):
         if per_row:     # through k_t . k_s exp(b_t - b_s), s < t
             dlam_kk = torch.empty_like(dlam)
             dk_rows, dk_cols = torch.zeros_like(dk), torch.zeros_like(dk)
-            _diagonal_grads(k, k, cumulative, dkk, torch.zeros_like(last), cfg, out, 1.0,
+            _diagonal_grads(k, k, lam, dkk, torch.zeros_like(last), cfg, out, 1.0,
                             dk_rows, dk_cols, dlam_kk)
             dk += dk_rows + dk_cols
             dlam += dlam_kk
@@ -1023,17 +1027,16 @@ def _delta_blocks(cfg: dict, H: int, K: int, V: int) -> dict:
     return dict(_blocks(cfg, H, K, V), BK=_pow2(K), NK=1, BV=bv, NV=_cdiv(V, bv))
 
 
-def _delta_products(q, k, lam, cfg: dict, w=None, x=None) -> tuple:
+def _delta_products(q, k, cumulative, cfg: dict, w=None, x=None) -> tuple:
     """Diagonal decays: the delta rule's decayed products, [chunks * C, H, C] fp32 by
-    sub-chunks (``chunk_diag_scores_kernel``): q.k and k.k; for the low rank q.x, w.x and
-    w.k before the token, and q.k."""
+    sub-chunks (``chunk_diag_scores_kernel``) from the in-chunk cumulative log decays: q.k
+    and k.k; for the low rank q.x, w.x and w.k before the token, and q.k."""
     H, K = q.shape[2], q.shape[3]
     blocks = _blocks(cfg, H, K, K)      # (the product kernels read no V)
-    cumulative = _cumulative_decays(lam, cfg, blocks)
 
     def product(a, b, strict=False):
-        return _diagonal_scores(a, b, lam, cfg, dict(blocks, STRICT=strict), torch.float32,
-                                cumulative)
+        return _diagonal_scores(a, b, cumulative, cfg, dict(blocks, STRICT=strict),
+                                torch.float32)
     if w is None:
         return product(q, k), product(k, k)
     return product(q, x), product(w, x, True), product(w, k, True), product(q, k)
@@ -1070,7 +1073,7 @@ def _low_rank_backward(ctx, products, dy, dckpt, du, ds0, wy, u, inverse):
         **_for("low_rank_grads", sizes))
     blocks = _blocks(cfg, H, K, V)
     before = dict(blocks, STRICT=True)     # w's products see the decay before the token
-    cumulative = _cumulative_decays(lam, cfg, blocks)
+    cumulative = lam    # (the forward kept the cumulative log decays in place of lam)
     dlam = [torch.empty(lam.shape, dtype=torch.float32, device=dev) for _ in range(4)]
     none = torch.zeros_like(last)
     dq_qk, dw_wk, dx_wx, dk_wk = (torch.zeros_like(t) for t in (dq, dw, dx, dk))
