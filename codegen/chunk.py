@@ -114,9 +114,8 @@ def _decays(lam_ptr, rows, m_t, r_k, m_k, K: tl.constexpr, DECAY: tl.constexpr,
             bq = tl.load(p - H * K, mask=m & later, other=0.0)
         else:
             bq = b
-        # (a vector: the interpreter refuses a scalar mask term)
-        last = tl.max(tl.where(m_t, rows, -1), axis=0) + 0 * r_k
-        b_last = tl.load(lam_ptr + last * K + r_k, mask=m_k & (last >= 0), other=0.0)
+        last = rows == tl.max(tl.where(m_t, rows, -1), axis=0)
+        b_last = tl.sum(tl.where(last[:, None], b, 0.0), axis=0)
     else:
         lam = tl.load(lam_ptr + rows, mask=m_t, other=0.0).to(tl.float32)
         b = tl.cumsum(lam, axis=0)
