@@ -28,7 +28,7 @@ KERNELS = {"states": "chunk_states_kernel", "output": "chunk_output_kernel",
            # the delta rule's (deltanet, gated_deltanet, kda) and the low rank's (rwkv7)
            "wy": "delta_wy_kernel", "wy_bwd": "delta_wy_bwd_kernel",
            "delta_states": "chunk_states_kernel", "delta_dstates": "chunk_dstates_kernel",
-           "low_rank_grads": "low_rank_"}
+           "delta_grads": "chunk_grads_kernel", "low_rank_grads": "low_rank_"}
 GRID = {"states": dict(BV=[32, 64], num_stages=[1, 2, 3], num_warps=[4]),
         "dstates": dict(BV=[32, 64], num_stages=[1, 2, 3], num_warps=[4]),
         # K and V tiles of 32 take the spills of these two kernels from 0.8-3.5 KB per
@@ -44,6 +44,8 @@ GRID = {"states": dict(BV=[32, 64], num_stages=[1, 2, 3], num_warps=[4]),
         "wy_bwd": dict(num_stages=[1, 2], num_warps=[4, 8]),
         "delta_states": dict(num_stages=[1, 2, 3], num_warps=[4, 8]),
         "delta_dstates": dict(num_stages=[1, 2, 3], num_warps=[4, 8]),
+        # V tiles of 32 by default (spills 0.2-1 KB -> 0.1-0.5 KB per thread), not yet timed
+        "delta_grads": dict(BV=[32, 64], num_stages=[1], num_warps=[4, 8]),
         "low_rank_grads": dict(num_stages=[1, 2], num_warps=[4, 8])}
 
 

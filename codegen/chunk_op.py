@@ -588,12 +588,16 @@ def _for(kernel: str, blocks: dict) -> dict:
 #: The delta rule's kernels hold all of K (128 lanes) per program: at 4 warps Triton 3.6
 #: spills 0.4-5 KB per thread in them, at 8 warps 0.07-2 KB (benchmarks/compile_check.py;
 #: not yet timed on a GPU).
+#: The delta rule's gradient kernel (chunk_grads_kernel on u, fp32 states) spills 0.2-1 KB
+#: per thread at V tiles of 64 and 0.1-0.5 KB at 32 (benchmarks/preflight.py, sm_90; not
+#: yet timed).
 KERNEL_OPTIONS: dict[str, dict] = {"states": {"num_stages": 3}, "dstates": {"num_stages": 2},
                                    "scores": {"num_stages": 2},
                                    "diag_grads": {"BK": 32, "num_stages": 2},
                                    "wy": {"num_warps": 8}, "wy_bwd": {"num_warps": 8},
                                    "delta_states": {"num_warps": 8},
                                    "delta_dstates": {"num_warps": 8},
+                                   "delta_grads": {"BV": 32},
                                    "low_rank_grads": {"num_warps": 8}}
 
 
@@ -974,7 +978,7 @@ class DeltaChunkCore(torch.autograd.Function):
         # (diagonal decays: the state parts, and dA in place of the scores q.k)
         for_device(_GRADS, dev)((cfg["n_chunks"], H), q, k, u, lam_, dy, ckpt, dckpt,
                                 cfg["table"], qk, last, 1.0, dq, dk, dv, _or(dlam, dq), dq, dq,
-                                dq, STORE_DV=False, **_for("grads", out))
+                                dq, STORE_DV=False, **_for("delta_grads", out))
         if per_row:     # through q_t . k_s exp(b_t - b_s) (lam: the cumulative log decays)
             _diagonal_grads(q, k, lam, qk, last, cfg, out, 1.0, dq, dk, dlam)
         dkk = kk if per_row else dy    # (d loss / d KK replaces KK, which is read first)
