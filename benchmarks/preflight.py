@@ -30,6 +30,9 @@ import time
 #: a Hopper GPU's largest shared memory per block (H100 and H200), bytes
 SHARED_LIMIT = 232448
 SIZES = dict(H=16, K=128, V=128)
+#: key sizes of ops whose feature maps grow with K (Based's 1 + K + K^2 features: K=16 in
+#: its paper, 16513 features at K=128)
+OP_K = {"based": 16}
 
 
 def _fake_driver():
@@ -108,7 +111,8 @@ class Recorder:
                               resources=res, sass=sass_counts(kernel.asm["cubin"]), over_shared=kernel.metadata.shared > SHARED_LIMIT))
 
 
-def run_op(name: str, forms: list[str], T: int) -> list[dict]:
+def run_op(name: str, forms: list[str], T: int, K: int | None = None, V: int | None = None
+           ) -> list[dict]:
     """Compile every kernel of ``name``'s calls in ``forms``, forward then backward."""
     import torch
 
@@ -123,7 +127,7 @@ def run_op(name: str, forms: list[str], T: int) -> list[dict]:
     recorder = Recorder()
     launch.PREFLIGHT = recorder
     attn = linforge.library.get(name)
-    sizes = spec_sizes(attn, K=SIZES["K"], V=SIZES["V"])
+    sizes = spec_sizes(attn, K=K or OP_K.get(name, SIZES["K"]), V=V or SIZES["V"])
     x = make_inputs(attn, B=1, T=T, H=SIZES["H"], sizes=sizes, seed=0)
     x = {k: v.to(torch.bfloat16) if v.is_floating_point() and v.dim() >= 3 else v
          for k, v in x.items()}
@@ -169,18 +173,21 @@ def main() -> None:
                                      "gated_deltanet,kda,rwkv7")
     ap.add_argument("--forms", default="chunk")
     ap.add_argument("--T", type=int, default=256)
+    ap.add_argument("--K", type=int, default=None, help="key size (default 128; Based 16)")
+    ap.add_argument("--V", type=int, default=None, help="value size (default 128)")
     ap.add_argument("--out", default=None, help="write preflight.json and preflight.md here")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)   # (the child process)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(run_op(args.one, args.forms.split(","), args.T)))
+        print(json.dumps(run_op(args.one, args.forms.split(","), args.T, args.K, args.V)))
         return
     results = []
     for name in args.ops.split(","):
         env = dict(os.environ, TRITON_INTERPRET="0",
                    TRITON_CACHE_DIR=tempfile.mkdtemp(prefix="preflight-"))
+        sizes = [a for d in ("K", "V") if getattr(args, d) for a in (f"--{d}", str(getattr(args, d)))]
         proc = subprocess.run([sys.executable, __file__, "--one", name, "--forms", args.forms,
-                               "--T", str(args.T)], env=env, capture_output=True, text=True,
+                               "--T", str(args.T), *sizes], env=env, capture_output=True, text=True,
                               cwd=os.path.dirname(os.path.abspath(__file__)))
         if proc.returncode:
             print(f"{name}: FAILED\n{proc.stderr[-4000:]}", flush=True)

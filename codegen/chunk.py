@@ -861,6 +861,85 @@ def chunk_diag_grads_kernel(
 
 
 @triton.jit
+def _dv_from_state(dv, i_k, i_v, k_ptr, lam_ptr, dckpt_ptr, p_state, rows, m_t,
+                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                   BV: tl.constexpr, DECAY: tl.constexpr, DOT: tl.constexpr):
+    """dv of V block ``i_v`` plus K block ``i_k``'s part through the chunk's end state:
+    (k exp(b_last - b)) dS."""
+    r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
+    k_dec, _ = _key_decay(_rows_of(k_ptr, rows, m_t, r_k, m_k, K), lam_ptr, rows, m_t, r_k,
+                          m_k, K, DECAY, False, H)
+    return dv + _mm(k_dec, tl.load(dckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0), DOT)
+
+
+@triton.jit
+def _grads_of_k_block(
+    i_k, qdq_all, kdk_all, last_all, q_ptr, k_ptr, v_ptr, lam_ptr, dy_ptr, ckpt_ptr,
+    dckpt_ptr, chunk_table_ptr, scale, dq_ptr, dk_ptr, last_ptr, zckpt_ptr, dzckpt_ptr, dA,
+    dy_col, rows, m_t, r_c, i_g, i_h, p_state, H: tl.constexpr, K: tl.constexpr,
+    V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
+    DECAY: tl.constexpr, STRICT: tl.constexpr, DOT: tl.constexpr, PARALLEL: tl.constexpr,
+    NORM: tl.constexpr,
+):
+    """``chunk_grads_kernel``'s dq and dk on K block ``i_k`` (stored), and the running sums
+    of q.dq, k.dk and S_next.dS that scalar decays' dlam needs, updated."""
+    C: tl.constexpr = r_c.shape[0]
+    r_k, m_k = _block(i_k, BK, K)
+    m_tk = m_t[:, None] & m_k[None, :]
+    q = _rows_of(q_ptr, rows, m_t, r_k, m_k, K)
+    k = _rows_of(k_ptr, rows, m_t, r_k, m_k, K)
+    if PARALLEL:    # earlier and later blocks, pair by pair, instead of S and dS
+        dq, dk = _cross_block_grads(q_ptr, k_ptr, v_ptr, lam_ptr, dy_ptr,
+                                    chunk_table_ptr, rows, m_t, r_c, r_k, m_k, i_h, H,
+                                    K, V, BV, NV, DECAY, STRICT, DOT)
+        last = tl.zeros([BK], dtype=tl.float32)     # (no chunk states)
+    else:
+        k_factor, decay_last = _key_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, H)
+        q_factor, _ = _query_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT, H)
+        dq = tl.zeros([C, BK], dtype=tl.float32)
+        dk = tl.zeros([C, BK], dtype=tl.float32)
+        last = tl.zeros([BK], dtype=tl.float32)
+        for i_v in tl.static_range(NV):
+            r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
+            S = tl.load(ckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0)
+            dS = tl.load(dckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0)
+            v = _rows_of(v_ptr, rows, m_t, r_v, m_v, V)
+            dq += _mm(_rows_of(dy_ptr, rows, m_t, r_v, m_v, V), tl.trans(S), DOT)
+            dk += _mm(v, tl.trans(dS), DOT)
+            if DECAY > 0:
+                last += tl.sum(S * dS * decay_last, axis=1)
+        if NORM:
+            z = tl.load(zckpt_ptr + (i_g * H + i_h) * K + r_k, mask=m_k, other=0.0)
+            dz = tl.load(dzckpt_ptr + (i_g * H + i_h) * K + r_k, mask=m_k, other=0.0)
+            dq += dy_col[:, None] * z[None, :]
+            dk += dz[None, :]
+            if DECAY > 0:
+                last += z * dz * _lane_decay(decay_last, DECAY)
+        if DECAY > 0:
+            # sum over V of S_next * dS, S_next = exp(b_last) S + (k exp(b_last -
+            # b))^T v: its second part is sum over s of k_dec[s] * (v dS^T)[s],
+            # which dk holds now
+            last += tl.sum(k.to(tl.float32) * k_factor * dk, axis=0)
+        dq = dq * q_factor
+        dk = dk * k_factor
+    p_tk = rows[:, None] * K + r_k[None, :]
+    if DECAY == 2:  # the state parts; chunk_diag_grads_kernel adds the rest
+        tl.store(dq_ptr + p_tk, dq.to(dq_ptr.dtype.element_ty), mask=m_tk)
+        tl.store(dk_ptr + p_tk, dk.to(dk_ptr.dtype.element_ty), mask=m_tk)
+        tl.store(last_ptr + (i_g * H + i_h) * K + r_k, last, mask=m_k)
+    else:
+        dq += _mm(dA, k, DOT)
+        dk += _mm(tl.trans(dA), q, DOT)
+        tl.store(dq_ptr + p_tk, (dq * scale).to(dq_ptr.dtype.element_ty), mask=m_tk)
+        tl.store(dk_ptr + p_tk, (dk * scale).to(dk_ptr.dtype.element_ty), mask=m_tk)
+    if DECAY == 1 and not PARALLEL:     # (the parallel form's dlam: see chunk_op)
+        qdq_all += tl.sum(q.to(tl.float32) * dq, axis=1)
+        kdk_all += tl.sum(k.to(tl.float32) * dk, axis=1)
+        last_all += last
+    return qdq_all, kdk_all, last_all
+
+
+@triton.jit
 def chunk_grads_kernel(
     q_ptr, k_ptr, v_ptr, lam_ptr, dy_ptr, ckpt_ptr, dckpt_ptr, chunk_table_ptr, A_ptr, last_ptr,
     scale, dq_ptr, dk_ptr, dv_ptr, dlam_ptr, dycol_ptr, zckpt_ptr, dzckpt_ptr,
@@ -881,6 +960,8 @@ def chunk_grads_kernel(
     every dA[t, s] of the row, dycol z^T to dq and the gradient of the chunk's end z
     (``dzckpt``) to every key row's dk."""
     i_g, i_h = tl.program_id(0), tl.program_id(1)
+    # up to two K blocks unrolled; more (K > 128) in a loop, which compiles once
+    UNROLL_K: tl.constexpr = NK if NK <= 2 else 0
     r_c = tl.arange(0, C)
     rows, m_t = _chunk(chunk_table_ptr, i_h, H, r_c)
     p_state = (i_g * H + i_h) * K * V
@@ -890,6 +971,7 @@ def chunk_grads_kernel(
         r_v, m_v = _block(i_v, BV, V)
         dA += _mm(_rows_of(dy_ptr, rows, m_t, r_v, m_v, V),
                   tl.trans(_rows_of(v_ptr, rows, m_t, r_v, m_v, V)), DOT)
+    dy_col = tl.zeros([C], dtype=tl.float32)
     if NORM:
         dy_col = tl.load(dycol_ptr + rows, mask=m_t, other=0.0)
         dA += dy_col[:, None]
@@ -908,12 +990,12 @@ def chunk_grads_kernel(
                 dv += _later_blocks_dv(q_ptr, k_ptr, lam_ptr, dy_ptr, chunk_table_ptr, rows, m_t,
                                        r_c, r_v, m_v, i_h, H, K, V, BK, NK, DECAY, STRICT, DOT)
             else:
-                for i_k in tl.static_range(NK):
-                    r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
-                    k_dec, _ = _key_decay(_rows_of(k_ptr, rows, m_t, r_k, m_k, K), lam_ptr,
-                                          rows, m_t, r_k, m_k, K, DECAY, False, H)
-                    dv += _mm(k_dec, tl.load(dckpt_ptr + p_state + p_kv, mask=m_kv,
-                                             other=0.0), DOT)
+                for i_k in tl.static_range(UNROLL_K):
+                    dv = _dv_from_state(dv, i_k, i_v, k_ptr, lam_ptr, dckpt_ptr, p_state, rows,
+                                        m_t, H, K, V, BK, BV, DECAY, DOT)
+                for i_k in range(UNROLL_K, NK):
+                    dv = _dv_from_state(dv, i_k, i_v, k_ptr, lam_ptr, dckpt_ptr, p_state, rows,
+                                        m_t, H, K, V, BK, BV, DECAY, DOT)
             tl.store(dv_ptr + rows[:, None] * V + r_v[None, :],
                      (dv * scale).to(dv_ptr.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
     if DECAY == 2:
@@ -924,59 +1006,18 @@ def chunk_grads_kernel(
     qdq_all = tl.zeros([C], dtype=tl.float32)
     kdk_all = tl.zeros([C], dtype=tl.float32)
     last_all = tl.zeros([BK], dtype=tl.float32)
-    for i_k in tl.static_range(NK):
-        r_k, m_k = _block(i_k, BK, K)
-        m_tk = m_t[:, None] & m_k[None, :]
-        q = _rows_of(q_ptr, rows, m_t, r_k, m_k, K)
-        k = _rows_of(k_ptr, rows, m_t, r_k, m_k, K)
-        if PARALLEL:    # earlier and later blocks, pair by pair, instead of S and dS
-            dq, dk = _cross_block_grads(q_ptr, k_ptr, v_ptr, lam_ptr, dy_ptr,
-                                        chunk_table_ptr, rows, m_t, r_c, r_k, m_k, i_h, H,
-                                        K, V, BV, NV, DECAY, STRICT, DOT)
-            last = tl.zeros([BK], dtype=tl.float32)     # (no chunk states)
-        else:
-            k_factor, decay_last = _key_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, H)
-            q_factor, _ = _query_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT, H)
-            dq = tl.zeros([C, BK], dtype=tl.float32)
-            dk = tl.zeros([C, BK], dtype=tl.float32)
-            last = tl.zeros([BK], dtype=tl.float32)
-            for i_v in tl.static_range(NV):
-                r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
-                S = tl.load(ckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0)
-                dS = tl.load(dckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0)
-                v = _rows_of(v_ptr, rows, m_t, r_v, m_v, V)
-                dq += _mm(_rows_of(dy_ptr, rows, m_t, r_v, m_v, V), tl.trans(S), DOT)
-                dk += _mm(v, tl.trans(dS), DOT)
-                if DECAY > 0:
-                    last += tl.sum(S * dS * decay_last, axis=1)
-            if NORM:
-                z = tl.load(zckpt_ptr + (i_g * H + i_h) * K + r_k, mask=m_k, other=0.0)
-                dz = tl.load(dzckpt_ptr + (i_g * H + i_h) * K + r_k, mask=m_k, other=0.0)
-                dq += dy_col[:, None] * z[None, :]
-                dk += dz[None, :]
-                if DECAY > 0:
-                    last += z * dz * _lane_decay(decay_last, DECAY)
-            if DECAY > 0:
-                # sum over V of S_next * dS, S_next = exp(b_last) S + (k exp(b_last -
-                # b))^T v: its second part is sum over s of k_dec[s] * (v dS^T)[s],
-                # which dk holds now
-                last += tl.sum(k.to(tl.float32) * k_factor * dk, axis=0)
-            dq = dq * q_factor
-            dk = dk * k_factor
-        p_tk = rows[:, None] * K + r_k[None, :]
-        if DECAY == 2:  # the state parts; chunk_diag_grads_kernel adds the rest
-            tl.store(dq_ptr + p_tk, dq.to(dq_ptr.dtype.element_ty), mask=m_tk)
-            tl.store(dk_ptr + p_tk, dk.to(dk_ptr.dtype.element_ty), mask=m_tk)
-            tl.store(last_ptr + (i_g * H + i_h) * K + r_k, last, mask=m_k)
-        else:
-            dq += _mm(dA, k, DOT)
-            dk += _mm(tl.trans(dA), q, DOT)
-            tl.store(dq_ptr + p_tk, (dq * scale).to(dq_ptr.dtype.element_ty), mask=m_tk)
-            tl.store(dk_ptr + p_tk, (dk * scale).to(dk_ptr.dtype.element_ty), mask=m_tk)
-        if DECAY == 1 and not PARALLEL:     # (the parallel form's dlam: see chunk_op)
-            qdq_all += tl.sum(q.to(tl.float32) * dq, axis=1)
-            kdk_all += tl.sum(k.to(tl.float32) * dk, axis=1)
-            last_all += last
+    for i_k in tl.static_range(UNROLL_K):
+        qdq_all, kdk_all, last_all = _grads_of_k_block(
+            i_k, qdq_all, kdk_all, last_all, q_ptr, k_ptr, v_ptr, lam_ptr, dy_ptr, ckpt_ptr,
+            dckpt_ptr, chunk_table_ptr, scale, dq_ptr, dk_ptr, last_ptr, zckpt_ptr, dzckpt_ptr,
+            dA, dy_col, rows, m_t, r_c, i_g, i_h, p_state, H, K, V, BK, BV, NV, DECAY, STRICT,
+            DOT, PARALLEL, NORM)
+    for i_k in range(UNROLL_K, NK):
+        qdq_all, kdk_all, last_all = _grads_of_k_block(
+            i_k, qdq_all, kdk_all, last_all, q_ptr, k_ptr, v_ptr, lam_ptr, dy_ptr, ckpt_ptr,
+            dckpt_ptr, chunk_table_ptr, scale, dq_ptr, dk_ptr, last_ptr, zckpt_ptr, dzckpt_ptr,
+            dA, dy_col, rows, m_t, r_c, i_g, i_h, p_state, H, K, V, BK, BV, NV, DECAY, STRICT,
+            DOT, PARALLEL, NORM)
     if DECAY == 1 and not PARALLEL:
         tl.store(dlam_ptr + rows,
                  _dlam(qdq_all, kdk_all, tl.sum(last_all, axis=0), STRICT) * scale,

@@ -18,9 +18,11 @@ import pytest
 
 PREFLIGHT = Path(__file__).resolve().parents[2] / "benchmarks" / "preflight.py"
 #: one op per kernel mode: diagonal (strict readout and bonus for rwkv6), scalar, normalizer,
-#: the delta rule with diagonal gates, and the low rank; chunk and causal parallel forms
-CASES = [("gla", "chunk,parallel"), ("rwkv6", "chunk"), ("retnet", "chunk,parallel"),
-         ("linear_attention", "chunk"), ("kda", "chunk"), ("rwkv7", "chunk")]
+#: the delta rule with diagonal gates, and the low rank; chunk and causal parallel forms;
+#: K = V = 256 takes the gradient kernel's K loop that is not unrolled
+CASES = [("gla", "chunk,parallel", 128), ("rwkv6", "chunk", 128),
+         ("retnet", "chunk,parallel", 128), ("linear_attention", "chunk", 128),
+         ("kda", "chunk", 128), ("rwkv7", "chunk", 128), ("gla", "chunk", 256)]
 
 
 def _ptxas() -> bool:
@@ -32,11 +34,12 @@ def _ptxas() -> bool:
 
 
 @pytest.mark.skipif(not _ptxas(), reason="Triton without its bundled ptxas")
-@pytest.mark.parametrize("op,forms", CASES)
-def test_every_kernel_compiles_for_sm90(op, forms, tmp_path):
+@pytest.mark.parametrize("op,forms,K", CASES)
+def test_every_kernel_compiles_for_sm90(op, forms, K, tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
     proc = subprocess.run([sys.executable, str(PREFLIGHT), "--one", op, "--forms", forms,
-                           "--T", "64"], env=env, capture_output=True, text=True,
+                           "--T", "64", "--K", str(K), "--V", str(K)], env=env,
+                          capture_output=True, text=True,
                           cwd=PREFLIGHT.parent, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
