@@ -1276,20 +1276,18 @@ def low_rank_pair_grads_kernel(
     With dX = L^-T dU (the gradient of WK V) and U0 = L^-1 (WK V): dQX = dy U^T,
     dQK = dy V^T (s <= t), dWX = dR W^T + dX U0^T, dWK = dX V^T (s < t),
     dv = QK^T dy + (k exp(b_last - b)) dS + WK^T dX."""
-    (rows, m_t, r_k, m_k, m_tk, p_tk, p_cc, i_state, b, bq, b_last) = _low_rank_chunk(
+    (rows, m_t, r_k, m_k, m_tk, p_tk, p_cc, i_state, _, _, _) = _low_rank_chunk(
         chunk_table_ptr, lam_ptr, 0, H, K, BK, C)
     r_c = tl.arange(0, C)
     causal = r_c[:, None] >= r_c[None, :]
     earlier = r_c[:, None] > r_c[None, :]
     L_inv = tl.load(inv_ptr + p_cc)
-    QK = tl.load(qk_ptr + p_cc)
     WK = tl.load(wk_ptr + p_cc)
-    k_dec = _rows_of(k_ptr, rows, m_t, r_k, m_k, K).to(tl.float32) * tl.exp(b_last[None, :] - b)
     dQX = tl.zeros([C, C], dtype=tl.float32)
     dQK = tl.zeros([C, C], dtype=tl.float32)
     dWX = tl.load(dwx_ptr + p_cc)           # dR W^T, from low_rank_state_grads_kernel
     dWK = tl.zeros([C, C], dtype=tl.float32)
-    for i_v in tl.static_range(NV):
+    for i_v in tl.static_range(NV):         # the products' gradients
         r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(0, i_v, K, V, BK, BV)
         m_tv = m_t[:, None] & m_v[None, :]
         p_tv = rows[:, None] * V + r_v[None, :]
@@ -1302,10 +1300,21 @@ def low_rank_pair_grads_kernel(
         # U0^T = V^T WK^T L^-T, no transpose of a dot's result (fla #640)
         dWX += _mm(dX, _mm(_mm(tl.trans(v), tl.trans(WK), DOT), tl.trans(L_inv), DOT), DOT)
         dWK += _mm(dX, tl.trans(v), DOT)
-        dS = tl.load(dckpt_ptr + i_state * K * V + p_kv, mask=m_kv, other=0.0)
-        tl.store(dv_ptr + p_tv, _mm(tl.trans(QK), dy, DOT) + _mm(k_dec, dS, DOT)
-                 + _mm(tl.trans(WK), dX, DOT), mask=m_tv)
     tl.store(dqx_ptr + p_cc, tl.where(causal, dQX, 0.0))
     tl.store(dqk_ptr + p_cc, tl.where(causal, dQK, 0.0))
     tl.store(dwx_ptr + p_cc, tl.where(earlier, dWX, 0.0))
     tl.store(dwk_ptr + p_cc, tl.where(earlier, dWK, 0.0))
+    # dv in a second pass over V (dX made again): the four [C, C] gradients above and the
+    # [C, K] decayed keys are not live at once (Triton 3.6 spilled 1.8 KB per thread)
+    QK = tl.load(qk_ptr + p_cc)
+    k_factor, _ = _key_factor(lam_ptr, rows, m_t, r_k, m_k, K, 2, H)
+    k_dec = _rows_of(k_ptr, rows, m_t, r_k, m_k, K).to(tl.float32) * k_factor
+    for i_v in tl.static_range(NV):
+        r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(0, i_v, K, V, BK, BV)
+        m_tv = m_t[:, None] & m_v[None, :]
+        p_tv = rows[:, None] * V + r_v[None, :]
+        dy = tl.load(dy_ptr + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+        dX = _mm(tl.trans(L_inv), tl.load(du_ptr + p_tv, mask=m_tv, other=0.0), DOT)
+        dS = tl.load(dckpt_ptr + i_state * K * V + p_kv, mask=m_kv, other=0.0)
+        tl.store(dv_ptr + p_tv, _mm(tl.trans(QK), dy, DOT) + _mm(k_dec, dS, DOT)
+                 + _mm(tl.trans(WK), dX, DOT), mask=m_tv)
