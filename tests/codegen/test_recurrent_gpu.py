@@ -99,6 +99,21 @@ def test_chunk_gpu(name, dtype):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["gla", "rwkv6", "retnet", "gated_deltanet", "kda", "rwkv7"])
+def test_chunk_gpu_wide_heads(name):
+    """K = V = 256 (Gated DeltaNet's head size), bf16: forward and every gradient against the
+    float64 reference. Four K tiles of 64 take the gradient kernel's K loop that is not
+    unrolled (up to two tiles are), and the delta kernels hold all 256 lanes of K."""
+    from test_recurrent_bwd import check_against_reference
+
+    attn = linforge.library.get(name)
+    sizes = spec_sizes(attn, K=256, V=256)
+    x = make_inputs(attn, B=1, T=200, H=2, sizes=sizes, seed=11, device="cuda")
+    init = make_state(attn, N=1, H=2, sizes=sizes, device="cuda")
+    check_against_reference(attn, x, init, torch.bfloat16, form="chunk")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", ["kda", "rwkv7"])
 def test_chunk_gpu_forward_of_per_channel_delta_and_low_rank(name, dtype):
