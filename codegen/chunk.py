@@ -1,6 +1,7 @@
 """The chunked form's core: ``y_t = q_t @ S_t`` for ``S_t = exp(lam_t) S_{t-1} + outer(k_t, v_t)``
 in chunks of ``C`` tokens, with no decay (DECAY 0), a scalar log decay per token and head
-(DECAY 1, ``lam [T*, H]``) or a diagonal one over K (DECAY 2, ``lam [T*, H, K]``).
+(DECAY 1, ``lam [T*, H]``) or a diagonal one over K (DECAY 2, ``lam [T*, H, K]``, which
+the kernels read as its in-chunk cumulative sums from ``chunk_cumsum_kernel``).
 
 Per chunk: intra-chunk scores with the causal decay mask ``exp(b_t - b_s)`` (``b`` the
 in-chunk cumulative log decay, in fp32), the previous chunks through the state, and the state
@@ -473,9 +474,9 @@ def chunk_states_kernel(
 def chunk_cumsum_kernel(lam_ptr, b_ptr, chunk_table_ptr, H: tl.constexpr, K: tl.constexpr,
                         BK: tl.constexpr, C: tl.constexpr):
     """Grid (chunks, K blocks, heads), diagonal decays: b = the in-chunk cumulative log decay
-    (inclusive, fp32) of every token, [T*, H, K] like lam. The sub-chunk kernels read the rows
-    they need from it, so both sides of a pair see the same numbers (an exponent
-    b_t - b_t is exactly 0)."""
+    (inclusive, fp32) of every token, [T*, H, K] like lam, run once per call: every diagonal
+    decay kernel reads the rows it needs from it (``lam_ptr`` of the DECAY 2 kernels), so
+    both sides of a pair see the same numbers (an exponent b_t - b_t is exactly 0)."""
     i_g, i_k, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     r_c = tl.arange(0, C)
     rows, m_t = _chunk(chunk_table_ptr, i_h, H, r_c)
