@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -85,6 +86,19 @@ def sass_counts(cubin: bytes) -> dict:
     return counts
 
 
+def ctas_per_sm(resources: str, num_warps: int, shared: int) -> int:
+    """How many programs of a kernel fit on one Hopper SM at once, by registers (64K per
+    SM, allocated per warp in units of 256) and shared memory (228 KiB per SM, 1 KiB of it
+    reserved per program); at most 32."""
+    found = re.search(r"REG:(\d+)", resources)
+    if not found:
+        return 0
+    per_warp = -(-int(found.group(1)) * 32 // 256) * 256
+    by_regs = 65536 // (per_warp * num_warps)
+    by_shared = 233472 // (shared + 1024)
+    return min(by_regs, by_shared, 32)
+
+
 class Recorder:
     """Stands in for every launch: compiles the kernel for sm_90, records its resources."""
 
@@ -108,7 +122,10 @@ class Recorder:
                           "num_stages")}
         self.rows.append(dict(key=key, phase=self.phase, kernel=fn.__name__, modes=modes,
                               compile_s=round(seconds, 2), shared=kernel.metadata.shared,
-                              resources=res, sass=sass_counts(kernel.asm["cubin"]), over_shared=kernel.metadata.shared > SHARED_LIMIT))
+                              resources=res, sass=sass_counts(kernel.asm["cubin"]),
+                              ctas_per_sm=ctas_per_sm(res, constexprs.get("num_warps", 4),
+                                                      kernel.metadata.shared),
+                              over_shared=kernel.metadata.shared > SHARED_LIMIT))
 
 
 def run_op(name: str, forms: list[str], T: int, K: int | None = None, V: int | None = None
@@ -155,7 +172,8 @@ def run_op(name: str, forms: list[str], T: int, K: int | None = None, V: int | N
 
 def _table(results: list[dict]) -> str:
     lines = ["| op | form | first fwd s | bwd added s | kernel | phase | modes | compile s | "
-             "shared KiB | resources |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "shared KiB | programs per SM | resources |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for i, k in enumerate(r["kernels"]):
             head = (f"| {r['op']} | {r['form']} | {r['first_fwd_s']} | {r['first_bwd_added_s']} "
@@ -163,7 +181,8 @@ def _table(results: list[dict]) -> str:
             flag = " **over the limit**" if k["over_shared"] else ""
             modes = " ".join(f"{a}={b}" for a, b in k["modes"].items())
             lines.append(f"{head}| {k['kernel']} | {k['phase']} | {modes} | {k['compile_s']} | "
-                         f"{k['shared'] / 1024:.0f}{flag} | {k['resources']} |")
+                         f"{k['shared'] / 1024:.0f}{flag} | {k.get('ctas_per_sm', '-')} | "
+                         f"{k['resources']} |")
     return "\n".join(lines)
 
 
@@ -185,10 +204,11 @@ def main() -> None:
     for name in args.ops.split(","):
         env = dict(os.environ, TRITON_INTERPRET="0",
                    TRITON_CACHE_DIR=tempfile.mkdtemp(prefix="preflight-"))
-        sizes = [a for d in ("K", "V") if getattr(args, d) for a in (f"--{d}", str(getattr(args, d)))]
+        sizes = [a for d in ("K", "V") if getattr(args, d)
+                 for a in (f"--{d}", str(getattr(args, d)))]
         proc = subprocess.run([sys.executable, __file__, "--one", name, "--forms", args.forms,
-                               "--T", str(args.T), *sizes], env=env, capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__)))
+                               "--T", str(args.T), *sizes], env=env, capture_output=True,
+                              text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
         if proc.returncode:
             print(f"{name}: FAILED\n{proc.stderr[-4000:]}", flush=True)
             results.append(dict(op=name, form=args.forms, error=proc.stderr[-4000:],
