@@ -35,6 +35,14 @@ import triton
 import triton.language as tl
 
 
+#: the most K tiles (whose loop bodies hold a loop over V) and V tiles a kernel's loop over
+#: them is unrolled for: K = V = 128 at the GPU's tiles (64 lanes, 32 in the delta kernels'
+#: V); wider heads run a loop, which compiles once (its body a ``_..._of_k_block`` or
+#: ``_..._of_v_block`` helper): gla's gradient kernel at K = V = 256 compiles in 1.6 s
+#: instead of 12 (sm_90, Triton 3.6)
+MAX_UNROLLED_K = tl.constexpr(2)
+MAX_UNROLLED_V = tl.constexpr(4)
+
 #: operand precision of the kernels' dots (the constexpr DOT); TF32X3 splits each fp32
 #: operand into a tf32 high and low part (three tensor-core dots, about fp32's accuracy)
 DOT_BF16, DOT_TF32, DOT_IEEE, DOT_TF32X3 = 0, 1, 2, 3
@@ -637,6 +645,42 @@ def chunk_diag_scores_kernel(
 
 
 @triton.jit
+def _output_of_v_block(
+    i_v, A, q_ptr, k_ptr, v_ptr, lam_ptr, y_ptr, ckpt_ptr, chunk_table_ptr, A2_ptr, v2_ptr,
+    p_A, scale, rows, m_t, r_c, i_g, i_h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr, DECAY: tl.constexpr,
+    STRICT: tl.constexpr, DOT: tl.constexpr, PARALLEL: tl.constexpr, SECOND: tl.constexpr,
+):
+    """``chunk_output_kernel``'s y on V block ``i_v`` (stored): the earlier chunks (through
+    the start state, or pair by pair in the PARALLEL form) plus the scores times v."""
+    C: tl.constexpr = r_c.shape[0]
+    r_v, m_v = _block(i_v, BV, V)
+    if PARALLEL:    # earlier chunks, pair by pair
+        y = _cross_block_output(q_ptr, k_ptr, v_ptr, lam_ptr, chunk_table_ptr, rows,
+                                m_t, r_c, r_v, m_v, i_h, H, K, V, BK, NK, DECAY,
+                                STRICT, DOT)
+    else:           # earlier chunks, through S
+        y = tl.zeros([C, BV], dtype=tl.float32)
+        for i_k in tl.static_range(NK):
+            r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
+            S = tl.load(ckpt_ptr + (i_g * H + i_h) * K * V + p_kv, mask=m_kv, other=0.0)
+            q = _rows_of(q_ptr, rows, m_t, r_k, m_k, K)
+            if DECAY == 2:  # the query decayed to the chunk start, per channel
+                q, _ = _query_decay(q, lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT, H)
+            y += _mm(q, S, DOT)
+        if DECAY == 1:
+            q_factor, _ = _query_factor(lam_ptr, rows, m_t, r_c, m_t, K, DECAY, STRICT, H)
+            y = y * q_factor
+    y += _mm(A, _rows_of(v_ptr, rows, m_t, r_v, m_v, V), DOT)
+    if SECOND:
+        y += _mm(tl.load(A2_ptr + p_A, mask=m_t[:, None], other=0.0),
+                 _rows_of(v2_ptr, rows, m_t, r_v, m_v, V), DOT)
+    y = y * scale
+    tl.store(y_ptr + rows[:, None] * V + r_v[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=m_t[:, None] & m_v[None, :])
+
+
+@triton.jit
 def chunk_output_kernel(
     q_ptr, k_ptr, v_ptr, lam_ptr, y_ptr, ckpt_ptr, chunk_table_ptr, A_ptr, scale, v2_ptr,
     A2_ptr, zckpt_ptr, ycol_ptr,
@@ -676,32 +720,15 @@ def chunk_output_kernel(
             q_factor, _ = _query_factor(lam_ptr, rows, m_t, r_c, m_t, K, DECAY, STRICT, H)
             y_col = y_col * tl.sum(q_factor, axis=1)
         tl.store(ycol_ptr + rows, (y_col + tl.sum(A, axis=1)) * scale, mask=m_t)
-    for i_v in tl.static_range(NV):
-        r_v, m_v = _block(i_v, BV, V)
-        if PARALLEL:    # earlier chunks, pair by pair
-            y = _cross_block_output(q_ptr, k_ptr, v_ptr, lam_ptr, chunk_table_ptr, rows,
-                                    m_t, r_c, r_v, m_v, i_h, H, K, V, BK, NK, DECAY,
-                                    STRICT, DOT)
-        else:           # earlier chunks, through S
-            y = tl.zeros([C, BV], dtype=tl.float32)
-            for i_k in tl.static_range(NK):
-                r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
-                S = tl.load(ckpt_ptr + (i_g * H + i_h) * K * V + p_kv, mask=m_kv,
-                            other=0.0)
-                q = _rows_of(q_ptr, rows, m_t, r_k, m_k, K)
-                if DECAY == 2:  # the query decayed to the chunk start, per channel
-                    q, _ = _query_decay(q, lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT, H)
-                y += _mm(q, S, DOT)
-            if DECAY == 1:
-                q_factor, _ = _query_factor(lam_ptr, rows, m_t, r_c, m_t, K, DECAY, STRICT, H)
-                y = y * q_factor
-        y += _mm(A, _rows_of(v_ptr, rows, m_t, r_v, m_v, V), DOT)
-        if SECOND:
-            y += _mm(tl.load(A2_ptr + p_A, mask=m_t[:, None], other=0.0),
-                     _rows_of(v2_ptr, rows, m_t, r_v, m_v, V), DOT)
-        y = y * scale
-        tl.store(y_ptr + rows[:, None] * V + r_v[None, :], y.to(y_ptr.dtype.element_ty),
-                 mask=m_t[:, None] & m_v[None, :])
+    UNROLL_V: tl.constexpr = NV if NV <= MAX_UNROLLED_V else 0
+    for i_v in tl.static_range(UNROLL_V):
+        _output_of_v_block(i_v, A, q_ptr, k_ptr, v_ptr, lam_ptr, y_ptr, ckpt_ptr,
+                           chunk_table_ptr, A2_ptr, v2_ptr, p_A, scale, rows, m_t, r_c, i_g,
+                           i_h, H, K, V, BK, BV, NK, DECAY, STRICT, DOT, PARALLEL, SECOND)
+    for i_v in range(UNROLL_V, NV):
+        _output_of_v_block(i_v, A, q_ptr, k_ptr, v_ptr, lam_ptr, y_ptr, ckpt_ptr,
+                           chunk_table_ptr, A2_ptr, v2_ptr, p_A, scale, rows, m_t, r_c, i_g,
+                           i_h, H, K, V, BK, BV, NK, DECAY, STRICT, DOT, PARALLEL, SECOND)
 
 
 @triton.jit
@@ -961,8 +988,7 @@ def chunk_grads_kernel(
     every dA[t, s] of the row, dycol z^T to dq and the gradient of the chunk's end z
     (``dzckpt``) to every key row's dk."""
     i_g, i_h = tl.program_id(0), tl.program_id(1)
-    # up to two K blocks unrolled; more (K > 128) in a loop, which compiles once
-    UNROLL_K: tl.constexpr = NK if NK <= 2 else 0
+    UNROLL_K: tl.constexpr = NK if NK <= MAX_UNROLLED_K else 0
     r_c = tl.arange(0, C)
     rows, m_t = _chunk(chunk_table_ptr, i_h, H, r_c)
     p_state = (i_g * H + i_h) * K * V
@@ -1087,6 +1113,27 @@ def _wy_chunk(k_ptr, beta_ptr, lam_ptr, kk_ptr, chunk_table_ptr, H: tl.constexpr
 
 
 @triton.jit
+def _wy_of_v_block(i_v, L_inv, W, beta, rows, m_t, p_cc, v_ptr, wk_ptr, ckpt_ptr, u_ptr,
+                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                   BV: tl.constexpr, DOT: tl.constexpr, LOW_RANK: tl.constexpr,
+                   FROM_STATES: tl.constexpr):
+    """``delta_wy_kernel``'s updates on V block ``i_v``: U0 = L^-1 (beta V) (LOW_RANK:
+    L^-1 (WK V)), or u = U0 - W S from the chunk's start state (FROM_STATES), stored."""
+    r_v, m_v = _block(i_v, BV, V)
+    v = _rows_of(v_ptr, rows, m_t, r_v, m_v, V).to(tl.float32)
+    if LOW_RANK:
+        v = _mm(tl.load(wk_ptr + p_cc), v, DOT)
+    else:
+        v = v * beta[:, None]
+    U = _mm(L_inv, v, DOT)
+    if FROM_STATES:
+        _, _, _, _, m_kv, p_kv = _tile(0, i_v, K, V, BK, BV)
+        U -= _mm(W, tl.load(ckpt_ptr + (tl.program_id(0) * H + tl.program_id(1)) * K * V
+                            + p_kv, mask=m_kv, other=0.0), DOT)
+    tl.store(u_ptr + rows[:, None] * V + r_v[None, :], U, mask=m_t[:, None] & m_v[None, :])
+
+
+@triton.jit
 def delta_wy_kernel(
     k_ptr, v_ptr, beta_ptr, lam_ptr, kk_ptr, w_ptr, u_ptr, inv_ptr, chunk_table_ptr, wk_ptr,
     ckpt_ptr,
@@ -1113,19 +1160,34 @@ def delta_wy_kernel(
         tl.store(inv_ptr + p_cc, L_inv)
     W = _mm(L_inv, k * e_b * beta[:, None], DOT)
     tl.store(w_ptr + rows[:, None] * K + r_k[None, :], W, mask=m_t[:, None] & m_k[None, :])
-    for i_v in tl.static_range(NV):
-        r_v, m_v = _block(i_v, BV, V)
-        v = _rows_of(v_ptr, rows, m_t, r_v, m_v, V).to(tl.float32)
-        if LOW_RANK:
-            v = _mm(tl.load(wk_ptr + p_cc), v, DOT)
-        else:
-            v = v * beta[:, None]
-        U = _mm(L_inv, v, DOT)
-        if FROM_STATES:
-            _, _, _, _, m_kv, p_kv = _tile(0, i_v, K, V, BK, BV)
-            U -= _mm(W, tl.load(ckpt_ptr + (tl.program_id(0) * H + tl.program_id(1)) * K * V
-                                + p_kv, mask=m_kv, other=0.0), DOT)
-        tl.store(u_ptr + rows[:, None] * V + r_v[None, :], U, mask=m_t[:, None] & m_v[None, :])
+    UNROLL_V: tl.constexpr = NV if NV <= MAX_UNROLLED_V else 0
+    for i_v in tl.static_range(UNROLL_V):
+        _wy_of_v_block(i_v, L_inv, W, beta, rows, m_t, p_cc, v_ptr, wk_ptr, ckpt_ptr, u_ptr,
+                       H, K, V, BK, BV, DOT, LOW_RANK, FROM_STATES)
+    for i_v in range(UNROLL_V, NV):
+        _wy_of_v_block(i_v, L_inv, W, beta, rows, m_t, p_cc, v_ptr, wk_ptr, ckpt_ptr, u_ptr,
+                       H, K, V, BK, BV, DOT, LOW_RANK, FROM_STATES)
+
+
+@triton.jit
+def _wy_bwd_of_v_block(i_v, dW, dA, dbeta, L_inv, beta, rows, m_t, i_state, v_ptr, du_ptr,
+                       ckpt_ptr, dv_ptr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                       BV: tl.constexpr, DOT: tl.constexpr):
+    """``delta_wy_bwd_kernel`` on V block ``i_v``: dv = beta dR_u (stored), and dW, the
+    solve's dA and dbeta with this block's terms added."""
+    r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(0, i_v, K, V, BK, BV)
+    m_tv = m_t[:, None] & m_v[None, :]
+    S = tl.load(ckpt_ptr + i_state * K * V + p_kv, mask=m_kv, other=0.0)
+    dU = tl.load(du_ptr + rows[:, None] * V + r_v[None, :], mask=m_tv, other=0.0)
+    v = _rows_of(v_ptr, rows, m_t, r_v, m_v, V).to(tl.float32)
+    dR_u = _mm(tl.trans(L_inv), dU, DOT)
+    dW -= _mm(dU, tl.trans(S), DOT)
+    # U0^T = (beta V)^T L^-T from loaded tiles: no transpose of a dot's result (fla #640:
+    # that miscompiles on Hopper with Triton 3.4 to 3.7.0)
+    dA -= _mm(dR_u, _mm(tl.trans(v * beta[:, None]), tl.trans(L_inv), DOT), DOT)
+    dbeta += tl.sum(dR_u * v, axis=1)
+    tl.store(dv_ptr + rows[:, None] * V + r_v[None, :], dR_u * beta[:, None], mask=m_tv)
+    return dW, dA, dbeta
 
 
 @triton.jit
@@ -1154,19 +1216,15 @@ def delta_wy_bwd_kernel(
     dW = tl.zeros([C, BK], dtype=tl.float32)
     dA = tl.zeros([C, C], dtype=tl.float32)
     dbeta = tl.zeros([C], dtype=tl.float32)
-    for i_v in tl.static_range(NV):
-        r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(0, i_v, K, V, BK, BV)
-        m_tv = m_t[:, None] & m_v[None, :]
-        S = tl.load(ckpt_ptr + (i_g * H + i_h) * K * V + p_kv, mask=m_kv, other=0.0)
-        dU = tl.load(du_ptr + rows[:, None] * V + r_v[None, :], mask=m_tv, other=0.0)
-        v = _rows_of(v_ptr, rows, m_t, r_v, m_v, V).to(tl.float32)
-        dR_u = _mm(tl.trans(L_inv), dU, DOT)
-        dW -= _mm(dU, tl.trans(S), DOT)
-        # U0^T = (beta V)^T L^-T from loaded tiles: no transpose of a dot's result (fla
-        # #640: that miscompiles on Hopper with Triton 3.4 to 3.7.0)
-        dA -= _mm(dR_u, _mm(tl.trans(v * beta[:, None]), tl.trans(L_inv), DOT), DOT)
-        dbeta += tl.sum(dR_u * v, axis=1)
-        tl.store(dv_ptr + rows[:, None] * V + r_v[None, :], dR_u * beta[:, None], mask=m_tv)
+    UNROLL_V: tl.constexpr = NV if NV <= MAX_UNROLLED_V else 0
+    for i_v in tl.static_range(UNROLL_V):
+        dW, dA, dbeta = _wy_bwd_of_v_block(i_v, dW, dA, dbeta, L_inv, beta, rows, m_t,
+                                           i_g * H + i_h, v_ptr, du_ptr, ckpt_ptr, dv_ptr, K,
+                                           V, BK, BV, DOT)
+    for i_v in range(UNROLL_V, NV):
+        dW, dA, dbeta = _wy_bwd_of_v_block(i_v, dW, dA, dbeta, L_inv, beta, rows, m_t,
+                                           i_g * H + i_h, v_ptr, du_ptr, ckpt_ptr, dv_ptr, K,
+                                           V, BK, BV, DOT)
     rows, m_t, r_k, m_k, p_cc, k, beta, e_b, pair, earlier, KK, A = _wy_chunk(
         k_ptr, beta_ptr, lam_ptr, kk_ptr, chunk_table_ptr, H, K, BK, C, DECAY, DOT, False)
     m_tk = m_t[:, None] & m_k[None, :]

@@ -82,6 +82,22 @@ def test_chunk_with_v_split(name, seed, monkeypatch):
     check_against_reference(attn, x, init, torch.float32, form="chunk")
 
 
+@pytest.mark.parametrize("name", ["gla", "linear_attention", "gated_deltanet", "kda", "rwkv7"])
+def test_chunk_with_more_v_tiles_than_unrolled(name, monkeypatch):
+    """V = 40 in tiles of 8: five V tiles, more than the kernels unroll (MAX_UNROLLED_V), so
+    the output, WY and WY-backward kernels take their loops over V blocks that compile
+    once (wide heads on a GPU)."""
+    from linforge.codegen.chunk import MAX_UNROLLED_V
+
+    assert MAX_UNROLLED_V < 5
+    monkeypatch.setattr(ops, "FORCE_BLOCK_V", 8)
+    attn = linforge.library.get(name)
+    sizes = dict(kernel_sizes(attn), V=40)
+    x = make_inputs(attn, B=1, T=70, H=2, sizes=sizes, seed=23)
+    init = make_state(attn, N=1, H=2, sizes=sizes)
+    check_against_reference(attn, x, init, torch.float32, form="chunk")
+
+
 @pytest.mark.parametrize("name", ["retnet", "gla", "linear_attention", "rwkv6"])
 def test_chunk_with_several_k_and_v_tiles(name):
     """K = 40 and V = 24 in tiles of 16: three K tiles (the last partial) and two V tiles,

@@ -19,10 +19,12 @@ import pytest
 PREFLIGHT = Path(__file__).resolve().parents[2] / "benchmarks" / "preflight.py"
 #: one op per kernel mode: diagonal (strict readout and bonus for rwkv6), scalar, normalizer,
 #: the delta rule with diagonal gates, and the low rank; chunk and causal parallel forms;
-#: K = V = 256 takes the gradient kernel's K loop that is not unrolled
-CASES = [("gla", "chunk,parallel", 128), ("rwkv6", "chunk", 128),
-         ("retnet", "chunk,parallel", 128), ("linear_attention", "chunk", 128),
-         ("kda", "chunk", 128), ("rwkv7", "chunk", 128), ("gla", "chunk", 256)]
+#: wide heads take the loops over K and V tiles that are not unrolled (gla at K = V = 256;
+#: gated_deltanet at fla's default K = 256, V = 512)
+CASES = [("gla", "chunk,parallel", 128, 128), ("rwkv6", "chunk", 128, 128),
+         ("retnet", "chunk,parallel", 128, 128), ("linear_attention", "chunk", 128, 128),
+         ("kda", "chunk", 128, 128), ("rwkv7", "chunk", 128, 128), ("gla", "chunk", 256, 256),
+         ("gated_deltanet", "chunk", 256, 512)]
 
 
 def _ptxas() -> bool:
@@ -34,11 +36,11 @@ def _ptxas() -> bool:
 
 
 @pytest.mark.skipif(not _ptxas(), reason="Triton without its bundled ptxas")
-@pytest.mark.parametrize("op,forms,K", CASES)
-def test_every_kernel_compiles_for_sm90(op, forms, K, tmp_path):
+@pytest.mark.parametrize("op,forms,K,V", CASES)
+def test_every_kernel_compiles_for_sm90(op, forms, K, V, tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
     proc = subprocess.run([sys.executable, str(PREFLIGHT), "--one", op, "--forms", forms,
-                           "--T", "64", "--K", str(K), "--V", str(K)], env=env,
+                           "--T", "64", "--K", str(K), "--V", str(V)], env=env,
                           capture_output=True, text=True,
                           cwd=PREFLIGHT.parent, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
