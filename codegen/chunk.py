@@ -889,7 +889,7 @@ def chunk_diag_grads_kernel(
 
 
 @triton.jit
-def _dv_from_state(dv, i_k, i_v, k_ptr, lam_ptr, dckpt_ptr, p_state, rows, m_t,
+def _dv_of_k_block(dv, i_k, i_v, k_ptr, lam_ptr, dckpt_ptr, p_state, rows, m_t,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, DECAY: tl.constexpr, DOT: tl.constexpr):
     """dv of V block ``i_v`` plus K block ``i_k``'s part through the chunk's end state:
@@ -1018,10 +1018,10 @@ def chunk_grads_kernel(
                                        r_c, r_v, m_v, i_h, H, K, V, BK, NK, DECAY, STRICT, DOT)
             else:
                 for i_k in tl.static_range(UNROLL_K):
-                    dv = _dv_from_state(dv, i_k, i_v, k_ptr, lam_ptr, dckpt_ptr, p_state, rows,
+                    dv = _dv_of_k_block(dv, i_k, i_v, k_ptr, lam_ptr, dckpt_ptr, p_state, rows,
                                         m_t, H, K, V, BK, BV, DECAY, DOT)
                 for i_k in range(UNROLL_K, NK):
-                    dv = _dv_from_state(dv, i_k, i_v, k_ptr, lam_ptr, dckpt_ptr, p_state, rows,
+                    dv = _dv_of_k_block(dv, i_k, i_v, k_ptr, lam_ptr, dckpt_ptr, p_state, rows,
                                         m_t, H, K, V, BK, BV, DECAY, DOT)
             tl.store(dv_ptr + rows[:, None] * V + r_v[None, :],
                      (dv * scale).to(dv_ptr.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
