@@ -901,6 +901,50 @@ def _dv_of_k_block(dv, i_k, i_v, k_ptr, lam_ptr, dckpt_ptr, p_state, rows, m_t,
 
 
 @triton.jit
+def _dv_of_v_block(
+    i_v, A, q_ptr, k_ptr, lam_ptr, dy_ptr, dckpt_ptr, chunk_table_ptr, dv_ptr, scale, p_state,
+    rows, m_t, r_c, i_h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, NK: tl.constexpr, DECAY: tl.constexpr, STRICT: tl.constexpr,
+    DOT: tl.constexpr, PARALLEL: tl.constexpr,
+):
+    """``chunk_grads_kernel``'s dv on V block ``i_v`` (stored): A^T dy plus the part through
+    the chunk's end state (or, PARALLEL, the later blocks' queries pair by pair)."""
+    UNROLL_K: tl.constexpr = NK if NK <= MAX_UNROLLED_K else 0
+    r_v, m_v = _block(i_v, BV, V)
+    dv = _mm(tl.trans(A), _rows_of(dy_ptr, rows, m_t, r_v, m_v, V), DOT)
+    if PARALLEL:
+        dv += _later_blocks_dv(q_ptr, k_ptr, lam_ptr, dy_ptr, chunk_table_ptr, rows, m_t,
+                               r_c, r_v, m_v, i_h, H, K, V, BK, NK, DECAY, STRICT, DOT)
+    else:
+        for i_k in tl.static_range(UNROLL_K):
+            dv = _dv_of_k_block(dv, i_k, i_v, k_ptr, lam_ptr, dckpt_ptr, p_state, rows,
+                                m_t, H, K, V, BK, BV, DECAY, DOT)
+        for i_k in range(UNROLL_K, NK):
+            dv = _dv_of_k_block(dv, i_k, i_v, k_ptr, lam_ptr, dckpt_ptr, p_state, rows,
+                                m_t, H, K, V, BK, BV, DECAY, DOT)
+    tl.store(dv_ptr + rows[:, None] * V + r_v[None, :],
+             (dv * scale).to(dv_ptr.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+
+
+@triton.jit
+def _state_grads_of_v_block(i_k, i_v, dq, dk, last, decay_last, v_ptr, dy_ptr, ckpt_ptr,
+                            dckpt_ptr, p_state, rows, m_t, K: tl.constexpr, V: tl.constexpr,
+                            BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
+                            DOT: tl.constexpr):
+    """dq += dy S^T and dk += v dS^T on K block ``i_k`` from V block ``i_v`` of the chunk's
+    start state S and end state gradient dS, and (decays) each lane's sum of S * dS."""
+    r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
+    S = tl.load(ckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0)
+    dS = tl.load(dckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0)
+    v = _rows_of(v_ptr, rows, m_t, r_v, m_v, V)
+    dq += _mm(_rows_of(dy_ptr, rows, m_t, r_v, m_v, V), tl.trans(S), DOT)
+    dk += _mm(v, tl.trans(dS), DOT)
+    if DECAY > 0:
+        last += tl.sum(S * dS * decay_last, axis=1)
+    return dq, dk, last
+
+
+@triton.jit
 def _grads_of_k_block(
     i_k, qdq_all, kdk_all, last_all, q_ptr, k_ptr, v_ptr, lam_ptr, dy_ptr, ckpt_ptr,
     dckpt_ptr, chunk_table_ptr, scale, dq_ptr, dk_ptr, last_ptr, zckpt_ptr, dzckpt_ptr, dA,
@@ -927,15 +971,15 @@ def _grads_of_k_block(
         dq = tl.zeros([C, BK], dtype=tl.float32)
         dk = tl.zeros([C, BK], dtype=tl.float32)
         last = tl.zeros([BK], dtype=tl.float32)
-        for i_v in tl.static_range(NV):
-            r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
-            S = tl.load(ckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0)
-            dS = tl.load(dckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0)
-            v = _rows_of(v_ptr, rows, m_t, r_v, m_v, V)
-            dq += _mm(_rows_of(dy_ptr, rows, m_t, r_v, m_v, V), tl.trans(S), DOT)
-            dk += _mm(v, tl.trans(dS), DOT)
-            if DECAY > 0:
-                last += tl.sum(S * dS * decay_last, axis=1)
+        UNROLL_V: tl.constexpr = NV if NV <= MAX_UNROLLED_V else 0
+        for i_v in tl.static_range(UNROLL_V):
+            dq, dk, last = _state_grads_of_v_block(i_k, i_v, dq, dk, last, decay_last, v_ptr,
+                                                   dy_ptr, ckpt_ptr, dckpt_ptr, p_state, rows,
+                                                   m_t, K, V, BK, BV, DECAY, DOT)
+        for i_v in range(UNROLL_V, NV):
+            dq, dk, last = _state_grads_of_v_block(i_k, i_v, dq, dk, last, decay_last, v_ptr,
+                                                   dy_ptr, ckpt_ptr, dckpt_ptr, p_state, rows,
+                                                   m_t, K, V, BK, BV, DECAY, DOT)
         if NORM:
             z = tl.load(zckpt_ptr + (i_g * H + i_h) * K + r_k, mask=m_k, other=0.0)
             dz = tl.load(dzckpt_ptr + (i_g * H + i_h) * K + r_k, mask=m_k, other=0.0)
@@ -1010,21 +1054,15 @@ def chunk_grads_kernel(
                                 STRICT, DOT)
         dA = dA * mask      # (once: the [C, C] mask is then dead)
     if STORE_DV:
-        for i_v in tl.static_range(NV):
-            r_v, m_v = _block(i_v, BV, V)
-            dv = _mm(tl.trans(A), _rows_of(dy_ptr, rows, m_t, r_v, m_v, V), DOT)
-            if PARALLEL:
-                dv += _later_blocks_dv(q_ptr, k_ptr, lam_ptr, dy_ptr, chunk_table_ptr, rows, m_t,
-                                       r_c, r_v, m_v, i_h, H, K, V, BK, NK, DECAY, STRICT, DOT)
-            else:
-                for i_k in tl.static_range(UNROLL_K):
-                    dv = _dv_of_k_block(dv, i_k, i_v, k_ptr, lam_ptr, dckpt_ptr, p_state, rows,
-                                        m_t, H, K, V, BK, BV, DECAY, DOT)
-                for i_k in range(UNROLL_K, NK):
-                    dv = _dv_of_k_block(dv, i_k, i_v, k_ptr, lam_ptr, dckpt_ptr, p_state, rows,
-                                        m_t, H, K, V, BK, BV, DECAY, DOT)
-            tl.store(dv_ptr + rows[:, None] * V + r_v[None, :],
-                     (dv * scale).to(dv_ptr.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+        UNROLL_V: tl.constexpr = NV if NV <= MAX_UNROLLED_V else 0
+        for i_v in tl.static_range(UNROLL_V):
+            _dv_of_v_block(i_v, A, q_ptr, k_ptr, lam_ptr, dy_ptr, dckpt_ptr, chunk_table_ptr,
+                           dv_ptr, scale, p_state, rows, m_t, r_c, i_h, H, K, V, BK, BV, NK,
+                           DECAY, STRICT, DOT, PARALLEL)
+        for i_v in range(UNROLL_V, NV):
+            _dv_of_v_block(i_v, A, q_ptr, k_ptr, lam_ptr, dy_ptr, dckpt_ptr, chunk_table_ptr,
+                           dv_ptr, scale, p_state, rows, m_t, r_c, i_h, H, K, V, BK, BV, NK,
+                           DECAY, STRICT, DOT, PARALLEL)
     if DECAY == 2:
         # every thread has used its scores (the dots above): dA may take their place
         tl.debug_barrier()
