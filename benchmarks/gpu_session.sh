@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The next GPU session's first call (the device tool, 10 minutes): the chunked GPU tests of
-# the kernels that have not run on a GPU yet, in 13 parallel processes (their kernels compile
+# the kernels that have not run on a GPU yet, in 14 parallel processes (the causal parallel tests in two: as one group they ran past 9 minutes on an H200 on 2026-12-05) (their kernels compile
 # on separate CPU cores; session 7's slowest group of this size took 8 minutes); the summary
 # in $OUT/gpu_tests.txt and every log in $OUT/gpu_logs.tgz (a call brings back 8 files at
 # most). Then, in later calls: bench_chunk.py (every op beside fla; fla autotunes 1-3 minutes
@@ -22,6 +22,7 @@ OUT="$OUT" TEST_S="${TEST_S:-520}" bash gpu_tests.sh \
     "$F::chunk_gpu and gla and not long" \
     "$F::wide_heads" \
     "$F::long and (deltanet or kda or rwkv7)" \
-    "$F::parallel_gpu" \
+    "$F::parallel_gpu and (linear_attention or retnet or mamba2)" \
+    "$F::parallel_gpu and (mlstm or gla or rwkv6)" \
     "$F::(chunk_gpu and (rwkv6 or hgrn2 or rwkv5)) or steep"
 tar czf "$OUT/gpu_logs.tgz" -C /tmp gpu_logs
