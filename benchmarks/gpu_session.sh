@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The next GPU session's first call (the device tool, 10 minutes): the chunked GPU tests of
-# the kernels that have not run on a GPU yet, in 14 parallel processes (the causal parallel tests in two: as one group they ran past 9 minutes on an H200 on 2026-12-05) (their kernels compile
-# on separate CPU cores; session 7's slowest group of this size took 8 minutes); the summary
+# the kernels that have not run on a GPU yet, in 14 parallel processes (their kernels compile
+# on separate CPU cores; the causal parallel tests as one group ran past 9 minutes on an
+# H200 on 2026-12-05, so they are two groups now); the summary
 # in $OUT/gpu_tests.txt and every log in $OUT/gpu_logs.tgz (a call brings back 8 files at
 # most). Then, in later calls: bench_chunk.py (every op beside fla; fla autotunes 1-3 minutes
 # per op and direction), sweep_chunk_launch.py for the delta kernels, bench_forms.py (the
