@@ -37,8 +37,9 @@ def build(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_stages:
     return k.metadata.shared, _resources(k.asm["cubin"])
 
 
-def _resources(cubin: bytes) -> str:
-    """cuobjdump's resource line (registers, stack, spills) of a compiled kernel."""
+def cuobjdump(cubin: bytes, flag: str) -> str:
+    """What Triton's bundled cuobjdump prints for a compiled kernel with ``flag``
+    (``-res-usage``, ``-sass``)."""
     import subprocess
     import tempfile
 
@@ -47,8 +48,13 @@ def _resources(cubin: bytes) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True)
-    return " ".join(line.strip() for line in out.stdout.splitlines() if "REG" in line)
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True).stdout
+
+
+def _resources(cubin: bytes) -> str:
+    """cuobjdump's resource line (registers, stack, spills) of a compiled kernel."""
+    return " ".join(line.strip() for line in cuobjdump(cubin, "-res-usage").splitlines()
+                    if "REG" in line)
 
 
 def main() -> None:

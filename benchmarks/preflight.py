@@ -62,16 +62,10 @@ SASS_FAMILIES = {"mma": ("HGMMA", "HMMA", "WGMMA"), "exp": ("MUFU",), "bar": ("B
 def sass_counts(cubin: bytes) -> dict:
     """Instruction counts of a compiled kernel's SASS: all, and per family (tensor-core
     MMAs, MUFU (exp), barriers, shared, global and local (spill) loads and stores)."""
-    import triton
+    from compile_check import cuobjdump
 
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                        "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
     ops = []
-    for line in out.splitlines():
+    for line in cuobjdump(cubin, "-sass").splitlines():
         line = line.strip()
         if line.startswith("/*") and "*/" in line:
             body = line.split("*/", 1)[1].strip().lstrip("{").strip()
