@@ -541,7 +541,8 @@ def _parallel_decay_grad(q, k, dq, dk, cu_seqlens, strict: bool,
     dlam_j = sum_{t >= j} q_t . dq_t - sum_{s >= j} k_s . dk_s over the rest of its sequence
     (the query sum from t = j + 1 when strict). Diagonal decays: the same per K lane."""
     # the two sums are large and nearly cancel: float64 products, and their sums over K in
-    # float64 too, by slices of tokens so that no [B, T, H, K] float64 tensor is held. (Still
+    # float64 too, by slices of tokens (scalar decays hold no [B, T, H, K] float64 tensor;
+    # diagonal ones keep the per-lane products, [B, T, H, K] float64, as before). (Still
     # short of fp32's 1e-4 for mamba2's dA at T = 300, K = 100: 2.1e-4 on an H200 with fp32
     # sums; on the CPU 3.4e-4 with them, 2.1e-4 with these; dq and dk's own fp32 rounding
     # remains.)
