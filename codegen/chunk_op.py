@@ -34,7 +34,7 @@ from .chunk import (DOT_BF16, DOT_IEEE, DOT_TF32, DOT_TF32X3, chunk_cumsum_kerne
                     low_rank_state_grads_kernel)
 from . import chunk as chunk_core
 from . import ops
-from .launch import Launcher, for_device, interpreting, targets_gpu
+from .launch import Launcher, apply, for_device, interpreting, targets_gpu
 from .maps import _given_name, fused_map, fused_sum, map_of, run_l2norm, run_map
 
 SUPPORTED = (TransitionClass.IDENTITY, TransitionClass.SCALAR, TransitionClass.DIAGONAL)
@@ -606,7 +606,7 @@ def _for(kernel: str, blocks: dict) -> dict:
 KERNEL_OPTIONS: dict[str, dict] = {"states": {"num_stages": 3}, "dstates": {"num_stages": 2},
                                    "scores": {"num_stages": 2},
                                    "diag_grads": {"BK": 32, "num_stages": 2},
-                                   "wy": {"num_warps": 8}, "wy_bwd": {"num_warps": 8},
+                                   "wy": {"num_warps": 4}, "wy_bwd": {"num_warps": 4},
                                    "delta_states": {"num_warps": 8},
                                    "delta_dstates": {"num_warps": 8},
                                    "delta_grads": {"BV": 32},
@@ -1111,7 +1111,7 @@ def _delta_forward(q, k, v, beta, lam, s0, cu_seqlens, batch: int, chunk_size: i
     cfg = _core_config(batch, q.shape[1], q.shape[-1], v.shape[-1], cu_seqlens, chunk_size,
                        False, dot, q.device)
     cfg.update(decay=decay, y_dtype=y_dtype)
-    return DeltaChunkCore.apply(q, k, v, beta, lam, s0, cfg, *(low_rank or ()))
+    return apply(DeltaChunkCore, q, k, v, beta, lam, s0, cfg, *(low_rank or ()))
 
 
 def _global_state_readout(q, k, v, s0, cu_seqlens, batch: int, cu_keys=None):
@@ -1233,7 +1233,7 @@ def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *
                 if s0 is not None and k_scale != 1.0:
                     s0 = s0 / k_scale   # the core's state is the spec's over k's factor
                     z0 = z0 / k_scale if z0 is not None else None
-                out = ChunkCore.apply(q, k, v, lam, s0, cfg, z0)
+                out = apply(ChunkCore, q, k, v, lam, s0, cfg, z0)
                 if k_scale != 1.0 and output_final_state:
                     out = (out[0], out[1] * k_scale, *out[2:3],
                            *((out[3] * k_scale,) if norm else ()))

@@ -31,7 +31,7 @@ import triton.language as tl
 from ..ir.nodes import L2NORM_EPS, Node, Op
 from ..ir.sympy_view import SympyView
 from .cache import cache_key, load_module
-from .launch import Launcher, for_device, interpreting
+from .launch import Launcher, apply, for_device, interpreting
 from .printer import TritonPrintError, print_triton
 
 #: rows x lanes of one program's tile
@@ -289,7 +289,7 @@ def run_map(plan: MapPlan, tensors: dict, shape: tuple, dtype: torch.dtype) -> t
     inputs and params it reads. ``tensors`` maps ("input", name) and ("param", name) to
     the call's tensors."""
     xs = [tensors[(leaf.kind, leaf.name)].contiguous() for leaf in plan.inputs]
-    return _FusedMap.apply(plan, tuple(shape), dtype, shape[2], *xs)
+    return apply(_FusedMap, plan, tuple(shape), dtype, shape[2], *xs)
 
 
 @triton.jit
@@ -353,7 +353,7 @@ class _L2Norm(torch.autograd.Function):
 def run_l2norm(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
     """``scale * l2norm(x)`` over the last dim of ``x`` ([B, T, H, D]) in ``dtype``,
     differentiable in ``x`` (one kernel each way; computed in fp32)."""
-    return _L2Norm.apply(x.contiguous(), float(scale), dtype)
+    return apply(_L2Norm, x.contiguous(), float(scale), dtype)
 
 
 __all__ = ["MapPlan", "fused_map", "fused_sum", "map_of", "run_l2norm", "run_map"]

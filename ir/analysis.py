@@ -3,6 +3,7 @@ checks that need them (a noncausal spec cannot decay) and the forms the spec sup
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from ..dsl.errors import SpecError
@@ -25,12 +26,12 @@ class Analysis:
     #: kernels do not lower (empty when the forms of the class are available)
     kernel_blockers: list[str] = field(default_factory=list)
 
-    @property
+    @functools.cached_property
     def transition_class(self) -> TransitionClass:
         """The widest class among the spec's states."""
         return max(self.classes.values(), key=lambda c: c.rank)
 
-    @property
+    @functools.cached_property
     def forms(self) -> tuple[str, ...]:
         """Forms the spec's structure supports (kernels may not exist for all of them yet);
         none while ``kernel_blockers`` names a construct the kernels cannot run."""

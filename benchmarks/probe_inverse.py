@@ -1,0 +1,77 @@
+"""The WY kernel's unit-lower-triangular inverse alone: time and error of the row-by-row
+forward substitution against the 16-row blocked solve (tf32x3 or exact fp32 dots), on the
+delta rule's A = beta_t k_t . k_s (unit-norm keys, beta in (0, 2)) for every chunk of
+B=4, T=4096, H=16 (4096 programs). Usage: python benchmarks/probe_inverse.py [--out DIR]
+[--programs N] (on the CPU the interpreter runs a few programs, for the errors only)."""
+
+import argparse
+import json
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from linforge.codegen.chunk import (_unit_lower_inverse, _unit_lower_inverse_by_rows,
+                                   _unit_lower_inverse_transposed)
+
+
+@triton.jit
+def _inverse_kernel(a_ptr, x_ptr, C: tl.constexpr, BLOCKED: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    r_c = tl.arange(0, C)
+    p = tl.program_id(0) * C * C + r_c[:, None] * C + r_c[None, :]
+    A = tl.load(a_ptr + p)
+    if BLOCKED == 2:
+        X = tl.trans(_unit_lower_inverse_transposed(A, C))
+    elif BLOCKED:
+        X = _unit_lower_inverse(A, C, PRECISION)
+    else:
+        X = _unit_lower_inverse_by_rows(A, C)
+    tl.store(x_ptr + p, X)
+
+
+def delta_rule_products(programs: int, C: int, device) -> torch.Tensor:
+    """Strictly lower A = beta_t k_t . k_s, the delta rule's, for ``programs`` chunks."""
+    g = torch.Generator().manual_seed(0)
+    k = torch.nn.functional.normalize(torch.randn(programs, C, 128, generator=g), dim=-1)
+    beta = torch.rand(programs, C, 1, generator=g) * 2
+    return torch.tril(beta * (k @ k.transpose(1, 2)), -1).to(device).contiguous()
+
+
+def main():
+    """Print (and write to --out) one JSON line per variant: median ms and max error."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--programs", type=int, default=4096)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    programs = args.programs if device == "cuda" else 4
+    rows = []
+    for C, warps in ((64, 4), (64, 8), (32, 4), (128, 4)):
+        A = delta_rule_products(programs, C, device)
+        eye = torch.eye(C, dtype=torch.float64, device=device)
+        exact = torch.linalg.inv(eye + A.double())
+        for name, blocked, precision in (("by_rows", 0, 2), ("by_columns", 2, 2),
+                                         ("blocked_tf32x3", 1, 3),
+                                         ("blocked_ieee", 1, 2)):
+            X = torch.empty_like(A)
+
+            def run():
+                _inverse_kernel[(programs,)](A, X, C=C, BLOCKED=blocked, PRECISION=precision,
+                                             **({"num_warps": warps} if device == "cuda" else {}))
+            run()
+            err = ((X.double() - exact).abs().amax() / exact.abs().amax()).item()
+            ms = triton.testing.do_bench(run) if device == "cuda" else None
+            rows.append(dict(C=C, num_warps=warps, variant=name, programs=programs, ms=ms, rel_err=err,
+                             device=torch.cuda.get_device_name() if device == "cuda" else
+                             "cpu (interpreter)"))
+            print(json.dumps(rows[-1]), flush=True)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "probe_inverse.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+if __name__ == "__main__":
+    main()
