@@ -913,7 +913,6 @@ class DeltaChunkCore(torch.autograd.Function):
             bv = _pow2(min(bv, ops.FORCE_BLOCK_V))
         cfg["delta_bv"] = bv
         store = any(ctx.needs_input_grad)     # (w and x of a low rank count too)
-        y = torch.empty(B, T, H, V, dtype=cfg.get("y_dtype", torch.float32), device=dev)
         sT = torch.empty(cfg["N"], H, K, V, dtype=torch.float32, device=dev)
         ckpt = torch.empty(cfg["n_chunks"], H, K, V, dtype=torch.float32, device=dev)
         cu, offsets = cfg["cu"], cfg["offsets"]
@@ -927,17 +926,22 @@ class DeltaChunkCore(torch.autograd.Function):
         blocks = _delta_blocks(cfg, H, K, V)
         wy, u = _wy_form(q, k, v, beta, lam, ckpt, cfg, products, w, store_inverse=False)[:2]
         lam_ = _or(lam, beta)
+        unread = u      # (pointer arguments the kernels do not read)
+        for_device(_STATES, dev)((blocks["NV"], cfg["N"] * H), k, v, lam_, _or(s0, unread),
+                                 sT, ckpt, _or(cu, unread), _or(offsets, unread), T, wy, u,
+                                 _or(x, unread), unread, unread, unread,
+                                 USE_INITIAL_STATE=s0 is not None, IS_VARLEN=cu is not None,
+                                 DELTA=True, LOW_RANK=low_rank,
+                                 **_for("delta_states", _without(blocks, "NK", "STRICT")))
+        del wy      # (read by the states kernel only: the output takes its memory)
+        if products is not None and not store:  # the WY form's products: done with
+            products = tuple(p if i in (0, 3) else None for i, p in enumerate(products))
+        y = torch.empty(B, T, H, V, dtype=cfg.get("y_dtype", torch.float32), device=dev)
         if low_rank:    # the state read along w, written along x; k v^T beside
             scores, second = products[0], dict(v2_ptr=v, A2_ptr=products[3])
         else:
             scores = products[0] if products is not None else y
             second = dict(v2_ptr=y, A2_ptr=y)
-        for_device(_STATES, dev)((blocks["NV"], cfg["N"] * H), k, v, lam_, _or(s0, y), sT,
-                                 ckpt, _or(cu, y), _or(offsets, y), T, wy, u, _or(x, y), y, y,
-                                 y,
-                                 USE_INITIAL_STATE=s0 is not None, IS_VARLEN=cu is not None,
-                                 DELTA=True, LOW_RANK=low_rank,
-                                 **_for("delta_states", _without(blocks, "NK", "STRICT")))
         for_device(_OUTPUT, dev)((cfg["n_chunks"], H), q, k, u, lam_, y, ckpt, cfg["table"],
                                  scores, 1.0, *second.values(), y, y, SECOND=low_rank,
                                  **_for("output", _blocks(cfg, H, K, V)))
