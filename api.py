@@ -34,12 +34,14 @@ AUTO_CHUNK_MIN_T = 64
 #: H200 (B=4, T=4096, H=16, K=V=128, bf16, benchmarks/results/chunk_h200.json); the
 #: recurrent gla was not re-timed on the H200 (its H100 forward+backward is 2.6x slower).
 AUTO_RECURRENT_CLASSES: frozenset = frozenset()
-#: transition classes whose chunked kernels, as they are now, have not run on a GPU yet (the
-#: first design passed the GPU tests on an H200 on 2026-12-04; the WY kernels around the
-#: shared core that replaced it are CPU-checked only): form='auto' trains them with the
-#: recurrent form (form='chunk' trains them chunked; the chunked forward serves prefill and
-#: inference)
-AUTO_TRAINS_RECURRENT = (TransitionClass.DELTA, TransitionClass.DPLR)
+#: transition classes that form='auto' trains with the recurrent form although they have a
+#: chunked one (none now). The delta rules and the low rank (RWKV-7) were here until
+#: 2026-12-05, when their current chunked kernels passed the GPU tests on an H200 (forward
+#: and every gradient against float64, T = 16384 against the recurrent kernels, K = V = 256)
+#: and measured 6.0 ms (deltanet) and 6.9 ms (gated_deltanet) forward+backward at B=4,
+#: T=4096, H=16, K=V=128, bf16, against 25.4 ms for the recurrent form on an H100
+#: (benchmarks/results/chunk_h200_session9_delta.json, BENCHMARKS.md).
+AUTO_TRAINS_RECURRENT: frozenset = frozenset()
 
 
 @dataclass(frozen=True)
@@ -237,14 +239,13 @@ class Attention:
 
     def _auto_form(self, bound: Bound, needs_grad: bool = False) -> str:
         """Chunked for sequences of a chunk or more when the spec has a chunked kernel
-        (delta rules: without gradients only, until their chunked backward is checked on a
-        GPU), parallel for noncausal specs; recurrent
-        otherwise (short sequences, other classes)."""
+        (without gradients only for the classes in ``AUTO_TRAINS_RECURRENT``), parallel for
+        noncausal specs; recurrent otherwise (short sequences, other classes)."""
         cls = self.analysis.transition_class
-        delta = cls in AUTO_TRAINS_RECURRENT
+        trains_recurrent = cls in AUTO_TRAINS_RECURRENT
         if self.program.noncausal and self._chunk_reason() is None:
             return "parallel"
-        if self._chunk_reason() is None and not (delta and needs_grad) and (
+        if self._chunk_reason() is None and not (trains_recurrent and needs_grad) and (
                 bound.length >= AUTO_CHUNK_MIN_T and cls not in AUTO_RECURRENT_CLASSES):
             return "chunk"
         return "recurrent"
@@ -298,9 +299,9 @@ class Attention:
             return ("recurrent (measured faster than this class's chunked kernels at "
                     "T=4096, see AUTO_RECURRENT_CLASSES; form='chunk' runs them)")
         if self.analysis.transition_class in AUTO_TRAINS_RECURRENT:
-            return (f"chunk for T >= {AUTO_CHUNK_MIN_T} without gradients (the chunked "
-                    "backward of this class runs with form='chunk' but its current kernels "
-                    "are not yet checked on a GPU), recurrent otherwise")
+            return (f"chunk for T >= {AUTO_CHUNK_MIN_T} without gradients (see "
+                    "AUTO_TRAINS_RECURRENT; form='chunk' trains it chunked), recurrent "
+                    "otherwise")
         return f"chunk for T >= {AUTO_CHUNK_MIN_T}, recurrent below (and for decode)"
 
     def _chunk_reason(self) -> str | None:

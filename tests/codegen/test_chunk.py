@@ -263,12 +263,12 @@ def test_kda_chunk_with_steep_gates_in_some_stretches():
 def test_rwkv7_chunk_with_steep_decays_in_some_stretches(monkeypatch):
     """RWKV-7 (diagonal plus low rank) in the chunked form: decays down to exp(-20) per
     step in some stretches (sub-chunks row by row there), K != V in three V blocks; outputs,
-    final state and every gradient equal to the reference; form='auto' trains it with the
-    recurrent form until its chunked backward is checked on a GPU."""
+    final state and every gradient equal to the reference; form='auto' runs it chunked,
+    with and without gradients."""
     monkeypatch.setattr(ops, "FORCE_BLOCK_V", 16)
     attn, x = _check_with_steep_stretches("rwkv7", "w", seed=24)
     bound = attn.bind(x, None, None)
-    assert attn._auto_form(bound, needs_grad=True) == "recurrent"
+    assert attn._auto_form(bound, needs_grad=True) == "chunk"
     assert attn._auto_form(bound, needs_grad=False) == "chunk"
 
 
@@ -290,12 +290,20 @@ def test_rwkv7_chunk_gradient_of_the_low_rank_vectors_alone():
         assert rel_err(grads["chunk"][n], grads["reference"][n]) < 1e-4, n
 
 
-def test_chunked_delta_rule_auto_still_trains_with_recurrent():
-    """form='auto' keeps delta-rule training on the recurrent form until the chunked
-    backward has been checked on a GPU; form='chunk' runs it."""
+def test_chunked_delta_rule_auto_trains_chunked(monkeypatch):
+    """form='auto' trains the delta rule with the chunked form (its backward passed the GPU
+    tests and beats the recurrent one); a class listed in AUTO_TRAINS_RECURRENT would
+    train recurrent and still run chunked without gradients; short sequences stay
+    recurrent."""
     attn = linforge.library.get("gated_deltanet")
     x = make_inputs(attn, B=1, T=70, H=1, sizes=kernel_sizes(attn))
     bound = attn.bind(x, None, None)
+    assert attn._auto_form(bound, needs_grad=True) == "chunk"
+    assert attn.info()["auto_form"].startswith("chunk for T >= 64, recurrent below")
+    short = attn.bind(make_inputs(attn, B=1, T=10, H=1, sizes=kernel_sizes(attn)), None, None)
+    assert attn._auto_form(short, needs_grad=True) == "recurrent"
+    monkeypatch.setattr(linforge.api, "AUTO_TRAINS_RECURRENT",
+                        frozenset({attn.analysis.transition_class}))
     assert attn._auto_form(bound, needs_grad=True) == "recurrent"
     assert attn._auto_form(bound, needs_grad=False) == "chunk"
 
