@@ -1,5 +1,6 @@
-"""The WY kernel's unit-lower-triangular inverse alone: time and error of the row-by-row
-forward substitution against the 16-row blocked solve (tf32x3 or exact fp32 dots), on the
+"""The WY kernel's unit-lower-triangular inverse alone: time and error of the forward
+substitution by rows (the old one), by columns (``_unit_lower_inverse_transposed``, the WY
+kernel's) and the 16-row blocked solve (tf32x3 or exact fp32 dots), on the
 delta rule's A = beta_t k_t . k_s (unit-norm keys, beta in (0, 2)) for every chunk of
 B=4, T=4096, H=16 (4096 programs). Usage: python benchmarks/probe_inverse.py [--out DIR]
 [--programs N] (on the CPU the interpreter runs a few programs, for the errors only)."""
@@ -12,20 +13,58 @@ import torch
 import triton
 import triton.language as tl
 
-from linforge.codegen.chunk import (_unit_lower_inverse, _unit_lower_inverse_by_rows,
-                                   _unit_lower_inverse_transposed)
+from linforge.codegen.chunk import _mm, _unit_lower_inverse_transposed
+
+
+@triton.jit
+def _unit_lower_inverse_by_rows(A, C: tl.constexpr):
+    """(I + A)^-1 for a strictly lower-triangular [C, C] A, by forward substitution in fp32:
+    row t of the inverse is e_t - sum_{s < t} A[t, s] (row s). C - 1 steps, each
+    two reductions down the tile's columns (across warps): the WY kernel's inverse until
+    2026-12-05."""
+    r_c = tl.arange(0, C)
+    X = (r_c[:, None] == r_c[None, :]).to(tl.float32)
+    for t in range(1, C):
+        row = (r_c == t)[:, None]
+        a_t = tl.sum(tl.where(row, A, 0.0), axis=0)
+        X = tl.where(row, X - tl.sum(a_t[:, None] * X, axis=0)[None, :], X)
+    return X
+
+
+@triton.jit
+def _unit_lower_inverse_blocked(A, C: tl.constexpr, PRECISION: tl.constexpr = 3):
+    """(I + A)^-1 for a strictly lower-triangular [C, C] A, in fp32 by blocks of 16 rows:
+    block row i of the inverse is X_i = D_i (E_i - A_i X), with E_i its rows of I, A_i its
+    rows of A, X the rows of the inverse above it (the rest still zero) and D_i the inverse
+    of I plus A's 16 x 16 diagonal block i, by forward substitution. The rows are picked
+    and placed by dots with 0/1 selection matrices (exact); the other dots use
+    ``PRECISION`` (``_mm``: 3 is tf32x3, 2 exact fp32). 15 substitution steps on a 16 x 16
+    tile per block in place of C - 1 steps on the whole [C, C] tile. (On an H200 with
+    Triton 3.6 it was right alone but wrong inside the WY kernel at 8 warps.)"""
+    BC: tl.constexpr = 16
+    r_c = tl.arange(0, C)
+    r_b = tl.arange(0, BC)
+    X = tl.zeros([C, C], dtype=tl.float32)
+    for i in tl.static_range(C // BC):
+        E_i = (r_b[:, None] + i * BC == r_c[None, :]).to(tl.float32)    # [BC, C]
+        A_i = _mm(E_i, A, PRECISION)
+        D_i = _unit_lower_inverse_by_rows(_mm(A_i, tl.trans(E_i), PRECISION), BC)
+        X += _mm(tl.trans(E_i), _mm(D_i, E_i - _mm(A_i, X, PRECISION), PRECISION), PRECISION)
+    return X
 
 
 @triton.jit
 def _inverse_kernel(a_ptr, x_ptr, C: tl.constexpr, BLOCKED: tl.constexpr,
                     PRECISION: tl.constexpr):
+    """One [C, C] inverse per program, by the variant BLOCKED names (0 by rows, 1 blocked,
+    2 by columns)."""
     r_c = tl.arange(0, C)
     p = tl.program_id(0) * C * C + r_c[:, None] * C + r_c[None, :]
     A = tl.load(a_ptr + p)
     if BLOCKED == 2:
         X = tl.trans(_unit_lower_inverse_transposed(A, C))
     elif BLOCKED:
-        X = _unit_lower_inverse(A, C, PRECISION)
+        X = _unit_lower_inverse_blocked(A, C, PRECISION)
     else:
         X = _unit_lower_inverse_by_rows(A, C)
     tl.store(x_ptr + p, X)
@@ -63,9 +102,10 @@ def main():
             run()
             err = ((X.double() - exact).abs().amax() / exact.abs().amax()).item()
             ms = triton.testing.do_bench(run) if device == "cuda" else None
-            rows.append(dict(C=C, num_warps=warps, variant=name, programs=programs, ms=ms, rel_err=err,
-                             device=torch.cuda.get_device_name() if device == "cuda" else
-                             "cpu (interpreter)"))
+            name_of_device = (torch.cuda.get_device_name() if device == "cuda"
+                              else "cpu (interpreter)")
+            rows.append(dict(C=C, num_warps=warps, variant=name, programs=programs, ms=ms,
+                             rel_err=err, device=name_of_device))
             print(json.dumps(rows[-1]), flush=True)
     if args.out:
         os.makedirs(args.out, exist_ok=True)

@@ -1090,20 +1090,6 @@ def chunk_grads_kernel(
 
 
 @triton.jit
-def _unit_lower_inverse_by_rows(A, C: tl.constexpr):
-    """(I + A)^-1 for a strictly lower-triangular [C, C] A, by forward substitution in fp32:
-    row t of the inverse is e_t - sum_{s < t} A[t, s] (row s). C - 1 steps, each a
-    reduction over the tile: for the diagonal blocks of ``_unit_lower_inverse``."""
-    r_c = tl.arange(0, C)
-    X = (r_c[:, None] == r_c[None, :]).to(tl.float32)
-    for t in range(1, C):
-        row = (r_c == t)[:, None]
-        a_t = tl.sum(tl.where(row, A, 0.0), axis=0)
-        X = tl.where(row, X - tl.sum(a_t[:, None] * X, axis=0)[None, :], X)
-    return X
-
-
-@triton.jit
 def _unit_lower_inverse_transposed(A, C: tl.constexpr):
     """(I + A)^-T for a strictly lower-triangular [C, C] A, by forward substitution in fp32
     on the columns: column t of the transposed inverse Y is e_t - sum_{s < t} A[t, s]
@@ -1116,27 +1102,6 @@ def _unit_lower_inverse_transposed(A, C: tl.constexpr):
         a_t = tl.sum(tl.where((r_c == t)[:, None], A, 0.0), axis=0)
         Y = tl.where((r_c == t)[None, :], Y - tl.sum(Y * a_t[None, :], axis=1)[:, None], Y)
     return Y
-
-
-@triton.jit
-def _unit_lower_inverse(A, C: tl.constexpr, PRECISION: tl.constexpr = 3):
-    """(I + A)^-1 for a strictly lower-triangular [C, C] A, in fp32 by blocks of 16 rows:
-    block row i of the inverse is X_i = D_i (E_i - A_i X), with E_i its rows of I, A_i its
-    rows of A, X the rows of the inverse above it (the rest still zero) and D_i the inverse
-    of I plus A's 16 x 16 diagonal block i, by forward substitution. The rows are picked
-    and placed by dots with 0/1 selection matrices (exact); the other dots use
-    ``PRECISION`` (``_mm``: 3 is tf32x3, 2 exact fp32). 15 substitution steps on a 16 x 16
-    tile per block in place of C - 1 steps on the whole [C, C] tile."""
-    BC: tl.constexpr = 16
-    r_c = tl.arange(0, C)
-    r_b = tl.arange(0, BC)
-    X = tl.zeros([C, C], dtype=tl.float32)
-    for i in tl.static_range(C // BC):
-        E_i = (r_b[:, None] + i * BC == r_c[None, :]).to(tl.float32)    # [BC, C]
-        A_i = _mm(E_i, A, PRECISION)
-        D_i = _unit_lower_inverse_by_rows(_mm(A_i, tl.trans(E_i), PRECISION), BC)
-        X += _mm(tl.trans(E_i), _mm(D_i, E_i - _mm(A_i, X, PRECISION), PRECISION), PRECISION)
-    return X
 
 
 @triton.jit
@@ -1221,7 +1186,7 @@ def delta_wy_kernel(
     the updates u_t = beta_t (v_t - S_{t-1}^T k_t) solve (I + A) U = beta (V - exp(b) K S)
     for the chunk's start state S, so U = U0 - W S with W = L^-1 (beta exp(b) K) and
     U0 = L^-1 (beta V), L = I + A unit lower triangular, inverted by forward substitution
-    in fp32. Stores W (``w_ptr``, [T*, H, K]), U0 (``u_ptr``, [T*, H, V]; the states kernel
+    on its columns in fp32. Stores W (``w_ptr``, [T*, H, K]), U0 (``u_ptr``, [T*, H, V]; the states kernel
     turns it into U) and, for the backward, L^-1 (``inv_ptr``, [chunks * C, H, C]).
     LOW_RANK (RWKV-7, ``_wy_chunk``): the reads u_t = w_t^T S_{t-1} solve (I - WX) U =
     (w exp(bq)) S + WK V, so W = -L^-1 (w exp(bq)) and U0 = L^-1 (WK V), WK[t, s] =

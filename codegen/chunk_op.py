@@ -598,8 +598,10 @@ def _for(kernel: str, blocks: dict) -> dict:
 #: v in the ordered state loops took states 0.189 -> 0.116 ms (3 stages) and dstates
 #: 0.207 -> 0.134 ms (2 stages); the output and gradient kernels are fastest as they are.
 #: The delta rule's kernels hold all of K (128 lanes) per program: at 4 warps Triton 3.6
-#: spills 0.4-5 KB per thread in them, at 8 warps 0.07-2 KB (benchmarks/compile_check.py;
-#: not yet timed on a GPU).
+#: spills 0.4-5 KB per thread in them, at 8 warps 0.07-2 KB (benchmarks/compile_check.py).
+#: The WY kernels run at 4 warps all the same, two programs per SM: on an H200
+#: (results/sweep_wy_h200_session9.jsonl) gated_deltanet's WY kernel took 1.99 ms per
+#: forward+backward at 4 warps against 3.37 at 8, kda's WY backward 2.06 against 2.58.
 #: The delta rule's gradient kernel (chunk_grads_kernel on u, fp32 states) spills 0.2-1 KB
 #: per thread at V tiles of 64 and 0.1-0.5 KB at 32 (benchmarks/preflight.py, sm_90; not
 #: yet timed).
