@@ -164,15 +164,19 @@ def _gap_after(lam_ptr, rows, m_t, gap, DECAY: tl.constexpr):
 
 
 @triton.jit
-def _cross_block_grads(q_ptr, k_ptr, v_ptr, lam_ptr, dy_ptr, chunk_table_ptr, rows, m_t, r_c,
-                       r_k, m_k, i_h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                       BV: tl.constexpr, NV: tl.constexpr, DECAY: tl.constexpr,
-                       STRICT: tl.constexpr, DOT: tl.constexpr):
+def _cross_block_grads(q_ptr, k_ptr, v_ptr, lam_ptr, dy_ptr, chunk_table_ptr, pairs_ptr, q,
+                       rows, m_t, r_c, r_k, m_k, i_k, i_h, NB, H: tl.constexpr,
+                       K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr,
+                       NV: tl.constexpr, DECAY: tl.constexpr, STRICT: tl.constexpr,
+                       DOT: tl.constexpr, DLAM: tl.constexpr):
     """Parallel form: the parts of this block's dq from keys of earlier blocks and of its dk
     from queries of later blocks (same sequence), on K lanes ``r_k``, pair by pair.
     Diagonal decays: per lane, the query side decayed from its block's start, the key side
     to its block's end and the blocks between by the product of their decays (each factor
-    <= 1)."""
+    <= 1). Scalar decays: also stores, for every earlier block J, this K block's part of
+    the sum over the block pair of d loss / d (b_t - b_s) = q_t . (dA[t, s] k_s) (``q``, this
+    block's queries on the K lanes) at ``pairs_ptr`` [chunks, H, NK, NB] (J by its index in
+    the sequence), from which the host sums the pairs that cross each block's end."""
     t0, eos, bos = _span(chunk_table_ptr)
     C: tl.constexpr = r_c.shape[0]
     dq = tl.zeros([C, r_k.shape[0]], dtype=tl.float32)
@@ -198,11 +202,15 @@ def _cross_block_grads(q_ptr, k_ptr, v_ptr, lam_ptr, dy_ptr, chunk_table_ptr, ro
         k_factor, _ = _key_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, H)
         return dq * q_factor, dk * k_factor
     gap = tl.sum(tl.zeros([1], dtype=tl.float32), axis=0)
+    p_pairs = ((tl.program_id(0) * H + i_h) * NK + i_k) * NB + (t0 - bos) // C - 1
     for jj in range(0, (t0 - bos) // C):          # earlier blocks, nearest first
         rows_j, m_j = _block_rows(t0 - (jj + 1) * C, r_c, eos, i_h, H)
         dA = (_pair_product(dy_ptr, v_ptr, rows, m_t, rows_j, m_j, V, BV, NV, DOT)
               * _pair_decay(lam_ptr, rows, m_t, rows_j, m_j, gap, DECAY, STRICT))
-        dq += _mm(dA, _rows_of(k_ptr, rows_j, m_j, r_k, m_k, K), DOT)
+        dq_j = _mm(dA, _rows_of(k_ptr, rows_j, m_j, r_k, m_k, K), DOT)
+        dq += dq_j
+        if DECAY == 1 and DLAM:
+            tl.store(pairs_ptr + p_pairs - jj, tl.sum(tl.sum(q * dq_j, axis=1), axis=0))
         gap = _gap_after(lam_ptr, rows_j, m_j, gap, DECAY)
     gap = tl.sum(tl.zeros([1], dtype=tl.float32), axis=0)
     for l0 in range(t0 + C, eos, C):              # later blocks, nearest first
@@ -948,10 +956,10 @@ def _state_grads_of_v_block(i_k, i_v, dq, dk, last, decay_last, v_ptr, dy_ptr, c
 def _grads_of_k_block(
     i_k, qdq_all, kdk_all, last_all, q_ptr, k_ptr, v_ptr, lam_ptr, dy_ptr, ckpt_ptr,
     dckpt_ptr, chunk_table_ptr, scale, dq_ptr, dk_ptr, last_ptr, zckpt_ptr, dzckpt_ptr, dA,
-    dy_col, rows, m_t, r_c, i_g, i_h, p_state, H: tl.constexpr, K: tl.constexpr,
-    V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
+    dy_col, rows, m_t, r_c, i_g, i_h, p_state, NB, H: tl.constexpr, K: tl.constexpr,
+    V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr,
     DECAY: tl.constexpr, STRICT: tl.constexpr, DOT: tl.constexpr, PARALLEL: tl.constexpr,
-    NORM: tl.constexpr,
+    NORM: tl.constexpr, DLAM: tl.constexpr,
 ):
     """``chunk_grads_kernel``'s dq and dk on K block ``i_k`` (stored), and the running sums
     of q.dq, k.dk and S_next.dS that scalar decays' dlam needs, updated."""
@@ -962,8 +970,9 @@ def _grads_of_k_block(
     k = _rows_of(k_ptr, rows, m_t, r_k, m_k, K)
     if PARALLEL:    # earlier and later blocks, pair by pair, instead of S and dS
         dq, dk = _cross_block_grads(q_ptr, k_ptr, v_ptr, lam_ptr, dy_ptr,
-                                    chunk_table_ptr, rows, m_t, r_c, r_k, m_k, i_h, H,
-                                    K, V, BV, NV, DECAY, STRICT, DOT)
+                                    chunk_table_ptr, last_ptr, q.to(tl.float32), rows, m_t,
+                                    r_c, r_k, m_k, i_k, i_h, NB, H, K, V, BV, NK, NV, DECAY,
+                                    STRICT, DOT, DLAM)
         last = tl.zeros([BK], dtype=tl.float32)     # (no chunk states)
     else:
         k_factor, decay_last = _key_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, H)
@@ -994,6 +1003,9 @@ def _grads_of_k_block(
             last += tl.sum(k.to(tl.float32) * k_factor * dk, axis=0)
         dq = dq * q_factor
         dk = dk * k_factor
+    if PARALLEL and DECAY == 1 and DLAM:    # the pairs with other blocks only
+        qdq_all += tl.sum(q.to(tl.float32) * dq, axis=1)
+        kdk_all += tl.sum(k.to(tl.float32) * dk, axis=1)
     p_tk = rows[:, None] * K + r_k[None, :]
     if DECAY == 2:  # the state parts; chunk_diag_grads_kernel adds the rest
         tl.store(dq_ptr + p_tk, dq.to(dq_ptr.dtype.element_ty), mask=m_tk)
@@ -1004,7 +1016,7 @@ def _grads_of_k_block(
         dk += _mm(tl.trans(dA), q, DOT)
         tl.store(dq_ptr + p_tk, (dq * scale).to(dq_ptr.dtype.element_ty), mask=m_tk)
         tl.store(dk_ptr + p_tk, (dk * scale).to(dk_ptr.dtype.element_ty), mask=m_tk)
-    if DECAY == 1 and not PARALLEL:     # (the parallel form's dlam: see chunk_op)
+    if DECAY == 1 and DLAM and not PARALLEL:
         qdq_all += tl.sum(q.to(tl.float32) * dq, axis=1)
         kdk_all += tl.sum(k.to(tl.float32) * dk, axis=1)
         last_all += last
@@ -1018,7 +1030,8 @@ def chunk_grads_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NK: tl.constexpr, NV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
     STRICT: tl.constexpr, DOT: tl.constexpr, PARALLEL: tl.constexpr = False,
-    STORE_DV: tl.constexpr = True, NORM: tl.constexpr = False,
+    STORE_DV: tl.constexpr = True, NORM: tl.constexpr = False, DLAM: tl.constexpr = True,
+    NB=1,
 ):
     """Grid (chunks, heads): dq, dk, dv (unless not STORE_DV) and dlam of one chunk from its
     start state S and the gradient dS of its end state, every K and V block in one program
@@ -1030,7 +1043,10 @@ def chunk_grads_kernel(
     ``chunk_diag_grads_kernel`` adds the intra-chunk parts and the decay gradients. NORM:
     the normalizer's reads (a column of ones as the value) add their gradient ``dycol`` to
     every dA[t, s] of the row, dycol z^T to dq and the gradient of the chunk's end z
-    (``dzckpt``) to every key row's dk."""
+    (``dzckpt``) to every key row's dk. PARALLEL (no states: the pairs with other blocks
+    of the sequence directly), scalar decays: ``last_ptr`` [chunks, H, NK, NB] receives the
+    block pair sums of ``_cross_block_grads`` and dlam lacks the pairs from earlier to
+    later blocks, which the host adds (``_blocks_crossing``)."""
     i_g, i_h = tl.program_id(0), tl.program_id(1)
     UNROLL_K: tl.constexpr = NK if NK <= MAX_UNROLLED_K else 0
     r_c = tl.arange(0, C)
@@ -1047,11 +1063,14 @@ def chunk_grads_kernel(
         dy_col = tl.load(dycol_ptr + rows, mask=m_t, other=0.0)
         dA += dy_col[:, None]
     dA = tl.where(_causal(r_c, STRICT), dA, 0.0)
+    in_block = tl.zeros([C], dtype=tl.float32)
     if DECAY == 2:      # scores from chunk_diag_scores_kernel
         A = tl.load(A_ptr + p_A, mask=m_t[:, None], other=0.0)
     else:
         A, mask = _chunk_scores(q_ptr, k_ptr, lam_ptr, rows, m_t, r_c, K, BK, NK, C, DECAY,
                                 STRICT, DOT)
+        if PARALLEL and DECAY == 1 and DLAM:    # (see the dlam below)
+            in_block = _pairs_crossing(dA * A, STRICT)
         dA = dA * mask      # (once: the [C, C] mask is then dead)
     if STORE_DV:
         UNROLL_V: tl.constexpr = NV if NV <= MAX_UNROLLED_V else 0
@@ -1075,15 +1094,27 @@ def chunk_grads_kernel(
         qdq_all, kdk_all, last_all = _grads_of_k_block(
             i_k, qdq_all, kdk_all, last_all, q_ptr, k_ptr, v_ptr, lam_ptr, dy_ptr, ckpt_ptr,
             dckpt_ptr, chunk_table_ptr, scale, dq_ptr, dk_ptr, last_ptr, zckpt_ptr, dzckpt_ptr,
-            dA, dy_col, rows, m_t, r_c, i_g, i_h, p_state, H, K, V, BK, BV, NV, DECAY, STRICT,
-            DOT, PARALLEL, NORM)
+            dA, dy_col, rows, m_t, r_c, i_g, i_h, p_state, NB, H, K, V, BK, BV, NK, NV, DECAY,
+            STRICT, DOT, PARALLEL, NORM, DLAM)
     for i_k in range(UNROLL_K, NK):
         qdq_all, kdk_all, last_all = _grads_of_k_block(
             i_k, qdq_all, kdk_all, last_all, q_ptr, k_ptr, v_ptr, lam_ptr, dy_ptr, ckpt_ptr,
             dckpt_ptr, chunk_table_ptr, scale, dq_ptr, dk_ptr, last_ptr, zckpt_ptr, dzckpt_ptr,
-            dA, dy_col, rows, m_t, r_c, i_g, i_h, p_state, H, K, V, BK, BV, NV, DECAY, STRICT,
-            DOT, PARALLEL, NORM)
-    if DECAY == 1 and not PARALLEL:
+            dA, dy_col, rows, m_t, r_c, i_g, i_h, p_state, NB, H, K, V, BK, BV, NK, NV, DECAY,
+            STRICT, DOT, PARALLEL, NORM, DLAM)
+    if PARALLEL and DECAY == 1 and DLAM:
+        # lam_j enters every pair (t, s) with s < j <= t (s < j < t when STRICT). Summed as
+        # parts that are each a sum of distinct pairs (q.dq over t >= j less k.dk over
+        # s >= j cancels all the pairs after j: 2e-4 errors in fp32 in Mamba-2's dA at
+        # T = 300): the block's own pairs, those from earlier blocks to t >= j (q.dq from
+        # them), from s < j to later blocks (k.dk to them); the host adds those from earlier
+        # to later blocks (_blocks_crossing)
+        from_q = tl.cumsum(qdq_all, axis=0, reverse=True)
+        if STRICT:
+            from_q -= qdq_all
+        tl.store(dlam_ptr + rows,
+                 (in_block + from_q + tl.cumsum(kdk_all, axis=0) - kdk_all) * scale, mask=m_t)
+    elif DECAY == 1 and DLAM:
         tl.store(dlam_ptr + rows,
                  _dlam(qdq_all, kdk_all, tl.sum(last_all, axis=0), STRICT) * scale,
                  mask=m_t)
@@ -1102,6 +1133,18 @@ def _unit_lower_inverse_transposed(A, C: tl.constexpr):
         a_t = tl.sum(tl.where((r_c == t)[:, None], A, 0.0), axis=0)
         Y = tl.where((r_c == t)[None, :], Y - tl.sum(Y * a_t[None, :], axis=1)[:, None], Y)
     return Y
+
+
+@triton.jit
+def _pairs_crossing(P, STRICT: tl.constexpr):
+    """For a block's [C, C] matrix of d loss / d (b_t - b_s) terms (zero unless s <= t): for
+    every j, the sum over its pairs with s < j <= t (s < j < t when STRICT), which lam_j
+    enters."""
+    r_c = tl.arange(0, P.shape[0])
+    from_j = tl.cumsum(P, axis=0, reverse=True)   # [j, s]: over t >= j
+    if STRICT:
+        from_j -= P                                 # over t > j
+    return tl.sum(tl.where(r_c[None, :] < r_c[:, None], from_j, 0.0), axis=1)
 
 
 @triton.jit

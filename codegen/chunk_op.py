@@ -407,13 +407,15 @@ class ChunkCore(torch.autograd.Function):
         dev = q.device
         N, n_chunks = cfg["N"], cfg["n_chunks"]
         cu, offsets = cfg["cu"], cfg["offsets"]
-        # gradients are stored in their inputs' dtypes (the parallel form's decay gradient
-        # sums q.dq and k.dk afterwards: fp32 there)
-        exact = cfg["parallel"] and lam is not None
+        # gradients are stored in their inputs' dtypes (the parallel form's diagonal decay
+        # gradient sums q.dq and k.dk afterwards: fp32 there)
+        exact = cfg["parallel"] and cfg["decay"] == 2
         dq = torch.empty(q.shape, dtype=torch.float32 if exact else q.dtype, device=dev)
         dk = torch.empty(k.shape, dtype=torch.float32 if exact else k.dtype, device=dev)
         dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
-        dlam = torch.empty(lam.shape, dtype=torch.float32, device=dev) if lam is not None \
+        # scalar decays given as constants (RetNet's) need no gradient: the kernel skips it
+        dlam_needed = lam is not None and (cfg["decay"] == 2 or ctx.needs_input_grad[3])
+        dlam = torch.empty(lam.shape, dtype=torch.float32, device=dev) if dlam_needed \
             else None
         dy = dy.contiguous()
         # y = scale * core(q, k, v): the kernels run on dy and dsT / scale and multiply
@@ -453,17 +455,27 @@ class ChunkCore(torch.autograd.Function):
             else:                           # (a second backward through a retained graph)
                 scores = _diagonal_scores(q, k, lam, cfg, blocks, ckpt.dtype)
             last = torch.empty(n_chunks, H, K, dtype=torch.float32, device=dev)
+        scalar_parallel = cfg["parallel"] and cfg["decay"] == 1 and dlam_needed
+        blocks_per_sequence = 1
+        if scalar_parallel:     # the block pairs' sums (see _blocks_crossing)
+            blocks_per_sequence = _cdiv(T, cfg["C"]) if offsets is None else \
+                int((offsets[1:] - offsets[:-1]).max())
+            last = torch.zeros(n_chunks, H, blocks["NK"], blocks_per_sequence,
+                               dtype=torch.float32, device=dev)
         for_device(_GRADS, dev)((n_chunks, H),
             q, k, v, lam_, dy, _or(ckpt, dy), _or(dckpt, dy), cfg["table"], scores, last,
             scale, dq, dk, dv, _or(dlam, dq), _or(dy_col, dq), _or(zckpt, dq), _or(dzckpt, dq),
-            PARALLEL=cfg["parallel"], NORM=norm, **_for("grads", blocks))
+            PARALLEL=cfg["parallel"], NORM=norm, DLAM=dlam_needed, NB=blocks_per_sequence,
+            **_for("grads", blocks))
         if cfg["decay"] == 2:   # the intra-chunk parts of dq and dk, and dlam
             _diagonal_grads(q, k, lam, scores, last, cfg, blocks, scale, dq, dk, dlam)
         if ds0 is not None and scale != 1.0:
             ds0 = ds0 * scale
             dz0 = dz0 * scale if dz0 is not None else None
-        if cfg["parallel"] and dlam is not None:
-            dlam = _parallel_decay_grad(q, k, dq, dk, cu, cfg["strict"], cfg["decay"] == 2)
+        if scalar_parallel:     # the pairs that cross each block's end
+            dlam += _blocks_crossing(last, cfg, offsets).mul_(scale).reshape(dlam.shape)
+        elif cfg["parallel"] and dlam is not None:
+            dlam = _parallel_decay_grad(q, k, dq, dk, cu, cfg["strict"])
         return (dq.to(q.dtype), dk.to(k.dtype), dv, dlam,
                 ds0 if ctx.has_s0 else None, None, dz0 if ctx.has_s0 else None)
 
@@ -534,33 +546,43 @@ def _check_parallel(plan: ChunkPlan, name: str, initial_state, output_final_stat
                 "parallel form); use form='chunk' or 'recurrent'")
 
 
-def _parallel_decay_grad(q, k, dq, dk, cu_seqlens, strict: bool,
-                         diagonal: bool = False) -> torch.Tensor:
-    """Parallel form, scalar decay: lam_j enters the exponent bq_t - b_s of every pair with
-    t >= j (t > j when strict) on the query side and s >= j on the key side, so
-    dlam_j = sum_{t >= j} q_t . dq_t - sum_{s >= j} k_s . dk_s over the rest of its sequence
-    (the query sum from t = j + 1 when strict). Diagonal decays: the same per K lane."""
-    # the two sums are large and nearly cancel: float64 products, and their sums over K in
-    # float64 too, by slices of tokens (scalar decays hold no [B, T, H, K] float64 tensor;
-    # diagonal ones keep the per-lane products, [B, T, H, K] float64, as before). (Still
-    # short of fp32's 1e-4 for mamba2's dA at T = 300, K = 100: 2.1e-4 on an H200 with fp32
-    # sums; on the CPU 3.4e-4 with them, 2.1e-4 with these; dq and dk's own fp32 rounding
-    # remains.)
-    qdq, kdk = _products64(q, dq, diagonal), _products64(k, dk, diagonal)
+def _blocks_crossing(pairs: torch.Tensor, cfg: dict, offsets) -> torch.Tensor:
+    """Parallel form, scalar decays: for every token, the sum of d loss / d (b_t - b_s) over
+    the pairs (t, s) of its sequence with s before its block and t after it, [rows, H]
+    (each lam of the block enters all of them; ``chunk_grads_kernel`` stored the rest).
+    ``pairs`` [chunks, H, NK, NB]: per query block I' and earlier block J of its sequence
+    (by J's index there), the pair sums over the block pair by K blocks, from which
+    crossing(I) = sum over I' > I, J < I of pairs(I', J), in float64."""
+    n_chunks, H, _, NB = pairs.shape
+    per_pair = pairs.double().sum(2)
+    per_block = per_pair.cumsum(-1) - per_pair      # [chunks, H, NB]: over J < m
+
+    def crossing_of(m):     # [sequences, I', H, m] -> [sequences, I, H]
+        later = m.flip(1).cumsum(1).flip(1) - m     # over I' > I
+        return later.diagonal(dim1=1, dim2=3).transpose(1, 2)
+    if offsets is None:     # sequences of equal length: NB blocks each
+        crossing = crossing_of(per_block.reshape(-1, NB, H, NB)).reshape(n_chunks, H)
+    else:
+        bounds = offsets.tolist()
+        crossing = torch.cat([crossing_of(per_block[None, lo:hi, :, :hi - lo])[0]
+                              for lo, hi in zip(bounds[:-1], bounds[1:])])
+    table = cfg["table"]
+    tokens = torch.clamp(table[:, 1] - table[:, 0], max=cfg["C"])
+    return torch.repeat_interleave(crossing.float(), tokens, dim=0)
+
+
+def _parallel_decay_grad(q, k, dq, dk, cu_seqlens, strict: bool) -> torch.Tensor:
+    """Parallel form, diagonal decays: lam_j enters the exponent bq_t - b_s of every pair
+    with t >= j (t > j when strict) on the query side and s >= j on the key side, per K
+    lane, so dlam_j = sum_{t >= j} q_t * dq_t - sum_{s >= j} k_s * dk_s over the rest of
+    its sequence (the query sum from t = j + 1 when strict). The two sums are large and
+    nearly cancel: float64 products and sums. (Scalar decays sum the pairs set by set in
+    the kernels instead, without the cancellation: ``_blocks_crossing``.)"""
+    qdq, kdk = q.double() * dq.double(), k.double() * dk.double()
     later_q = _suffix_sums(qdq, cu_seqlens)
     if strict:
         later_q = later_q - qdq
     return (later_q - _suffix_sums(kdk, cu_seqlens)).float()
-
-
-def _products64(a: torch.Tensor, b: torch.Tensor, per_lane: bool,
-                slice_tokens: int = 512) -> torch.Tensor:
-    """a * b in float64, summed over the last dim unless ``per_lane`` ([B, T, H(, K)])."""
-    out = []
-    for t in range(0, a.shape[1], slice_tokens):
-        x = a[:, t:t + slice_tokens].double() * b[:, t:t + slice_tokens].double()
-        out.append(x if per_lane else x.sum(-1))
-    return torch.cat(out, 1)
 
 
 def _suffix_sums(x: torch.Tensor, cu_seqlens) -> torch.Tensor:
