@@ -5,8 +5,9 @@
 # H200 on 2026-12-05, so they are two groups now); the summary
 # in $OUT/gpu_tests.txt and every log in $OUT/gpu_logs.tgz (a call brings back 8 files at
 # most). Then, in later calls: bench_chunk.py (every op beside fla; fla autotunes 1-3 minutes
-# per op and direction), sweep_chunk_launch.py for the delta kernels, bench_forms.py (the
-# forms' crossovers beside SDPA).
+# per op and direction; not measured since session 8: kda, rwkv7, linear_attention, mamba2
+# after its host-time cut), sweep_chunk_launch.py for delta_states / delta_dstates,
+# bench_forms.py (the forms' crossovers beside SDPA).
 # Usage: OUT=dir TEST_S=520 bash benchmarks/gpu_session.sh
 set -u
 cd "$(dirname "$0")"
