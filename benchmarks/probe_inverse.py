@@ -1,6 +1,7 @@
 """The WY kernel's unit-lower-triangular inverse alone: time and error of the forward
 substitution by rows (the old one), by columns (``_unit_lower_inverse_transposed``, the WY
-kernel's) and the 16-row blocked solve (tf32x3 or exact fp32 dots), on the
+kernel's), the 16 x 16 diagonal blocks all at once then merged, and the 16-row blocked solve
+(tf32x3 or exact fp32 dots), on the
 delta rule's A = beta_t k_t . k_s (unit-norm keys, beta in (0, 2)) for every chunk of
 B=4, T=4096, H=16 (4096 programs). Usage: python benchmarks/probe_inverse.py [--out DIR]
 [--programs N] (on the CPU the interpreter runs a few programs, for the errors only)."""
@@ -13,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from linforge.codegen.chunk import _mm, _unit_lower_inverse_transposed
+from linforge.codegen.chunk import (_mm, _unit_lower_inverse_diagonal_blocks,
+                                   _unit_lower_inverse_transposed)
 
 
 @triton.jit
@@ -57,11 +59,13 @@ def _unit_lower_inverse_blocked(A, C: tl.constexpr, PRECISION: tl.constexpr = 3)
 def _inverse_kernel(a_ptr, x_ptr, C: tl.constexpr, BLOCKED: tl.constexpr,
                     PRECISION: tl.constexpr):
     """One [C, C] inverse per program, by the variant BLOCKED names (0 by rows, 1 blocked,
-    2 by columns)."""
+    2 by columns, 3 diagonal blocks at once)."""
     r_c = tl.arange(0, C)
     p = tl.program_id(0) * C * C + r_c[:, None] * C + r_c[None, :]
     A = tl.load(a_ptr + p)
-    if BLOCKED == 2:
+    if BLOCKED == 3:
+        X = _unit_lower_inverse_diagonal_blocks(A, C)
+    elif BLOCKED == 2:
         X = tl.trans(_unit_lower_inverse_transposed(A, C))
     elif BLOCKED:
         X = _unit_lower_inverse_blocked(A, C, PRECISION)
@@ -92,7 +96,7 @@ def main():
         eye = torch.eye(C, dtype=torch.float64, device=device)
         exact = torch.linalg.inv(eye + A.double())
         for name, blocked, precision in (("by_rows", 0, 2), ("by_columns", 2, 2),
-                                         ("blocked_tf32x3", 1, 3),
+                                         ("diagonal_blocks", 3, 3), ("blocked_tf32x3", 1, 3),
                                          ("blocked_ieee", 1, 2)):
             X = torch.empty_like(A)
 

@@ -38,9 +38,9 @@ GRID = {"states": dict(BV=[32, 64], num_stages=[1, 2, 3], num_warps=[4]),
         # diagonal decays only: stages pipeline the loads of the row-by-row sub-chunk loops
         "scores": dict(num_stages=[1, 2, 3], num_warps=[2, 4, 8]),
         "diag_grads": dict(BK=[32, 64], num_stages=[1, 2], num_warps=[4, 8]),
-        # the delta kernels hold all of K per program: 8 warps by default for their spills
-        # (compile_check.py), not yet timed
-        "wy": dict(num_stages=[1, 2], num_warps=[4, 8]),
+        # the delta kernels hold all of K per program (WY at 4 warps since session 9, the
+        # others at 8); INVERSE: the WY kernel's inverse (delta_wy_kernel)
+        "wy": dict(num_stages=[1], num_warps=[4, 8], INVERSE=[0, 1]),
         "wy_bwd": dict(num_stages=[1, 2], num_warps=[4, 8]),
         "delta_states": dict(num_stages=[1, 2, 3], num_warps=[4, 8]),
         "delta_dstates": dict(num_stages=[1, 2, 3], num_warps=[4, 8]),

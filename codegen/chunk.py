@@ -1148,6 +1148,34 @@ def _pairs_crossing(P, STRICT: tl.constexpr):
 
 
 @triton.jit
+def _unit_lower_inverse_diagonal_blocks(A, C: tl.constexpr):
+    """(I + A)^-1 for a strictly lower-triangular [C, C] A: the inverses of the 16 x 16
+    diagonal blocks all at once, by forward substitution on their columns in a [C / 16, 16,
+    C] view (15 steps for any C; each step's row of A does not depend on earlier steps),
+    then the blocks below them block row by block row: X -= D (rows of block i of A X),
+    A without its diagonal blocks, D the block-diagonal inverse (tf32x3 dots)."""
+    BC: tl.constexpr = 16
+    NB: tl.constexpr = C // BC
+    r_c = tl.arange(0, C)
+    same = (r_c[:, None] // BC) == (r_c[None, :] // BC)
+    A3 = tl.reshape(tl.where(same, A, 0.0), [NB, BC, C])        # [block, row, s]
+    i3 = tl.arange(0, BC)[None, :, None]
+    s3 = tl.arange(0, C)[None, None, :]
+    b3 = tl.arange(0, NB)[:, None, None]
+    Y3 = ((b3 * BC + i3) == s3).to(tl.float32)     # the transposed inverse, by block rows
+    for i in range(1, BC):
+        a_i = tl.sum(tl.where(i3 == i, A3, 0.0), axis=1)        # row i of each block's A
+        Y3 = tl.where(s3 == b3 * BC + i, Y3 - tl.sum(Y3 * a_i[:, None, :], axis=2)[:, :, None],
+                      Y3)
+    D = tl.trans(tl.reshape(Y3, [C, C]))
+    X = D
+    A_off = tl.where(same, 0.0, A)
+    for i in tl.static_range(1, NB):
+        X -= _mm(D, tl.where((r_c[:, None] // BC) == i, _mm(A_off, X, 3), 0.0), 3)
+    return X
+
+
+@triton.jit
 def _row_sums_of_pairs(P):
     """For a [C, C] matrix of d loss / d (b_t - b_s) terms: the part of d loss / d b_t,
     sum_s P[t, s] - sum_s P[s, t]."""
@@ -1223,22 +1251,27 @@ def delta_wy_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr, DOT: tl.constexpr,
     STORE_INVERSE: tl.constexpr, LOW_RANK: tl.constexpr = False,
-    FROM_STATES: tl.constexpr = False,
+    FROM_STATES: tl.constexpr = False, INVERSE: tl.constexpr = 0,
 ):
     """Grid (chunks, heads), every chunk at once: the delta rule's WY form. Within a chunk
     the updates u_t = beta_t (v_t - S_{t-1}^T k_t) solve (I + A) U = beta (V - exp(b) K S)
     for the chunk's start state S, so U = U0 - W S with W = L^-1 (beta exp(b) K) and
-    U0 = L^-1 (beta V), L = I + A unit lower triangular, inverted by forward substitution
-    on its columns in fp32. Stores W (``w_ptr``, [T*, H, K]), U0 (``u_ptr``, [T*, H, V]; the states kernel
-    turns it into U) and, for the backward, L^-1 (``inv_ptr``, [chunks * C, H, C]).
+    U0 = L^-1 (beta V), L = I + A unit lower triangular, inverted in fp32 (INVERSE below).
+    Stores W (``w_ptr``, [T*, H, K]), U0 (``u_ptr``, [T*, H, V]; the states kernel turns it
+    into U) and, for the backward, L^-1 (``inv_ptr``, [chunks * C, H, C]).
     LOW_RANK (RWKV-7, ``_wy_chunk``): the reads u_t = w_t^T S_{t-1} solve (I - WX) U =
     (w exp(bq)) S + WK V, so W = -L^-1 (w exp(bq)) and U0 = L^-1 (WK V), WK[t, s] =
     w_t . k_s exp(bq_t - b_s) (s < t, ``wk_ptr``). FROM_STATES (the backward, which keeps
     only the chunk start states): stores u = U0 - W S from the states in ``ckpt`` instead of
-    U0, so nothing else of the forward need be kept."""
+    U0, so nothing else of the forward need be kept. INVERSE: 0 by columns
+    (``_unit_lower_inverse_transposed``), 1 by diagonal blocks at once
+    (``_unit_lower_inverse_diagonal_blocks``; not yet timed in this kernel)."""
     rows, m_t, r_k, m_k, p_cc, k, beta, e_b, _, _, _, A = _wy_chunk(
         k_ptr, beta_ptr, lam_ptr, kk_ptr, chunk_table_ptr, H, K, BK, C, DECAY, DOT, LOW_RANK)
-    L_inv = tl.trans(_unit_lower_inverse_transposed(A, C))
+    if INVERSE == 1:
+        L_inv = _unit_lower_inverse_diagonal_blocks(A, C)
+    else:
+        L_inv = tl.trans(_unit_lower_inverse_transposed(A, C))
     if STORE_INVERSE:
         tl.store(inv_ptr + p_cc, L_inv)
     W = _mm(L_inv, k * e_b * beta[:, None], DOT)

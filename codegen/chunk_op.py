@@ -326,6 +326,11 @@ class _Tokens:
 FORCE_DOT: int | None = None
 #: experiments: the dot precision of one kernel ("states", "output", "dstates", "grads")
 KERNEL_DOT: dict[str, int] = {}
+#: experiments: the WY kernel's inverse (``delta_wy_kernel``'s INVERSE: 0 by columns, 1 by
+#: 16 x 16 diagonal blocks at once; the second is 15 serial steps instead of 63 at C = 64
+#: but needs 96 KB of shared memory for its dots on sm_90, and has not run on a GPU;
+#: ``KERNEL_OPTIONS["wy"]["INVERSE"]`` overrides it on a GPU, as the launch sweep does)
+WY_INVERSE = 0
 #: per-token maps of inputs (feature maps, gates, decays) as generated kernels (codegen/maps.py);
 #: False: torch ops (for comparisons)
 FUSE_MAPS = True
@@ -1060,7 +1065,7 @@ def _wy_form(q, k, v, beta, lam, ckpt, cfg: dict, products, w, store_inverse: bo
     for_device(_WY, dev)((cfg["n_chunks"], H), read, v, beta_, _or(lam, beta), kk, wy, u,
                          inverse, cfg["table"], wk, ckpt, STORE_INVERSE=store_inverse,
                          LOW_RANK=w is not None, FROM_STATES=store_inverse,
-                         **_for("wy", _without(blocks, "NK", "STRICT")))
+                         **_for("wy", dict(_without(blocks, "NK", "STRICT"), INVERSE=WY_INVERSE)))
     return wy, u, inverse
 
 

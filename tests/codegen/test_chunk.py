@@ -230,6 +230,19 @@ def test_chunked_delta_rule_gradients_match_reference(name, dtype):
     check_against_reference(attn, x, init, dtype, form="chunk")
 
 
+@pytest.mark.parametrize("name", ["gated_deltanet", "rwkv7"])
+def test_chunked_delta_rule_with_the_diagonal_blocks_inverse(name, monkeypatch):
+    """The WY kernel's other inverse (16 x 16 diagonal blocks at once, then merged; an
+    experiment switch): forward, final state and every gradient against the reference."""
+    import linforge.codegen.chunk_op as chunk_op
+    monkeypatch.setattr(chunk_op, "WY_INVERSE", 1)
+    attn = linforge.library.get(name)
+    sizes = kernel_sizes(attn)
+    x = make_inputs(attn, B=2, T=150, H=2, sizes=sizes, seed=20)
+    init = make_state(attn, N=2, H=2, sizes=sizes)
+    check_against_reference(attn, x, init, torch.float32, form="chunk")
+
+
 @pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "kda", "rwkv7"])
 def test_chunked_delta_rule_gradients_varlen_and_k_not_v(name):
     attn = linforge.library.get(name)
