@@ -994,11 +994,6 @@ class DeltaChunkCore(torch.autograd.Function):
         dev = q.device
         N, cu, offsets = cfg["N"], cfg["cu"], cfg["offsets"]
         dy = dy.contiguous()    # (the kernels read it in its dtype, compute in fp32)
-        dq, dk = (torch.empty(t.shape, dtype=torch.float32, device=dev) for t in (q, k))
-        dv = torch.empty(v.shape, dtype=torch.float32, device=dev)
-        dbeta = torch.empty(beta.shape, dtype=torch.float32, device=dev)
-        dlam = torch.empty(lam.shape, dtype=torch.float32, device=dev) if lam is not None \
-            else None
         ds0 = torch.empty(N, H, K, V, dtype=torch.float32, device=dev)
         dckpt = torch.empty(ckpt.shape, dtype=torch.float32, device=dev)
         du = torch.empty(v.shape, dtype=torch.float32, device=dev)
@@ -1014,22 +1009,34 @@ class DeltaChunkCore(torch.autograd.Function):
                                   dy, dy, dy, dy,
                                   USE_FINAL_STATE_GRAD=dsT is not None, IS_VARLEN=cu is not None,
                                   DELTA=True, **_for("delta_dstates", _without(blocks, "NK")))
-        if w is not None:
-            return _low_rank_backward(ctx, products, dy, dckpt, du, ds0, wy, u, inverse)
+        if w is not None:   # (the buffers go in a dict, so that it can drop them early)
+            buffers = dict(dckpt=dckpt, du=du, wy=wy, u=u, inverse=inverse, products=products)
+            del dckpt, du, wy, u, inverse, products, qk, written
+            return _low_rank_backward(ctx, dy, ds0, buffers)
+        # each gradient allocated when first written and each buffer dropped after its last
+        # read (peak memory); dq in its own dtype where nothing adds to it afterwards
+        dq = torch.empty(q.shape, dtype=torch.float32 if per_row else q.dtype, device=dev)
+        dk = torch.empty(k.shape, dtype=torch.float32, device=dev)
+        dlam = torch.empty(lam.shape, dtype=torch.float32, device=dev) if lam is not None \
+            else None
         out = _blocks(cfg, H, K, V)
         last = torch.empty(cfg["n_chunks"], H, K, dtype=torch.float32, device=dev) \
             if per_row else dy
         # dq and the parts of dk and dlam through the readout and the state, u as values
         # (diagonal decays: the state parts, and dA in place of the scores q.k)
         for_device(_GRADS, dev)((cfg["n_chunks"], H), q, k, u, lam_, dy, ckpt, dckpt,
-                                cfg["table"], qk, last, 1.0, dq, dk, dv, _or(dlam, dq), dq, dq,
+                                cfg["table"], qk, last, 1.0, dq, dk, dq, _or(dlam, dq), dq, dq,
                                 dq, STORE_DV=False, **_for("delta_grads", out))
+        del u, dckpt
         if per_row:     # through q_t . k_s exp(b_t - b_s) (lam: the cumulative log decays)
             _diagonal_grads(q, k, lam, qk, last, cfg, out, 1.0, dq, dk, dlam)
         dkk = kk if per_row else dy    # (d loss / d KK replaces KK, which is read first)
+        dv = torch.empty(v.shape, dtype=torch.float32, device=dev)
+        dbeta = torch.empty(beta.shape, dtype=torch.float32, device=dev)
         for_device(_WY_BWD, dev)((cfg["n_chunks"], H), k, v, beta, lam_, kk, inverse, wy, du,
                                  ckpt, cfg["table"], dk, dv, dbeta, _or(dlam, dk), dkk,
                                  **_for("wy_bwd", _without(blocks, "NK", "STRICT")))
+        del wy, inverse, du
         if per_row:     # through k_t . k_s exp(b_t - b_s), s < t
             dlam_kk = torch.empty_like(dlam)
             dk_rows, dk_cols = torch.zeros_like(dk), torch.zeros_like(dk)
@@ -1037,8 +1044,11 @@ class DeltaChunkCore(torch.autograd.Function):
                             dk_rows, dk_cols, dlam_kk)
             dk += dk_rows + dk_cols
             dlam += dlam_kk
-        dq, dk, dv, dbeta = (g.to(t.dtype) for g, t in zip((dq, dk, dv, dbeta),
-                                                          (q, k, v, beta)))
+        # one at a time: each fp32 buffer is freed before the next copy is made
+        dq = dq.to(q.dtype)
+        dk = dk.to(k.dtype)
+        dv = dv.to(v.dtype)
+        dbeta = dbeta.to(beta.dtype)
         return dq, dk, dv, dbeta, dlam, ds0 if ctx.has_s0 else None, None, None, None
 
 
@@ -1091,13 +1101,17 @@ def _delta_products(q, k, cumulative, cfg: dict, w=None, x=None) -> tuple:
     return product(q, x), product(w, x, True), product(w, k, True), product(q, k)
 
 
-def _low_rank_backward(ctx, products, dy, dckpt, du, ds0, wy, u, inverse):
+def _low_rank_backward(ctx, dy, ds0, buffers: dict):
     """``DeltaChunkCore.backward`` for the diagonal-plus-low-rank transition, after the
     state gradients: ``low_rank_state_grads_kernel`` and ``low_rank_pair_grads_kernel``
     (every chunk at once: the parts through the state and through w exp(bq), the four
     decayed products' gradients, dv), then
     ``chunk_diag_grads_kernel`` once per product (q.x with the q and x state parts and
-    b_last's terms, q.k with k's, w.x before the token with w's, w.k before the token)."""
+    b_last's terms, q.k with k's, w.x before the token with w's, w.k before the token).
+    ``buffers``: dckpt, du, wy, u, inverse and the products from the caller, dropped after
+    the two kernels that read them (peak memory)."""
+    dckpt, du, wy, u, inverse, products = (buffers.pop(n) for n in (
+        "dckpt", "du", "wy", "u", "inverse", "products"))
     q, k, v, beta, lam, ckpt, w, x = ctx.saved_tensors
     cfg = ctx.cfg
     B, T, H, K = q.shape
@@ -1120,6 +1134,7 @@ def _low_rank_backward(ctx, products, dy, dckpt, du, ds0, wy, u, inverse):
     for_device(_LOW_RANK_PAIR_GRADS, dev)((cfg["n_chunks"], H),
         k, v, lam, dy, dckpt, u, du, inverse, cfg["table"], qk, wk, d_qx, d_qk, d_wx, d_wk, dv,
         **_for("low_rank_grads", sizes))
+    del dckpt, du, wy, u, inverse, products, qx, wx, wk, qk
     blocks = _blocks(cfg, H, K, V)
     before = dict(blocks, STRICT=True)     # w's products see the decay before the token
     cumulative = lam    # (the forward kept the cumulative log decays in place of lam)
