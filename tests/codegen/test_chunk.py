@@ -223,11 +223,7 @@ def test_chunked_delta_rule_gradients_match_reference(name, dtype):
     """The chunked delta-rule backward (WY form made again per chunk from the stored chunk
     start states): outputs, final states and the gradients of every input, param and the
     initial state against the float64 reference; T = 150 is two full chunks and a part."""
-    attn = linforge.library.get(name)
-    sizes = kernel_sizes(attn)
-    x = make_inputs(attn, B=2, T=150, H=2, sizes=sizes, seed=20)
-    init = make_state(attn, N=2, H=2, sizes=sizes)
-    check_against_reference(attn, x, init, dtype, form="chunk")
+    _check_chunked_delta_rule(name, dtype)
 
 
 @pytest.mark.parametrize("name", ["gated_deltanet", "rwkv7"])
@@ -236,11 +232,16 @@ def test_chunked_delta_rule_with_the_diagonal_blocks_inverse(name, monkeypatch):
     experiment switch): forward, final state and every gradient against the reference."""
     import linforge.codegen.chunk_op as chunk_op
     monkeypatch.setattr(chunk_op, "WY_INVERSE", 1)
+    _check_chunked_delta_rule(name, torch.float32)
+
+
+def _check_chunked_delta_rule(name: str, dtype: torch.dtype):
+    """``name`` chunked (B = 2, T = 150, an initial state) against the reference."""
     attn = linforge.library.get(name)
     sizes = kernel_sizes(attn)
     x = make_inputs(attn, B=2, T=150, H=2, sizes=sizes, seed=20)
     init = make_state(attn, N=2, H=2, sizes=sizes)
-    check_against_reference(attn, x, init, torch.float32, form="chunk")
+    check_against_reference(attn, x, init, dtype, form="chunk")
 
 
 @pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "kda", "rwkv7"])
