@@ -433,9 +433,10 @@ def chunk_states_kernel(
     NV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT: tl.constexpr, DELTA: tl.constexpr = False,
     LOW_RANK: tl.constexpr = False, NORM: tl.constexpr = False,
+    STORE_FINAL: tl.constexpr = True,
 ):
     """Grid (K blocks * V blocks, sequences * heads): one state tile at every chunk start
-    (ckpt) and after the last token (sT), in chunk order. DELTA (the delta rule in its WY
+    (ckpt) and after the last token (sT, unless not STORE_FINAL), in chunk order. DELTA (the delta rule in its WY
     form, one K block): a chunk's values are its updates u = U0 - W S, from ``u_ptr``
     (U0, overwritten with u) and ``w_ptr`` (``delta_wy_kernel``) and the start state.
     LOW_RANK (RWKV-7): u is written along x (``x_ptr``), and k v^T adds as well. NORM: the
@@ -481,7 +482,8 @@ def chunk_states_kernel(
         if NORM:
             tl.store(zckpt_ptr + ((ck_base + i_c) * H + i_h) * K + r_k, z, mask=m_z)
             z = z * _lane_decay(decay_last, DECAY) + tl.sum(k_dec, axis=0)
-    tl.store(sT_ptr + i_nh * K * V + p_kv, S, mask=m_kv)
+    if STORE_FINAL:
+        tl.store(sT_ptr + i_nh * K * V + p_kv, S, mask=m_kv)
     if NORM:
         tl.store(zT_ptr + i_nh * K + r_k, z, mask=m_z)
 

@@ -361,7 +361,8 @@ class ChunkCore(torch.autograd.Function):
         N, n_chunks = cfg["N"], cfg["n_chunks"]
         cu, offsets = cfg["cu"], cfg["offsets"]
         y = torch.empty(B, T, H, V, dtype=cfg["y_dtype"], device=dev)
-        sT = torch.empty(N, H, K, V, dtype=torch.float32, device=dev)
+        final = cfg.get("final_state", True)   # (None when the caller does not want it)
+        sT = torch.empty(N, H, K, V, dtype=torch.float32, device=dev) if final else None
         # the output kernel's dots read the states in bf16 when they multiply in bf16:
         # storing them so halves their traffic and changes no result
         ckpt_dtype = torch.bfloat16 if cfg["dot"] == DOT_BF16 else torch.float32
@@ -384,9 +385,10 @@ class ChunkCore(torch.autograd.Function):
         else:
             sb = _for("states", _without(blocks, "NK", "STRICT"))
             for_device(_STATES, dev)((blocks["NK"] * sb["NV"], N * H),
-                k, v, lam_, s0 if s0 is not None else y, sT, ckpt, _or(cu, y),
+                k, v, lam_, s0 if s0 is not None else y, _or(sT, y), ckpt, _or(cu, y),
                 _or(offsets, y), T, y, y, y, _or(z0, y), zT, zckpt,
-                USE_INITIAL_STATE=s0 is not None, IS_VARLEN=cu is not None, NORM=norm, **sb)
+                USE_INITIAL_STATE=s0 is not None, IS_VARLEN=cu is not None, NORM=norm,
+                STORE_FINAL=final, **sb)
         scores = y
         if cfg["decay"] == 2:   # diagonal decays: intra-chunk scores by sub-chunks first
             scores = _diagonal_scores(q, k, lam, cfg, blocks, ckpt_dtype)
@@ -942,7 +944,8 @@ class DeltaChunkCore(torch.autograd.Function):
             bv = _pow2(min(bv, ops.FORCE_BLOCK_V))
         cfg["delta_bv"] = bv
         store = any(ctx.needs_input_grad)     # (w and x of a low rank count too)
-        sT = torch.empty(cfg["N"], H, K, V, dtype=torch.float32, device=dev)
+        final = cfg.get("final_state", True)   # (None when the caller does not want it)
+        sT = torch.empty(cfg["N"], H, K, V, dtype=torch.float32, device=dev) if final else None
         ckpt = torch.empty(cfg["n_chunks"], H, K, V, dtype=torch.float32, device=dev)
         cu, offsets = cfg["cu"], cfg["offsets"]
         products = None
@@ -957,10 +960,10 @@ class DeltaChunkCore(torch.autograd.Function):
         lam_ = _or(lam, beta)
         unread = u      # (pointer arguments the kernels do not read)
         for_device(_STATES, dev)((blocks["NV"], cfg["N"] * H), k, v, lam_, _or(s0, unread),
-                                 sT, ckpt, _or(cu, unread), _or(offsets, unread), T, wy, u,
-                                 _or(x, unread), unread, unread, unread,
+                                 _or(sT, unread), ckpt, _or(cu, unread), _or(offsets, unread),
+                                 T, wy, u, _or(x, unread), unread, unread, unread,
                                  USE_INITIAL_STATE=s0 is not None, IS_VARLEN=cu is not None,
-                                 DELTA=True, LOW_RANK=low_rank,
+                                 DELTA=True, LOW_RANK=low_rank, STORE_FINAL=final,
                                  **_for("delta_states", _without(blocks, "NK", "STRICT")))
         del wy      # (read by the states kernel only: the output takes its memory)
         if products is not None and not store:  # the WY form's products: done with
@@ -994,6 +997,10 @@ class DeltaChunkCore(torch.autograd.Function):
         dev = q.device
         N, cu, offsets = cfg["N"], cfg["cu"], cfg["offsets"]
         dy = dy.contiguous()    # (the kernels read it in its dtype, compute in fp32)
+        if dsT is None:
+            # zeros rather than the kernel's variant without them: that one spills 704 bytes
+            # per thread on sm_90 with Triton 3.6, against 136 (benchmarks/preflight.py)
+            dsT = torch.zeros(N, H, K, V, dtype=torch.float32, device=dev)
         ds0 = torch.empty(N, H, K, V, dtype=torch.float32, device=dev)
         dckpt = torch.empty(ckpt.shape, dtype=torch.float32, device=dev)
         du = torch.empty(v.shape, dtype=torch.float32, device=dev)
@@ -1153,12 +1160,13 @@ def _low_rank_backward(ctx, dy, ds0, buffers: dict):
 
 
 def _delta_forward(q, k, v, beta, lam, s0, cu_seqlens, batch: int, chunk_size: int, dot: int,
-                   decay: int, low_rank=None, y_dtype=torch.float32):
+                   decay: int, low_rank=None, y_dtype=torch.float32, final_state=True):
     """The chunked delta rule (``DeltaChunkCore``), differentiable; with ``low_rank``
-    (w, x) the diagonal-plus-low-rank transition; its output stored in ``y_dtype``."""
+    (w, x) the diagonal-plus-low-rank transition; its output stored in ``y_dtype``; the
+    final state None unless ``final_state``."""
     cfg = _core_config(batch, q.shape[1], q.shape[-1], v.shape[-1], cu_seqlens, chunk_size,
                        False, dot, q.device)
-    cfg.update(decay=decay, y_dtype=y_dtype)
+    cfg.update(decay=decay, y_dtype=y_dtype, final_state=final_state)
     return apply(DeltaChunkCore, q, k, v, beta, lam, s0, cfg, *(low_rank or ()))
 
 
@@ -1269,15 +1277,17 @@ def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *
                 # the delta kernels are verified on the GPU with tf32 dots only
                 y, sT = _delta_forward(q, k, v, beta, lam, s0, cu_seqlens, batch, chunk_size,
                                        DOT_TF32 if dot == DOT_BF16 else dot, sp.decay, low_rank,
-                                       out_dtype if direct else torch.float32)
-            y_cols, sT_cols = y[..., V:], sT[..., V:]
-            y, sT = y[..., :V], sT[..., :V]
+                                       out_dtype if direct else torch.float32,
+                                       output_final_state)
+            y_cols, y = y[..., V:], y[..., :V]
+            sT_cols, sT = (sT[..., V:], sT[..., :V]) if sT is not None else (None, None)
         else:
             def run(v, s0, direct, z0=None, norm=False):
                 cfg = _core_config(batch, T, q.shape[-1], v.shape[-1], cu_seqlens, chunk_size,
                                    sp.strict, dot, q.device)
                 cfg.update(decay=sp.decay, parallel=parallel, scale=q_scale * k_scale,
-                           y_dtype=out_dtype if direct else torch.float32, norm=norm)
+                           y_dtype=out_dtype if direct else torch.float32, norm=norm,
+                           final_state=output_final_state)
                 if s0 is not None and k_scale != 1.0:
                     s0 = s0 / k_scale   # the core's state is the spec's over k's factor
                     z0 = z0 / k_scale if z0 is not None else None
@@ -1305,8 +1315,10 @@ def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *
         for node, col in sp.reads:
             part = y if col is None else y_cols[..., col]
             ev.ev.memo[node] = part.reshape(B * T, H, *part.shape[3:])
-        final[sp.state] = sT.to(state_dtype)
-        final.update({z: sT_cols[..., i].to(state_dtype) for i, z in enumerate(sp.columns)})
+        if output_final_state:
+            final[sp.state] = sT.to(state_dtype)
+            final.update({z: sT_cols[..., i].to(state_dtype)
+                          for i, z in enumerate(sp.columns)})
     reads = {node: ev.ev.memo[node] for sp in plan.states for node, _ in sp.reads}
     if FUSE_MAPS and p.output not in reads:
         # sums over a dim inside the readout (RWKV-6's bonus sum(r * u * k)): one generated
