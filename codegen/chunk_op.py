@@ -1011,10 +1011,10 @@ class DeltaChunkCore(torch.autograd.Function):
             written, qk, kk = x, products[0], None
         else:
             written, (qk, kk) = k, products if per_row else (dy, dy)
-        for_device(_DSTATES, dev)((blocks["NV"], N * H), q, lam_, dy, _or(dsT, dy), ds0,
+        for_device(_DSTATES, dev)((blocks["NV"], N * H), q, lam_, dy, dsT.contiguous(), ds0,
                                   dckpt, _or(cu, dy), _or(offsets, dy), T, written, wy, qk, du,
                                   dy, dy, dy, dy,
-                                  USE_FINAL_STATE_GRAD=dsT is not None, IS_VARLEN=cu is not None,
+                                  USE_FINAL_STATE_GRAD=True, IS_VARLEN=cu is not None,
                                   DELTA=True, **_for("delta_dstates", _without(blocks, "NK")))
         if w is not None:   # (the buffers go in a dict, so that it can drop them early)
             buffers = dict(dckpt=dckpt, du=du, wy=wy, u=u, inverse=inverse, products=products)
