@@ -24,8 +24,19 @@ FORMS = ("auto", "recurrent", "chunk", "parallel", "reference")
 #: tokens per chunk of the chunked form (a compile option: ``compile(..., chunk_size=...)``)
 DEFAULT_CHUNK_SIZE = 64
 CHUNK_SIZES = (16, 32, 64, 128)
-#: form="auto" uses the chunked kernels from this length on (one chunk of 64 tokens)
+#: form="auto" uses the chunked kernels from this length on (one chunk of 64 tokens). On an
+#: H200 (2026-12-05, benchmarks/bench_forms.py, B x T = 65536 tokens, H=16, K=V=128, bf16,
+#: benchmarks/results/forms_h200_session10.json) the chunked form beat the recurrent one at
+#: every length measured, 512 to 16384, by 2.8-7x forward and 11-16x forward+backward for
+#: linear_attention, retnet and gla; lengths below 512 are not measured yet.
 AUTO_CHUNK_MIN_T = 64
+#: form="auto" runs a causal spec of these classes in the parallel (quadratic) form for
+#: lengths up to the value given (0: never). Measured in the same run: the parallel form was
+#: slower than the chunked one at every length, already at T=512 (forward 1.36x slower for
+#: linear_attention, 1.58x for retnet, 1.79x for gla; forward+backward 1.87x, 1.53x, 2.31x),
+#: and its time grows as T^2 where the chunked form's stays flat; so none uses it now.
+AUTO_PARALLEL_MAX_T: dict = {TransitionClass.IDENTITY: 0, TransitionClass.SCALAR: 0,
+                             TransitionClass.DIAGONAL: 0}
 #: classes whose generated recurrent kernels measured faster than their chunked ones at
 #: training lengths, so form="auto" keeps them recurrent (none now). Diagonal decays were
 #: here until 2026-12-03: on an H100 (2026-11-23) the first diagonal chunk kernels lost to
@@ -126,10 +137,12 @@ class Attention:
         ``form="recurrent"`` runs the generated recurrent Triton kernels (Triton's
         interpreter for CPU tensors), differentiable through the generated backward kernel.
         ``form="chunk"`` runs the chunked kernels (identity, scalar and diagonal decays and
-        delta rules, with gradients). ``form="auto"`` picks chunk for sequences of 64
-        tokens or more when the spec has a chunked kernel that measured faster than the
-        recurrent one (not yet for diagonal decays), and recurrent otherwise
-        (``info()["auto_form"]`` says which and why).
+        delta rules, with gradients). ``form="parallel"`` runs the quadratic form (causal:
+        identity, scalar and diagonal decays; noncausal specs). ``form="auto"`` picks
+        parallel for noncausal specs, chunk for sequences of 64 tokens or more when the spec
+        has a chunked kernel, and recurrent otherwise, from measured crossovers
+        (``AUTO_CHUNK_MIN_T``, ``AUTO_PARALLEL_MAX_T``; ``info()["auto_form"]`` says which
+        and why).
         ``form="reference"`` runs the float64 interpreter (``o`` cast to the dtype of the
         input over V, states to float32 or the initial state's dtype). ``cp_group``: the
         tensors are this rank's shard of sequences split over the ranks of a
@@ -173,7 +186,8 @@ class Attention:
         needs_grad = torch.is_grad_enabled() and any(
             isinstance(x, torch.Tensor) and x.requires_grad
             for x in [*tensors.values(), *(initial_state or {}).values()])
-        form = self.resolve_form(form, bound.length, needs_grad=needs_grad)
+        form = self.resolve_form(form, bound.length, needs_grad=needs_grad,
+                                 stateful=initial_state is not None or output_final_state)
         if form != "reference":
             check_memory(self.program, bound.inputs, bound.memory, cu_seqlens,
                          cu_seqlens_memory)
@@ -224,26 +238,43 @@ class Attention:
                              f"does not support form={form!r}; it supports: "
                              f"{', '.join(self.analysis.forms)}")
 
-    def resolve_form(self, form: str, length: int, *, needs_grad: bool = False) -> str:
+    def resolve_form(self, form: str, length: int, *, needs_grad: bool = False,
+                     stateful: bool = False) -> str:
         """The form a call with ``form`` runs for sequences of ``length`` tokens: ``form``
         itself after checking that the spec supports it, or what ``'auto'`` picks (see
-        ``info()["auto_form"]``; ``needs_grad``: the call must be differentiable)."""
+        ``info()["auto_form"]``; ``needs_grad``: the call must be differentiable; ``stateful``:
+        it passes an initial state or asks for the final one, which the causal parallel form
+        does not carry)."""
         self._check_form(form)
         if form != "auto":
             return form
         if getattr(self.analysis, "kernel_blockers", ()):
             lowered = self._lowered()
             return "reference" if lowered is None else lowered[1].resolve_form(
-                form, length, needs_grad=needs_grad)
-        return self._auto_form(Bound({}, {}, {}, 0, length, torch.float32), needs_grad)
+                form, length, needs_grad=needs_grad, stateful=stateful)
+        return self._auto_form(Bound({}, {}, {}, 0, length, torch.float32), needs_grad,
+                               stateful)
 
-    def _auto_form(self, bound: Bound, needs_grad: bool = False) -> str:
-        """Chunked for sequences of a chunk or more when the spec has a chunked kernel
-        (without gradients only for the classes in ``AUTO_TRAINS_RECURRENT``), parallel for
-        noncausal specs; recurrent otherwise (short sequences, other classes)."""
+    def auto_form_bounds(self) -> tuple[int, ...]:
+        """The lengths at which ``form='auto'``'s pick may change (it is the same for every
+        length from one bound to the next), ascending."""
+        if getattr(self.analysis, "kernel_blockers", ()) and self._lowered() is not None:
+            return self._lowered()[1].auto_form_bounds()
+        parallel_up_to = AUTO_PARALLEL_MAX_T.get(self.analysis.transition_class, 0)
+        return tuple(sorted({AUTO_CHUNK_MIN_T, parallel_up_to + 1} - {1}))
+
+    def _auto_form(self, bound: Bound, needs_grad: bool = False, stateful: bool = False) -> str:
+        """Parallel for noncausal specs, and for causal ones from a chunk up to their
+        class's ``AUTO_PARALLEL_MAX_T``; chunked for sequences of a chunk or more when the spec has
+        a chunked kernel (without gradients only for the classes in
+        ``AUTO_TRAINS_RECURRENT``); recurrent otherwise (short sequences, other classes)."""
         cls = self.analysis.transition_class
         trains_recurrent = cls in AUTO_TRAINS_RECURRENT
         if self.program.noncausal and self._chunk_reason() is None:
+            return "parallel"
+        if ("parallel" in self.analysis.forms and self._chunk_reason() is None
+                and not stateful
+                and AUTO_CHUNK_MIN_T <= bound.length <= AUTO_PARALLEL_MAX_T.get(cls, 0)):
             return "parallel"
         if self._chunk_reason() is None and not (trains_recurrent and needs_grad) and (
                 bound.length >= AUTO_CHUNK_MIN_T and cls not in AUTO_RECURRENT_CLASSES):
@@ -302,7 +333,16 @@ class Attention:
             return (f"chunk for T >= {AUTO_CHUNK_MIN_T} without gradients (see "
                     "AUTO_TRAINS_RECURRENT; form='chunk' trains it chunked), recurrent "
                     "otherwise")
-        return f"chunk for T >= {AUTO_CHUNK_MIN_T}, recurrent below (and for decode)"
+        text = f"chunk for T >= {AUTO_CHUNK_MIN_T}, recurrent below (and for decode)"
+        up_to = AUTO_PARALLEL_MAX_T.get(self.analysis.transition_class, 0)
+        if "parallel" not in self.analysis.forms:
+            return text
+        if up_to:
+            return (f"parallel for {AUTO_CHUNK_MIN_T} <= T <= {up_to} (measured fastest "
+                    f"there, see AUTO_PARALLEL_MAX_T), chunk above it and with a state in or out, "
+                    "recurrent below (and for decode)")
+        return (f"{text}; never parallel (measured slower than chunk at every T from 512, "
+                "see AUTO_PARALLEL_MAX_T; form='parallel' runs it)")
 
     def _chunk_reason(self) -> str | None:
         """Why the chunked kernels cannot run this spec (None when they can); chunk_plan

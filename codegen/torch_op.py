@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..api import AUTO_CHUNK_MIN_T, FORMS
+from ..api import FORMS
 from ..ir.show import show_ir
 from . import ops
 from .cache import cache_key
@@ -395,24 +395,27 @@ class TorchOp:
         self.attn = attn
         self.key = register(attn)
         # What Attention.resolve_form says, tabulated here so that dynamo traces a dict
-        # lookup and one comparison of T (a symbol under dynamic shapes) instead of the
-        # analysis: 'auto' picks one form below AUTO_CHUNK_MIN_T tokens and one from it on.
+        # lookup and comparisons of T (a symbol under dynamic shapes) with the bounds where
+        # 'auto' may change its pick, instead of the analysis.
         self._errors = {}
         for form in FORMS:
             try:
                 attn.resolve_form(form, 1)
             except (ValueError, NotImplementedError) as e:
                 self._errors[form] = e
-        self._auto = {(grad, long): attn.resolve_form(
-                          "auto", AUTO_CHUNK_MIN_T if long else AUTO_CHUNK_MIN_T - 1,
-                          needs_grad=grad)
-                      for grad in (False, True) for long in (False, True)}
+        self._bounds = attn.auto_form_bounds()
+        lengths = (1, *self._bounds)    # one length of each range between bounds
+        self._auto = {(grad, stateful, i): attn.resolve_form(
+                          "auto", length, needs_grad=grad, stateful=stateful)
+                      for grad in (False, True) for stateful in (False, True)
+                      for i, length in enumerate(lengths)}
 
     def __repr__(self) -> str:
         return f"TorchOp({self.attn.name!r})"
 
-    def _resolve(self, form: str, length, needs_grad: bool) -> str:
-        """``Attention.resolve_form(form, length, needs_grad=needs_grad)``, from the tables."""
+    def _resolve(self, form: str, length, needs_grad: bool, stateful: bool) -> str:
+        """``Attention.resolve_form(form, length, needs_grad=needs_grad, stateful=stateful)``,
+        from the tables."""
         if form not in FORMS:
             raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
         if form in self._errors:
@@ -420,7 +423,7 @@ class TorchOp:
             raise type(error)(*error.args)
         if form != "auto":
             return form
-        return self._auto[(needs_grad, length >= AUTO_CHUNK_MIN_T)]
+        return self._auto[(needs_grad, stateful, sum(int(length >= b) for b in self._bounds))]
 
     def _split(self, tensors: dict, state: dict | None, what: str):
         p = self.attn.program
@@ -444,7 +447,8 @@ class TorchOp:
         inputs, params, init = self._split(tensors, initial_state, "initial_state")
         needs_grad = torch.is_grad_enabled() and any(
             t.requires_grad for t in (*inputs, *params, *init))
-        form = self._resolve(form, inputs[0].shape[1], needs_grad)
+        form = self._resolve(form, inputs[0].shape[1], needs_grad,
+                             bool(init) or output_final_state)
         if form == "recurrent":
             o, finals, _ = recurrent_forward(self.key, inputs, params, init, cu_seqlens,
                                              output_final_state, needs_grad,

@@ -186,6 +186,33 @@ def test_auto_picks_parallel_for_noncausal_and_chunk_for_long_causal():
         == "parallel"
 
 
+def test_auto_picks_parallel_up_to_the_measured_length(monkeypatch):
+    """A class with a parallel crossover in AUTO_PARALLEL_MAX_T runs causal calls up to it
+    in the parallel form (the same kernels as form='parallel'), chunked above, and never
+    parallel with a state in or out (the causal parallel form carries none); TorchOp
+    resolves the same; the measured table (every value 0) never picks it."""
+    from linforge.codegen.torch_op import TorchOp
+    retnet = linforge.library.get("retnet")
+    assert retnet.info()["auto_form"].endswith("form='parallel' runs it)")
+    assert retnet.resolve_form("auto", 100) == "chunk"
+    monkeypatch.setattr(linforge.api, "AUTO_PARALLEL_MAX_T",
+                        {linforge.api.TransitionClass.SCALAR: 128})
+    assert retnet.auto_form_bounds() == (64, 129)
+    assert [retnet.resolve_form("auto", t) for t in (10, 100, 128, 129)] == \
+        ["recurrent", "parallel", "parallel", "chunk"]
+    assert retnet.resolve_form("auto", 100, needs_grad=True) == "parallel"
+    assert retnet.resolve_form("auto", 100, stateful=True) == "chunk"
+    assert retnet.info()["auto_form"].startswith("parallel for 64 <= T <= 128")
+    assert linforge.library.get("gla").resolve_form("auto", 100) == "chunk"
+    op = TorchOp(retnet)
+    assert [op._resolve("auto", t, False, False) for t in (10, 100, 129)] == \
+        ["recurrent", "parallel", "chunk"]
+    assert op._resolve("auto", 100, False, True) == "chunk"
+    x = make_inputs(retnet, B=1, T=100, H=2, sizes=kernel_sizes(retnet), seed=3)
+    assert torch.equal(retnet(**x)[0], retnet(**x, form="parallel")[0])
+    assert not torch.equal(retnet(**x)[0], retnet(**x, form="chunk")[0])
+
+
 def test_chunk_source_shows_the_mapping_and_the_kernels():
     src = linforge.library.get("rwkv6").source("chunk", "bwd")
     assert "key    k^ = k" in src and "log decay = w" in src
