@@ -64,7 +64,7 @@ def _inverse_kernel(a_ptr, x_ptr, C: tl.constexpr, BLOCKED: tl.constexpr,
     p = tl.program_id(0) * C * C + r_c[:, None] * C + r_c[None, :]
     A = tl.load(a_ptr + p)
     if BLOCKED == 3:
-        X = _unit_lower_inverse_diagonal_blocks(A, C)
+        X = _unit_lower_inverse_diagonal_blocks(A, C, PRECISION)
     elif BLOCKED == 2:
         X = tl.trans(_unit_lower_inverse_transposed(A, C))
     elif BLOCKED:
@@ -96,7 +96,8 @@ def main():
         eye = torch.eye(C, dtype=torch.float64, device=device)
         exact = torch.linalg.inv(eye + A.double())
         for name, blocked, precision in (("by_rows", 0, 2), ("by_columns", 2, 2),
-                                         ("diagonal_blocks", 3, 3), ("blocked_tf32x3", 1, 3),
+                                         ("diagonal_blocks_tf32x3", 3, 3),
+                                         ("diagonal_blocks_tf32", 3, 1), ("blocked_tf32x3", 1, 3),
                                          ("blocked_ieee", 1, 2)):
             X = torch.empty_like(A)
 

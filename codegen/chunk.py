@@ -1150,30 +1150,37 @@ def _pairs_crossing(P, STRICT: tl.constexpr):
 
 
 @triton.jit
-def _unit_lower_inverse_diagonal_blocks(A, C: tl.constexpr):
-    """(I + A)^-1 for a strictly lower-triangular [C, C] A: the inverses of the 16 x 16
-    diagonal blocks all at once, by forward substitution on their columns in a [C / 16, 16,
-    C] view (15 steps for any C; each step's row of A does not depend on earlier steps),
-    then the blocks below them block row by block row: X -= D (rows of block i of A X),
-    A without its diagonal blocks, D the block-diagonal inverse (tf32x3 dots)."""
+def _unit_lower_inverse_diagonal_blocks(A, C: tl.constexpr, DOT: tl.constexpr):
+    """(I + A)^-1 for a strictly lower-triangular [C, C] A. First the inverses D_b of the
+    16 x 16 diagonal blocks I + A_b, all at once: forward substitution on their columns in
+    a [C / 16, 16, 16] tile, 15 steps for any C, each on a 16th of the [C, C] tile (the row
+    of A a step needs does not depend on earlier steps). Then, with D block-diagonal and
+    N = D A' (A' is A without its diagonal blocks; N is strictly block-lower, N^(C/16) = 0),
+    I + A = D^-1 (I + N), so (I + A)^-1 = (I - N + N^2 - ...) D, by Horner's rule:
+    X <- D - N X, C / 16 - 1 times. The dots run in tf32 where the kernel's do (DOT = 1:
+    2e-4 to 5e-4 relative error in the inverse, as in the kernel's other dots; tf32x3
+    spills 0.9 KB per thread on sm_90 even alone), else in tf32x3 (about fp32's accuracy,
+    1e-7)."""
+    MERGE: tl.constexpr = 1 if DOT == 1 else 3
     BC: tl.constexpr = 16
     NB: tl.constexpr = C // BC
     r_c = tl.arange(0, C)
     same = (r_c[:, None] // BC) == (r_c[None, :] // BC)
-    A3 = tl.reshape(tl.where(same, A, 0.0), [NB, BC, C])        # [block, row, s]
+    # [block b, row i, block c, column j]: zero unless c == b, so the sum over c is block b
+    A_d = tl.sum(tl.reshape(tl.where(same, A, 0.0), [NB, BC, NB, BC]), axis=2)
     i3 = tl.arange(0, BC)[None, :, None]
-    s3 = tl.arange(0, C)[None, None, :]
-    b3 = tl.arange(0, NB)[:, None, None]
-    Y3 = ((b3 * BC + i3) == s3).to(tl.float32)     # the transposed inverse, by block rows
-    for i in range(1, BC):
-        a_i = tl.sum(tl.where(i3 == i, A3, 0.0), axis=1)        # row i of each block's A
-        Y3 = tl.where(s3 == b3 * BC + i, Y3 - tl.sum(Y3 * a_i[:, None, :], axis=2)[:, :, None],
-                      Y3)
-    D = tl.trans(tl.reshape(Y3, [C, C]))
+    j3 = tl.arange(0, BC)[None, None, :]
+    Y = tl.where(i3 == j3, 1.0, 0.0) + tl.zeros([NB, BC, BC], dtype=tl.float32)
+    for t in range(1, BC):      # Y[b] = D_b^T, column t = row t of D_b
+        a_t = tl.sum(tl.where(i3 == t, A_d, 0.0), axis=1)        # [NB, BC]: row t of A_b
+        Y = tl.where(j3 == t, Y - tl.sum(Y * a_t[:, None, :], axis=2)[:, :, None], Y)
+    b4 = tl.arange(0, NB)[:, None, None, None]
+    c4 = tl.arange(0, NB)[None, None, :, None]
+    D = tl.reshape(tl.where(b4 == c4, tl.permute(Y, (0, 2, 1))[:, :, None, :], 0.0), [C, C])
+    N = _mm(D, tl.where(same, 0.0, A), MERGE)
     X = D
-    A_off = tl.where(same, 0.0, A)
-    for i in tl.static_range(1, NB):
-        X -= _mm(D, tl.where((r_c[:, None] // BC) == i, _mm(A_off, X, 3), 0.0), 3)
+    for _ in tl.static_range(NB - 1):
+        X = D - _mm(N, X, MERGE)
     return X
 
 
@@ -1226,6 +1233,21 @@ def _wy_chunk(k_ptr, beta_ptr, lam_ptr, kk_ptr, chunk_table_ptr, H: tl.constexpr
 
 
 @triton.jit
+def _wy_keys(k_ptr, lam_ptr, rows, m_t, r_k, m_k, beta, H: tl.constexpr, K: tl.constexpr,
+             DECAY: tl.constexpr, LOW_RANK: tl.constexpr):
+    """R_w = beta exp(b) k, fp32 [C, BK], whose L^-1 image is the WY form's W (LOW_RANK:
+    w exp(bq) with beta = -1), as ``_wy_chunk`` makes it."""
+    k = _rows_of(k_ptr, rows, m_t, r_k, m_k, K).to(tl.float32)
+    if DECAY == 2:
+        _, bq, _ = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 2, LOW_RANK, H)
+        k = k * tl.exp(bq)
+    elif DECAY == 1:
+        b, _, _ = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 1, False)
+        k = k * tl.exp(b)[:, None]
+    return k * beta[:, None]
+
+
+@triton.jit
 def _wy_of_v_block(i_v, L_inv, W, beta, rows, m_t, p_cc, v_ptr, wk_ptr, ckpt_ptr, u_ptr,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, DOT: tl.constexpr, LOW_RANK: tl.constexpr,
@@ -1268,15 +1290,17 @@ def delta_wy_kernel(
     U0, so nothing else of the forward need be kept. INVERSE: 0 by columns
     (``_unit_lower_inverse_transposed``), 1 by diagonal blocks at once
     (``_unit_lower_inverse_diagonal_blocks``; not yet timed in this kernel)."""
-    rows, m_t, r_k, m_k, p_cc, k, beta, e_b, _, _, _, A = _wy_chunk(
+    rows, m_t, r_k, m_k, p_cc, _, beta, _, _, _, _, A = _wy_chunk(
         k_ptr, beta_ptr, lam_ptr, kk_ptr, chunk_table_ptr, H, K, BK, C, DECAY, DOT, LOW_RANK)
     if INVERSE == 1:
-        L_inv = _unit_lower_inverse_diagonal_blocks(A, C)
+        L_inv = _unit_lower_inverse_diagonal_blocks(A, C, DOT)
     else:
         L_inv = tl.trans(_unit_lower_inverse_transposed(A, C))
     if STORE_INVERSE:
         tl.store(inv_ptr + p_cc, L_inv)
-    W = _mm(L_inv, k * e_b * beta[:, None], DOT)
+    # the keys read again rather than held through the inverse (register pressure)
+    W = _mm(L_inv, _wy_keys(k_ptr, lam_ptr, rows, m_t, r_k, m_k, beta, H, K, DECAY, LOW_RANK),
+            DOT)
     tl.store(w_ptr + rows[:, None] * K + r_k[None, :], W, mask=m_t[:, None] & m_k[None, :])
     UNROLL_V: tl.constexpr = NV if NV <= MAX_UNROLLED_V else 0
     for i_v in tl.static_range(UNROLL_V):
