@@ -327,8 +327,9 @@ FORCE_DOT: int | None = None
 #: experiments: the dot precision of one kernel ("states", "output", "dstates", "grads")
 KERNEL_DOT: dict[str, int] = {}
 #: experiments: the WY kernel's inverse (``delta_wy_kernel``'s INVERSE: 0 by columns, 1 by
-#: 16 x 16 diagonal blocks at once; the second is 15 serial steps instead of 63 at C = 64
-#: but needs 96 KB of shared memory for its dots on sm_90, and has not run on a GPU;
+#: 16 x 16 diagonal blocks at once, then C/16 merging dots; the second is 15 serial steps
+#: on a quarter of the tile instead of 63 at C = 64, compiles for sm_90 without spills at
+#: 190-234 registers (benchmarks/preflight.py), and has not run on a GPU;
 #: ``KERNEL_OPTIONS["wy"]["INVERSE"]`` overrides it on a GPU, as the launch sweep does)
 WY_INVERSE = 0
 #: per-token maps of inputs (feature maps, gates, decays) as generated kernels (codegen/maps.py);
