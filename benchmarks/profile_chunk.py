@@ -1,6 +1,8 @@
 """Where a chunked call's time goes: wall time, host time and CUDA time per kernel.
 
-Usage (CUDA): python benchmarks/profile_chunk.py --out DIR [--ops ...]. For each op (B=4,
+Usage (CUDA): python benchmarks/profile_chunk.py --out DIR [--ops ...] [--set NAME=VALUE
+...]. ``--set`` sets a switch of ``linforge.codegen.chunk_op`` for the run (``WY_INVERSE=1``,
+``DELTA_HALF_BUFFERS=1``); the rows record it. For each op (B=4,
 T=4096, H=16, K=V=128, bf16) it prints and writes DIR/profile_chunk.json: the median wall
 time of a forward and of a forward+backward (do_bench), the host time of one call (launches
 queued without synchronising, averaged over 20 calls), and the CUDA time of every kernel of
@@ -18,6 +20,7 @@ import torch
 import triton
 
 import linforge
+import linforge.codegen.chunk_op as chunk_op
 from bench_chunk import B, H, T, V, inputs, train
 from tune_chunk import kernel_times
 
@@ -60,18 +63,34 @@ def profile_op(name: str, form: str) -> list[dict]:
     return rows
 
 
+def apply_settings(settings: list[str]) -> dict:
+    """Set ``chunk_op`` switches from ``NAME=VALUE`` strings (integer values); returns them."""
+    applied = {}
+    for item in settings:
+        name, _, value = item.partition("=")
+        if not hasattr(chunk_op, name):
+            raise SystemExit(f"--set: linforge.codegen.chunk_op has no switch {name!r}")
+        setattr(chunk_op, name, type(getattr(chunk_op, name))(int(value)))
+        applied[name] = getattr(chunk_op, name)
+    return applied
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--ops", default="retnet,linear_attention,mamba2,gla,rwkv6")
     ap.add_argument("--form", default="chunk")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="a chunk_op switch for this run (repeatable)")
     args = ap.parse_args()
+    settings = apply_settings(args.set)
     rows = []
     for name in args.ops.split(","):
         rows += profile_op(name, args.form)
     with open(os.path.join(args.out, "profile_chunk.json"), "a") as f:
         for r in rows:
-            f.write(json.dumps(dict(r, device=torch.cuda.get_device_name())) + "\n")
+            f.write(json.dumps(dict(r, settings=settings,
+                                    device=torch.cuda.get_device_name())) + "\n")
 
 
 if __name__ == "__main__":

@@ -332,6 +332,13 @@ KERNEL_DOT: dict[str, int] = {}
 #: 190-234 registers (benchmarks/preflight.py), and has not run on a GPU;
 #: ``KERNEL_OPTIONS["wy"]["INVERSE"]`` overrides it on a GPU, as the launch sweep does)
 WY_INVERSE = 0
+#: experiment: the delta rules' forward keeps W in bf16 for half inputs, and the chunk
+#: states too when no gradient needs them (fla keeps w, u and h in bf16). The states kernel
+#: reads W once per V tile (4 times at K = V = 128): 512 MB of fp32 reads at B=4, T=4096,
+#: H=16. Not yet timed on a GPU. The updates u stay fp32: in bf16 they took the bf16
+#: output's error against float64 from 1.3e-2 to 2.1e-2 (kda), 6.7e-3 to 1.1e-2
+#: (gated_deltanet) on the CPU tests' inputs, where W and S in bf16 changed it by < 1e-4.
+DELTA_HALF_BUFFERS = False
 #: per-token maps of inputs (feature maps, gates, decays) as generated kernels (codegen/maps.py);
 #: False: torch ops (for comparisons)
 FUSE_MAPS = True
@@ -947,7 +954,9 @@ class DeltaChunkCore(torch.autograd.Function):
         store = any(ctx.needs_input_grad)     # (w and x of a low rank count too)
         final = cfg.get("final_state", True)   # (None when the caller does not want it)
         sT = torch.empty(cfg["N"], H, K, V, dtype=torch.float32, device=dev) if final else None
-        ckpt = torch.empty(cfg["n_chunks"], H, K, V, dtype=torch.float32, device=dev)
+        half = DELTA_HALF_BUFFERS and v.dtype in (torch.bfloat16, torch.float16)
+        ckpt = torch.empty(cfg["n_chunks"], H, K, V, device=dev,
+                           dtype=torch.bfloat16 if half and not store else torch.float32)
         cu, offsets = cfg["cu"], cfg["offsets"]
         products = None
         if cfg["decay"] == 2:
@@ -957,7 +966,8 @@ class DeltaChunkCore(torch.autograd.Function):
             products = _delta_products(q, k, lam, cfg, w, x)
         low_rank = w is not None
         blocks = _delta_blocks(cfg, H, K, V)
-        wy, u = _wy_form(q, k, v, beta, lam, ckpt, cfg, products, w, store_inverse=False)[:2]
+        wy, u = _wy_form(q, k, v, beta, lam, ckpt, cfg, products, w, store_inverse=False,
+                         w_dtype=torch.bfloat16 if half else torch.float32)[:2]
         lam_ = _or(lam, beta)
         unread = u      # (pointer arguments the kernels do not read)
         for_device(_STATES, dev)((blocks["NV"], cfg["N"] * H), k, v, lam_, _or(s0, unread),
@@ -1065,13 +1075,14 @@ _LOW_RANK_STATE_GRADS = Launcher(low_rank_state_grads_kernel)
 _LOW_RANK_PAIR_GRADS = Launcher(low_rank_pair_grads_kernel)
 
 
-def _wy_form(q, k, v, beta, lam, ckpt, cfg: dict, products, w, store_inverse: bool):
+def _wy_form(q, k, v, beta, lam, ckpt, cfg: dict, products, w, store_inverse: bool,
+             w_dtype: torch.dtype = torch.float32):
     """Every chunk's WY form (``delta_wy_kernel``): W [T*, H, K] and, in the forward, U0
     (the states kernel turns it into u), in the backward u itself from the stored states
-    (``store_inverse``), with L^-1 [chunks * C, H, C]; fp32."""
+    (``store_inverse``), with L^-1 [chunks * C, H, C]; W in ``w_dtype``, the rest fp32."""
     B, T, H, K = q.shape
     dev = q.device
-    wy = torch.empty(q.shape, dtype=torch.float32, device=dev)
+    wy = torch.empty(q.shape, dtype=w_dtype, device=dev)
     u = torch.empty(v.shape, dtype=torch.float32, device=dev)
     inverse = torch.empty(cfg["n_chunks"] * cfg["C"], H, cfg["C"], dtype=torch.float32,
                           device=dev) if store_inverse else wy

@@ -5,7 +5,7 @@ with T not a multiple of the chunk, varlen, V split over programs, steep decays.
 import pytest
 import torch
 from spec_inputs import kernel_sizes, make_inputs, make_state, spec_sizes
-from test_recurrent_bwd import check_against_reference, rel_err, run_with_grads
+from test_recurrent_bwd import TOL, check_against_reference, rel_err, run_with_grads
 
 import linforge
 import linforge.codegen.ops as ops
@@ -260,6 +260,25 @@ def test_chunked_delta_rule_with_the_diagonal_blocks_inverse(name, monkeypatch):
     import linforge.codegen.chunk_op as chunk_op
     monkeypatch.setattr(chunk_op, "WY_INVERSE", 1)
     _check_chunked_delta_rule(name, torch.float32)
+
+
+@pytest.mark.parametrize("name", ["gated_deltanet", "kda", "rwkv7"])
+def test_chunked_delta_rule_with_half_buffers(name, monkeypatch):
+    """The delta forward with W (and, without gradients, the chunk states) in bf16 (an
+    experiment switch): bf16 inputs against the reference, forward and every gradient; the
+    switch changes the output (the buffers are rounded), so the path is the one tested."""
+    import linforge.codegen.chunk_op as chunk_op
+    attn = linforge.library.get(name)
+    sizes = kernel_sizes(attn)
+    x = {n: t.to(torch.bfloat16) if n in attn.program.inputs else t
+         for n, t in make_inputs(attn, B=1, T=100, H=2, sizes=sizes, seed=22).items()}
+    before = attn(**x, form="chunk")[0]
+    monkeypatch.setattr(chunk_op, "DELTA_HALF_BUFFERS", True)
+    o = attn(**x, form="chunk")[0]     # (no gradients: the chunk states in bf16 as well)
+    assert not torch.equal(o, before)
+    o_ref = attn(**{n: t.double() for n, t in x.items()}, form="reference")[0]
+    assert rel_err(o, o_ref) < TOL[torch.bfloat16]
+    _check_chunked_delta_rule(name, torch.bfloat16)
 
 
 def _check_chunked_delta_rule(name: str, dtype: torch.dtype):
