@@ -281,6 +281,20 @@ def test_chunked_delta_rule_with_half_buffers(name, monkeypatch):
     _check_chunked_delta_rule(name, torch.bfloat16)
 
 
+@pytest.mark.parametrize("name,form", [("mamba2", "parallel"), ("gla", "parallel"),
+                                       ("gated_deltanet", "chunk"), ("rwkv7", "chunk")])
+def test_varlen_with_empty_sequences(name, form):
+    """Packed batches with empty sequences (one between two others, one at the end) and a
+    one-token one: forward and every gradient against the reference (the parallel form's
+    block-pair sums and the chunk tables skip the empty ones)."""
+    attn = linforge.library.get(name)
+    x = make_inputs(attn, B=1, T=150, H=2, sizes=kernel_sizes(attn), seed=4)
+    cu = torch.tensor([0, 70, 70, 71, 150, 150])
+    init = make_state(attn, N=5, H=2, sizes=kernel_sizes(attn)) if form == "chunk" else None
+    check_against_reference(attn, x, init, torch.float32, cu_seqlens=cu, form=form,
+                            states=form == "chunk")
+
+
 def _check_chunked_delta_rule(name: str, dtype: torch.dtype):
     """``name`` chunked (B = 2, T = 150, an initial state) against the reference."""
     attn = linforge.library.get(name)
