@@ -42,8 +42,10 @@ GRID = {"states": dict(BV=[32, 64], num_stages=[1, 2, 3], num_warps=[4]),
         # others at 8); INVERSE: the WY kernel's inverse (delta_wy_kernel)
         "wy": dict(num_stages=[1], num_warps=[4, 8], INVERSE=[0, 1]),
         "wy_bwd": dict(num_stages=[1, 2], num_warps=[4, 8]),
-        "delta_states": dict(num_stages=[1, 2, 3], num_warps=[4, 8]),
-        "delta_dstates": dict(num_stages=[1, 2, 3], num_warps=[4, 8]),
+        # (4 warps: two programs per SM, all 256 of them in one wave, no spills in the
+        # states kernel on sm_90 since session 10; BV 64: half the programs, W read twice)
+        "delta_states": dict(BV=[32, 64], num_stages=[1, 2, 3], num_warps=[4, 8]),
+        "delta_dstates": dict(BV=[32, 64], num_stages=[1, 2], num_warps=[4, 8]),
         # V tiles of 32 by default (spills 0.2-1 KB -> 0.1-0.5 KB per thread), not yet timed
         "delta_grads": dict(BV=[32, 64], num_stages=[1], num_warps=[4, 8]),
         "low_rank_grads": dict(num_stages=[1, 2], num_warps=[4, 8])}

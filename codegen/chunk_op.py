@@ -615,13 +615,14 @@ def _suffix_sums(x: torch.Tensor, cu_seqlens) -> torch.Tensor:
 
 def _for(kernel: str, blocks: dict) -> dict:
     """``blocks`` with what ``KERNEL_DOT`` and ``KERNEL_OPTIONS`` set for ``kernel`` on a
-    GPU (dot precision; V tile, warps, pipeline stages), the V block count to match."""
+    GPU (dot precision; V tile, warps, pipeline stages), the V block count to match: a
+    launch whose grid runs over V tiles takes its count from the result."""
     out = dict(blocks, DOT=KERNEL_DOT[kernel]) if kernel in KERNEL_DOT else dict(blocks)
     if "num_warps" in blocks:       # a GPU launch (the interpreter takes no options)
         for key, value in KERNEL_OPTIONS.get(kernel, {}).items():
             if key in ("BV", "BK"):
                 dim = key[1]
-                value = min(value, out[key])    # never wider than the dim's own tile
+                value = min(value, _pow2(out[dim]))     # never wider than the dim itself
                 if "N" + dim in out:
                     out["N" + dim] = _cdiv(out[dim], value)
             out[key] = value
@@ -970,12 +971,12 @@ class DeltaChunkCore(torch.autograd.Function):
                          w_dtype=torch.bfloat16 if half else torch.float32)[:2]
         lam_ = _or(lam, beta)
         unread = u      # (pointer arguments the kernels do not read)
-        for_device(_STATES, dev)((blocks["NV"], cfg["N"] * H), k, v, lam_, _or(s0, unread),
+        sb = _for("delta_states", _without(blocks, "NK", "STRICT"))
+        for_device(_STATES, dev)((sb["NV"], cfg["N"] * H), k, v, lam_, _or(s0, unread),
                                  _or(sT, unread), ckpt, _or(cu, unread), _or(offsets, unread),
                                  T, wy, u, _or(x, unread), unread, unread, unread,
                                  USE_INITIAL_STATE=s0 is not None, IS_VARLEN=cu is not None,
-                                 DELTA=True, LOW_RANK=low_rank, STORE_FINAL=final,
-                                 **_for("delta_states", _without(blocks, "NK", "STRICT")))
+                                 DELTA=True, LOW_RANK=low_rank, STORE_FINAL=final, **sb)
         del wy      # (read by the states kernel only: the output takes its memory)
         if products is not None and not store:  # the WY form's products: done with
             products = tuple(p if i in (0, 3) else None for i, p in enumerate(products))
@@ -1022,11 +1023,12 @@ class DeltaChunkCore(torch.autograd.Function):
             written, qk, kk = x, products[0], None
         else:
             written, (qk, kk) = k, products if per_row else (dy, dy)
-        for_device(_DSTATES, dev)((blocks["NV"], N * H), q, lam_, dy, dsT.contiguous(), ds0,
+        db = _for("delta_dstates", _without(blocks, "NK"))
+        for_device(_DSTATES, dev)((db["NV"], N * H), q, lam_, dy, dsT.contiguous(), ds0,
                                   dckpt, _or(cu, dy), _or(offsets, dy), T, written, wy, qk, du,
                                   dy, dy, dy, dy,
                                   USE_FINAL_STATE_GRAD=True, IS_VARLEN=cu is not None,
-                                  DELTA=True, **_for("delta_dstates", _without(blocks, "NK")))
+                                  DELTA=True, **db)
         if w is not None:   # (the buffers go in a dict, so that it can drop them early)
             buffers = dict(dckpt=dckpt, du=du, wy=wy, u=u, inverse=inverse, products=products)
             del dckpt, du, wy, u, inverse, products, qk, written
