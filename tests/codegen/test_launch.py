@@ -24,3 +24,21 @@ def test_a_kernel_over_the_gpus_shared_memory_gets_a_clear_error():
                                            r"memory per block and this GPU allows 232448 "
                                            r"\(its tiles: BK=128, BV=32\).*FORCE_BLOCK_V"):
         Launcher(TooBig())((1,), 0, BK=128, BV=32, DOT=1)
+
+
+def test_launch_options_set_tiles_within_the_dim_and_the_tile_count_follows(monkeypatch):
+    """A kernel's GPU launch options (``KERNEL_OPTIONS``) may narrow or widen its V tile,
+    never past the dim's power of two, and the tile count (which the grid reads) follows;
+    interpreted launches (no ``num_warps``) keep the call's tiles."""
+    import linforge.codegen.chunk_op as chunk_op
+
+    blocks = dict(V=100, BV=32, NV=4, num_warps=8)
+    monkeypatch.setitem(chunk_op.KERNEL_OPTIONS, "delta_states", {"BV": 64, "num_warps": 4})
+    assert chunk_op._for("delta_states", blocks) == dict(V=100, BV=64, NV=2, num_warps=4)
+    monkeypatch.setitem(chunk_op.KERNEL_OPTIONS, "delta_states", {"BV": 256})
+    assert chunk_op._for("delta_states", blocks)["BV"] == 128
+    assert chunk_op._for("delta_states", blocks)["NV"] == 1
+    monkeypatch.setitem(chunk_op.KERNEL_OPTIONS, "delta_states", {"BV": 16})
+    assert chunk_op._for("delta_states", blocks)["NV"] == 7
+    cpu = dict(V=100, BV=128, NV=1)
+    assert chunk_op._for("delta_states", cpu) == cpu
