@@ -3,7 +3,7 @@
 # per op, the forward and forward+backward wall time and every kernel's CUDA time
 # (profile_chunk.py) with the defaults, with the diagonal-blocks inverse (WY_INVERSE=1),
 # with W and the no-gradient chunk states in bf16 (DELTA_HALF_BUFFERS=1), and both; then
-# the WY and delta state kernels' launch sweep. Results: $OUT/profile_chunk.json (a row per
+# the WY and delta state kernels' launch sweep, and the parallel forward's. Results: $OUT/profile_chunk.json (a row per
 # op, direction and setting) and $OUT/sweep_chunk_launch.jsonl.
 # Usage: OUT=dir bash benchmarks/gpu_experiments.sh [ops]
 set -u
@@ -16,3 +16,6 @@ for s in "" "--set WY_INVERSE=1" "--set DELTA_HALF_BUFFERS=1" \
 done
 python sweep_chunk_launch.py --out "$OUT" --ops gated_deltanet \
     --kernels wy,delta_states,delta_dstates
+# the causal parallel form's forward with whole K and V tiles (then bench_forms.py again)
+python sweep_chunk_launch.py --out "$OUT" --ops retnet,linear_attention \
+    --kernels parallel_output

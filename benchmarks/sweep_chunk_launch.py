@@ -28,7 +28,11 @@ KERNELS = {"states": "chunk_states_kernel", "output": "chunk_output_kernel",
            # the delta rule's (deltanet, gated_deltanet, kda) and the low rank's (rwkv7)
            "wy": "delta_wy_kernel", "wy_bwd": "delta_wy_bwd_kernel",
            "delta_states": "chunk_states_kernel", "delta_dstates": "chunk_dstates_kernel",
-           "delta_grads": "chunk_grads_kernel", "low_rank_grads": "low_rank_"}
+           "delta_grads": "chunk_grads_kernel", "low_rank_grads": "low_rank_",
+           # the causal parallel form's forward (identity, scalar and diagonal decays)
+           "parallel_output": "chunk_output_kernel"}
+#: the form each kernel runs in (chunk unless named here)
+FORM = {"parallel_output": "parallel"}
 GRID = {"states": dict(BV=[32, 64], num_stages=[1, 2, 3], num_warps=[4]),
         "dstates": dict(BV=[32, 64], num_stages=[1, 2, 3], num_warps=[4]),
         # K and V tiles of 32 take the spills of these two kernels from 0.8-3.5 KB per
@@ -48,12 +52,16 @@ GRID = {"states": dict(BV=[32, 64], num_stages=[1, 2, 3], num_warps=[4]),
         "delta_dstates": dict(BV=[32, 64], num_stages=[1, 2], num_warps=[4, 8]),
         # V tiles of 32 by default (spills 0.2-1 KB -> 0.1-0.5 KB per thread), not yet timed
         "delta_grads": dict(BV=[32, 64], num_stages=[1], num_warps=[4, 8]),
-        "low_rank_grads": dict(num_stages=[1, 2], num_warps=[4, 8])}
+        "low_rank_grads": dict(num_stages=[1, 2], num_warps=[4, 8]),
+        # whole K and V tiles: the scores of a block pair made once, not once per V tile
+        # (no spills on sm_90 at 4 or 8 warps, session 10)
+        "parallel_output": dict(BK=[64, 128], BV=[64, 128], num_stages=[1, 2, 3],
+                                num_warps=[4, 8])}
 
 
-def step(attn, x, do):
+def step(attn, x, do, form: str = "chunk"):
     xg = {k: v.detach().requires_grad_() for k, v in x.items()}
-    o = attn(**xg, form="chunk")[0]
+    o = attn(**xg, form=form)[0]
     o.backward(do)
     return o.detach().float(), {k: v.grad.float() for k, v in xg.items()}
 
@@ -87,8 +95,14 @@ def main() -> None:
         attn = linforge.library.get(name)
         x = inputs(name)
         do = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
-        o_ref, g_ref = step(attn, x, do)
+        refs = {}
         for kernel in args.kernels.split(","):
+            form = FORM.get(kernel, "chunk")
+            if form not in attn.info()["forms"]:
+                continue
+            if form not in refs:
+                refs[form] = step(attn, x, do, form)
+            o_ref, g_ref = refs[form]
             grid = GRID[kernel]
             keys = list(grid)
             for values in itertools.product(*grid.values()):
@@ -99,10 +113,10 @@ def main() -> None:
                 chunk_op.KERNEL_OPTIONS[kernel] = {**defaults.get(kernel, {}), **opts}
                 row = {"op": name, "kernel": kernel, **opts}
                 try:
-                    o, g = step(attn, x, do)
+                    o, g = step(attn, x, do, form)
                     row["max_rel_diff"] = max([rel(o, o_ref)] + [rel(g[k], g_ref[k])
                                                                   for k in g_ref])
-                    row["ms"] = kernel_ms(lambda: step(attn, x, do), KERNELS[kernel])
+                    row["ms"] = kernel_ms(lambda: step(attn, x, do, form), KERNELS[kernel])
                 except Exception as e:   # record and go on
                     row["error"] = f"{type(e).__name__}: {e}"[:300]
                 print(json.dumps(row), flush=True)

@@ -402,7 +402,9 @@ class ChunkCore(torch.autograd.Function):
             scores = _diagonal_scores(q, k, lam, cfg, blocks, ckpt_dtype)
         for_device(_OUTPUT, dev)((n_chunks, H), q, k, v, lam_, y, ckpt, cfg["table"], scores,
                                  cfg["scale"], y, y, zckpt, y_col, PARALLEL=cfg["parallel"],
-                                 NORM=norm, **_for("output", blocks))
+                                 NORM=norm,
+                                 **_for("parallel_output" if cfg["parallel"] else "output",
+                                        blocks))
         ctx.save_for_backward(q, k, v, lam, ckpt if not cfg["parallel"] else None,
                               zckpt if norm else None)
         # diagonal decays: the backward's first run reads these scores (and overwrites them
