@@ -55,7 +55,7 @@ GRID = {"states": dict(BV=[32, 64], num_stages=[1, 2, 3], num_warps=[4]),
         "low_rank_grads": dict(num_stages=[1, 2], num_warps=[4, 8]),
         # whole K and V tiles: the scores of a block pair made once, not once per V tile
         # (no spills on sm_90 at 4 or 8 warps, session 10)
-        "parallel_output": dict(BK=[64, 128], BV=[64, 128], num_stages=[1, 2, 3],
+        "parallel_output": dict(BK=[64, 128], BV=[64, 128], num_stages=[1, 3],
                                 num_warps=[4, 8])}
 
 
