@@ -441,8 +441,8 @@ def chunk_states_kernel(
     from ``u_ptr`` (U0, overwritten with u) and ``w_ptr`` (``delta_wy_kernel``) and the
     start state. LOW_RANK (RWKV-7): u is written along x (``x_ptr``), and k v^T adds as
     well. NORM: the normalizer z (a column of ones as its value: z' = exp(b_last) z +
-    sum_t k_dec_t) rides along, its K tile kept by the programs of the first V block (``z0``, ``zT``, ``zckpt``:
-    [N, H, K], [N, H, K], [chunks, H, K])."""
+    sum_t k_dec_t) rides along, its K tile kept by the programs of the first V block
+    (``z0``, ``zT``, ``zckpt``: [N, H, K], [N, H, K], [chunks, H, K])."""
     i_kv, i_nh = tl.program_id(0), tl.program_id(1)
     i_k, i_v = i_kv // NV, i_kv % NV
     i_n, i_h = i_nh // H, i_nh % H
