@@ -22,5 +22,5 @@ python sweep_chunk_launch.py --out "$OUT" --ops gated_deltanet \
     --kernels wy,delta_states,delta_dstates
 # the causal parallel form's forward with whole K and V tiles (then bench_forms.py again)
 python sweep_chunk_launch.py --out "$OUT" --ops retnet,linear_attention \
-    --kernels parallel_output
+    --kernels parallel_output,parallel_grads
 fi

@@ -30,9 +30,9 @@ KERNELS = {"states": "chunk_states_kernel", "output": "chunk_output_kernel",
            "delta_states": "chunk_states_kernel", "delta_dstates": "chunk_dstates_kernel",
            "delta_grads": "chunk_grads_kernel", "low_rank_grads": "low_rank_",
            # the causal parallel form's forward (identity, scalar and diagonal decays)
-           "parallel_output": "chunk_output_kernel"}
+           "parallel_output": "chunk_output_kernel", "parallel_grads": "chunk_grads_kernel"}
 #: the form each kernel runs in (chunk unless named here)
-FORM = {"parallel_output": "parallel"}
+FORM = {"parallel_output": "parallel", "parallel_grads": "parallel"}
 GRID = {"states": dict(BV=[32, 64], num_stages=[1, 2, 3], num_warps=[4]),
         "dstates": dict(BV=[32, 64], num_stages=[1, 2, 3], num_warps=[4]),
         # K and V tiles of 32 take the spills of these two kernels from 0.8-3.5 KB per
@@ -56,7 +56,9 @@ GRID = {"states": dict(BV=[32, 64], num_stages=[1, 2, 3], num_warps=[4]),
         # whole K and V tiles: the scores of a block pair made once, not once per V tile
         # (no spills on sm_90 at 4 or 8 warps, session 10)
         "parallel_output": dict(BK=[64, 128], BV=[64, 128], num_stages=[1, 3],
-                                num_warps=[4, 8])}
+                                num_warps=[4, 8]),
+        # (spills 0.1-0.4 KB per thread at every one of these on sm_90, session 10)
+        "parallel_grads": dict(BK=[64, 128], BV=[64, 128], num_stages=[1], num_warps=[4, 8])}
 
 
 def step(attn, x, do, form: str = "chunk"):

@@ -473,17 +473,18 @@ class ChunkCore(torch.autograd.Function):
                 scores = _diagonal_scores(q, k, lam, cfg, blocks, ckpt.dtype)
             last = torch.empty(n_chunks, H, K, dtype=torch.float32, device=dev)
         scalar_parallel = cfg["parallel"] and cfg["decay"] == 1 and dlam_needed
+        gb = _for("parallel_grads" if cfg["parallel"] else "grads", blocks)
         blocks_per_sequence = 1
         if scalar_parallel:     # the block pairs' sums (see _blocks_crossing)
             blocks_per_sequence = _cdiv(T, cfg["C"]) if offsets is None else \
                 int((offsets[1:] - offsets[:-1]).max())
-            last = torch.zeros(n_chunks, H, blocks["NK"], blocks_per_sequence,
+            last = torch.zeros(n_chunks, H, gb["NK"], blocks_per_sequence,
                                dtype=torch.float32, device=dev)
         for_device(_GRADS, dev)((n_chunks, H),
             q, k, v, lam_, dy, _or(ckpt, dy), _or(dckpt, dy), cfg["table"], scores, last,
             scale, dq, dk, dv, _or(dlam, dq), _or(dy_col, dq), _or(zckpt, dq), _or(dzckpt, dq),
             PARALLEL=cfg["parallel"], NORM=norm, DLAM=dlam_needed, NB=blocks_per_sequence,
-            **_for("grads", blocks))
+            **gb)
         if cfg["decay"] == 2:   # the intra-chunk parts of dq and dk, and dlam
             _diagonal_grads(q, k, lam, scores, last, cfg, blocks, scale, dq, dk, dlam)
         if ds0 is not None and scale != 1.0:
