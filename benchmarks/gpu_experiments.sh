@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The experiment switches, on the GPU. Part "profile" (~4 minutes): per delta op, the
+# The experiment switches, on the GPU. Part "profile" (~6 minutes): per delta op, the
 # forward and forward+backward wall time and every kernel's CUDA time (profile_chunk.py)
 # with the defaults, with the diagonal-blocks inverse (WY_INVERSE=1), with W and the
-# no-gradient chunk states in bf16 (DELTA_HALF_BUFFERS=1), and both. Part "sweep" (~6
+# no-gradient chunk states in bf16 (DELTA_HALF_BUFFERS=1), with bf16 dots as fla's
+# (DELTA_HALF_DOT=0), and all three, each with its differences from the recurrent form's
+# output and gradients (the accuracy it costs). Part "sweep" (~6
 # minutes): the launch sweep of the WY and delta state kernels, and of the parallel
 # form's forward. Results: $OUT/profile_chunk.json (a row per op, direction and setting)
 # and $OUT/sweep_chunk_launch.jsonl (rows appended as they come: a cut run keeps them).
@@ -12,8 +14,8 @@ cd "$(dirname "$0")"
 PART="${1:-profile}"
 OPS="${2:-gated_deltanet,kda,rwkv7}"
 if [ "$PART" = profile ]; then
-for s in "" "--set WY_INVERSE=1" "--set DELTA_HALF_BUFFERS=1" \
-         "--set WY_INVERSE=1 --set DELTA_HALF_BUFFERS=1"; do
+for s in "" "--set WY_INVERSE=1" "--set DELTA_HALF_BUFFERS=1" "--set DELTA_HALF_DOT=0" \
+         "--set WY_INVERSE=1 --set DELTA_HALF_BUFFERS=1 --set DELTA_HALF_DOT=0"; do
     # shellcheck disable=SC2086
     python profile_chunk.py --out "$OUT" --ops "$OPS" $s
 done

@@ -5,8 +5,9 @@ Usage (CUDA): python benchmarks/profile_chunk.py --out DIR [--ops ...] [--set NA
 ``DELTA_HALF_BUFFERS=1``); the rows record it. For each op (B=4,
 T=4096, H=16, K=V=128, bf16) it prints and writes DIR/profile_chunk.json: the median wall
 time of a forward and of a forward+backward (do_bench), the host time of one call (launches
-queued without synchronising, averaged over 20 calls), and the CUDA time of every kernel of
-one call (torch profiler). Wall time well above the kernels' sum means host overhead.
+queued without synchronising, averaged over 20 calls), the CUDA time of every kernel of
+one call (torch profiler), and the largest difference of the output and every gradient from
+the recurrent form's. Wall time well above the kernels' sum means host overhead.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import triton
 
 import linforge
 import linforge.codegen.chunk_op as chunk_op
-from bench_chunk import B, H, T, V, inputs, train
+from bench_chunk import B, H, T, V, _grads, inputs, train
 from tune_chunk import kernel_times
 
 
@@ -34,6 +35,28 @@ def host_ms(fn, n: int = 20) -> float:
     t1 = time.perf_counter()
     torch.cuda.synchronize()
     return (t1 - t0) * 1e3 / n
+
+
+_REFERENCE: dict = {}
+
+
+def against_recurrent(attn, x: dict, do: torch.Tensor, form: str) -> dict:
+    """The largest difference of the output and of every gradient from the recurrent
+    form's (fp32 state), over its largest value: the accuracy of this run's settings."""
+    if attn.name not in _REFERENCE:
+        with torch.no_grad():
+            o = attn(**x, form="recurrent")[0].float()
+        xg = {k: v.detach().requires_grad_() for k, v in x.items()}
+        _REFERENCE[attn.name] = (o, _grads(lambda x: attn(**x, form="recurrent")[0], xg, do))
+    o_ref, g_ref = _REFERENCE[attn.name]
+    with torch.no_grad():
+        o = attn(**x, form=form)[0].float()
+    xg = {k: v.detach().requires_grad_() for k, v in x.items()}
+    g = _grads(lambda x: attn(**x, form=form)[0], xg, do)
+    diffs = {"o": o} | {f"d{k}": t for k, t in g.items()}
+    refs = {"o": o_ref} | {f"d{k}": t for k, t in g_ref.items()}
+    return {k: float(f"{((diffs[k] - refs[k]).abs().max() / refs[k].abs().max()).item():.3g}")
+            for k in refs}
 
 
 def profile_op(name: str, form: str) -> list[dict]:
@@ -56,6 +79,8 @@ def profile_op(name: str, form: str) -> list[dict]:
             row["host_ms"] = round(host_ms(fn), 4)
             row["kernels"] = kernel_times(fn)
             row["kernel_sum_ms"] = round(sum(row["kernels"].values()), 4)
+            if kind == "fwd+bwd" and form != "recurrent":
+                row["vs_recurrent"] = against_recurrent(attn, x, do, form)
         except Exception as e:  # report and go on
             row["error"] = f"{type(e).__name__}: {e}"[:400]
         print(json.dumps(row), flush=True)

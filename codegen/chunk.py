@@ -1157,11 +1157,11 @@ def _unit_lower_inverse_diagonal_blocks(A, C: tl.constexpr, DOT: tl.constexpr):
     of A a step needs does not depend on earlier steps). Then, with D block-diagonal and
     N = D A' (A' is A without its diagonal blocks; N is strictly block-lower, N^(C/16) = 0),
     I + A = D^-1 (I + N), so (I + A)^-1 = (I - N + N^2 - ...) D, by Horner's rule:
-    X <- D - N X, C / 16 - 1 times. The dots run in tf32 where the kernel's do (DOT = 1:
-    2e-4 to 5e-4 relative error in the inverse, as in the kernel's other dots; tf32x3
+    X <- D - N X, C / 16 - 1 times. The dots run in tf32 where the kernel's run in tf32 or
+    bf16 (2e-4 to 5e-4 relative error in the inverse, as in the kernel's tf32 dots; tf32x3
     spills 0.9 KB per thread on sm_90 even alone), else in tf32x3 (about fp32's accuracy,
     1e-7)."""
-    MERGE: tl.constexpr = 1 if DOT == 1 else 3
+    MERGE: tl.constexpr = 1 if DOT <= 1 else 3
     BC: tl.constexpr = 16
     NB: tl.constexpr = C // BC
     r_c = tl.arange(0, C)

@@ -339,6 +339,10 @@ WY_INVERSE = 0
 #: output's error against float64 from 1.3e-2 to 2.1e-2 (kda), 6.7e-3 to 1.1e-2
 #: (gated_deltanet) on the CPU tests' inputs, where W and S in bf16 changed it by < 1e-4.
 DELTA_HALF_BUFFERS = False
+#: the delta rules' dot precision for half inputs: tf32 (verified on the GPU), or, as an
+#: experiment not yet run on one, DOT_BF16 (bf16 operands as fla's: half the tensor-core
+#: time and operand memory, the operands that are not inputs rounded to 8 bits)
+DELTA_HALF_DOT = DOT_TF32
 #: per-token maps of inputs (feature maps, gates, decays) as generated kernels (codegen/maps.py);
 #: False: torch ops (for comparisons)
 FUSE_MAPS = True
@@ -1293,7 +1297,8 @@ def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *
                     beta = _lambdified(sp.beta, sp.beta_symbols, ev, (), (B, T, H))
                 # the delta kernels are verified on the GPU with tf32 dots only
                 y, sT = _delta_forward(q, k, v, beta, lam, s0, cu_seqlens, batch, chunk_size,
-                                       DOT_TF32 if dot == DOT_BF16 else dot, sp.decay, low_rank,
+                                       DELTA_HALF_DOT if dot == DOT_BF16 else dot, sp.decay,
+                                       low_rank,
                                        out_dtype if direct else torch.float32,
                                        output_final_state)
             y_cols, y = y[..., V:], y[..., :V]
