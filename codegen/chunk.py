@@ -426,6 +426,32 @@ def _chunk_scores(q_ptr, k_ptr, lam_ptr, rows, m_t, r_c, K: tl.constexpr, BK: tl
 
 
 @triton.jit
+def _state_walk(s_ptr, z_ptr, cu_seqlens_ptr, chunk_offsets_ptr, T, H: tl.constexpr,
+                K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                NV: tl.constexpr, C: tl.constexpr, IS_VARLEN: tl.constexpr,
+                LOAD: tl.constexpr, NORM: tl.constexpr):
+    """Where an ordered state kernel's program (grid (K blocks * V blocks, sequences *
+    heads)) starts: its sequence and head, the sequence's rows and first checkpoint, its
+    state tile's lanes and masks, and the walk's carried [BK, BV] tile and normalizer K
+    tile (``m_z``: kept by the first V block's programs), zero or, with LOAD, read from
+    ``s_ptr`` ([N * H, K, V]) and ``z_ptr`` ([N * H, K])."""
+    i_kv, i_nh = tl.program_id(0), tl.program_id(1)
+    i_k, i_v = i_kv // NV, i_kv % NV
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos, ck_base = _sequence(cu_seqlens_ptr, chunk_offsets_ptr, i_n, T, C, IS_VARLEN)
+    r_c = tl.arange(0, C)
+    r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    z = tl.zeros([BK], dtype=tl.float32)
+    m_z = m_k & (tl.zeros([BK], dtype=tl.int32) + i_v == 0)    # z: first V block only
+    if LOAD:
+        S += tl.load(s_ptr + i_nh * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
+        if NORM:
+            z += tl.load(z_ptr + i_nh * K + r_k, mask=m_k, other=0.0)
+    return i_nh, i_h, bos, eos, ck_base, r_c, r_k, r_v, m_k, m_v, m_kv, p_kv, S, z, m_z
+
+
+@triton.jit
 def chunk_states_kernel(
     k_ptr, v_ptr, lam_ptr, s0_ptr, sT_ptr, ckpt_ptr, cu_seqlens_ptr, chunk_offsets_ptr, T,
     w_ptr, u_ptr, x_ptr, z0_ptr, zT_ptr, zckpt_ptr,
@@ -443,19 +469,9 @@ def chunk_states_kernel(
     well. NORM: the normalizer z (a column of ones as its value: z' = exp(b_last) z +
     sum_t k_dec_t) rides along, its K tile kept by the programs of the first V block
     (``z0``, ``zT``, ``zckpt``: [N, H, K], [N, H, K], [chunks, H, K])."""
-    i_kv, i_nh = tl.program_id(0), tl.program_id(1)
-    i_k, i_v = i_kv // NV, i_kv % NV
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, eos, ck_base = _sequence(cu_seqlens_ptr, chunk_offsets_ptr, i_n, T, C, IS_VARLEN)
-    r_c = tl.arange(0, C)
-    r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
-    S = tl.zeros([BK, BV], dtype=tl.float32)
-    z = tl.zeros([BK], dtype=tl.float32)
-    m_z = m_k & (tl.zeros([BK], dtype=tl.int32) + i_v == 0)    # z: first V block only
-    if USE_INITIAL_STATE:
-        S += tl.load(s0_ptr + i_nh * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
-        if NORM:
-            z += tl.load(z0_ptr + i_nh * K + r_k, mask=m_k, other=0.0)
+    i_nh, i_h, bos, eos, ck_base, r_c, r_k, r_v, m_k, m_v, m_kv, p_kv, S, z, m_z = \
+        _state_walk(s0_ptr, z0_ptr, cu_seqlens_ptr, chunk_offsets_ptr, T, H, K, V, BK, BV, NV,
+                    C, IS_VARLEN, USE_INITIAL_STATE, NORM)
     for i_c in range(0, tl.cdiv(eos - bos, C)):
         m_t = bos + i_c * C + r_c < eos
         rows = (bos + i_c * C + r_c) * H + i_h
@@ -757,19 +773,9 @@ def chunk_dstates_kernel(
     start state's gradient gains -W^T dU (scores of diagonal decays from ``A_ptr``). NORM:
     the normalizer's gradient dz rides along in the first V block's programs, from the
     gradient of its reads (``dycol``, [T*, H]): dz = exp(b_last) dz' + q_dec^T dycol."""
-    i_kv, i_nh = tl.program_id(0), tl.program_id(1)
-    i_k, i_v = i_kv // NV, i_kv % NV
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, eos, ck_base = _sequence(cu_seqlens_ptr, chunk_offsets_ptr, i_n, T, C, IS_VARLEN)
-    r_c = tl.arange(0, C)
-    r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
-    dS = tl.zeros([BK, BV], dtype=tl.float32)
-    dz = tl.zeros([BK], dtype=tl.float32)
-    m_z = m_k & (tl.zeros([BK], dtype=tl.int32) + i_v == 0)    # z: first V block only
-    if USE_FINAL_STATE_GRAD:
-        dS += tl.load(dsT_ptr + i_nh * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
-        if NORM:
-            dz += tl.load(dzT_ptr + i_nh * K + r_k, mask=m_k, other=0.0)
+    i_nh, i_h, bos, eos, ck_base, r_c, r_k, r_v, m_k, m_v, m_kv, p_kv, dS, dz, m_z = \
+        _state_walk(dsT_ptr, dzT_ptr, cu_seqlens_ptr, chunk_offsets_ptr, T, H, K, V, BK, BV,
+                    NV, C, IS_VARLEN, USE_FINAL_STATE_GRAD, NORM)
     n_chunks = tl.cdiv(eos - bos, C)
     for i_r in range(0, n_chunks):
         i_c = n_chunks - 1 - i_r
