@@ -80,3 +80,21 @@ def gradcheck_spec(name: str, tensors: dict, initial_state: dict | None = None) 
         return (o, *final.values())
 
     return torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def check_global_state_spec(name: str, reference) -> None:
+    """A noncausal spec whose state is K^T V with the normalizer K^T 1 (states S and z):
+    its output and final states against ``reference(q, k, v) -> (o, K^T V, K^T 1)``,
+    then gradcheck (keys positive, so that no query reads an all-zero normalizer)."""
+    torch.manual_seed(0)
+    B, T, H, K, V = 2, 13, 2, 6, 5
+    q, k, v = randn(B, T, H, K), randn(B, T, H, K), randn(B, T, H, V)
+    o, final = run_spec(name, dict(q=q, k=k, v=v))
+    o_ref, kv, ksum = reference(q, k, v)
+    assert_close(o, o_ref, what="o")
+    assert_close(final["S"], kv, what="S")
+    assert_close(final["z"], ksum, what="z")
+    torch.manual_seed(1)
+    B, T, H, K, V = 1, 3, 1, 2, 3
+    t = dict(q=randn(B, T, H, K), k=randn(B, T, H, K).abs() + 0.1, v=randn(B, T, H, V))
+    assert gradcheck_spec(name, t)
