@@ -332,12 +332,14 @@ KERNEL_DOT: dict[str, int] = {}
 #: 190-234 registers (benchmarks/preflight.py), and has not run on a GPU;
 #: ``KERNEL_OPTIONS["wy"]["INVERSE"]`` overrides it on a GPU, as the launch sweep does)
 WY_INVERSE = 0
-#: experiment: the delta rules' forward keeps W in bf16 for half inputs, and the chunk
-#: states too when no gradient needs them (fla keeps w, u and h in bf16). The states kernel
-#: reads W once per V tile (4 times at K = V = 128): 512 MB of fp32 reads at B=4, T=4096,
-#: H=16. Not yet timed on a GPU. The updates u stay fp32: in bf16 they took the bf16
-#: output's error against float64 from 1.3e-2 to 2.1e-2 (kda), 6.7e-3 to 1.1e-2
-#: (gated_deltanet) on the CPU tests' inputs, where W and S in bf16 changed it by < 1e-4.
+#: experiment: the delta rules keep W and the chunk states in bf16 for half inputs (fla
+#: keeps w, u and h in bf16). The states kernel reads W once per V tile (4 times at
+#: K = V = 128): 512 MB of fp32 reads at B=4, T=4096, H=16; the states the backward keeps
+#: take 134 MB instead of 268. Not yet timed on a GPU. The updates u stay fp32: in bf16
+#: they took the bf16 output's error against float64 from 1.3e-2 to 2.1e-2 (kda), 6.7e-3
+#: to 1.1e-2 (gated_deltanet) on the CPU tests' inputs, where W and S in bf16 changed it by
+#: < 1e-4 and the gradients' by at most 7e-4 (K = V = 32, T = 128); their gradients in
+#: bf16 gave NaN in the decays' gradients, so they stay fp32.
 DELTA_HALF_BUFFERS = False
 #: the delta rules' dot precision for half inputs: tf32 (verified on the GPU), or, as an
 #: experiment not yet run on one, DOT_BF16 (bf16 operands as fla's: half the tensor-core
@@ -964,7 +966,7 @@ class DeltaChunkCore(torch.autograd.Function):
         sT = torch.empty(cfg["N"], H, K, V, dtype=torch.float32, device=dev) if final else None
         half = DELTA_HALF_BUFFERS and v.dtype in (torch.bfloat16, torch.float16)
         ckpt = torch.empty(cfg["n_chunks"], H, K, V, device=dev,
-                           dtype=torch.bfloat16 if half and not store else torch.float32)
+                           dtype=torch.bfloat16 if half else torch.float32)
         cu, offsets = cfg["cu"], cfg["offsets"]
         products = None
         if cfg["decay"] == 2:

@@ -264,9 +264,9 @@ def test_chunked_delta_rule_with_the_diagonal_blocks_inverse(name, monkeypatch):
 
 @pytest.mark.parametrize("name", ["gated_deltanet", "kda", "rwkv7"])
 def test_chunked_delta_rule_with_half_buffers(name, monkeypatch):
-    """The delta forward with W (and, without gradients, the chunk states) in bf16 (an
-    experiment switch): bf16 inputs against the reference, forward and every gradient; the
-    switch changes the output (the buffers are rounded), so the path is the one tested."""
+    """The delta rules with W and the chunk states in bf16 (an experiment switch): bf16
+    inputs against the reference, forward and every gradient; the switch changes the output
+    (the buffers are rounded), so the path is the one tested."""
     import linforge.codegen.chunk_op as chunk_op
     attn = linforge.library.get(name)
     sizes = kernel_sizes(attn)
@@ -274,7 +274,7 @@ def test_chunked_delta_rule_with_half_buffers(name, monkeypatch):
          for n, t in make_inputs(attn, B=1, T=100, H=2, sizes=sizes, seed=22).items()}
     before = attn(**x, form="chunk")[0]
     monkeypatch.setattr(chunk_op, "DELTA_HALF_BUFFERS", True)
-    o = attn(**x, form="chunk")[0]     # (no gradients: the chunk states in bf16 as well)
+    o = attn(**x, form="chunk")[0]
     assert not torch.equal(o, before)
     o_ref = attn(**{n: t.double() for n, t in x.items()}, form="reference")[0]
     assert rel_err(o, o_ref) < TOL[torch.bfloat16]
