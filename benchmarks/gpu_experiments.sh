@@ -2,7 +2,7 @@
 # The experiment switches, on the GPU. Part "profile" (~6 minutes): per delta op, the
 # forward and forward+backward wall time and every kernel's CUDA time (profile_chunk.py)
 # with the defaults, with the diagonal-blocks inverse (WY_INVERSE=1), with W and the
-# no-gradient chunk states in bf16 (DELTA_HALF_BUFFERS=1), with bf16 dots as fla's
+# chunk states in bf16 (DELTA_HALF_BUFFERS=1), with bf16 dots as fla's
 # (DELTA_HALF_DOT=0), and all three, each with its differences from the recurrent form's
 # output and gradients (the accuracy it costs). Part "sweep" (~6
 # minutes): the launch sweep of the WY and delta state kernels, and of the parallel
