@@ -7,7 +7,8 @@ T=4096, H=16, K=V=128, bf16) it prints and writes DIR/profile_chunk.json: the me
 time of a forward and of a forward+backward (do_bench), the host time of one call (launches
 queued without synchronising, averaged over 20 calls), the CUDA time of every kernel of
 one call (torch profiler), and the largest difference of the output and every gradient from
-the recurrent form's. Wall time well above the kernels' sum means host overhead.
+the recurrent form's, and the peak memory above the inputs. Wall time well above the
+kernels' sum means host overhead.
 """
 
 from __future__ import annotations
@@ -77,6 +78,12 @@ def profile_op(name: str, form: str) -> list[dict]:
             row["ms"] = round(triton.testing.do_bench(fn, warmup=10, rep=100,
                                                       return_mode="median"), 4)
             row["host_ms"] = round(host_ms(fn), 4)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fn()
+            torch.cuda.synchronize()
+            row["peak_mib"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
             row["kernels"] = kernel_times(fn)
             row["kernel_sum_ms"] = round(sum(row["kernels"].values()), 4)
             if kind == "fwd+bwd" and form != "recurrent":
