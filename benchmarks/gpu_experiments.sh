@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The experiment switches, on the GPU. Part "profile" (~6 minutes): per delta op, the
-# forward and forward+backward wall time and every kernel's CUDA time (profile_chunk.py)
-# with the defaults, with the diagonal-blocks inverse (WY_INVERSE=1), with W and the
-# chunk states in bf16 (DELTA_HALF_BUFFERS=1), with bf16 dots as fla's
-# (DELTA_HALF_DOT=0), and all three, each with its differences from the recurrent form's
-# output and gradients (the accuracy it costs). Part "sweep" (~6
-# minutes): the launch sweep of the WY and delta state kernels, the gradient kernel of
-# mamba2 and rwkv6, and the parallel form's kernels. Results: $OUT/profile_chunk.json (a row per op, direction and setting)
-# and $OUT/sweep_chunk_launch.jsonl (rows appended as they come: a cut run keeps them).
+# The experiment switches, on the GPU.
+# Part "profile" (~6 minutes): per delta op, the forward and forward+backward wall time,
+# every kernel's CUDA time and the peak memory (profile_chunk.py) with the defaults, with
+# the diagonal-blocks inverse (WY_INVERSE=1), with W and the chunk states in bf16
+# (DELTA_HALF_BUFFERS=1), with bf16 dots as fla's (DELTA_HALF_DOT=0), and all three, each
+# with its differences from the recurrent form's output and gradients (the accuracy it
+# costs). Part "sweep" (~7 minutes): the launch sweep of the WY and delta state kernels,
+# the gradient kernel of mamba2 and rwkv6, and the parallel form's kernels.
+# Results: $OUT/profile_chunk.json (a row per op, direction and setting) and
+# $OUT/sweep_chunk_launch.jsonl (rows appended as they come: a cut run keeps them).
 # Usage: OUT=dir bash benchmarks/gpu_experiments.sh profile|sweep [ops]
 set -u
 cd "$(dirname "$0")"
