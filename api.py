@@ -265,9 +265,10 @@ class Attention:
 
     def _auto_form(self, bound: Bound, needs_grad: bool = False, stateful: bool = False) -> str:
         """Parallel for noncausal specs, and for causal ones from a chunk up to their
-        class's ``AUTO_PARALLEL_MAX_T``; chunked for sequences of a chunk or more when the spec has
-        a chunked kernel (without gradients only for the classes in
-        ``AUTO_TRAINS_RECURRENT``); recurrent otherwise (short sequences, other classes)."""
+        class's ``AUTO_PARALLEL_MAX_T`` (no state in or out); chunked for sequences of a
+        chunk or more when the spec has a chunked kernel (without gradients only for the
+        classes in ``AUTO_TRAINS_RECURRENT``); recurrent otherwise (short sequences, other
+        classes)."""
         cls = self.analysis.transition_class
         trains_recurrent = cls in AUTO_TRAINS_RECURRENT
         if self.program.noncausal and self._chunk_reason() is None:
