@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -461,38 +462,27 @@ class Attention:
             raise ValueError(f"{self.name}: unknown argument(s) {', '.join(unknown)}; "
                              f"expects {', '.join(names)}")
         sizes: dict[str, int] = {}
-        where: dict[str, str] = {}
+        where: dict[str, str] = {}     # the argument each size came from
         device = None
-
-        def take(size_name: str, value: int, arg: str):
-            if size_name in sizes and sizes[size_name] != value:
-                raise ValueError(
-                    f"{self.name}: size of {size_name} is {sizes[size_name]} from "
-                    f"{where[size_name]} but {value} from {arg}")
-            sizes[size_name], where[size_name] = value, arg
-
-        for kind, table, lead in (("input", p.inputs, ("B", "T", "H")),
-                                  ("memory input", memory, ("B", "memory length", "H")),
-                                  ("param", p.params, ("H",))):
-            for name, decl in table.items():
-                x = tensors[name]
-                expect = f"[{', '.join([*lead, *decl.dims])}]"
-                if not isinstance(x, torch.Tensor):
-                    raise ValueError(f"{self.name}: {kind} '{name}' must be a torch.Tensor "
-                                     f"{expect}, got {type(x).__name__}")
-                if not x.is_floating_point():
-                    raise ValueError(f"{self.name}: {kind} '{name}' must be a floating-point "
-                                     f"tensor, got {x.dtype}")
-                if x.dim() != len(lead) + len(decl.dims):
-                    raise ValueError(f"{self.name}: {kind} '{name}' must have shape {expect}, "
-                                     f"got {tuple(x.shape)} ({x.dim()} dims)")
-                if device is None:
-                    device = x.device
-                elif x.device != device:
-                    raise ValueError(f"{self.name}: {kind} '{name}' is on {x.device} but other "
-                                     f"arguments are on {device}")
-                for d, n in zip([*lead, *decl.dims], x.shape):
-                    take(d, int(n), f"'{name}' {expect}")
+        for kind, name, dims in self._arguments:
+            x = tensors[name]
+            if not isinstance(x, torch.Tensor) or not x.is_floating_point() \
+                    or x.dim() != len(dims):
+                self._bad_argument(kind, name, dims, x)
+            if device is None:
+                device = x.device
+            elif x.device != device:
+                raise ValueError(f"{self.name}: {kind} '{name}' is on {x.device} but other "
+                                 f"arguments are on {device}")
+            for d, n in zip(dims, x.shape):
+                n = int(n)
+                have = sizes.get(d)
+                if have is None:
+                    sizes[d], where[d] = n, name
+                elif have != n:
+                    raise ValueError(
+                        f"{self.name}: size of {d} is {have} from "
+                        f"{self._expected(where[d])} but {n} from {self._expected(name)}")
         self._check_declared_sizes(sizes)
         out_dtype = next((tensors[n].dtype for n, d in p.inputs.items() if "V" in d.dims),
                          next(iter(tensors.values())).dtype)
@@ -504,6 +494,36 @@ class Attention:
         params = {n: tensors[n] for n in p.params}
         return Bound(inputs, params, sizes, batch, sizes.get("T", 0), out_dtype,
                      {n: tensors[n] for n in memory} or None)
+
+    @functools.cached_property
+    def _arguments(self) -> tuple:
+        """``(kind, name, dims)`` of every tensor argument, leading dims first, in the
+        order ``bind`` checks them."""
+        p = self.program
+        return tuple((kind, name, (*lead, *decl.dims))
+                     for kind, table, lead in (
+                         ("input", p.inputs, ("B", "T", "H")),
+                         ("memory input", getattr(p, "memory", {}), ("B", "memory length", "H")),
+                         ("param", p.params, ("H",)))
+                     for name, decl in table.items())
+
+    def _expected(self, name: str) -> str:
+        """``'name' [B, T, H, K]``: an argument and the shape it must have."""
+        dims = next(d for _, n, d in self._arguments if n == name)
+        return f"'{name}' [{', '.join(dims)}]"
+
+    def _bad_argument(self, kind: str, name: str, dims: tuple, x) -> None:
+        """Raise the error for an argument that is no floating-point tensor of the right
+        rank."""
+        expect = f"[{', '.join(dims)}]"
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{self.name}: {kind} '{name}' must be a torch.Tensor "
+                             f"{expect}, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise ValueError(f"{self.name}: {kind} '{name}' must be a floating-point "
+                             f"tensor, got {x.dtype}")
+        raise ValueError(f"{self.name}: {kind} '{name}' must have shape {expect}, "
+                         f"got {tuple(x.shape)} ({x.dim()} dims)")
 
     def _check_declared_sizes(self, sizes: dict[str, int]) -> None:
         for d, expr in self.program.dims.items():

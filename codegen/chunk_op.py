@@ -266,6 +266,19 @@ class _OnFirstUse(dict):
         return value
 
 
+_HEAD_INDEX: dict[tuple, torch.Tensor] = {}
+
+
+def _head_index(H: int, device) -> torch.Tensor:
+    """[1, H] fp32 head indices, made once per (H, device): a fresh one would cost a kernel
+    launch on every call."""
+    key = (H, str(device))
+    x = _HEAD_INDEX.get(key)
+    if x is None:
+        x = _HEAD_INDEX[key] = torch.arange(H, device=device, dtype=torch.float32).reshape(1, H)
+    return x
+
+
 class _Tokens:
     """Evaluates state-free IR values on every token at once ([B*T, H, *dims]); ``kind``
     names the leaves the tensors fill: "input", or "memory" for the memory sequence of a
@@ -284,7 +297,7 @@ class _Tokens:
         lazy["T"] = lambda: _lengths(self.B, self.T, cu_seqlens, device).reshape(-1, 1)
         values = _OnFirstUse(lazy)
         values.update({("param", n): x.float().unsqueeze(0) for n, x in params.items()})
-        values["h"] = torch.arange(H, device=device, dtype=torch.float32).reshape(1, H)
+        values["h"] = _head_index(H, device)
         self.ev = StepEvaluator(values, sizes, torch.float32, device)
         self.sizes = sizes
         self.tensors = {**{(kind, n): x for n, x in inputs.items()},
