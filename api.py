@@ -28,8 +28,8 @@ CHUNK_SIZES = (16, 32, 64, 128)
 #: form="auto" uses the chunked kernels from this length on (one chunk of 64 tokens). On an
 #: H200 (2026-12-05, benchmarks/bench_forms.py, B x T = 65536 tokens, H=16, K=V=128, bf16,
 #: benchmarks/results/forms_h200_session10.json) the chunked form beat the recurrent one at
-#: every length measured, 512 to 16384, by 2.8-7x forward and 11-16x forward+backward for
-#: linear_attention, retnet and gla; lengths below 512 are not measured yet.
+#: every length measured, 512 to 16384, by 3.9-7.2x forward and 5.6-15.6x forward+backward
+#: for linear_attention, retnet and gla; lengths below 512 are not measured yet.
 AUTO_CHUNK_MIN_T = 64
 #: form="auto" runs a causal spec of these classes in the parallel (quadratic) form for
 #: lengths up to the value given (0: never). Measured in the same run: the parallel form was
