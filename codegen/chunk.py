@@ -1219,18 +1219,15 @@ def _wy_chunk(k_ptr, beta_ptr, lam_ptr, kk_ptr, chunk_table_ptr, H: tl.constexpr
         beta = tl.full([C], -1.0, tl.float32)
     else:
         beta = tl.load(beta_ptr + rows, mask=m_t, other=0.0).to(tl.float32)
+    e_b = _wy_key_decay(lam_ptr, rows, m_t, r_k, m_k, H, K, DECAY, LOW_RANK)
     if DECAY == 2:
-        _, bq, _ = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 2, LOW_RANK, H)
-        e_b = tl.exp(bq)
         pair = 1.0
         KK = tl.load(kk_ptr + p_cc).to(tl.float32)
     elif DECAY == 1:
         b, _, _ = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 1, False)
-        e_b = tl.exp(b)[:, None]
         pair = tl.exp(tl.minimum(b[:, None] - b[None, :], 0.0))
         KK = _mm(k, tl.trans(k), DOT) * pair
     else:
-        e_b = tl.full([C, 1], 1.0, tl.float32)
         pair = 1.0
         KK = _mm(k, tl.trans(k), DOT)
     earlier = r_c[:, None] > r_c[None, :]
@@ -1239,18 +1236,29 @@ def _wy_chunk(k_ptr, beta_ptr, lam_ptr, kk_ptr, chunk_table_ptr, H: tl.constexpr
 
 
 @triton.jit
+def _wy_key_decay(lam_ptr, rows, m_t, r_k, m_k, H: tl.constexpr, K: tl.constexpr,
+                  DECAY: tl.constexpr, LOW_RANK: tl.constexpr):
+    """exp(b), what the WY form scales each key row by: [C, 1] for scalar decays, [C, BK]
+    per lane for diagonal ones (LOW_RANK: the decay before the token, bq), ones without
+    a decay."""
+    if DECAY == 2:
+        _, bq, _ = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 2, LOW_RANK, H)
+        return tl.exp(bq)
+    elif DECAY == 1:
+        b, _, _ = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 1, False)
+        return tl.exp(b)[:, None]
+    else:
+        return tl.full([rows.shape[0], 1], 1.0, tl.float32)
+
+
+@triton.jit
 def _wy_keys(k_ptr, lam_ptr, rows, m_t, r_k, m_k, beta, H: tl.constexpr, K: tl.constexpr,
              DECAY: tl.constexpr, LOW_RANK: tl.constexpr):
     """R_w = beta exp(b) k, fp32 [C, BK], whose L^-1 image is the WY form's W (LOW_RANK:
     w exp(bq) with beta = -1), as ``_wy_chunk`` makes it."""
     k = _rows_of(k_ptr, rows, m_t, r_k, m_k, K).to(tl.float32)
-    if DECAY == 2:
-        _, bq, _ = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 2, LOW_RANK, H)
-        k = k * tl.exp(bq)
-    elif DECAY == 1:
-        b, _, _ = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 1, False)
-        k = k * tl.exp(b)[:, None]
-    return k * beta[:, None]
+    return k * _wy_key_decay(lam_ptr, rows, m_t, r_k, m_k, H, K, DECAY, LOW_RANK) \
+        * beta[:, None]
 
 
 @triton.jit
