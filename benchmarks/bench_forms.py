@@ -7,7 +7,8 @@ Usage (CUDA): python benchmarks/bench_forms.py --out DIR [--ops linear_attention
 the same q, k, v) as the softmax baseline; then the noncausal efficientvit on image-like
 shapes (B=32, T=4096, H=8, K=V=32) beside non-causal SDPA. Writes DIR/forms.json,
 DIR/forms.md (the table and, per op and direction, the fastest form at each T: the
-crossover points ``form="auto"`` should use) and DIR/forms.png when matplotlib is there.
+crossover points ``form="auto"`` should use, and per op the bound for
+``api.AUTO_PARALLEL_MAX_T``) and DIR/forms.png when matplotlib is there.
 """
 
 from __future__ import annotations
@@ -78,12 +79,31 @@ def _fastest(rows: list[dict]) -> list[dict]:
     return best
 
 
+def _parallel_bounds(rows: list[dict]) -> dict:
+    """Per causal op: the largest measured T up to which the parallel form was the fastest
+    linforge form at every measured length, forward and forward+backward (0: not even at
+    the shortest), with the op's transition class: what ``api.AUTO_PARALLEL_MAX_T`` stores."""
+    bounds = {}
+    for op in sorted({r["op"] for r in rows if r["op"] != "efficientvit"}):
+        best = {(b["direction"], b["T"]): b["form"] for b in _fastest(rows) if b["op"] == op}
+        up_to = 0
+        for T in sorted({T for _, T in best}):
+            if any(best.get((d, T)) != "parallel" for d in ("fwd", "fwd+bwd")):
+                break
+            up_to = T
+        cls = linforge.library.get(op).analysis.transition_class
+        bounds[op] = {"class": cls.name, "parallel_up_to": up_to}
+    return bounds
+
+
 def _write(rows: list[dict], out: str) -> None:
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": triton.__version__}
     best = _fastest(rows)
+    bounds = _parallel_bounds(rows)
     with open(f"{out}/forms.json", "w") as fh:
-        json.dump({"meta": meta, "rows": rows, "fastest": best}, fh, indent=1)
+        json.dump({"meta": meta, "rows": rows, "fastest": best, "parallel_bounds": bounds},
+                  fh, indent=1)
     lines = [f"Device: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}.", "",
              "| op | T | B | direction | implementation | ms | peak MiB | first call s |",
              "|---|---|---|---|---|---|---|---|"]
@@ -96,6 +116,9 @@ def _write(rows: list[dict], out: str) -> None:
               "|---|---|---|---|---|"]
     lines += [f"| {b['op']} | {b['direction']} | {b['T']} | {b['form']} | {b['ms']} |"
               for b in best]
+    lines += ["", "For api.AUTO_PARALLEL_MAX_T (the parallel form fastest up to this T, both "
+              "directions; 0: never):", "", "| op | class | parallel up to T |", "|---|---|---|"]
+    lines += [f"| {op} | {b['class']} | {b['parallel_up_to']} |" for op, b in bounds.items()]
     with open(f"{out}/forms.md", "w") as fh:
         fh.write("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
