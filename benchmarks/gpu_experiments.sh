@@ -5,11 +5,12 @@
 # the diagonal-blocks inverse (WY_INVERSE=1), with W and the chunk states in bf16
 # (DELTA_HALF_BUFFERS=1), with bf16 dots as fla's (DELTA_HALF_DOT=0), and all three, each
 # with its differences from the recurrent form's output and gradients (the accuracy it
-# costs). Part "sweep" (~7 minutes): the launch sweep of the WY and delta state kernels,
-# the gradient kernel of mamba2 and rwkv6, and the parallel form's kernels.
+# costs). Part "sweep" (~5 minutes): the launch sweep of the WY and delta state kernels
+# and of the gradient kernel of mamba2 and rwkv6. Part "parallel" (~4 minutes): the
+# parallel form's kernels.
 # Results: $OUT/profile_chunk.json (a row per op, direction and setting) and
 # $OUT/sweep_chunk_launch.jsonl (rows appended as they come: a cut run keeps them).
-# Usage: OUT=dir bash benchmarks/gpu_experiments.sh profile|sweep [ops]
+# Usage: OUT=dir bash benchmarks/gpu_experiments.sh profile|sweep|parallel [ops]
 set -u
 cd "$(dirname "$0")"
 PART="${1:-profile}"
@@ -20,13 +21,16 @@ for s in "" "--set WY_INVERSE=1" "--set DELTA_HALF_BUFFERS=1" "--set DELTA_HALF_
     # shellcheck disable=SC2086
     python profile_chunk.py --out "$OUT" --ops "$OPS" $s
 done
-else
+fi
+if [ "$PART" = sweep ]; then
 python sweep_chunk_launch.py --out "$OUT" --ops gated_deltanet \
     --kernels wy,delta_states,delta_dstates
 # the gradient kernel, the largest of the scalar and diagonal decays' backward, spills
 # 0.4-0.5 KB per thread for mamba2 and rwkv6 at its default tiles (preflight, sm_90)
 python sweep_chunk_launch.py --out "$OUT" --ops mamba2,rwkv6 --kernels grads
-# the causal parallel form's forward with whole K and V tiles (then bench_forms.py again)
+fi
+if [ "$PART" = parallel ]; then
+# the causal parallel form's kernels with whole K and V tiles (then bench_forms.py again)
 python sweep_chunk_launch.py --out "$OUT" --ops retnet,linear_attention \
     --kernels parallel_output,parallel_grads
 fi

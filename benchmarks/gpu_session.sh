@@ -4,7 +4,7 @@
 # compile on separate CPU cores). On 2026-12-05 a run of 14 processes lost its machine
 # at the end of its 560 s (cause unknown), so the groups are fewer and larger now.
 # The summary goes to $OUT/gpu_tests.txt, every log to $OUT/gpu_logs.tgz.
-# Then, in two more calls: gpu_experiments.sh profile, gpu_experiments.sh sweep.
+# Then one call each: gpu_experiments.sh profile, gpu_experiments.sh sweep, then parallel.
 # Later: bench_chunk.py (every op beside fla; fla autotunes 1-3 minutes per op and
 # direction; not measured since session 8: kda, rwkv7, linear_attention, mamba2 after its
 # host-time cut), bench_forms.py --lengths 16,32,64,128,256 (the recurrent/chunk crossover).
