@@ -725,41 +725,47 @@ def _or(x, fallback):
 _TABLES: dict[tuple, torch.Tensor] = {}
 
 
-def _chunk_table(batch: int, T: int, cu_seqlens, C: int, device) -> torch.Tensor:
-    """[n_chunks, 3] int64: each chunk's first token row, the end and the start of its
-    sequence, in the order of the state checkpoints (sequence by sequence); made once per
-    (B, T, C, device) for equal-length sequences."""
-    if cu_seqlens is None:
-        key = (batch, T, C, device)
-        table = _TABLES.get(key)
-        if table is None:
-            starts = torch.arange(0, T, C, device=device)
-            bos = (torch.arange(batch, device=device)[:, None] * T).expand(-1, len(starts))
-            table = torch.stack([(bos + starts[None, :]).flatten(), (bos + T).flatten(),
-                                 bos.flatten()], 1).contiguous()
-            if len(_TABLES) > 64:
-                _TABLES.clear()
-            _TABLES[key] = table
-        return table
-    rows = []
-    bounds = cu_seqlens.tolist()
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        rows += [(t, hi, lo) for t in range(lo, hi, C)]
-    return torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1, 3)
+def _chunk_table(batch: int, T: int, C: int, device) -> torch.Tensor:
+    """[n_chunks, 3] int64 for ``batch`` sequences of T tokens: each chunk's first token
+    row, the end and the start of its sequence, in the order of the state checkpoints
+    (sequence by sequence); made once per (B, T, C, device)."""
+    key = (batch, T, C, device)
+    table = _TABLES.get(key)
+    if table is None:
+        starts = torch.arange(0, T, C, device=device)
+        bos = (torch.arange(batch, device=device)[:, None] * T).expand(-1, len(starts))
+        table = torch.stack([(bos + starts[None, :]).flatten(), (bos + T).flatten(),
+                             bos.flatten()], 1).contiguous()
+        if len(_TABLES) > 64:
+            _TABLES.clear()
+        _TABLES[key] = table
+    return table
+
+
+def _varlen_chunks(cu_seqlens: torch.Tensor, C: int, device) -> tuple:
+    """Packed sequences: ``(offsets, n_chunks, table)``, each sequence's first chunk
+    ([N + 1], int64), the chunk count and the chunk table (as ``_chunk_table``), made by
+    tensor ops on ``device`` (one read of the count to the host)."""
+    cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    counts = (cu[1:] - cu[:-1] + C - 1) // C
+    offsets = torch.zeros(len(counts) + 1, dtype=torch.int64, device=device)
+    offsets[1:] = counts.cumsum(0)
+    n_chunks = int(offsets[-1])
+    seq = torch.repeat_interleave(torch.arange(len(counts), device=device), counts,
+                                  output_size=n_chunks)
+    lo = cu[seq]
+    first = lo + (torch.arange(n_chunks, device=device) - offsets[seq]) * C
+    return offsets, n_chunks, torch.stack([first, cu[seq + 1], lo], 1)
 
 
 def _core_config(batch: int, T: int, K: int, V: int, cu_seqlens, chunk_size: int,
                  strict: bool, dot: int, device) -> dict:
     if cu_seqlens is not None:
-        lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        offsets = torch.zeros(len(lens) + 1, dtype=torch.int64, device=device)
-        offsets[1:] = ((lens + chunk_size - 1) // chunk_size).cumsum(0)
-        n_chunks = int(offsets[-1])
+        offsets, n_chunks, table = _varlen_chunks(cu_seqlens, chunk_size, device)
     else:
         offsets, n_chunks = None, batch * _cdiv(T, chunk_size)
+        table = _chunk_table(batch, T, chunk_size, device)
     on_gpu = targets_gpu(device)
-    table = _chunk_table(batch, T, cu_seqlens, chunk_size, device)
-    assert len(table) == n_chunks
     bk, bv = _tiles(K, V, on_gpu)
     if dot == DOT_BF16 and (K % bk or V % bv):
         # bf16 operands with partial tiles (K = 100, or V + 1 normalizer columns) hit an

@@ -295,6 +295,25 @@ def test_varlen_with_empty_sequences(name, form):
                             states=form == "chunk")
 
 
+def test_varlen_chunk_table_lists_every_chunk_of_every_sequence():
+    """The packed sequences' chunk table (tensor ops) against one written out by hand:
+    each chunk's first row, its sequence's end and start; empty sequences have none."""
+    from linforge.codegen.chunk_op import _varlen_chunks
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        lens = torch.randint(0, 200, (int(torch.randint(1, 9, (1,), generator=g)),),
+                             generator=g)
+        cu = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)]).to(torch.int32)
+        for C in (16, 64):
+            offsets, n_chunks, table = _varlen_chunks(cu, C, torch.device("cpu"))
+            bounds = cu.tolist()
+            rows = [(t, hi, lo) for lo, hi in zip(bounds[:-1], bounds[1:])
+                    for t in range(lo, hi, C)]
+            assert table.tolist() == [list(r) for r in rows] and n_chunks == len(rows)
+            assert offsets.tolist() == [0, *torch.tensor(
+                [-(-n // C) for n in lens.tolist()]).cumsum(0).tolist()]
+
+
 def _check_chunked_delta_rule(name: str, dtype: torch.dtype):
     """``name`` chunked (B = 2, T = 150, an initial state) against the reference."""
     attn = linforge.library.get(name)
