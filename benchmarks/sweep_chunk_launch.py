@@ -102,7 +102,9 @@ def main() -> None:
             form = FORM.get(kernel, "chunk")
             if form not in attn.info()["forms"]:
                 continue
-            if form not in refs:
+            if form not in refs:    # (with every kernel's default options)
+                chunk_op.KERNEL_OPTIONS.clear()
+                chunk_op.KERNEL_OPTIONS.update({k: dict(v) for k, v in defaults.items()})
                 refs[form] = step(attn, x, do, form)
             o_ref, g_ref = refs[form]
             grid = GRID[kernel]
