@@ -261,8 +261,14 @@ class Attention:
         length from one bound to the next), ascending."""
         if getattr(self.analysis, "kernel_blockers", ()) and self._lowered() is not None:
             return self._lowered()[1].auto_form_bounds()
-        parallel_up_to = AUTO_PARALLEL_MAX_T.get(self.analysis.transition_class, 0)
-        return tuple(sorted({AUTO_CHUNK_MIN_T, parallel_up_to + 1} - {1}))
+        return tuple(sorted({AUTO_CHUNK_MIN_T, self._parallel_up_to() + 1} - {1}))
+
+    def _parallel_up_to(self) -> int:
+        """The longest causal call ``form='auto'`` runs in the parallel form: its class's
+        ``AUTO_PARALLEL_MAX_T``, 0 when the spec has no parallel kernels."""
+        if "parallel" not in self.analysis.forms or self._chunk_reason() is not None:
+            return 0
+        return AUTO_PARALLEL_MAX_T.get(self.analysis.transition_class, 0)
 
     def _auto_form(self, bound: Bound, needs_grad: bool = False, stateful: bool = False) -> str:
         """Parallel for noncausal specs, and for causal ones from a chunk up to their
@@ -274,9 +280,7 @@ class Attention:
         trains_recurrent = cls in AUTO_TRAINS_RECURRENT
         if self.program.noncausal and self._chunk_reason() is None:
             return "parallel"
-        if ("parallel" in self.analysis.forms and self._chunk_reason() is None
-                and not stateful
-                and AUTO_CHUNK_MIN_T <= bound.length <= AUTO_PARALLEL_MAX_T.get(cls, 0)):
+        if not stateful and AUTO_CHUNK_MIN_T <= bound.length <= self._parallel_up_to():
             return "parallel"
         if self._chunk_reason() is None and not (trains_recurrent and needs_grad) and (
                 bound.length >= AUTO_CHUNK_MIN_T and cls not in AUTO_RECURRENT_CLASSES):
@@ -336,7 +340,7 @@ class Attention:
                     "AUTO_TRAINS_RECURRENT; form='chunk' trains it chunked), recurrent "
                     "otherwise")
         text = f"chunk for T >= {AUTO_CHUNK_MIN_T}, recurrent below (and for decode)"
-        up_to = AUTO_PARALLEL_MAX_T.get(self.analysis.transition_class, 0)
+        up_to = self._parallel_up_to()
         if "parallel" not in self.analysis.forms:
             return text
         if up_to:
