@@ -68,6 +68,16 @@ def fla_op(name: str):
     raise KeyError(name)
 
 
+def peak_mib(fn) -> float:
+    """The peak memory of one call of ``fn`` above what was allocated before it, MiB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def measure(fn) -> dict:
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -75,11 +85,7 @@ def measure(fn) -> dict:
     torch.cuda.synchronize()
     first = time.perf_counter() - t0
     del out
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    peak = peak_mib(fn)
     ms = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
     return {"ms": ms, "peak_mib": peak, "first_call_s": first}
 

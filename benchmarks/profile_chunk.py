@@ -24,6 +24,7 @@ import triton
 import linforge
 import linforge.codegen.chunk_op as chunk_op
 from bench_chunk import B, H, T, V, _grads, inputs, train
+from bench_recurrent import peak_mib, rel_err
 from tune_chunk import kernel_times
 
 
@@ -54,10 +55,8 @@ def against_recurrent(attn, x: dict, do: torch.Tensor, form: str) -> dict:
         o = attn(**x, form=form)[0].float()
     xg = {k: v.detach().requires_grad_() for k, v in x.items()}
     g = _grads(lambda x: attn(**x, form=form)[0], xg, do)
-    diffs = {"o": o} | {f"d{k}": t for k, t in g.items()}
-    refs = {"o": o_ref} | {f"d{k}": t for k, t in g_ref.items()}
-    return {k: float(f"{((diffs[k] - refs[k]).abs().max() / refs[k].abs().max()).item():.3g}")
-            for k in refs}
+    diffs = {"o": rel_err(o, o_ref)} | {f"d{k}": rel_err(g[k], t) for k, t in g_ref.items()}
+    return {k: float(f"{e:.3g}") for k, e in diffs.items()}
 
 
 def profile_op(name: str, form: str) -> list[dict]:
@@ -78,12 +77,7 @@ def profile_op(name: str, form: str) -> list[dict]:
             row["ms"] = round(triton.testing.do_bench(fn, warmup=10, rep=100,
                                                       return_mode="median"), 4)
             row["host_ms"] = round(host_ms(fn), 4)
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            fn()
-            torch.cuda.synchronize()
-            row["peak_mib"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+            row["peak_mib"] = round(peak_mib(fn), 1)
             row["kernels"] = kernel_times(fn)
             row["kernel_sum_ms"] = round(sum(row["kernels"].values()), 4)
             if kind == "fwd+bwd" and form != "recurrent":
