@@ -92,6 +92,13 @@ def main() -> None:
     ap.add_argument("--kernels", default=",".join(GRID), help="which kernels to sweep")
     args = ap.parse_args()
     defaults = {k: dict(v) for k, v in chunk_op.KERNEL_OPTIONS.items()}
+
+    def options(kernel: str | None = None, opts: dict | None = None) -> None:
+        """Every kernel's default options, ``kernel``'s with ``opts`` over them."""
+        chunk_op.KERNEL_OPTIONS.clear()
+        chunk_op.KERNEL_OPTIONS.update({k: dict(v) for k, v in defaults.items()})
+        if kernel is not None:
+            chunk_op.KERNEL_OPTIONS[kernel] = {**defaults.get(kernel, {}), **opts}
     path = os.path.join(args.out, "sweep_chunk_launch.jsonl")
     for name in args.ops.split(","):
         attn = linforge.library.get(name)
@@ -102,19 +109,15 @@ def main() -> None:
             form = FORM.get(kernel, "chunk")
             if form not in attn.info()["forms"]:
                 continue
-            if form not in refs:    # (with every kernel's default options)
-                chunk_op.KERNEL_OPTIONS.clear()
-                chunk_op.KERNEL_OPTIONS.update({k: dict(v) for k, v in defaults.items()})
+            if form not in refs:
+                options()
                 refs[form] = step(attn, x, do, form)
             o_ref, g_ref = refs[form]
             grid = GRID[kernel]
             keys = list(grid)
             for values in itertools.product(*grid.values()):
                 opts = dict(zip(keys, values))
-                # this kernel's options varied, every other kernel's as they are by default
-                chunk_op.KERNEL_OPTIONS.clear()
-                chunk_op.KERNEL_OPTIONS.update({k: dict(v) for k, v in defaults.items()})
-                chunk_op.KERNEL_OPTIONS[kernel] = {**defaults.get(kernel, {}), **opts}
+                options(kernel, opts)   # every other kernel's as they are by default
                 row = {"op": name, "kernel": kernel, **opts}
                 try:
                     o, g = step(attn, x, do, form)
@@ -126,8 +129,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 with open(path, "a") as f:
                     f.write(json.dumps(dict(row, device=torch.cuda.get_device_name())) + "\n")
-    chunk_op.KERNEL_OPTIONS.clear()
-    chunk_op.KERNEL_OPTIONS.update(defaults)
+    options()
 
 
 if __name__ == "__main__":
