@@ -1198,6 +1198,23 @@ def _row_sums_of_pairs(P):
 
 
 @triton.jit
+def _wy_rows(beta_ptr, chunk_table_ptr, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+             C: tl.constexpr, LOW_RANK: tl.constexpr):
+    """This WY program's chunk: its rows and their mask, the lanes of K, the offsets of its
+    [C, C] block of a chunk-product buffer ([chunks * C, H, C]) and beta (-1 for LOW_RANK)."""
+    i_g, i_h = tl.program_id(0), tl.program_id(1)
+    r_c = tl.arange(0, C)
+    rows, m_t = _chunk(chunk_table_ptr, i_h, H, r_c)
+    r_k, m_k = _block(0, BK, K)
+    p_cc = ((i_g * C + r_c) * H + i_h)[:, None] * C + r_c[None, :]
+    if LOW_RANK:
+        beta = tl.full([C], -1.0, tl.float32)
+    else:
+        beta = tl.load(beta_ptr + rows, mask=m_t, other=0.0).to(tl.float32)
+    return rows, m_t, r_k, m_k, p_cc, beta
+
+
+@triton.jit
 def _wy_chunk(k_ptr, beta_ptr, lam_ptr, kk_ptr, chunk_table_ptr, H: tl.constexpr,
               K: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
               DOT: tl.constexpr, LOW_RANK: tl.constexpr):
@@ -1209,16 +1226,10 @@ def _wy_chunk(k_ptr, beta_ptr, lam_ptr, kk_ptr, chunk_table_ptr, H: tl.constexpr
     A = beta_t KK[t, s] with L = I + A. LOW_RANK (RWKV-7, the state read along w and
     written along x): ``k_ptr`` is w, KK the products w_t . x_s exp(bq_t - b_s) with bq the
     decay before the token, exp(bq) in place of exp(b), and beta = -1 (A = -WX)."""
-    i_g, i_h = tl.program_id(0), tl.program_id(1)
+    rows, m_t, r_k, m_k, p_cc, beta = _wy_rows(beta_ptr, chunk_table_ptr, H, K, BK, C,
+                                               LOW_RANK)
     r_c = tl.arange(0, C)
-    rows, m_t = _chunk(chunk_table_ptr, i_h, H, r_c)
-    r_k, m_k = _block(0, BK, K)
-    p_cc = ((i_g * C + r_c) * H + i_h)[:, None] * C + r_c[None, :]
     k = _rows_of(k_ptr, rows, m_t, r_k, m_k, K).to(tl.float32)
-    if LOW_RANK:
-        beta = tl.full([C], -1.0, tl.float32)
-    else:
-        beta = tl.load(beta_ptr + rows, mask=m_t, other=0.0).to(tl.float32)
     e_b = _wy_key_decay(lam_ptr, rows, m_t, r_k, m_k, H, K, DECAY, LOW_RANK)
     if DECAY == 2:
         pair = 1.0
@@ -1290,6 +1301,7 @@ def delta_wy_kernel(
     NV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr, DOT: tl.constexpr,
     STORE_INVERSE: tl.constexpr, LOW_RANK: tl.constexpr = False,
     FROM_STATES: tl.constexpr = False, INVERSE: tl.constexpr = 0,
+    LOAD_INVERSE: tl.constexpr = False,
 ):
     """Grid (chunks, heads), every chunk at once: the delta rule's WY form. Within a chunk
     the updates u_t = beta_t (v_t - S_{t-1}^T k_t) solve (I + A) U = beta (V - exp(b) K S)
@@ -1303,15 +1315,23 @@ def delta_wy_kernel(
     only the chunk start states): stores u = U0 - W S from the states in ``ckpt`` instead of
     U0, so nothing else of the forward need be kept. INVERSE: 0 by columns
     (``_unit_lower_inverse_transposed``), 1 by diagonal blocks at once
-    (``_unit_lower_inverse_diagonal_blocks``; not yet timed in this kernel)."""
-    rows, m_t, r_k, m_k, p_cc, _, beta, _, _, _, _, A = _wy_chunk(
-        k_ptr, beta_ptr, lam_ptr, kk_ptr, chunk_table_ptr, H, K, BK, C, DECAY, DOT, LOW_RANK)
-    if INVERSE == 1:
-        L_inv = _unit_lower_inverse_diagonal_blocks(A, C, DOT)
+    (``_unit_lower_inverse_diagonal_blocks``; not yet timed in this kernel). LOAD_INVERSE
+    (the backward, after a forward that stored it): L^-1 read from ``inv_ptr``; neither
+    the products nor the inverse are made again."""
+    if LOAD_INVERSE:
+        rows, m_t, r_k, m_k, p_cc, beta = _wy_rows(beta_ptr, chunk_table_ptr, H, K, BK, C,
+                                                   LOW_RANK)
+        L_inv = tl.load(inv_ptr + p_cc)
     else:
-        L_inv = tl.trans(_unit_lower_inverse_transposed(A, C))
-    if STORE_INVERSE:
-        tl.store(inv_ptr + p_cc, L_inv)
+        rows, m_t, r_k, m_k, p_cc, _, beta, _, _, _, _, A = _wy_chunk(
+            k_ptr, beta_ptr, lam_ptr, kk_ptr, chunk_table_ptr, H, K, BK, C, DECAY, DOT,
+            LOW_RANK)
+        if INVERSE == 1:
+            L_inv = _unit_lower_inverse_diagonal_blocks(A, C, DOT)
+        else:
+            L_inv = tl.trans(_unit_lower_inverse_transposed(A, C))
+        if STORE_INVERSE:
+            tl.store(inv_ptr + p_cc, L_inv)
     # the keys read again rather than held through the inverse (register pressure)
     W = _mm(L_inv, _wy_keys(k_ptr, lam_ptr, rows, m_t, r_k, m_k, beta, H, K, DECAY, LOW_RANK),
             DOT)
@@ -1362,10 +1382,7 @@ def delta_wy_bwd_kernel(
     through A = beta KK. Diagonal decays: d loss / d KK goes to ``dkk_ptr`` for
     ``chunk_diag_grads_kernel`` instead."""
     i_g, i_h = tl.program_id(0), tl.program_id(1)
-    r_c = tl.arange(0, C)
-    rows, m_t = _chunk(chunk_table_ptr, i_h, H, r_c)
-    p_cc = ((i_g * C + r_c) * H + i_h)[:, None] * C + r_c[None, :]
-    beta = tl.load(beta_ptr + rows, mask=m_t, other=0.0).to(tl.float32)
+    rows, m_t, _, _, p_cc, beta = _wy_rows(beta_ptr, chunk_table_ptr, H, K, BK, C, False)
     L_inv = tl.load(inv_ptr + p_cc)
     # the V tiles first; the chunk's k, decays, products and W are read after them (fewer
     # [C, K] tiles live through the loop: Triton 3.6 spilled 1.3-2.6 KB per thread)

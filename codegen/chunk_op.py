@@ -995,8 +995,10 @@ class DeltaChunkCore(torch.autograd.Function):
             products = _delta_products(q, k, lam, cfg, w, x)
         low_rank = w is not None
         blocks = _delta_blocks(cfg, H, K, V)
-        wy, u = _wy_form(q, k, v, beta, lam, ckpt, cfg, products, w, store_inverse=False,
-                         w_dtype=torch.bfloat16 if half else torch.float32)[:2]
+        # L^-1 kept for the backward (fla keeps it too), which then makes only W and u
+        wy, u, inverse = _wy_form(q, k, v, beta, lam, ckpt, cfg, products, w,
+                                  from_states=False, store_inverse=store,
+                                  w_dtype=torch.bfloat16 if half else torch.float32)
         lam_ = _or(lam, beta)
         unread = u      # (pointer arguments the kernels do not read)
         sb = _for("delta_states", _without(blocks, "NK", "STRICT"))
@@ -1019,7 +1021,7 @@ class DeltaChunkCore(torch.autograd.Function):
                                  **_for("output", _blocks(cfg, H, K, V)))
         if store:   # (the backward makes W, u and L^-1 again from the states)
             ctx.save_for_backward(q, k, v, beta, lam, ckpt, w, x)
-            ctx.products = products
+            ctx.products, ctx.inverse = products, inverse
         ctx.cfg, ctx.has_s0 = cfg, s0 is not None
         return y, sT
 
@@ -1030,8 +1032,11 @@ class DeltaChunkCore(torch.autograd.Function):
         if ctx.products is None and cfg["decay"] == 2:  # a second backward: made again
             ctx.products = _delta_products(q, k, lam, cfg, w, x)
         products, ctx.products = ctx.products, None      # (the backward overwrites them)
+        # (taken off ctx, so that it is freed after its last read; a second backward, with
+        # retain_graph, makes it again)
+        inverse, ctx.inverse = ctx.inverse, None
         wy, u, inverse = _wy_form(q, k, v, beta, lam, ckpt, cfg, products, w,
-                                  store_inverse=True)
+                                  from_states=True, inverse=inverse, store_inverse=True)
         B, T, H, K = q.shape
         V = v.shape[-1]
         dev = q.device
@@ -1105,25 +1110,31 @@ _LOW_RANK_STATE_GRADS = Launcher(low_rank_state_grads_kernel)
 _LOW_RANK_PAIR_GRADS = Launcher(low_rank_pair_grads_kernel)
 
 
-def _wy_form(q, k, v, beta, lam, ckpt, cfg: dict, products, w, store_inverse: bool,
-             w_dtype: torch.dtype = torch.float32):
+def _wy_form(q, k, v, beta, lam, ckpt, cfg: dict, products, w, from_states: bool,
+             inverse=None, store_inverse: bool = False, w_dtype: torch.dtype = torch.float32):
     """Every chunk's WY form (``delta_wy_kernel``): W [T*, H, K] and, in the forward, U0
-    (the states kernel turns it into u), in the backward u itself from the stored states
-    (``store_inverse``), with L^-1 [chunks * C, H, C]; W in ``w_dtype``, the rest fp32."""
+    (the states kernel turns it into u), in the backward (``from_states``) u itself from the
+    stored states; W in ``w_dtype``, the rest fp32. L^-1 [chunks * C, H, C] is read from
+    ``inverse`` when given (made by the forward), else made, and returned when
+    ``store_inverse``."""
     B, T, H, K = q.shape
     dev = q.device
     wy = torch.empty(q.shape, dtype=w_dtype, device=dev)
     u = torch.empty(v.shape, dtype=torch.float32, device=dev)
-    inverse = torch.empty(cfg["n_chunks"] * cfg["C"], H, cfg["C"], dtype=torch.float32,
-                          device=dev) if store_inverse else wy
+    load_inverse = inverse is not None
+    if store_inverse and not load_inverse:
+        inverse = torch.empty(cfg["n_chunks"] * cfg["C"], H, cfg["C"], dtype=torch.float32,
+                              device=dev)
     if w is not None:    # the state read along w: its products with x and k
         read, beta_, kk, wk = w, lam, products[1], products[2]
     else:
         read, beta_, kk, wk = k, beta, products[1] if products is not None else wy, wy
     blocks = _delta_blocks(cfg, H, K, v.shape[-1])
     for_device(_WY, dev)((cfg["n_chunks"], H), read, v, beta_, _or(lam, beta), kk, wy, u,
-                         inverse, cfg["table"], wk, ckpt, STORE_INVERSE=store_inverse,
-                         LOW_RANK=w is not None, FROM_STATES=store_inverse,
+                         _or(inverse, wy), cfg["table"], wk, ckpt,
+                         STORE_INVERSE=store_inverse and not load_inverse,
+                         LOAD_INVERSE=load_inverse, LOW_RANK=w is not None,
+                         FROM_STATES=from_states,
                          **_for("wy", dict(_without(blocks, "NK", "STRICT"), INVERSE=WY_INVERSE)))
     return wy, u, inverse
 

@@ -519,10 +519,12 @@ def test_chunk_source_with_sizes_shows_the_generated_map_kernels():
         linforge.library.get("based").source("chunk", "fwd", sizes={"V": 8})
 
 
-def test_diagonal_backward_twice_through_a_retained_graph():
-    """The backward reads the forward's intra-chunk scores and overwrites them with dA: a
-    second backward through the retained graph makes them again and gets the same grads."""
-    attn = linforge.library.get("gla")
+@pytest.mark.parametrize("name", ["gla", "kda", "rwkv7"])
+def test_backward_twice_through_a_retained_graph(name):
+    """The backward reads the forward's intra-chunk scores (diagonal decays) and overwrites
+    them with dA, and takes the delta rules' L^-1 from the forward: a second backward
+    through the retained graph makes both again and gets the same grads."""
+    attn = linforge.library.get(name)
     sizes = kernel_sizes(attn)
     x = {n: t.requires_grad_() for n, t in
          make_inputs(attn, B=1, T=80, H=2, sizes=sizes, seed=17).items()}
