@@ -1346,24 +1346,33 @@ def delta_wy_kernel(
 
 
 @triton.jit
-def _wy_bwd_of_v_block(i_v, dW, dA, dbeta, L_inv, beta, rows, m_t, i_state, v_ptr, du_ptr,
-                       ckpt_ptr, dv_ptr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                       BV: tl.constexpr, DOT: tl.constexpr):
-    """``delta_wy_bwd_kernel`` on V block ``i_v``: dv = beta dR_u (stored), and dW, the
-    solve's dA and dbeta with this block's terms added."""
-    r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(0, i_v, K, V, BK, BV)
+def _wy_bwd_of_v_block(i_v, dA, dbeta, L_inv, beta, rows, m_t, v_ptr, du_ptr, dv_ptr,
+                       V: tl.constexpr, BV: tl.constexpr, DOT: tl.constexpr):
+    """``delta_wy_bwd_kernel`` through U0 = L^-1 (beta V) on V block ``i_v``: dR_u = L^-T dU,
+    dv = beta dR_u (stored); dA and dbeta gain this block's terms."""
+    r_v, m_v = _block(i_v, BV, V)
     m_tv = m_t[:, None] & m_v[None, :]
-    S = tl.load(ckpt_ptr + i_state * K * V + p_kv, mask=m_kv, other=0.0)
     dU = tl.load(du_ptr + rows[:, None] * V + r_v[None, :], mask=m_tv, other=0.0)
     v = _rows_of(v_ptr, rows, m_t, r_v, m_v, V).to(tl.float32)
     dR_u = _mm(tl.trans(L_inv), dU, DOT)
-    dW -= _mm(dU, tl.trans(S), DOT)
     # U0^T = (beta V)^T L^-T from loaded tiles: no transpose of a dot's result (fla #640:
     # that miscompiles on Hopper with Triton 3.4 to 3.7.0)
     dA -= _mm(dR_u, _mm(tl.trans(v * beta[:, None]), tl.trans(L_inv), DOT), DOT)
     dbeta += tl.sum(dR_u * v, axis=1)
     tl.store(dv_ptr + rows[:, None] * V + r_v[None, :], dR_u * beta[:, None], mask=m_tv)
-    return dW, dA, dbeta
+    return dA, dbeta
+
+
+@triton.jit
+def _wy_dw_of_v_block(i_k, i_v, dW, rows, m_t, i_state, du_ptr, ckpt_ptr, K: tl.constexpr,
+                      V: tl.constexpr, BKW: tl.constexpr, BV: tl.constexpr,
+                      DOT: tl.constexpr):
+    """K block ``i_k`` of dW = -dU S^T with V block ``i_v``'s terms added."""
+    _, r_v, _, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BKW, BV)
+    S = tl.load(ckpt_ptr + i_state * K * V + p_kv, mask=m_kv, other=0.0)
+    dU = tl.load(du_ptr + rows[:, None] * V + r_v[None, :],
+                 mask=m_t[:, None] & m_v[None, :], other=0.0)
+    return dW - _mm(dU, tl.trans(S), DOT)
 
 
 @triton.jit
@@ -1372,6 +1381,7 @@ def delta_wy_bwd_kernel(
     dk_ptr, dv_ptr, dbeta_ptr, dlam_ptr, dkk_ptr,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr, DOT: tl.constexpr,
+    BKW: tl.constexpr = 64,
 ):
     """Grid (chunks, heads): back through a chunk's WY form (``delta_wy_kernel``) given dU,
     the gradient of its updates (``chunk_dstates_kernel``), and its start state S (ckpt).
@@ -1380,51 +1390,85 @@ def delta_wy_bwd_kernel(
     diagonal; dv = beta dR_u and dbeta are stored, dk and dlam (the parts through q's
     readout and the state, from ``chunk_grads_kernel``) gain the key's terms through R_w and
     through A = beta KK. Diagonal decays: d loss / d KK goes to ``dkk_ptr`` for
-    ``chunk_diag_grads_kernel`` instead."""
+    ``chunk_diag_grads_kernel`` instead.
+    K is walked in blocks of BKW lanes, so that no [C, K] tile is live across the kernel
+    (with all of K at once, dW, W, k and dk spilled 2-2.4 KB per thread on sm_90): first
+    the V blocks (dv, and dA through U0), then each K block (its dW from the V blocks, dR_w,
+    dA through W, dk through R_w), then, once dA is whole, each K block's dk through KK."""
     i_g, i_h = tl.program_id(0), tl.program_id(1)
     rows, m_t, _, _, p_cc, beta = _wy_rows(beta_ptr, chunk_table_ptr, H, K, BK, C, False)
     L_inv = tl.load(inv_ptr + p_cc)
-    # the V tiles first; the chunk's k, decays, products and W are read after them (fewer
-    # [C, K] tiles live through the loop: Triton 3.6 spilled 1.3-2.6 KB per thread)
-    dW = tl.zeros([C, BK], dtype=tl.float32)
+    i_state = i_g * H + i_h
     dA = tl.zeros([C, C], dtype=tl.float32)
     dbeta = tl.zeros([C], dtype=tl.float32)
     UNROLL_V: tl.constexpr = NV if NV <= MAX_UNROLLED_V else 0
     for i_v in tl.static_range(UNROLL_V):
-        dW, dA, dbeta = _wy_bwd_of_v_block(i_v, dW, dA, dbeta, L_inv, beta, rows, m_t,
-                                           i_g * H + i_h, v_ptr, du_ptr, ckpt_ptr, dv_ptr, K,
-                                           V, BK, BV, DOT)
+        dA, dbeta = _wy_bwd_of_v_block(i_v, dA, dbeta, L_inv, beta, rows, m_t, v_ptr, du_ptr,
+                                       dv_ptr, V, BV, DOT)
     for i_v in range(UNROLL_V, NV):
-        dW, dA, dbeta = _wy_bwd_of_v_block(i_v, dW, dA, dbeta, L_inv, beta, rows, m_t,
-                                           i_g * H + i_h, v_ptr, du_ptr, ckpt_ptr, dv_ptr, K,
-                                           V, BK, BV, DOT)
-    rows, m_t, r_k, m_k, p_cc, k, beta, e_b, pair, earlier, KK, A = _wy_chunk(
-        k_ptr, beta_ptr, lam_ptr, kk_ptr, chunk_table_ptr, H, K, BK, C, DECAY, DOT, False)
-    m_tk = m_t[:, None] & m_k[None, :]
-    p_tk = rows[:, None] * K + r_k[None, :]
-    W = tl.load(w_ptr + p_tk, mask=m_tk, other=0.0)
-    dR_w = _mm(tl.trans(L_inv), dW, DOT)
-    R_w = k * e_b * beta[:, None]
-    dA = tl.where(earlier, dA - _mm(dR_w, tl.trans(W), DOT), 0.0)
-    dbeta += tl.sum(dR_w * k * e_b, axis=1) + tl.sum(dA * KK, axis=1)
-    tl.store(dbeta_ptr + rows, dbeta, mask=m_t)
+        dA, dbeta = _wy_bwd_of_v_block(i_v, dA, dbeta, L_inv, beta, rows, m_t, v_ptr, du_ptr,
+                                       dv_ptr, V, BV, DOT)
+    NKW: tl.constexpr = (K + BKW - 1) // BKW
+    db_w = tl.zeros([C], dtype=tl.float32)      # scalar decays: d / d b_t through R_w
+    for i_k in range(NKW):
+        r_k, m_k = _block(i_k, BKW, K)
+        dW = tl.zeros([C, BKW], dtype=tl.float32)
+        for i_v in tl.static_range(UNROLL_V):
+            dW = _wy_dw_of_v_block(i_k, i_v, dW, rows, m_t, i_state, du_ptr, ckpt_ptr, K, V,
+                                   BKW, BV, DOT)
+        for i_v in range(UNROLL_V, NV):
+            dW = _wy_dw_of_v_block(i_k, i_v, dW, rows, m_t, i_state, du_ptr, ckpt_ptr, K, V,
+                                   BKW, BV, DOT)
+        dR_w = _mm(tl.trans(L_inv), dW, DOT)
+        m_tk = m_t[:, None] & m_k[None, :]
+        p_tk = rows[:, None] * K + r_k[None, :]
+        dA -= _mm(dR_w, tl.trans(tl.load(w_ptr + p_tk, mask=m_tk, other=0.0)), DOT)
+        k = _rows_of(k_ptr, rows, m_t, r_k, m_k, K).to(tl.float32)
+        e_b = _wy_key_decay(lam_ptr, rows, m_t, r_k, m_k, H, K, DECAY, False)
+        R_w = k * e_b * beta[:, None]
+        dbeta += tl.sum(dR_w * k * e_b, axis=1)
+        tl.store(dk_ptr + p_tk, tl.load(dk_ptr + p_tk, mask=m_tk, other=0.0)
+                 + dR_w * e_b * beta[:, None], mask=m_tk)
+        if DECAY == 2:
+            db = tl.where(m_tk, dR_w * R_w, 0.0)      # d / d b of beta exp(b) k, per lane
+            dlam = (tl.load(dlam_ptr + p_tk, mask=m_tk, other=0.0)
+                    + tl.sum(db, axis=0)[None, :] - tl.cumsum(db, axis=0) + db)
+            tl.store(dlam_ptr + p_tk, dlam, mask=m_tk)
+        else:
+            db_w += tl.sum(dR_w * R_w, axis=1)
+    earlier = tl.arange(0, C)[:, None] > tl.arange(0, C)[None, :]
+    dA = tl.where(earlier, dA, 0.0)
     G = dA * beta[:, None]                      # d loss / d KK[t, s], s < t
-    dk = tl.load(dk_ptr + p_tk, mask=m_tk, other=0.0) + dR_w * e_b * beta[:, None]
     if DECAY == 2:      # KK's own gradients follow in chunk_diag_grads_kernel
+        KK = tl.load(kk_ptr + p_cc).to(tl.float32)
+        tl.debug_barrier()  # (dkk may be KK's buffer: every thread has read it)
         tl.store(dkk_ptr + p_cc, G)
-        db_w = tl.where(m_tk, dR_w * R_w, 0.0)      # d / d b of beta exp(b) k, per lane
-        dlam = (tl.load(dlam_ptr + p_tk, mask=m_tk, other=0.0)
-                + tl.sum(db_w, axis=0)[None, :] - tl.cumsum(db_w, axis=0) + db_w)
-        tl.store(dlam_ptr + p_tk, dlam, mask=m_tk)
-    else:               # KK = k k^T (times the scalar pair decays, which A carries)
-        dKK = G * pair
-        dk += _mm(dKK, k, DOT) + _mm(tl.trans(dKK), k, DOT)
-        if DECAY == 1:  # d / d b_t of the pairs' exp(b_t - b_s) and of R_w's exp(b_t)
-            db = tl.where(m_t, _row_sums_of_pairs(dA * A) + tl.sum(dR_w * R_w, axis=1), 0.0)
-            dlam = (tl.load(dlam_ptr + rows, mask=m_t, other=0.0)
-                    + tl.sum(db, axis=0) - tl.cumsum(db, axis=0) + db)
-            tl.store(dlam_ptr + rows, dlam, mask=m_t)
-    tl.store(dk_ptr + p_tk, dk, mask=m_tk)
+    else:               # KK = k k^T (times the scalar pair decays), summed over K blocks
+        dKK = G
+        if DECAY == 1:
+            b, _, _ = _decays(lam_ptr, rows, m_t, rows, m_t, K, 1, False)
+            pair = tl.exp(tl.minimum(b[:, None] - b[None, :], 0.0))
+            dKK = G * pair
+        KK = tl.zeros([C, C], dtype=tl.float32)
+        tl.debug_barrier()  # dk, stored above by other threads of this program, read again
+        for i_k in range(NKW):
+            r_k, m_k = _block(i_k, BKW, K)
+            m_tk = m_t[:, None] & m_k[None, :]
+            p_tk = rows[:, None] * K + r_k[None, :]
+            k = _rows_of(k_ptr, rows, m_t, r_k, m_k, K).to(tl.float32)
+            KK += _mm(k, tl.trans(k), DOT)
+            tl.store(dk_ptr + p_tk, tl.load(dk_ptr + p_tk, mask=m_tk, other=0.0)
+                     + _mm(dKK, k, DOT) + _mm(tl.trans(dKK), k, DOT), mask=m_tk)
+        if DECAY == 1:
+            KK = KK * pair
+    dbeta += tl.sum(dA * KK, axis=1)
+    tl.store(dbeta_ptr + rows, dbeta, mask=m_t)
+    if DECAY == 1:      # d / d b_t of the pairs' exp(b_t - b_s) and of R_w's exp(b_t)
+        db = tl.where(m_t, _row_sums_of_pairs(dA * tl.where(earlier, KK * beta[:, None], 0.0))
+                      + db_w, 0.0)
+        dlam = (tl.load(dlam_ptr + rows, mask=m_t, other=0.0)
+                + tl.sum(db, axis=0) - tl.cumsum(db, axis=0) + db)
+        tl.store(dlam_ptr + rows, dlam, mask=m_t)
 
 
 @triton.jit

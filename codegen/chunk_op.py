@@ -345,6 +345,11 @@ KERNEL_DOT: dict[str, int] = {}
 #: 190-234 registers (benchmarks/preflight.py), and has not run on a GPU;
 #: ``KERNEL_OPTIONS["wy"]["INVERSE"]`` overrides it on a GPU, as the launch sweep does)
 WY_INVERSE = 0
+#: the K block of the delta rule's WY backward (``delta_wy_bwd_kernel``'s BKW). Compiled for
+#: sm_90 with Triton 3.6 at 4 warps (benchmarks/preflight.py, K = V = 128): all of K at once
+#: (before session 11) spilled 2.0-2.4 KB per thread, blocks of 64 0.2-0.35 KB, of 32
+#: 8-80 bytes. Not yet timed on a GPU (the launch sweep varies it).
+WY_BWD_BLOCK_K = 32
 #: experiment: the delta rules keep W and the chunk states in bf16 for half inputs (fla
 #: keeps w, u and h in bf16). The states kernel reads W once per V tile (4 times at
 #: K = V = 128): 512 MB of fp32 reads at B=4, T=4096, H=16; the states the backward keeps
@@ -1088,7 +1093,8 @@ class DeltaChunkCore(torch.autograd.Function):
         dbeta = torch.empty(beta.shape, dtype=torch.float32, device=dev)
         for_device(_WY_BWD, dev)((cfg["n_chunks"], H), k, v, beta, lam_, kk, inverse, wy, du,
                                  ckpt, cfg["table"], dk, dv, dbeta, _or(dlam, dk), dkk,
-                                 **_for("wy_bwd", _without(blocks, "NK", "STRICT")))
+                                 **_for("wy_bwd", dict(_without(blocks, "NK", "STRICT"),
+                                                       BKW=min(WY_BWD_BLOCK_K, blocks["BK"]))))
         del wy, inverse, du
         if per_row:     # through k_t . k_s exp(b_t - b_s), s < t
             dlam_kk = torch.empty_like(dlam)

@@ -262,6 +262,16 @@ def test_chunked_delta_rule_with_the_diagonal_blocks_inverse(name, monkeypatch):
     _check_chunked_delta_rule(name, torch.float32)
 
 
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "kda"])
+def test_chunked_delta_rule_wy_backward_by_k_blocks(name, monkeypatch):
+    """The WY backward walks K in blocks (on a GPU, 64 lanes of 128): K = 12 in blocks of
+    8, the last one partial, with no decay, a scalar and a diagonal one; every gradient
+    against the reference."""
+    import linforge.codegen.chunk_op as chunk_op
+    monkeypatch.setattr(chunk_op, "WY_BWD_BLOCK_K", 8)
+    _check_chunked_delta_rule(name, torch.float32)
+
+
 @pytest.mark.parametrize("name", ["gated_deltanet", "kda", "rwkv7"])
 def test_chunked_delta_rule_with_half_buffers(name, monkeypatch):
     """The delta rules with W and the chunk states in bf16 (an experiment switch): bf16
