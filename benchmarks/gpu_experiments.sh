@@ -5,9 +5,9 @@
 # the diagonal-blocks inverse (WY_INVERSE=1), with W and the chunk states in bf16
 # (DELTA_HALF_BUFFERS=1), with bf16 dots as fla's (DELTA_HALF_DOT=0), and all three, each
 # with its differences from the recurrent form's output and gradients (the accuracy it
-# costs). Part "sweep" (~5 minutes): the launch sweep of the WY and delta state kernels
-# and of the gradient kernel of mamba2 and rwkv6. Part "parallel" (~4 minutes): the
-# parallel form's kernels.
+# costs). Part "sweep" (~6 minutes): the launch sweep of the WY (forward, backward) and
+# delta state kernels and of the gradient kernel of mamba2 and rwkv6. Part "parallel"
+# (~4 minutes): the parallel form's kernels.
 # Results: $OUT/profile_chunk.json (a row per op, direction and setting) and
 # $OUT/sweep_chunk_launch.jsonl (rows appended as they come: a cut run keeps them).
 # Usage: OUT=dir bash benchmarks/gpu_experiments.sh profile|sweep|parallel [ops]
@@ -24,7 +24,7 @@ done
 fi
 if [ "$PART" = sweep ]; then
 python sweep_chunk_launch.py --out "$OUT" --ops gated_deltanet \
-    --kernels wy,delta_states,delta_dstates
+    --kernels wy,wy_bwd,delta_states,delta_dstates
 # the gradient kernel, the largest of the scalar and diagonal decays' backward, spills
 # 0.4-0.5 KB per thread for mamba2 and rwkv6 at its default tiles (preflight, sm_90)
 python sweep_chunk_launch.py --out "$OUT" --ops mamba2,rwkv6 --kernels grads
