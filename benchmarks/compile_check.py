@@ -25,15 +25,21 @@ from linforge.codegen import chunk  # noqa: E402
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def build(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 1):
-    """Compile ``fn`` for sm_90 and return (registers, spills, shared bytes)."""
+def build_kernel(fn, signature: dict, constexprs: dict, num_warps: int = 4,
+                 num_stages: int = 1):
+    """``fn`` compiled for sm_90 (its pointer and scalar types in ``signature``)."""
     sig = dict(signature)
     for name, value in constexprs.items():
         sig[name] = "constexpr"
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v
                                                       for k, v in constexprs.items()})
-    k = triton.compile(src, target=TARGET, options=dict(num_warps=num_warps,
-                                                        num_stages=num_stages))
+    return triton.compile(src, target=TARGET, options=dict(num_warps=num_warps,
+                                                           num_stages=num_stages))
+
+
+def build(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 1):
+    """Compile ``fn`` for sm_90 and return (registers, spills, shared bytes)."""
+    k = build_kernel(fn, signature, constexprs, num_warps, num_stages)
     return k.metadata.shared, _resources(k.asm["cubin"])
 
 

@@ -56,28 +56,50 @@ def _fake_driver():
 #: SASS opcode families counted per kernel (static counts: unrolled loops count every copy)
 SASS_FAMILIES = {"mma": ("HGMMA", "HMMA", "WGMMA"), "exp": ("MUFU",), "bar": ("BAR",),
                  "shared": ("LDS", "STS", "LDSM", "STSM"), "global": ("LDG", "STG", "LDGSTS"),
-                 "local": ("LDL", "STL")}
+                 "local": ("LDL", "STL"), "shuffle": ("SHFL",)}
+
+
+def sass_instructions(cubin: bytes) -> list[tuple[int, str, str]]:
+    """A compiled kernel's SASS as (address, opcode without modifiers, whole text)."""
+    from compile_check import cuobjdump
+
+    out = []
+    for line in cuobjdump(cubin, "-sass").splitlines():
+        found = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s*(.*?);", line)
+        if found:
+            body = found.group(2).strip().lstrip("{").strip()
+            words = body.split()
+            op = words[1] if words[0].startswith("@") and len(words) > 1 else words[0]
+            out.append((int(found.group(1), 16), op.split(".")[0], body))
+    return out
+
+
+def _families(ops: list[str]) -> dict:
+    counts = {"all": len(ops)}
+    for family, prefixes in SASS_FAMILIES.items():
+        counts[family] = sum(op in prefixes for op in ops)
+    return counts
 
 
 def sass_counts(cubin: bytes) -> dict:
     """Instruction counts of a compiled kernel's SASS: all, and per family (tensor-core
     MMAs, MUFU (exp), barriers, shared, global and local (spill) loads and stores)."""
-    from compile_check import cuobjdump
+    return _families([op for _, op, _ in sass_instructions(cubin)])
 
-    ops = []
-    for line in cuobjdump(cubin, "-sass").splitlines():
-        line = line.strip()
-        if line.startswith("/*") and "*/" in line:
-            body = line.split("*/", 1)[1].strip().lstrip("{").strip()
-            if body and not body.startswith("/*"):
-                op = body.split()[0]
-                if op.startswith("@"):
-                    op = body.split()[1]
-                ops.append(op.split(".")[0])
-    counts = {"all": len(ops)}
-    for family, prefixes in SASS_FAMILIES.items():
-        counts[family] = sum(op in prefixes for op in ops)
-    return counts
+
+def sass_loops(cubin: bytes) -> list[dict]:
+    """The same counts for the body of each loop the SASS has (a branch back to an earlier
+    address): what one trip of a loop costs, which static counts of the whole kernel hide
+    when a loop runs many times."""
+    ins = sass_instructions(cubin)
+    loops = []
+    for addr, op, body in ins:
+        targets = re.findall(r"0x([0-9a-f]+)", body) if op == "BRA" else []
+        if targets and int(targets[-1], 16) < addr:
+            start = int(targets[-1], 16)
+            loops.append(dict(start=start, **_families(
+                [o for a, o, _ in ins if start <= a <= addr])))
+    return loops
 
 
 def ctas_per_sm(resources: str, num_warps: int, shared: int) -> int:

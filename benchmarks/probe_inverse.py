@@ -4,7 +4,10 @@ kernel's), the 16 x 16 diagonal blocks all at once then merged, and the 16-row b
 (tf32x3 or exact fp32 dots), on the
 delta rule's A = beta_t k_t . k_s (unit-norm keys, beta in (0, 2)) for every chunk of
 B=4, T=4096, H=16 (4096 programs). Usage: python benchmarks/probe_inverse.py [--out DIR]
-[--programs N] (on the CPU the interpreter runs a few programs, for the errors only)."""
+[--programs N] (on the CPU, with TRITON_INTERPRET=1, the interpreter runs a few programs,
+for the errors only). ``--sass`` (no GPU needed, the device's Triton: see preflight.py)
+compiles each variant for sm_90 instead and prints its SASS counts, whole and per trip of
+its loop (barriers, shared memory, shuffles: what a serial step costs)."""
 
 import argparse
 import json
@@ -14,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from linforge.codegen.chunk import (_mm, _unit_lower_inverse_diagonal_blocks,
+from linforge.codegen.chunk import (_mm, _unit_lower_inverse_block_columns,
+                                   _unit_lower_inverse_diagonal_blocks,
                                    _unit_lower_inverse_transposed)
 
 
@@ -59,11 +63,14 @@ def _unit_lower_inverse_blocked(A, C: tl.constexpr, PRECISION: tl.constexpr = 3)
 def _inverse_kernel(a_ptr, x_ptr, C: tl.constexpr, BLOCKED: tl.constexpr,
                     PRECISION: tl.constexpr):
     """One [C, C] inverse per program, by the variant BLOCKED names (0 by rows, 1 blocked,
-    2 by columns, 3 diagonal blocks at once)."""
+    2 by columns, 3 diagonal blocks at once in a 3-d tile, 4 by the diagonal blocks'
+    columns on the 2-d tile)."""
     r_c = tl.arange(0, C)
     p = tl.program_id(0) * C * C + r_c[:, None] * C + r_c[None, :]
     A = tl.load(a_ptr + p)
-    if BLOCKED == 3:
+    if BLOCKED == 4:
+        X = _unit_lower_inverse_block_columns(A, C, PRECISION)
+    elif BLOCKED == 3:
         X = _unit_lower_inverse_diagonal_blocks(A, C, PRECISION)
     elif BLOCKED == 2:
         X = tl.trans(_unit_lower_inverse_transposed(A, C))
@@ -82,12 +89,35 @@ def delta_rule_products(programs: int, C: int, device) -> torch.Tensor:
     return torch.tril(beta * (k @ k.transpose(1, 2)), -1).to(device).contiguous()
 
 
+#: (name, BLOCKED, PRECISION) of every variant
+VARIANTS = (("by_rows", 0, 2), ("by_columns", 2, 2), ("diagonal_blocks_tf32x3", 3, 3),
+            ("diagonal_blocks_tf32", 3, 1), ("block_columns_tf32x3", 4, 3),
+            ("block_columns_tf32", 4, 1), ("blocked_tf32x3", 1, 3), ("blocked_ieee", 1, 2))
+
+
+def print_sass():
+    """Each variant compiled for sm_90 at C = 64: SASS counts, whole and per loop trip."""
+    from compile_check import build_kernel
+    from preflight import sass_counts, sass_loops
+
+    for warps in (4, 8):
+        for name, blocked, precision in VARIANTS:
+            kernel = build_kernel(_inverse_kernel, {"a_ptr": "*fp32", "x_ptr": "*fp32"},
+                                  dict(C=64, BLOCKED=blocked, PRECISION=precision), warps)
+            cubin = kernel.asm["cubin"]
+            print(json.dumps(dict(variant=name, num_warps=warps, whole=sass_counts(cubin),
+                                  loops=sass_loops(cubin))), flush=True)
+
+
 def main():
     """Print (and write to --out) one JSON line per variant: median ms and max error."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
     parser.add_argument("--programs", type=int, default=4096)
+    parser.add_argument("--sass", action="store_true")
     args = parser.parse_args()
+    if args.sass:
+        return print_sass()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     programs = args.programs if device == "cuda" else 4
     rows = []
@@ -95,10 +125,7 @@ def main():
         A = delta_rule_products(programs, C, device)
         eye = torch.eye(C, dtype=torch.float64, device=device)
         exact = torch.linalg.inv(eye + A.double())
-        for name, blocked, precision in (("by_rows", 0, 2), ("by_columns", 2, 2),
-                                         ("diagonal_blocks_tf32x3", 3, 3),
-                                         ("diagonal_blocks_tf32", 3, 1), ("blocked_tf32x3", 1, 3),
-                                         ("blocked_ieee", 1, 2)):
+        for name, blocked, precision in VARIANTS:
             X = torch.empty_like(A)
 
             def run():

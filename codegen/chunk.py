@@ -1160,14 +1160,7 @@ def _unit_lower_inverse_diagonal_blocks(A, C: tl.constexpr, DOT: tl.constexpr):
     """(I + A)^-1 for a strictly lower-triangular [C, C] A. First the inverses D_b of the
     16 x 16 diagonal blocks I + A_b, all at once: forward substitution on their columns in
     a [C / 16, 16, 16] tile, 15 steps for any C, each on a 16th of the [C, C] tile (the row
-    of A a step needs does not depend on earlier steps). Then, with D block-diagonal and
-    N = D A' (A' is A without its diagonal blocks; N is strictly block-lower, N^(C/16) = 0),
-    I + A = D^-1 (I + N), so (I + A)^-1 = (I - N + N^2 - ...) D, by Horner's rule:
-    X <- D - N X, C / 16 - 1 times. The dots run in tf32 where the kernel's run in tf32 or
-    bf16 (2e-4 to 5e-4 relative error in the inverse, as in the kernel's tf32 dots; tf32x3
-    spills 0.9 KB per thread on sm_90 even alone), else in tf32x3 (about fp32's accuracy,
-    1e-7)."""
-    MERGE: tl.constexpr = 1 if DOT <= 1 else 3
+    of A a step needs does not depend on earlier steps); then ``_merge_diagonal_blocks``."""
     BC: tl.constexpr = 16
     NB: tl.constexpr = C // BC
     r_c = tl.arange(0, C)
@@ -1183,9 +1176,45 @@ def _unit_lower_inverse_diagonal_blocks(A, C: tl.constexpr, DOT: tl.constexpr):
     b4 = tl.arange(0, NB)[:, None, None, None]
     c4 = tl.arange(0, NB)[None, None, :, None]
     D = tl.reshape(tl.where(b4 == c4, tl.permute(Y, (0, 2, 1))[:, :, None, :], 0.0), [C, C])
+    return _merge_diagonal_blocks(D, A, same, C, DOT)
+
+
+@triton.jit
+def _unit_lower_inverse_block_columns(A, C: tl.constexpr, DOT: tl.constexpr):
+    """(I + A)^-1 for a strictly lower-triangular [C, C] A: the inverses of the 16 x 16
+    diagonal blocks by forward substitution on their columns, column t of every block in
+    one step on the [C, C] tile (15 steps for any C, against C - 1 by whole columns), then
+    ``_merge_diagonal_blocks``. Only 2-d tiles, the operations of the by-columns inverse:
+    no reshapes. With Y the block-diagonal transposed inverse so far and a the rows t of
+    every block of A, each on its own block's lanes, sum_s Y[i, s] a[s] sums over i's
+    block only (Y is zero elsewhere): the update of column t of i's block, at row i."""
+    BC: tl.constexpr = 16
+    r_c = tl.arange(0, C)
+    same = (r_c[:, None] // BC) == (r_c[None, :] // BC)
+    A_d = tl.where(same, A, 0.0)
+    eye = (r_c[:, None] == r_c[None, :]).to(tl.float32)
+    Y = eye
+    for t in range(1, BC):
+        column = (r_c % BC) == t
+        a_t = tl.sum(tl.where(column[:, None], A_d, 0.0), axis=0)
+        Y = tl.where(column[None, :] & same, eye - tl.sum(Y * a_t[None, :], axis=1)[:, None],
+                     Y)
+    return _merge_diagonal_blocks(tl.trans(Y), A, same, C, DOT)
+
+
+@triton.jit
+def _merge_diagonal_blocks(D, A, same, C: tl.constexpr, DOT: tl.constexpr):
+    """(I + A)^-1 from D, the inverse of I plus A's 16 x 16 diagonal blocks (``same``: the
+    pairs in one block). With A' = A without its diagonal blocks and N = D A' (strictly
+    block-lower, N^(C/16) = 0), I + A = D^-1 (I + N), so (I + A)^-1 = (I - N + N^2 - ...) D,
+    by Horner's rule: X <- D - N X, C / 16 - 1 times. The dots run in tf32 where the
+    kernel's run in tf32 or bf16 (2e-4 to 5e-4 relative error in the inverse, as in the
+    kernel's tf32 dots; tf32x3 spills 0.9 KB per thread on sm_90 even alone), else in
+    tf32x3 (about fp32's accuracy, 1e-7)."""
+    MERGE: tl.constexpr = 1 if DOT <= 1 else 3
     N = _mm(D, tl.where(same, 0.0, A), MERGE)
     X = D
-    for _ in tl.static_range(NB - 1):
+    for _ in tl.static_range(C // 16 - 1):
         X = D - _mm(N, X, MERGE)
     return X
 
@@ -1314,8 +1343,9 @@ def delta_wy_kernel(
     w_t . k_s exp(bq_t - b_s) (s < t, ``wk_ptr``). FROM_STATES (the backward, which keeps
     only the chunk start states): stores u = U0 - W S from the states in ``ckpt`` instead of
     U0, so nothing else of the forward need be kept. INVERSE: 0 by columns
-    (``_unit_lower_inverse_transposed``), 1 by diagonal blocks at once
-    (``_unit_lower_inverse_diagonal_blocks``; not yet timed in this kernel). LOAD_INVERSE
+    (``_unit_lower_inverse_transposed``), 1 by diagonal blocks at once in a 3-d tile
+    (``_unit_lower_inverse_diagonal_blocks``), 2 by the diagonal blocks' columns on the
+    [C, C] tile (``_unit_lower_inverse_block_columns``); 1 and 2 not yet timed. LOAD_INVERSE
     (the backward, after a forward that stored it): L^-1 read from ``inv_ptr``; neither
     the products nor the inverse are made again."""
     if LOAD_INVERSE:
@@ -1328,6 +1358,8 @@ def delta_wy_kernel(
             LOW_RANK)
         if INVERSE == 1:
             L_inv = _unit_lower_inverse_diagonal_blocks(A, C, DOT)
+        elif INVERSE == 2:
+            L_inv = _unit_lower_inverse_block_columns(A, C, DOT)
         else:
             L_inv = tl.trans(_unit_lower_inverse_transposed(A, C))
         if STORE_INVERSE:

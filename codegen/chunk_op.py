@@ -339,11 +339,14 @@ class _Tokens:
 FORCE_DOT: int | None = None
 #: experiments: the dot precision of one kernel ("states", "output", "dstates", "grads")
 KERNEL_DOT: dict[str, int] = {}
-#: experiments: the WY kernel's inverse (``delta_wy_kernel``'s INVERSE: 0 by columns, 1 by
-#: 16 x 16 diagonal blocks at once, then C/16 merging dots; the second is 15 serial steps
-#: on a quarter of the tile instead of 63 at C = 64, compiles for sm_90 without spills at
-#: 190-234 registers (benchmarks/preflight.py), and has not run on a GPU;
-#: ``KERNEL_OPTIONS["wy"]["INVERSE"]`` overrides it on a GPU, as the launch sweep does)
+#: experiments: the WY kernel's inverse (``delta_wy_kernel``'s INVERSE): 0 by columns (63
+#: serial steps on the [C, C] tile at C = 64), 1 by the 16 x 16 diagonal blocks at once in
+#: a [C/16, 16, 16] tile, 2 by the diagonal blocks' columns on the [C, C] tile (only the
+#: 2-d operations of 0), each of the last two 15 steps then C/16 merging dots. Per step on
+#: sm_90 (Triton 3.6, 4 warps, SASS of benchmarks/probe_inverse.py's kernel): 0 and 2 run
+#: 6 barriers and 70 shared loads and stores, 1 runs 3 and 10. 1 and 2 compile in the WY
+#: kernel without spills at 184-255 registers (benchmarks/preflight.py) and have not run
+#: on a GPU; ``KERNEL_OPTIONS["wy"]["INVERSE"]`` overrides it there, as the sweep does
 WY_INVERSE = 0
 #: the K block of the delta rule's WY backward (``delta_wy_bwd_kernel``'s BKW). Compiled for
 #: sm_90 with Triton 3.6 at 4 warps (benchmarks/preflight.py, K = V = 128): all of K at once

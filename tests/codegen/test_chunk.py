@@ -253,12 +253,14 @@ def test_chunked_delta_rule_gradients_match_reference(name, dtype):
     _check_chunked_delta_rule(name, dtype)
 
 
+@pytest.mark.parametrize("inverse", [1, 2], ids=["3d_tile", "block_columns"])
 @pytest.mark.parametrize("name", ["gated_deltanet", "rwkv7"])
-def test_chunked_delta_rule_with_the_diagonal_blocks_inverse(name, monkeypatch):
-    """The WY kernel's other inverse (16 x 16 diagonal blocks at once, then merged; an
-    experiment switch): forward, final state and every gradient against the reference."""
+def test_chunked_delta_rule_with_the_diagonal_blocks_inverse(name, inverse, monkeypatch):
+    """The WY kernel's other inverses (16 x 16 diagonal blocks at once, in a 3-d tile or by
+    their columns on the 2-d one, then merged; experiment switches): forward, final state
+    and every gradient against the reference."""
     import linforge.codegen.chunk_op as chunk_op
-    monkeypatch.setattr(chunk_op, "WY_INVERSE", 1)
+    monkeypatch.setattr(chunk_op, "WY_INVERSE", inverse)
     _check_chunked_delta_rule(name, torch.float32)
 
 
