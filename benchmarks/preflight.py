@@ -134,11 +134,12 @@ class Recorder:
         res = _resources(kernel.asm["cubin"])
         modes = {k: v for k, v in constexprs.items()
                  if k in ("DECAY", "DELTA", "LOW_RANK", "NORM", "SECOND", "STRICT", "PARALLEL",
-                          "FROM_STATES", "STORE_DV", "DOT", "BK", "BV", "num_warps",
-                          "num_stages")}
+                          "FROM_STATES", "LOAD_INVERSE", "INVERSE", "STORE_DV", "DOT", "BK",
+                          "BV", "BKW", "num_warps", "num_stages")}
         self.rows.append(dict(key=key, phase=self.phase, kernel=fn.__name__, modes=modes,
                               compile_s=round(seconds, 2), shared=kernel.metadata.shared,
                               resources=res, sass=sass_counts(kernel.asm["cubin"]),
+                              sass_loops=sass_loops(kernel.asm["cubin"]),
                               ctas_per_sm=ctas_per_sm(res, constexprs.get("num_warps", 4),
                                                       kernel.metadata.shared),
                               over_shared=kernel.metadata.shared > SHARED_LIMIT))

@@ -19,6 +19,7 @@ import triton.language as tl
 
 from linforge.codegen.chunk import (_mm, _unit_lower_inverse_block_columns,
                                    _unit_lower_inverse_diagonal_blocks,
+                                   _unit_lower_inverse_through_memory,
                                    _unit_lower_inverse_transposed)
 
 
@@ -64,11 +65,14 @@ def _inverse_kernel(a_ptr, x_ptr, C: tl.constexpr, BLOCKED: tl.constexpr,
                     PRECISION: tl.constexpr):
     """One [C, C] inverse per program, by the variant BLOCKED names (0 by rows, 1 blocked,
     2 by columns, 3 diagonal blocks at once in a 3-d tile, 4 by the diagonal blocks'
-    columns on the 2-d tile)."""
+    columns on the 2-d tile, 5 diagonal blocks with the rows of A read back from memory,
+    the output's block serving as the buffer)."""
     r_c = tl.arange(0, C)
     p = tl.program_id(0) * C * C + r_c[:, None] * C + r_c[None, :]
     A = tl.load(a_ptr + p)
-    if BLOCKED == 4:
+    if BLOCKED == 5:
+        X = _unit_lower_inverse_through_memory(A, x_ptr, 1, C, PRECISION)
+    elif BLOCKED == 4:
         X = _unit_lower_inverse_block_columns(A, C, PRECISION)
     elif BLOCKED == 3:
         X = _unit_lower_inverse_diagonal_blocks(A, C, PRECISION)
@@ -92,7 +96,8 @@ def delta_rule_products(programs: int, C: int, device) -> torch.Tensor:
 #: (name, BLOCKED, PRECISION) of every variant
 VARIANTS = (("by_rows", 0, 2), ("by_columns", 2, 2), ("diagonal_blocks_tf32x3", 3, 3),
             ("diagonal_blocks_tf32", 3, 1), ("block_columns_tf32x3", 4, 3),
-            ("block_columns_tf32", 4, 1), ("blocked_tf32x3", 1, 3), ("blocked_ieee", 1, 2))
+            ("block_columns_tf32", 4, 1), ("through_memory_tf32x3", 5, 3),
+            ("through_memory_tf32", 5, 1), ("blocked_tf32x3", 1, 3), ("blocked_ieee", 1, 2))
 
 
 def print_sass():

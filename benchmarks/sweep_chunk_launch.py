@@ -44,7 +44,7 @@ GRID = {"states": dict(BV=[32, 64], num_stages=[1, 2, 3], num_warps=[4]),
         "diag_grads": dict(BK=[32, 64], num_stages=[1, 2], num_warps=[4, 8]),
         # the delta kernels hold all of K per program (WY at 4 warps since session 9, the
         # others at 8); INVERSE: the WY kernel's inverse (delta_wy_kernel)
-        "wy": dict(num_stages=[1], num_warps=[4, 8], INVERSE=[0, 1, 2]),
+        "wy": dict(num_stages=[1], num_warps=[4, 8], INVERSE=[0, 1, 2, 3]),
         # BKW: the K block its passes walk (32 by default: no spills on sm_90 at 4 warps,
         # 64: 0.2-0.35 KB per thread; all of K at once spilled 2-2.4 KB before session 11)
         "wy_bwd": dict(BKW=[32, 64], num_stages=[1, 2], num_warps=[4, 8]),

@@ -1203,6 +1203,44 @@ def _unit_lower_inverse_block_columns(A, C: tl.constexpr, DOT: tl.constexpr):
 
 
 @triton.jit
+def _unit_lower_inverse_through_memory(A, buf_ptr, H: tl.constexpr, C: tl.constexpr,
+                                       DOT: tl.constexpr):
+    """(I + A)^-1 for a strictly lower-triangular [C, C] A, through this program's [C, C]
+    block of ``buf_ptr`` ([chunks * C, H, C], the L^-1 buffer). A is written there and the
+    16 x 16 diagonal blocks' inverses are made at once in a [C / 16, 16, 16] tile by
+    forward substitution on their columns, each step's rows of A read back from memory:
+    15 steps for any C, with no barrier or shared memory in them (a row taken out of a
+    register tile is a reduction across warps, and that made the other inverses' steps
+    cost 3-6 barriers each on sm_90). Their blocks are written back over A's and read as a
+    [C, C] tile (no reshapes), then ``_merge_diagonal_blocks``. The barriers order this
+    program's writes and reads of the buffer (the caller may write L^-1 there after)."""
+    BC: tl.constexpr = 16
+    NB: tl.constexpr = C // BC
+    RS: tl.constexpr = H * C      # the buffer's row stride
+    r_c = tl.arange(0, C)
+    block = buf_ptr + (tl.program_id(0) * C * H + tl.program_id(1)) * C
+    p_cc = r_c[:, None] * RS + r_c[None, :]
+    tl.store(block + p_cc, A)
+    tl.debug_barrier()
+    b3 = tl.arange(0, NB)[:, None, None] * BC
+    i3 = tl.arange(0, BC)[None, :, None]
+    j3 = tl.arange(0, BC)[None, None, :]
+    Y = tl.where(i3 == j3, 1.0, 0.0) + tl.zeros([NB, BC, BC], dtype=tl.float32)
+    first_rows = block + b3 * RS + b3 + j3 + i3 * 0     # [b, i, j]: A[b * 16, b * 16 + j]
+    for t in range(1, BC):      # Y[b] = D_b^T, column t = row t of D_b
+        Y = tl.where(j3 == t, Y - tl.sum(Y * tl.load(first_rows + t * RS), axis=2)[:, :, None],
+                     Y)
+    tl.debug_barrier()
+    tl.store(block + (b3 + j3) * RS + b3 + i3, Y)       # D_b[j, i] = Y[b, i, j]
+    tl.debug_barrier()
+    same = (r_c[:, None] // BC) == (r_c[None, :] // BC)
+    L_inv = _merge_diagonal_blocks(tl.load(block + p_cc, mask=same, other=0.0), A, same, C,
+                                   DOT)
+    tl.debug_barrier()
+    return L_inv
+
+
+@triton.jit
 def _merge_diagonal_blocks(D, A, same, C: tl.constexpr, DOT: tl.constexpr):
     """(I + A)^-1 from D, the inverse of I plus A's 16 x 16 diagonal blocks (``same``: the
     pairs in one block). With A' = A without its diagonal blocks and N = D A' (strictly
@@ -1345,7 +1383,9 @@ def delta_wy_kernel(
     U0, so nothing else of the forward need be kept. INVERSE: 0 by columns
     (``_unit_lower_inverse_transposed``), 1 by diagonal blocks at once in a 3-d tile
     (``_unit_lower_inverse_diagonal_blocks``), 2 by the diagonal blocks' columns on the
-    [C, C] tile (``_unit_lower_inverse_block_columns``); 1 and 2 not yet timed. LOAD_INVERSE
+    [C, C] tile (``_unit_lower_inverse_block_columns``), 3 by diagonal blocks whose rows are
+    read back from ``inv_ptr`` (``_unit_lower_inverse_through_memory``: the buffer is
+    needed even when L^-1 is not stored); 1-3 not yet timed. LOAD_INVERSE
     (the backward, after a forward that stored it): L^-1 read from ``inv_ptr``; neither
     the products nor the inverse are made again."""
     if LOAD_INVERSE:
@@ -1360,6 +1400,8 @@ def delta_wy_kernel(
             L_inv = _unit_lower_inverse_diagonal_blocks(A, C, DOT)
         elif INVERSE == 2:
             L_inv = _unit_lower_inverse_block_columns(A, C, DOT)
+        elif INVERSE == 3:
+            L_inv = _unit_lower_inverse_through_memory(A, inv_ptr, H, C, DOT)
         else:
             L_inv = tl.trans(_unit_lower_inverse_transposed(A, C))
         if STORE_INVERSE:

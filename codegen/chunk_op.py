@@ -339,15 +339,19 @@ class _Tokens:
 FORCE_DOT: int | None = None
 #: experiments: the dot precision of one kernel ("states", "output", "dstates", "grads")
 KERNEL_DOT: dict[str, int] = {}
-#: experiments: the WY kernel's inverse (``delta_wy_kernel``'s INVERSE): 0 by columns (63
-#: serial steps on the [C, C] tile at C = 64), 1 by the 16 x 16 diagonal blocks at once in
-#: a [C/16, 16, 16] tile, 2 by the diagonal blocks' columns on the [C, C] tile (only the
-#: 2-d operations of 0), each of the last two 15 steps then C/16 merging dots. Per step on
-#: sm_90 (Triton 3.6, 4 warps, SASS of benchmarks/probe_inverse.py's kernel): 0 and 2 run
-#: 6 barriers and 70 shared loads and stores, 1 runs 3 and 10. 1 and 2 compile in the WY
-#: kernel without spills at 184-255 registers (benchmarks/preflight.py) and have not run
-#: on a GPU; ``KERNEL_OPTIONS["wy"]["INVERSE"]`` overrides it there, as the sweep does
-WY_INVERSE = 0
+#: the WY kernel's inverse (``delta_wy_kernel``'s INVERSE): 0 by columns (63 serial steps
+#: on the [C, C] tile at C = 64; the default until session 11, the one timed on a GPU),
+#: 1 by the 16 x 16 diagonal blocks at once in a [C/16, 16, 16] tile, 2 by the diagonal
+#: blocks' columns on the [C, C] tile, 3 as 1 with each step's rows of A read back from
+#: the L^-1 buffer; 1-3 take 15 steps, then C/16 merging dots. One step on sm_90 (Triton
+#: 3.6, 4 warps; SASS of benchmarks/probe_inverse.py --sass): 0 and 2 run 593-618
+#: instructions with 6 barriers and 70 shared loads and stores, 1 runs 420 with 3 and 10,
+#: 3 runs 90 with none: a row taken out of a register tile is a reduction across warps.
+#: 3 is the default on that evidence: compiled in the WY kernel for sm_90 without spills
+#: (177-247 registers, 2 programs per SM, benchmarks/preflight.py) and tested on the CPU,
+#: not yet run on a GPU. ``KERNEL_OPTIONS["wy"]["INVERSE"]`` overrides it there, as the
+#: launch sweep does.
+WY_INVERSE = 3
 #: the K block of the delta rule's WY backward (``delta_wy_bwd_kernel``'s BKW). Compiled for
 #: sm_90 with Triton 3.6 at 4 warps (benchmarks/preflight.py, K = V = 128): all of K at once
 #: (before session 11) spilled 2.0-2.4 KB per thread, blocks of 64 0.2-0.35 KB, of 32
@@ -1131,21 +1135,22 @@ def _wy_form(q, k, v, beta, lam, ckpt, cfg: dict, products, w, from_states: bool
     wy = torch.empty(q.shape, dtype=w_dtype, device=dev)
     u = torch.empty(v.shape, dtype=torch.float32, device=dev)
     load_inverse = inverse is not None
-    if store_inverse and not load_inverse:
+    options = _for("wy", dict(_without(_delta_blocks(cfg, H, K, v.shape[-1]), "NK", "STRICT"),
+                              INVERSE=WY_INVERSE))
+    # (the inverse through memory works in the buffer whether or not L^-1 is kept)
+    if (store_inverse or options["INVERSE"] == 3) and not load_inverse:
         inverse = torch.empty(cfg["n_chunks"] * cfg["C"], H, cfg["C"], dtype=torch.float32,
                               device=dev)
     if w is not None:    # the state read along w: its products with x and k
         read, beta_, kk, wk = w, lam, products[1], products[2]
     else:
         read, beta_, kk, wk = k, beta, products[1] if products is not None else wy, wy
-    blocks = _delta_blocks(cfg, H, K, v.shape[-1])
     for_device(_WY, dev)((cfg["n_chunks"], H), read, v, beta_, _or(lam, beta), kk, wy, u,
                          _or(inverse, wy), cfg["table"], wk, ckpt,
                          STORE_INVERSE=store_inverse and not load_inverse,
                          LOAD_INVERSE=load_inverse, LOW_RANK=w is not None,
-                         FROM_STATES=from_states,
-                         **_for("wy", dict(_without(blocks, "NK", "STRICT"), INVERSE=WY_INVERSE)))
-    return wy, u, inverse
+                         FROM_STATES=from_states, **options)
+    return wy, u, inverse if store_inverse or load_inverse else None
 
 
 def _delta_blocks(cfg: dict, H: int, K: int, V: int) -> dict:

@@ -253,12 +253,13 @@ def test_chunked_delta_rule_gradients_match_reference(name, dtype):
     _check_chunked_delta_rule(name, dtype)
 
 
-@pytest.mark.parametrize("inverse", [1, 2], ids=["3d_tile", "block_columns"])
+@pytest.mark.parametrize("inverse", [0, 1, 2], ids=["columns", "3d_tile", "block_columns"])
 @pytest.mark.parametrize("name", ["gated_deltanet", "rwkv7"])
-def test_chunked_delta_rule_with_the_diagonal_blocks_inverse(name, inverse, monkeypatch):
-    """The WY kernel's other inverses (16 x 16 diagonal blocks at once, in a 3-d tile or by
-    their columns on the 2-d one, then merged; experiment switches): forward, final state
-    and every gradient against the reference."""
+def test_chunked_delta_rule_with_the_other_inverses(name, inverse, monkeypatch):
+    """The WY kernel's other inverses (by whole columns; 16 x 16 diagonal blocks at once in
+    a 3-d tile or by their columns on the 2-d one, then merged; the default reads each
+    step's rows back from memory): forward, final state and every gradient against the
+    reference."""
     import linforge.codegen.chunk_op as chunk_op
     monkeypatch.setattr(chunk_op, "WY_INVERSE", inverse)
     _check_chunked_delta_rule(name, torch.float32)
@@ -272,6 +273,24 @@ def test_chunked_delta_rule_wy_backward_by_k_blocks(name, monkeypatch):
     import linforge.codegen.chunk_op as chunk_op
     monkeypatch.setattr(chunk_op, "WY_BWD_BLOCK_K", 8)
     _check_chunked_delta_rule(name, torch.float32)
+
+
+@pytest.mark.parametrize("inverse", [0, 1, 2, 3])
+@pytest.mark.parametrize("chunk_size", [16, 128])
+def test_delta_rule_inverses_at_other_chunk_sizes_without_grad(chunk_size, inverse,
+                                                               monkeypatch):
+    """Every WY inverse at chunk sizes 16 (one diagonal block, nothing to merge) and 128
+    (eight), in a forward outside autograd (where L^-1 is not kept: the inverse through
+    memory gets its buffer all the same), against the reference."""
+    import linforge.codegen.chunk_op as chunk_op
+    monkeypatch.setattr(chunk_op, "WY_INVERSE", inverse)
+    attn = linforge.library.get("gated_deltanet", chunk_size=chunk_size)
+    sizes = kernel_sizes(attn)
+    x = make_inputs(attn, B=1, T=150, H=2, sizes=sizes, seed=25)
+    with torch.no_grad():
+        o = attn(**x, form="chunk")[0]
+    o_ref = attn(**{n: t.double() for n, t in x.items()}, form="reference")[0]
+    assert rel_err(o, o_ref) < TOL[torch.float32]
 
 
 @pytest.mark.parametrize("name", ["gated_deltanet", "kda", "rwkv7"])
