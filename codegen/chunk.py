@@ -758,19 +758,57 @@ def chunk_output_kernel(
 
 
 @triton.jit
+def _local_du_of_v_block(i_v, A, rows, m_t, dy_ptr, du_ptr, V: tl.constexpr,
+                         BV: tl.constexpr, DOT: tl.constexpr):
+    """``chunk_local_du_kernel`` on V block ``i_v``: A^T dy, stored."""
+    r_v, m_v = _block(i_v, BV, V)
+    tl.store(du_ptr + rows[:, None] * V + r_v[None, :],
+             _mm(tl.trans(A), _rows_of(dy_ptr, rows, m_t, r_v, m_v, V), DOT),
+             mask=m_t[:, None] & m_v[None, :])
+
+
+@triton.jit
+def chunk_local_du_kernel(
+    q_ptr, k_ptr, lam_ptr, A_ptr, dy_ptr, du_ptr, chunk_table_ptr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    NV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr, STRICT: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    """Grid (chunks, heads), every chunk at once: the part of the delta rule's dU that needs
+    no state, A^T dy (A: the readout's in-chunk scores with their decays; diagonal decays'
+    from ``A_ptr``), into ``du_ptr`` ([T*, H, V], fp32). The ordered state-gradient walk
+    (``chunk_dstates_kernel``, LOCAL_DU) then adds only the state's part, instead of making
+    the scores again in every chunk step of every V tile's program."""
+    i_g, i_h = tl.program_id(0), tl.program_id(1)
+    r_c = tl.arange(0, C)
+    rows, m_t = _chunk(chunk_table_ptr, i_h, H, r_c)
+    if DECAY == 2:
+        A = tl.load(A_ptr + ((i_g * C + r_c) * H + i_h)[:, None] * C + r_c[None, :])
+    else:
+        A, _ = _chunk_scores(q_ptr, k_ptr, lam_ptr, rows, m_t, r_c, K, BK, 1, C, DECAY,
+                             STRICT, DOT)
+    UNROLL_V: tl.constexpr = NV if NV <= MAX_UNROLLED_V else 0
+    for i_v in tl.static_range(UNROLL_V):
+        _local_du_of_v_block(i_v, A, rows, m_t, dy_ptr, du_ptr, V, BV, DOT)
+    for i_v in range(UNROLL_V, NV):
+        _local_du_of_v_block(i_v, A, rows, m_t, dy_ptr, du_ptr, V, BV, DOT)
+
+
+@triton.jit
 def chunk_dstates_kernel(
     q_ptr, lam_ptr, dy_ptr, dsT_ptr, ds0_ptr, dckpt_ptr, cu_seqlens_ptr, chunk_offsets_ptr, T,
     k_ptr, w_ptr, A_ptr, du_ptr, dycol_ptr, dzT_ptr, dz0_ptr, dzckpt_ptr,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr, STRICT: tl.constexpr,
     USE_FINAL_STATE_GRAD: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
-    DELTA: tl.constexpr = False, NORM: tl.constexpr = False,
+    DELTA: tl.constexpr = False, NORM: tl.constexpr = False, LOCAL_DU: tl.constexpr = False,
 ):
     """Grid (K blocks * V blocks, sequences * heads), chunks last to first: one tile of the
     gradient of every chunk's end state (dckpt) and of the initial state (ds0). DELTA (one
     K block): the chunk's updates u = U0 - W S took part in its readout and end state, so
     their gradient dU = scores^T dy + (k exp(b_last - b)) dS goes to ``du_ptr`` and the
-    start state's gradient gains -W^T dU (scores of diagonal decays from ``A_ptr``). NORM:
+    start state's gradient gains -W^T dU (scores of diagonal decays from ``A_ptr``); with
+    LOCAL_DU, ``du_ptr`` holds scores^T dy already (``chunk_local_du_kernel``). NORM:
     the normalizer's gradient dz rides along in the first V block's programs, from the
     gradient of its reads (``dycol``, [T*, H]): dz = exp(b_last) dz' + q_dec^T dycol."""
     i_nh, i_h, bos, eos, ck_base, r_c, r_k, r_v, m_k, m_v, m_kv, p_kv, dS, dz, m_z = \
@@ -786,17 +824,22 @@ def chunk_dstates_kernel(
             tl.store(dzckpt_ptr + ((ck_base + i_c) * H + i_h) * K + r_k, dz, mask=m_z)
         dy = _rows_of(dy_ptr, rows, m_t, r_v, m_v, V)
         if DELTA:
-            if DECAY == 2:
-                A = tl.load(A_ptr + (((ck_base + i_c) * C + r_c) * H + i_h)[:, None] * C
-                            + r_c[None, :])
+            p_u = rows[:, None] * V + r_v[None, :]
+            m_u = m_t[:, None] & m_v[None, :]
+            if LOCAL_DU:
+                dU = tl.load(du_ptr + p_u, mask=m_u, other=0.0)
+            elif DECAY == 2:
+                dU = _mm(tl.trans(tl.load(A_ptr + (((ck_base + i_c) * C + r_c) * H
+                                                   + i_h)[:, None] * C + r_c[None, :])),
+                         dy, DOT)
             else:
                 A, _ = _chunk_scores(q_ptr, k_ptr, lam_ptr, rows, m_t, r_c, K, BK, 1, C,
                                      DECAY, STRICT, DOT)
+                dU = _mm(tl.trans(A), dy, DOT)
             k_dec, _ = _key_decay(_rows_of(k_ptr, rows, m_t, r_k, m_k, K), lam_ptr, rows,
                                   m_t, r_k, m_k, K, DECAY, False, H)
-            dU = _mm(tl.trans(A), dy, DOT) + _mm(k_dec, dS, DOT)
-            tl.store(du_ptr + rows[:, None] * V + r_v[None, :], dU,
-                     mask=m_t[:, None] & m_v[None, :])
+            dU += _mm(k_dec, dS, DOT)
+            tl.store(du_ptr + p_u, dU, mask=m_u)
             # (the query side after dU: fewer [C, K] tiles live at once)
             q_dec, decay_last = _query_decay(_rows_of(q_ptr, rows, m_t, r_k, m_k, K), lam_ptr,
                                              rows, m_t, r_k, m_k, K, DECAY, STRICT, H)

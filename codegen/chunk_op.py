@@ -29,7 +29,8 @@ from ..ir.sympy_view import SympyView, equal, is_one
 from ..ir.transition import TransitionClass
 from .chunk import (DOT_BF16, DOT_IEEE, DOT_TF32, DOT_TF32X3, chunk_cumsum_kernel,
                     chunk_diag_grads_kernel, chunk_diag_scores_kernel, chunk_dstates_kernel,
-                    chunk_grads_kernel, chunk_output_kernel, chunk_states_kernel,
+                    chunk_grads_kernel, chunk_local_du_kernel, chunk_output_kernel,
+                    chunk_states_kernel,
                     delta_wy_bwd_kernel, delta_wy_kernel, low_rank_pair_grads_kernel,
                     low_rank_state_grads_kernel)
 from . import chunk as chunk_core
@@ -357,6 +358,12 @@ WY_INVERSE = 3
 #: (before session 11) spilled 2.0-2.4 KB per thread, blocks of 64 0.2-0.35 KB, of 32
 #: 8-80 bytes. Not yet timed on a GPU (the launch sweep varies it).
 WY_BWD_BLOCK_K = 32
+#: the delta backward makes dU's state-free part A^T dy for every chunk at once
+#: (``chunk_local_du_kernel``, as fla's chunk_bwd_dv_local) before the ordered state
+#: gradients, which then skip the scores: on sm_90 (Triton 3.6, 8 warps) one chunk step
+#: of gated_deltanet's dstates loop took 1682 SASS instructions, 41 barriers and 96 MMAs
+#: with them (benchmarks/preflight.py). False: the walk makes them (timed on a GPU).
+DELTA_LOCAL_DU = True
 #: experiment: the delta rules keep W and the chunk states in bf16 for half inputs (fla
 #: keeps w, u and h in bf16). The states kernel reads W once per V tile (4 times at
 #: K = V = 128): 512 MB of fp32 reads at B=4, T=4096, H=16; the states the backward keeps
@@ -683,6 +690,7 @@ KERNEL_OPTIONS: dict[str, dict] = {"states": {"num_stages": 3}, "dstates": {"num
                                    "wy": {"num_warps": 4}, "wy_bwd": {"num_warps": 4},
                                    "delta_states": {"num_warps": 8},
                                    "delta_dstates": {"num_warps": 8},
+                                   "delta_local_du": {"num_warps": 4},
                                    "delta_grads": {"BV": 32},
                                    "low_rank_grads": {"num_warps": 8}}
 
@@ -1068,12 +1076,16 @@ class DeltaChunkCore(torch.autograd.Function):
             written, qk, kk = x, products[0], None
         else:
             written, (qk, kk) = k, products if per_row else (dy, dy)
+        if DELTA_LOCAL_DU:   # the state-free part of dU, every chunk at once
+            for_device(_LOCAL_DU, dev)((cfg["n_chunks"], H), q, written, lam_, qk, dy, du,
+                                       cfg["table"],
+                                       **_for("delta_local_du", _without(blocks, "NK")))
         db = _for("delta_dstates", _without(blocks, "NK"))
         for_device(_DSTATES, dev)((db["NV"], N * H), q, lam_, dy, dsT.contiguous(), ds0,
                                   dckpt, _or(cu, dy), _or(offsets, dy), T, written, wy, qk, du,
                                   dy, dy, dy, dy,
                                   USE_FINAL_STATE_GRAD=True, IS_VARLEN=cu is not None,
-                                  DELTA=True, **db)
+                                  DELTA=True, LOCAL_DU=DELTA_LOCAL_DU, **db)
         if w is not None:   # (the buffers go in a dict, so that it can drop them early)
             buffers = dict(dckpt=dckpt, du=du, wy=wy, u=u, inverse=inverse, products=products)
             del dckpt, du, wy, u, inverse, products, qk, written
@@ -1119,6 +1131,7 @@ class DeltaChunkCore(torch.autograd.Function):
 
 
 _WY, _WY_BWD = Launcher(delta_wy_kernel), Launcher(delta_wy_bwd_kernel)
+_LOCAL_DU = Launcher(chunk_local_du_kernel)
 _LOW_RANK_STATE_GRADS = Launcher(low_rank_state_grads_kernel)
 _LOW_RANK_PAIR_GRADS = Launcher(low_rank_pair_grads_kernel)
 

@@ -275,6 +275,16 @@ def test_chunked_delta_rule_wy_backward_by_k_blocks(name, monkeypatch):
     _check_chunked_delta_rule(name, torch.float32)
 
 
+@pytest.mark.parametrize("name", ["gated_deltanet", "kda", "rwkv7"])
+def test_chunked_delta_rule_with_the_scores_in_the_state_gradient_walk(name, monkeypatch):
+    """DELTA_LOCAL_DU = False: the ordered state-gradient kernel makes A^T dy itself in every
+    chunk step (the path before the separate kernel); every gradient against the
+    reference."""
+    import linforge.codegen.chunk_op as chunk_op
+    monkeypatch.setattr(chunk_op, "DELTA_LOCAL_DU", False)
+    _check_chunked_delta_rule(name, torch.float32)
+
+
 @pytest.mark.parametrize("inverse", [0, 1, 2, 3])
 @pytest.mark.parametrize("chunk_size", [16, 128])
 def test_delta_rule_inverses_at_other_chunk_sizes_without_grad(chunk_size, inverse,
