@@ -5,7 +5,7 @@ Usage (no GPU needed; use the device's Triton, 3.6, whose wheel is on this machi
 a virtualenv with torch==2.13.0 triton==3.6.0 numpy lark sympy):
 
     python benchmarks/preflight.py [--ops gla,deltanet] [--forms chunk] [--T 256] \
-        [--out benchmarks/results]
+        [--out benchmarks/results] [--ir DIR]
 
 Each op runs in a fresh process with an empty Triton cache, with the benchmark's head and
 state sizes (H=16, K=V=128, bf16) but a short sequence (the kernels are the same for any
@@ -118,9 +118,10 @@ def ctas_per_sm(resources: str, num_warps: int, shared: int) -> int:
 class Recorder:
     """Stands in for every launch: compiles the kernel for sm_90, records its resources."""
 
-    def __init__(self):
+    def __init__(self, ir_dir: str | None = None):
         self.rows: list[dict] = []
         self.phase = "fwd"
+        self.ir_dir = ir_dir
 
     def __call__(self, fn, grid, args, constexprs) -> None:
         from compile_check import _resources
@@ -132,6 +133,13 @@ class Recorder:
         if any(r["key"] == key for r in self.rows):
             return
         res = _resources(kernel.asm["cubin"])
+        if self.ir_dir:     # Triton's GPU IR (layouts, conversions) and the SASS
+            stem = os.path.join(self.ir_dir, f"{self.phase}_{fn.__name__}_{len(self.rows)}")
+            with open(stem + ".ttgir", "w") as f:
+                f.write(kernel.asm["ttgir"])
+            with open(stem + ".sass", "w") as f:
+                from compile_check import cuobjdump
+                f.write(cuobjdump(kernel.asm["cubin"], "-sass"))
         modes = {k: v for k, v in constexprs.items()
                  if k in ("DECAY", "DELTA", "LOW_RANK", "NORM", "SECOND", "STRICT", "PARALLEL",
                           "FROM_STATES", "LOAD_INVERSE", "INVERSE", "STORE_DV", "DOT", "BK",
@@ -145,9 +153,10 @@ class Recorder:
                               over_shared=kernel.metadata.shared > SHARED_LIMIT))
 
 
-def run_op(name: str, forms: list[str], T: int, K: int | None = None, V: int | None = None
-           ) -> list[dict]:
-    """Compile every kernel of ``name``'s calls in ``forms``, forward then backward."""
+def run_op(name: str, forms: list[str], T: int, K: int | None = None, V: int | None = None,
+           ir_dir: str | None = None) -> list[dict]:
+    """Compile every kernel of ``name``'s calls in ``forms``, forward then backward (with
+    ``ir_dir``: each kernel's TTGIR and SASS written there)."""
     import torch
 
     import linforge
@@ -158,7 +167,10 @@ def run_op(name: str, forms: list[str], T: int, K: int | None = None, V: int | N
     from spec_inputs import make_inputs, spec_sizes
 
     triton.runtime.driver.set_active(_fake_driver())
-    recorder = Recorder()
+    if ir_dir:
+        ir_dir = os.path.join(ir_dir, name)
+        os.makedirs(ir_dir, exist_ok=True)
+    recorder = Recorder(ir_dir)
     launch.PREFLIGHT = recorder
     attn = linforge.library.get(name)
     sizes = spec_sizes(attn, K=K or OP_K.get(name, SIZES["K"]), V=V or SIZES["V"])
@@ -212,16 +224,18 @@ def main() -> None:
     ap.add_argument("--K", type=int, default=None, help="key size (default 128; Based 16)")
     ap.add_argument("--V", type=int, default=None, help="value size (default 128)")
     ap.add_argument("--out", default=None, help="write preflight.json and preflight.md here")
+    ap.add_argument("--ir", default=None, help="write each kernel's TTGIR and SASS here")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)   # (the child process)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(run_op(args.one, args.forms.split(","), args.T, args.K, args.V)))
+        print(json.dumps(run_op(args.one, args.forms.split(","), args.T, args.K, args.V,
+                                args.ir)))
         return
     results = []
     for name in args.ops.split(","):
         env = dict(os.environ, TRITON_INTERPRET="0",
                    TRITON_CACHE_DIR=tempfile.mkdtemp(prefix="preflight-"))
-        sizes = [a for d in ("K", "V") if getattr(args, d)
+        sizes = [a for d in ("K", "V", "ir") if getattr(args, d)
                  for a in (f"--{d}", str(getattr(args, d)))]
         proc = subprocess.run([sys.executable, __file__, "--one", name, "--forms", args.forms,
                                "--T", str(args.T), *sizes], env=env, capture_output=True,
