@@ -24,18 +24,18 @@ FORWARD_ONLY: tuple[str, ...] = ()
 B, T, H, K, V = 4, 4096, 16, 128, 128
 
 
-def inputs(name: str, seed: int = 0) -> dict:
-    g = torch.Generator(device="cuda").manual_seed(seed)
+def inputs(name: str, seed: int = 0, device: str = "cuda") -> dict:
+    g = torch.Generator(device=device).manual_seed(seed)
 
     def rnd(*s, dtype=torch.bfloat16):
-        return torch.randn(*s, device="cuda", generator=g).to(dtype)
+        return torch.randn(*s, device=device, generator=g).to(dtype)
     if name == "mamba2":
         return dict(x=rnd(B, T, H, V), B=rnd(B, T, H, K), C=rnd(B, T, H, K),
                     dt=rnd(B, T, H, dtype=torch.float32) * 0.5 - 1.0,
                     A=-torch.exp(rnd(H, dtype=torch.float32) * 0.5),
                     D=rnd(H, dtype=torch.float32), dt_bias=rnd(H, dtype=torch.float32) * 0.1)
     if name in ("gla", "rwkv6", "deltanet", "gated_deltanet"):
-        return recurrent_inputs(name, B, T)
+        return recurrent_inputs(name, B, T, seed=seed, device=device)
     if name == "kda":       # q, k l2-normalized inside the spec (fla: in its kernel)
         return dict(q=rnd(B, T, H, K), k=rnd(B, T, H, K), v=rnd(B, T, H, V),
                     g=F.logsigmoid(rnd(B, T, H, K, dtype=torch.float32)) / 16,

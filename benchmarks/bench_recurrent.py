@@ -20,11 +20,12 @@ B, T, H, K, V = 4, 4096, 16, 128, 128
 DECODE_B = 64
 
 
-def inputs(name: str, batch: int, length: int, dtype=torch.bfloat16, seed: int = 0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
+def inputs(name: str, batch: int, length: int, dtype=torch.bfloat16, seed: int = 0,
+           device: str = "cuda"):
+    g = torch.Generator(device=device).manual_seed(seed)
 
     def rnd(*s):
-        return torch.randn(*s, device="cuda", generator=g)
+        return torch.randn(*s, device=device, generator=g)
     x = dict(q=rnd(batch, length, H, K), k=rnd(batch, length, H, K), v=rnd(batch, length, H, V))
     if name in ("gla", "rwkv6"):
         decay = torch.nn.functional.logsigmoid(rnd(batch, length, H, K)) / 16
