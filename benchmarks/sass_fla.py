@@ -42,7 +42,9 @@ import fla.ops.common.chunk_o as chunk_o  # noqa: E402
 import fla.ops.common.chunk_scaled_dot_kkt as kkt  # noqa: E402
 import fla.ops.gated_delta_rule.chunk_fwd as gdn_fwd  # noqa: E402
 import fla.ops.gated_delta_rule.wy_fast as wy  # noqa: E402
-import fla.ops.utils.solve_tril as solve  # noqa: E402
+import fla.ops.utils.solve_tril  # noqa: E402,F401
+
+solve = sys.modules["fla.ops.utils.solve_tril"]   # the package re-exports a function of that name
 
 B, T, H, K, V, BT = 1, 4096, 16, 128, 128, 64
 NT = T // BT

@@ -819,7 +819,8 @@ def chunk_dstates_kernel(
         i_c = n_chunks - 1 - i_r
         m_t = bos + i_c * C + r_c < eos
         rows = (bos + i_c * C + r_c) * H + i_h
-        tl.store(dckpt_ptr + ((ck_base + i_c) * H + i_h) * K * V + p_kv, dS, mask=m_kv)
+        tl.store(dckpt_ptr + ((ck_base + i_c) * H + i_h) * K * V + p_kv,
+                 dS.to(dckpt_ptr.dtype.element_ty), mask=m_kv)
         if NORM:
             tl.store(dzckpt_ptr + ((ck_base + i_c) * H + i_h) * K + r_k, dz, mask=m_z)
         dy = _rows_of(dy_ptr, rows, m_t, r_v, m_v, V)
@@ -993,8 +994,8 @@ def _state_grads_of_v_block(i_k, i_v, dq, dk, last, decay_last, v_ptr, dy_ptr, c
     """dq += dy S^T and dk += v dS^T on K block ``i_k`` from V block ``i_v`` of the chunk's
     start state S and end state gradient dS, and (decays) each lane's sum of S * dS."""
     r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
-    S = tl.load(ckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0)
-    dS = tl.load(dckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0)
+    S = tl.load(ckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0).to(tl.float32)
+    dS = tl.load(dckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0).to(tl.float32)
     v = _rows_of(v_ptr, rows, m_t, r_v, m_v, V)
     dq += _mm(_rows_of(dy_ptr, rows, m_t, r_v, m_v, V), tl.trans(S), DOT)
     dk += _mm(v, tl.trans(dS), DOT)
@@ -1486,7 +1487,7 @@ def _wy_dw_of_v_block(i_k, i_v, dW, rows, m_t, i_state, du_ptr, ckpt_ptr, K: tl.
                       DOT: tl.constexpr):
     """K block ``i_k`` of dW = -dU S^T with V block ``i_v``'s terms added."""
     _, r_v, _, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BKW, BV)
-    S = tl.load(ckpt_ptr + i_state * K * V + p_kv, mask=m_kv, other=0.0)
+    S = tl.load(ckpt_ptr + i_state * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
     dU = tl.load(du_ptr + rows[:, None] * V + r_v[None, :],
                  mask=m_t[:, None] & m_v[None, :], other=0.0)
     return dW - _mm(dU, tl.trans(S), DOT)
@@ -1494,7 +1495,7 @@ def _wy_dw_of_v_block(i_k, i_v, dW, rows, m_t, i_state, du_ptr, ckpt_ptr, K: tl.
 
 @triton.jit
 def delta_wy_bwd_kernel(
-    k_ptr, v_ptr, beta_ptr, lam_ptr, kk_ptr, inv_ptr, w_ptr, du_ptr, ckpt_ptr, chunk_table_ptr,
+    k_ptr, v_ptr, beta_ptr, lam_ptr, kk_ptr, inv_ptr, du_ptr, ckpt_ptr, chunk_table_ptr,
     dk_ptr, dv_ptr, dbeta_ptr, dlam_ptr, dkk_ptr,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr, DOT: tl.constexpr,
@@ -1511,7 +1512,9 @@ def delta_wy_bwd_kernel(
     K is walked in blocks of BKW lanes, so that no [C, K] tile is live across the kernel
     (with all of K at once, dW, W, k and dk spilled 2-2.4 KB per thread on sm_90): first
     the V blocks (dv, and dA through U0), then each K block (its dW from the V blocks, dR_w,
-    dA through W, dk through R_w), then, once dA is whole, each K block's dk through KK."""
+    dA through W, dk through R_w), then, once dA is whole, each K block's dk through KK.
+    W's blocks are made again here (L^-1 R_w) rather than read, so that the backward need
+    not keep W past the state gradients (peak memory)."""
     i_g, i_h = tl.program_id(0), tl.program_id(1)
     rows, m_t, _, _, p_cc, beta = _wy_rows(beta_ptr, chunk_table_ptr, H, K, BK, C, False)
     L_inv = tl.load(inv_ptr + p_cc)
@@ -1539,10 +1542,11 @@ def delta_wy_bwd_kernel(
         dR_w = _mm(tl.trans(L_inv), dW, DOT)
         m_tk = m_t[:, None] & m_k[None, :]
         p_tk = rows[:, None] * K + r_k[None, :]
-        dA -= _mm(dR_w, tl.trans(tl.load(w_ptr + p_tk, mask=m_tk, other=0.0)), DOT)
         k = _rows_of(k_ptr, rows, m_t, r_k, m_k, K).to(tl.float32)
         e_b = _wy_key_decay(lam_ptr, rows, m_t, r_k, m_k, H, K, DECAY, False)
         R_w = k * e_b * beta[:, None]
+        # W^T = R_w^T L^-T from its factors: no transpose of a dot's result (fla #640)
+        dA -= _mm(dR_w, _mm(tl.trans(R_w), tl.trans(L_inv), DOT), DOT)
         dbeta += tl.sum(dR_w * k * e_b, axis=1)
         tl.store(dk_ptr + p_tk, tl.load(dk_ptr + p_tk, mask=m_tk, other=0.0)
                  + dR_w * e_b * beta[:, None], mask=m_tk)
@@ -1634,8 +1638,8 @@ def low_rank_state_grads_kernel(
         r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
         m_tv = m_t[:, None] & m_v[None, :]
         p_tv = rows[:, None] * V + r_v[None, :]
-        S = tl.load(ckpt_ptr + i_state * K * V + p_kv, mask=m_kv, other=0.0)
-        dS = tl.load(dckpt_ptr + i_state * K * V + p_kv, mask=m_kv, other=0.0)
+        S = tl.load(ckpt_ptr + i_state * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
+        dS = tl.load(dckpt_ptr + i_state * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
         U = tl.load(u_ptr + p_tv, mask=m_tv, other=0.0)
         dq_dec += _mm(tl.load(dy_ptr + p_tv, mask=m_tv, other=0.0), tl.trans(S), DOT)
         dx_dec += _mm(U, tl.trans(dS), DOT)
@@ -1708,6 +1712,6 @@ def low_rank_pair_grads_kernel(
         p_tv = rows[:, None] * V + r_v[None, :]
         dy = tl.load(dy_ptr + p_tv, mask=m_tv, other=0.0).to(tl.float32)
         dX = _mm(tl.trans(L_inv), tl.load(du_ptr + p_tv, mask=m_tv, other=0.0), DOT)
-        dS = tl.load(dckpt_ptr + i_state * K * V + p_kv, mask=m_kv, other=0.0)
+        dS = tl.load(dckpt_ptr + i_state * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
         tl.store(dv_ptr + p_tv, _mm(tl.trans(QK), dy, DOT) + _mm(k_dec, dS, DOT)
                  + _mm(tl.trans(WK), dX, DOT), mask=m_tv)

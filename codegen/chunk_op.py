@@ -364,15 +364,17 @@ WY_BWD_BLOCK_K = 32
 #: of gated_deltanet's dstates loop took 1682 SASS instructions, 41 barriers and 96 MMAs
 #: with them (benchmarks/preflight.py). False: the walk makes them (timed on a GPU).
 DELTA_LOCAL_DU = True
-#: experiment: the delta rules keep W and the chunk states in bf16 for half inputs (fla
-#: keeps w, u and h in bf16). The states kernel reads W once per V tile (4 times at
-#: K = V = 128): 512 MB of fp32 reads at B=4, T=4096, H=16; the states the backward keeps
-#: take 134 MB instead of 268. Not yet timed on a GPU. The updates u stay fp32: in bf16
-#: they took the bf16 output's error against float64 from 1.3e-2 to 2.1e-2 (kda), 6.7e-3
-#: to 1.1e-2 (gated_deltanet) on the CPU tests' inputs, where W and S in bf16 changed it by
-#: < 1e-4 and the gradients' by at most 7e-4 (K = V = 32, T = 128); their gradients in
-#: bf16 gave NaN in the decays' gradients, so they stay fp32.
-DELTA_HALF_BUFFERS = False
+#: the delta rules keep W and the chunk states in bf16 for half inputs (fla keeps w, u and
+#: h in bf16): the states kernel reads W once per V tile (4 times at K = V = 128, 512 MB
+#: of fp32 reads at B=4, T=4096, H=16), and the states take 128 MiB instead of 256. Peak
+#: memory there (benchmarks/peak_memory.py, no GPU needed): gated_deltanet forward 640 ->
+#: 448 MiB, forward+backward 1225 -> 1097 (fla's deltanet: 546 and 1059 on an H200). The
+#: bf16 errors against float64 of the CPU tests (B=2, T=150, K=12: output, every gradient)
+#: are the same to two digits with and without (gated_deltanet, kda, rwkv7). Default since
+#: session 11, not yet timed on a GPU. The updates u stay fp32 (in bf16 the output's error
+#: went from 1.3e-2 to 2.1e-2 for kda), and so do the state gradients (in bf16 kda's dg
+#: error went from 5.9e-3 to 1.6).
+DELTA_HALF_BUFFERS = True
 #: the delta rules' dot precision for half inputs: tf32 (verified on the GPU), or, as an
 #: experiment not yet run on one, DOT_BF16 (bf16 operands as fla's: half the tensor-core
 #: time and operand memory, the operands that are not inputs rounded to 8 bits)
@@ -1004,8 +1006,6 @@ class DeltaChunkCore(torch.autograd.Function):
         final = cfg.get("final_state", True)   # (None when the caller does not want it)
         sT = torch.empty(cfg["N"], H, K, V, dtype=torch.float32, device=dev) if final else None
         half = DELTA_HALF_BUFFERS and v.dtype in (torch.bfloat16, torch.float16)
-        ckpt = torch.empty(cfg["n_chunks"], H, K, V, device=dev,
-                           dtype=torch.bfloat16 if half else torch.float32)
         cu, offsets = cfg["cu"], cfg["offsets"]
         products = None
         if cfg["decay"] == 2:
@@ -1016,9 +1016,12 @@ class DeltaChunkCore(torch.autograd.Function):
         low_rank = w is not None
         blocks = _delta_blocks(cfg, H, K, V)
         # L^-1 kept for the backward (fla keeps it too), which then makes only W and u
-        wy, u, inverse = _wy_form(q, k, v, beta, lam, ckpt, cfg, products, w,
+        wy, u, inverse = _wy_form(q, k, v, beta, lam, None, cfg, products, w,
                                   from_states=False, store_inverse=store,
                                   w_dtype=torch.bfloat16 if half else torch.float32)
+        # (allocated after the WY form, whose buffers it would otherwise add to: peak memory)
+        ckpt = torch.empty(cfg["n_chunks"], H, K, V, device=dev,
+                           dtype=torch.bfloat16 if half else torch.float32)
         lam_ = _or(lam, beta)
         unread = u      # (pointer arguments the kernels do not read)
         sb = _for("delta_states", _without(blocks, "NK", "STRICT"))
@@ -1090,6 +1093,7 @@ class DeltaChunkCore(torch.autograd.Function):
             buffers = dict(dckpt=dckpt, du=du, wy=wy, u=u, inverse=inverse, products=products)
             del dckpt, du, wy, u, inverse, products, qk, written
             return _low_rank_backward(ctx, dy, ds0, buffers)
+        del wy      # (the WY backward makes W's blocks again)
         # each gradient allocated when first written and each buffer dropped after its last
         # read (peak memory); dq in its own dtype where nothing adds to it afterwards
         dq = torch.empty(q.shape, dtype=torch.float32 if per_row else q.dtype, device=dev)
@@ -1107,25 +1111,27 @@ class DeltaChunkCore(torch.autograd.Function):
         del u, dckpt
         if per_row:     # through q_t . k_s exp(b_t - b_s) (lam: the cumulative log decays)
             _diagonal_grads(q, k, lam, qk, last, cfg, out, 1.0, dq, dk, dlam)
+        dq = dq.to(q.dtype)     # (final: each fp32 buffer freed as soon as it is)
         dkk = kk if per_row else dy    # (d loss / d KK replaces KK, which is read first)
         dv = torch.empty(v.shape, dtype=torch.float32, device=dev)
         dbeta = torch.empty(beta.shape, dtype=torch.float32, device=dev)
-        for_device(_WY_BWD, dev)((cfg["n_chunks"], H), k, v, beta, lam_, kk, inverse, wy, du,
+        for_device(_WY_BWD, dev)((cfg["n_chunks"], H), k, v, beta, lam_, kk, inverse, du,
                                  ckpt, cfg["table"], dk, dv, dbeta, _or(dlam, dk), dkk,
                                  **_for("wy_bwd", dict(_without(blocks, "NK", "STRICT"),
                                                        BKW=min(WY_BWD_BLOCK_K, blocks["BK"]))))
-        del wy, inverse, du
-        if per_row:     # through k_t . k_s exp(b_t - b_s), s < t
+        del inverse, du
+        dv = dv.to(v.dtype)
+        if per_row:     # through k_t . k_s exp(b_t - b_s), s < t (the kernel's dlam reads
+            # the dq and dk it is given: zeros here, added to dk in place after)
             dlam_kk = torch.empty_like(dlam)
             dk_rows, dk_cols = torch.zeros_like(dk), torch.zeros_like(dk)
             _diagonal_grads(k, k, lam, dkk, torch.zeros_like(last), cfg, out, 1.0,
                             dk_rows, dk_cols, dlam_kk)
-            dk += dk_rows + dk_cols
+            dk += dk_rows
+            dk += dk_cols
+            del dk_rows, dk_cols
             dlam += dlam_kk
-        # one at a time: each fp32 buffer is freed before the next copy is made
-        dq = dq.to(q.dtype)
         dk = dk.to(k.dtype)
-        dv = dv.to(v.dtype)
         dbeta = dbeta.to(beta.dtype)
         return dq, dk, dv, dbeta, dlam, ds0 if ctx.has_s0 else None, None, None, None
 
@@ -1159,7 +1165,7 @@ def _wy_form(q, k, v, beta, lam, ckpt, cfg: dict, products, w, from_states: bool
     else:
         read, beta_, kk, wk = k, beta, products[1] if products is not None else wy, wy
     for_device(_WY, dev)((cfg["n_chunks"], H), read, v, beta_, _or(lam, beta), kk, wy, u,
-                         _or(inverse, wy), cfg["table"], wk, ckpt,
+                         _or(inverse, wy), cfg["table"], wk, _or(ckpt, wy),
                          STORE_INVERSE=store_inverse and not load_inverse,
                          LOAD_INVERSE=load_inverse, LOW_RANK=w is not None,
                          FROM_STATES=from_states, **options)

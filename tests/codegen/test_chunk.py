@@ -304,17 +304,18 @@ def test_delta_rule_inverses_at_other_chunk_sizes_without_grad(chunk_size, inver
 
 
 @pytest.mark.parametrize("name", ["gated_deltanet", "kda", "rwkv7"])
-def test_chunked_delta_rule_with_half_buffers(name, monkeypatch):
-    """The delta rules with W and the chunk states in bf16 (an experiment switch): bf16
-    inputs against the reference, forward and every gradient; the switch changes the output
-    (the buffers are rounded), so the path is the one tested."""
+def test_chunked_delta_rule_with_fp32_buffers(name, monkeypatch):
+    """bf16 inputs with W and the chunk states kept in fp32 (DELTA_HALF_BUFFERS = False; bf16
+    by default, which the other bf16 tests check) against the reference, forward and every
+    gradient; the switch changes the output (the default rounds the buffers), so the path
+    is the one tested."""
     import linforge.codegen.chunk_op as chunk_op
     attn = linforge.library.get(name)
     sizes = kernel_sizes(attn)
     x = {n: t.to(torch.bfloat16) if n in attn.program.inputs else t
          for n, t in make_inputs(attn, B=1, T=100, H=2, sizes=sizes, seed=22).items()}
     before = attn(**x, form="chunk")[0]
-    monkeypatch.setattr(chunk_op, "DELTA_HALF_BUFFERS", True)
+    monkeypatch.setattr(chunk_op, "DELTA_HALF_BUFFERS", False)
     o = attn(**x, form="chunk")[0]
     assert not torch.equal(o, before)
     o_ref = attn(**{n: t.double() for n, t in x.items()}, form="reference")[0]
