@@ -1231,18 +1231,34 @@ def _low_rank_backward(ctx, dy, ds0, buffers: dict):
     blocks = _blocks(cfg, H, K, V)
     before = dict(blocks, STRICT=True)     # w's products see the decay before the token
     cumulative = lam    # (the forward kept the cumulative log decays in place of lam)
-    dlam = [torch.empty(lam.shape, dtype=torch.float32, device=dev) for _ in range(4)]
+    # one product at a time, each buffer freed when done (peak memory). The kernel's dlam
+    # reads the dq and dk it is given: the state parts where they belong (q.x: q's and
+    # x's, q.k: k's, w.x: w's), zeros (``part``, added after) elsewhere
     none = torch.zeros_like(last)
-    dq_qk, dw_wk, dx_wx, dk_wk = (torch.zeros_like(t) for t in (dq, dw, dx, dk))
-    _diagonal_grads(q, x, cumulative, d_qx, last, cfg, blocks, 1.0, dq, dx, dlam[0])
-    _diagonal_grads(q, k, cumulative, d_qk, none, cfg, blocks, 1.0, dq_qk, dk, dlam[1])
-    _diagonal_grads(w, x, cumulative, d_wx, none, cfg, before, 1.0, dw, dx_wx, dlam[2])
-    _diagonal_grads(w, k, cumulative, d_wk, none, cfg, before, 1.0, dw_wk, dk_wk, dlam[3])
-    grads = (dq + dq_qk, dk + dk_wk, dv, None, sum(dlam), ds0 if ctx.has_s0 else None, None,
-             dw + dw_wk, dx + dx_wx)
-    inputs = (q, k, v, None, lam, None, None, w, x)
-    return tuple(g.to(t.dtype) if g is not None and t is not None and t.dtype != g.dtype
-                 else g for g, t in zip(grads, inputs))
+    dlam = torch.empty(lam.shape, dtype=torch.float32, device=dev)
+    dlam_part = torch.empty_like(dlam)
+    _diagonal_grads(q, x, cumulative, d_qx, last, cfg, blocks, 1.0, dq, dx, dlam)
+    del d_qx
+    part = torch.zeros_like(dq)
+    _diagonal_grads(q, k, cumulative, d_qk, none, cfg, blocks, 1.0, part, dk, dlam_part)
+    dq += part
+    dlam += dlam_part
+    del d_qk
+    part.zero_()
+    _diagonal_grads(w, x, cumulative, d_wx, none, cfg, before, 1.0, dw, part, dlam_part)
+    dx += part
+    dlam += dlam_part
+    del d_wx
+    dq, dx = dq.to(q.dtype), dx.to(x.dtype)
+    part.zero_()
+    part_k = torch.zeros_like(dk)
+    _diagonal_grads(w, k, cumulative, d_wk, none, cfg, before, 1.0, part, part_k, dlam_part)
+    dw += part
+    dk += part_k
+    dlam += dlam_part
+    del d_wk, part, part_k, dlam_part
+    return (dq, dk.to(k.dtype), dv.to(v.dtype), None, dlam, ds0 if ctx.has_s0 else None, None,
+            dw.to(w.dtype), dx)
 
 
 def _delta_forward(q, k, v, beta, lam, s0, cu_seqlens, batch: int, chunk_size: int, dot: int,
