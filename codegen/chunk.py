@@ -202,7 +202,7 @@ def _cross_block_grads(q_ptr, k_ptr, v_ptr, lam_ptr, dy_ptr, chunk_table_ptr, pa
         k_factor, _ = _key_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, H)
         return dq * q_factor, dk * k_factor
     gap = tl.sum(tl.zeros([1], dtype=tl.float32), axis=0)
-    p_pairs = ((tl.program_id(0) * H + i_h) * NK + i_k) * NB + (t0 - bos) // C - 1
+    p_pairs = ((tl.program_id(0).to(tl.int64) * H + i_h) * NK + i_k) * NB + (t0 - bos) // C - 1
     for jj in range(0, (t0 - bos) // C):          # earlier blocks, nearest first
         rows_j, m_j = _block_rows(t0 - (jj + 1) * C, r_c, eos, i_h, H)
         dA = (_pair_product(dy_ptr, v_ptr, rows, m_t, rows_j, m_j, V, BV, NV, DOT)
@@ -511,7 +511,7 @@ def chunk_cumsum_kernel(lam_ptr, b_ptr, chunk_table_ptr, H: tl.constexpr, K: tl.
     (inclusive, fp32) of every token, [T*, H, K] like lam, run once per call: every diagonal
     decay kernel reads the rows it needs from it (``lam_ptr`` of the DECAY 2 kernels), so
     both sides of a pair see the same numbers (an exponent b_t - b_t is exactly 0)."""
-    i_g, i_k, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_g, i_k, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     r_c = tl.arange(0, C)
     rows, m_t = _chunk(chunk_table_ptr, i_h, H, r_c)
     r_k, m_k = _block(i_k, BK, K)
@@ -643,7 +643,7 @@ def chunk_diag_scores_kernel(
     <= 0) and the sub-chunk itself (exponent >= 0 but at most the sub-chunk's decay spread)
     when that spread is below ``SPREAD``; a steeper sub-chunk's own pairs go row by row
     (``_store_subchunk_scores``, every exponent <= 0). Later columns are 0."""
-    i_g, i_s, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_g, i_s, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     t0, eos, bos = _span(chunk_table_ptr)
     r_s = tl.arange(0, SUB)
     r_c = tl.arange(0, C)
@@ -724,7 +724,7 @@ def chunk_output_kernel(
     the values ``v2_ptr``. NORM: also the normalizer's read, the queries times the chunk's
     start z (``zckpt``) plus the scores' row sums (a column of ones as the value), to
     ``ycol`` ([T*, H], fp32)."""
-    i_g, i_h = tl.program_id(0), tl.program_id(1)
+    i_g, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     r_c = tl.arange(0, C)
     rows, m_t = _chunk(chunk_table_ptr, i_h, H, r_c)
     p_A = ((i_g * C + r_c) * H + i_h)[:, None] * C + r_c[None, :]    # its [C, C] score block
@@ -779,7 +779,7 @@ def chunk_local_du_kernel(
     from ``A_ptr``), into ``du_ptr`` ([T*, H, V], fp32). The ordered state-gradient walk
     (``chunk_dstates_kernel``, LOCAL_DU) then adds only the state's part, instead of making
     the scores again in every chunk step of every V tile's program."""
-    i_g, i_h = tl.program_id(0), tl.program_id(1)
+    i_g, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     r_c = tl.arange(0, C)
     rows, m_t = _chunk(chunk_table_ptr, i_h, H, r_c)
     if DECAY == 2:
@@ -887,7 +887,7 @@ def chunk_diag_grads_kernel(
     sub-chunk's decay spread is below ``SPREAD`` (as in the scores kernel), else row by row
     (``_subchunk_grads``). dlam's sums over later tokens run last sub-chunk first;
     ``last_ptr`` holds each lane's sum over V of S_next * dS."""
-    i_g, i_k, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_g, i_k, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     t0, eos, bos = _span(chunk_table_ptr)
     r_s = tl.arange(0, SUB)
     NS: tl.constexpr = C // SUB
@@ -1099,7 +1099,7 @@ def chunk_grads_kernel(
     of the sequence directly), scalar decays: ``last_ptr`` [chunks, H, NK, NB] receives the
     block pair sums of ``_cross_block_grads`` and dlam lacks the pairs from earlier to
     later blocks, which the host adds (``_blocks_crossing``)."""
-    i_g, i_h = tl.program_id(0), tl.program_id(1)
+    i_g, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     UNROLL_K: tl.constexpr = NK if NK <= MAX_UNROLLED_K else 0
     r_c = tl.arange(0, C)
     rows, m_t = _chunk(chunk_table_ptr, i_h, H, r_c)
@@ -1262,7 +1262,7 @@ def _unit_lower_inverse_through_memory(A, buf_ptr, H: tl.constexpr, C: tl.conste
     NB: tl.constexpr = C // BC
     RS: tl.constexpr = H * C      # the buffer's row stride
     r_c = tl.arange(0, C)
-    block = buf_ptr + (tl.program_id(0) * C * H + tl.program_id(1)) * C
+    block = buf_ptr + (tl.program_id(0).to(tl.int64) * C * H + tl.program_id(1)) * C
     p_cc = r_c[:, None] * RS + r_c[None, :]
     tl.store(block + p_cc, A)
     tl.debug_barrier()
@@ -1313,7 +1313,7 @@ def _wy_rows(beta_ptr, chunk_table_ptr, H: tl.constexpr, K: tl.constexpr, BK: tl
              C: tl.constexpr, LOW_RANK: tl.constexpr):
     """This WY program's chunk: its rows and their mask, the lanes of K, the offsets of its
     [C, C] block of a chunk-product buffer ([chunks * C, H, C]) and beta (-1 for LOW_RANK)."""
-    i_g, i_h = tl.program_id(0), tl.program_id(1)
+    i_g, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     r_c = tl.arange(0, C)
     rows, m_t = _chunk(chunk_table_ptr, i_h, H, r_c)
     r_k, m_k = _block(0, BK, K)
@@ -1399,8 +1399,8 @@ def _wy_of_v_block(i_v, L_inv, W, beta, rows, m_t, p_cc, v_ptr, wk_ptr, ckpt_ptr
     U = _mm(L_inv, v, DOT)
     if FROM_STATES:
         _, _, _, _, m_kv, p_kv = _tile(0, i_v, K, V, BK, BV)
-        U -= _mm(W, tl.load(ckpt_ptr + (tl.program_id(0) * H + tl.program_id(1)) * K * V
-                            + p_kv, mask=m_kv, other=0.0), DOT)
+        i_state = tl.program_id(0).to(tl.int64) * H + tl.program_id(1)
+        U -= _mm(W, tl.load(ckpt_ptr + i_state * K * V + p_kv, mask=m_kv, other=0.0), DOT)
     tl.store(u_ptr + rows[:, None] * V + r_v[None, :], U, mask=m_t[:, None] & m_v[None, :])
 
 
@@ -1515,7 +1515,7 @@ def delta_wy_bwd_kernel(
     dA through W, dk through R_w), then, once dA is whole, each K block's dk through KK.
     W's blocks are made again here (L^-1 R_w) rather than read, so that the backward need
     not keep W past the state gradients (peak memory)."""
-    i_g, i_h = tl.program_id(0), tl.program_id(1)
+    i_g, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     rows, m_t, _, _, p_cc, beta = _wy_rows(beta_ptr, chunk_table_ptr, H, K, BK, C, False)
     L_inv = tl.load(inv_ptr + p_cc)
     i_state = i_g * H + i_h
@@ -1599,7 +1599,7 @@ def _low_rank_chunk(chunk_table_ptr, lam_ptr, i_k, H: tl.constexpr, K: tl.conste
     [C, BK]
     tiles' mask and offsets, the chunk's [C, C] block of a product buffer, the offset of its
     start state, and the cumulative log decays b, bq (before the token) and b_last."""
-    i_g, i_h = tl.program_id(0), tl.program_id(1)
+    i_g, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     r_c = tl.arange(0, C)
     rows, m_t = _chunk(chunk_table_ptr, i_h, H, r_c)
     r_k, m_k = _block(i_k, BK, K)
