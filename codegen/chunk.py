@@ -31,6 +31,8 @@ around it); ``STRICT`` makes the readout see the state before the token's own up
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -48,16 +50,36 @@ MAX_UNROLLED_V = tl.constexpr(4)
 DOT_BF16, DOT_TF32, DOT_IEEE, DOT_TF32X3 = 0, 1, 2, 3
 
 
+#: Triton's interpreter runs the kernels (decided when triton is imported, as here): it gets
+#: bf16 dots wrong (errors of 1e10) and computes tf32 ones in fp32, so ``_mm`` rounds the
+#: operands as the GPU's tensor cores do and multiplies them in fp32, which is what a GPU's
+#: bf16 and tf32 dots compute (their products are exact in fp32)
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+
+
+@triton.jit
+def _tf32(x):
+    """x rounded to tf32 (10 mantissa bits, to nearest), as an fp32 tensor."""
+    bits = x.to(tl.float32).to(tl.int32, bitcast=True)
+    return ((bits + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
+
+
 @triton.jit
 def _mm(a, b, DOT: tl.constexpr):
-    """a @ b with an fp32 accumulator; operands in bf16, tf32, tf32x3 or exact fp32 (ieee)."""
+    """a @ b with an fp32 accumulator; operands in bf16, tf32, tf32x3 or exact fp32 (ieee).
+    Under the interpreter, bf16 and tf32 operands are rounded and multiplied in fp32."""
     if DOT == 3:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
     elif DOT == 2:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     elif DOT == 1:
+        if _INTERPRETED:
+            return tl.dot(_tf32(a), _tf32(b), input_precision="ieee")
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
     else:
+        if _INTERPRETED:
+            return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32),
+                          input_precision="ieee")
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
 
 

@@ -1312,10 +1312,10 @@ def _cancels(analysis: Analysis, sp: StatePlan) -> bool:
 
 def _dot_precision(half: bool, low: torch.dtype) -> int:
     """The dots' operand precision for inputs stored in ``low``."""
-    if FORCE_DOT is not None and not interpreting():
+    if FORCE_DOT is not None:
         return FORCE_DOT
-    if interpreting() or not half:
-        return DOT_IEEE  # the interpreter's bf16 dots are wrong; fp32 inputs want fp32 dots
+    if not half:
+        return DOT_IEEE  # fp32 inputs want fp32 dots
     if low is not torch.float32:
         return DOT_BF16  # half storage: bf16 operands, fp32 accumulation (as fla)
     # fp32 storage of half inputs (a normalized readout that may cancel): tf32's 10-bit
