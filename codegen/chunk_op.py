@@ -902,15 +902,19 @@ def chunk_source(analysis: Analysis, direction: str, sizes: dict | None = None) 
     kernels = (("chunk_states_kernel", *scores, "chunk_output_kernel") if direction == "fwd"
                else ("chunk_dstates_kernel", *scores, "chunk_grads_kernel",
                      *(("chunk_diag_grads_kernel",) if diagonal else ())))
+    # the delta rule's backward: its WY form made again from the chunk states, dU's
+    # state-free part, then the state gradients
+    delta_bwd = ("delta_wy_kernel", *(("chunk_local_du_kernel",) if DELTA_LOCAL_DU else ()),
+                 "chunk_dstates_kernel")
     if any(sp.low_rank is not None for sp in plan.states):
         kernels = ((*scores, "delta_wy_kernel", "chunk_states_kernel", "chunk_output_kernel")
                    if direction == "fwd" else
-                   ("chunk_dstates_kernel", "low_rank_state_grads_kernel",
-                    "low_rank_pair_grads_kernel", "chunk_diag_grads_kernel"))
+                   (*delta_bwd, "low_rank_state_grads_kernel", "low_rank_pair_grads_kernel",
+                    "chunk_diag_grads_kernel"))
     elif any(sp.solved for sp in plan.states):  # the delta rule's WY form around the core
         kernels = ((*scores, "delta_wy_kernel", "chunk_states_kernel", "chunk_output_kernel")
                    if direction == "fwd" else
-                   ("chunk_dstates_kernel", "chunk_grads_kernel", "delta_wy_bwd_kernel",
+                   (*delta_bwd, "chunk_grads_kernel", "delta_wy_bwd_kernel",
                     *(("chunk_diag_grads_kernel",) if diagonal else ())))
     lines.insert(-1, f"# this direction launches: {', '.join(kernels)}")
     if sizes is None:

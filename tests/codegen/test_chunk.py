@@ -220,7 +220,8 @@ def test_chunk_source_shows_the_mapping_and_the_kernels():
     src = linforge.library.get("rwkv7").source("chunk", "fwd")
     assert "delta_wy_kernel" in src.split("launches:")[1].splitlines()[0]
     src = linforge.library.get("gated_deltanet").source("chunk", "bwd")
-    assert "delta_wy_bwd_kernel" in src.split("launches:")[1].splitlines()[0]
+    launches = src.split("launches:")[1].splitlines()[0]
+    assert "delta_wy_bwd_kernel" in launches and "chunk_local_du_kernel" in launches
 
 
 @pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "kda", "rwkv7"])
