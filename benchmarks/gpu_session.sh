@@ -1,25 +1,27 @@
 #!/usr/bin/env bash
 # The next GPU session's first call (the device tool, 10 minutes): the GPU tests of the
-# kernels changed since they last ran on a GPU, in 9 parallel processes (their kernels
-# compile on separate CPU cores). On 2026-12-05 a run of 14 processes lost its machine
-# at the end of its 560 s (cause unknown), so the groups are fewer and larger now.
-# The summary goes to $OUT/gpu_tests.txt, every log to $OUT/gpu_logs.tgz.
+# kernels changed since they last ran on a GPU, in 8 parallel processes (their kernels
+# compile on separate CPU cores), then the delta rules' profile with the new defaults of
+# session 11 (the inverse through memory, L^-1 kept for the backward, the WY backward by K
+# blocks, chunk_local_du_kernel, bf16 W, states and state gradients) and with the inverse
+# timed before (WY_INVERSE=0). The test summary goes to $OUT/gpu_tests.txt, every log to
+# $OUT/gpu_logs.tgz, the profile rows to $OUT/profile_chunk.json.
 # Then one call each: gpu_experiments.sh profile, gpu_experiments.sh sweep, then parallel.
 # Later: bench_chunk.py (every op beside fla; fla autotunes 1-3 minutes per op and
-# direction; not measured since session 8: kda, rwkv7, linear_attention, mamba2 after its
-# host-time cut), bench_forms.py --lengths 16,32,64,128,256 (the recurrent/chunk crossover).
-# Usage: OUT=dir TEST_S=480 bash benchmarks/gpu_session.sh
+# direction), bench_forms.py --lengths 16,32,64,128,256 (the recurrent/chunk crossover).
+# Usage: OUT=dir TEST_S=290 bash benchmarks/gpu_session.sh
 set -u
 cd "$(dirname "$0")"
 F=tests/codegen/test_recurrent_gpu.py
-OUT="$OUT" TEST_S="${TEST_S:-480}" bash gpu_tests.sh \
-    "$F::chunk_gpu and (deltanet or kda or rwkv7) and not long" \
-    "$F::chunk_gpu and (linear_attention or mlstm or performer)" \
-    "$F::chunk_gpu and (cosformer or gated_rfa or based)" \
-    "$F::chunk_gpu and (retnet or mamba2 or lightning) and not long" \
-    "$F::chunk_gpu and (gla or rwkv6 or hgrn2 or rwkv5) and not long" \
-    "$F::wide_heads or steep" \
+OUT="$OUT" TEST_S="${TEST_S:-290}" bash gpu_tests.sh \
+    "$F::chunk_gpu and deltanet and not gated and not wide and not long" \
+    "$F::chunk_gpu and gated_deltanet and not wide and not long" \
+    "$F::chunk_gpu and kda and not wide and not long" \
+    "$F::chunk_gpu and rwkv7 and not wide and not long" \
     "$F::long and (deltanet or kda or rwkv7)" \
-    "$F::parallel_gpu and (linear_attention or retnet or mamba2)" \
-    "$F::parallel_gpu and (mlstm or gla or rwkv6)"
+    "$F::wide_heads and (gated_deltanet or kda or rwkv7)" \
+    "$F::parallel_gpu and mamba2" \
+    "$F::chunk_gpu and (gla or retnet) and not long and not wide"
 tar czf "$OUT/gpu_logs.tgz" -C /tmp gpu_logs
+timeout 200 python profile_chunk.py --out "$OUT" --ops gated_deltanet,deltanet,kda,rwkv7
+timeout 90 python profile_chunk.py --out "$OUT" --ops gated_deltanet,kda --set WY_INVERSE=0
