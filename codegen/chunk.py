@@ -31,10 +31,10 @@ around it); ``STRICT`` makes the readout see the state before the token's own up
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
+
+from .launch import interpreting
 
 
 #: the most K tiles (whose loop bodies hold a loop over V) and V tiles a kernel's loop over
@@ -54,7 +54,7 @@ DOT_BF16, DOT_TF32, DOT_IEEE, DOT_TF32X3 = 0, 1, 2, 3
 #: bf16 dots wrong (errors of 1e10) and computes tf32 ones in fp32, so ``_mm`` rounds the
 #: operands as the GPU's tensor cores do and multiplies them in fp32, which is what a GPU's
 #: bf16 and tf32 dots compute (their products are exact in fp32)
-_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+_INTERPRETED = tl.constexpr(interpreting())
 
 
 @triton.jit
@@ -1353,30 +1353,23 @@ def _wy_chunk(k_ptr, beta_ptr, lam_ptr, kk_ptr, chunk_table_ptr, H: tl.constexpr
               DOT: tl.constexpr, LOW_RANK: tl.constexpr):
     """What the delta rule's WY form of this program's chunk is made from: its rows and
     their mask, the lanes of K, the offsets of its [C, C] block of a chunk-product buffer
-    ([chunks * C, H, C]), k (fp32), beta, exp(b) per row (or row and lane), the products
-    KK[t, s] = k_t . k_s exp(b_t - b_s) (diagonal decays: from ``kk_ptr``), the scalar
-    pair decays exp(b_t - b_s) in it (1 otherwise), the pairs s < t, and the strictly lower
-    A = beta_t KK[t, s] with L = I + A. LOW_RANK (RWKV-7, the state read along w and
-    written along x): ``k_ptr`` is w, KK the products w_t . x_s exp(bq_t - b_s) with bq the
-    decay before the token, exp(bq) in place of exp(b), and beta = -1 (A = -WX)."""
+    ([chunks * C, H, C]), beta, and the strictly lower A = beta_t KK[t, s] with L = I + A,
+    KK[t, s] = k_t . k_s exp(b_t - b_s) (diagonal decays: from ``kk_ptr``). LOW_RANK
+    (RWKV-7, the state read along w and written along x): ``k_ptr`` is w, KK the products
+    w_t . x_s exp(bq_t - b_s) with bq the decay before the token, and beta = -1 (A = -WX)."""
     rows, m_t, r_k, m_k, p_cc, beta = _wy_rows(beta_ptr, chunk_table_ptr, H, K, BK, C,
                                                LOW_RANK)
     r_c = tl.arange(0, C)
-    k = _rows_of(k_ptr, rows, m_t, r_k, m_k, K).to(tl.float32)
-    e_b = _wy_key_decay(lam_ptr, rows, m_t, r_k, m_k, H, K, DECAY, LOW_RANK)
     if DECAY == 2:
-        pair = 1.0
         KK = tl.load(kk_ptr + p_cc).to(tl.float32)
-    elif DECAY == 1:
-        b, _, _ = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 1, False)
-        pair = tl.exp(tl.minimum(b[:, None] - b[None, :], 0.0))
-        KK = _mm(k, tl.trans(k), DOT) * pair
     else:
-        pair = 1.0
+        k = _rows_of(k_ptr, rows, m_t, r_k, m_k, K).to(tl.float32)
         KK = _mm(k, tl.trans(k), DOT)
-    earlier = r_c[:, None] > r_c[None, :]
-    A = tl.where(earlier, KK * beta[:, None], 0.0)
-    return rows, m_t, r_k, m_k, p_cc, k, beta, e_b, pair, earlier, KK, A
+        if DECAY == 1:
+            b, _, _ = _decays(lam_ptr, rows, m_t, r_k, m_k, K, 1, False)
+            KK = KK * tl.exp(tl.minimum(b[:, None] - b[None, :], 0.0))
+    A = tl.where(r_c[:, None] > r_c[None, :], KK * beta[:, None], 0.0)
+    return rows, m_t, r_k, m_k, p_cc, beta, A
 
 
 @triton.jit
@@ -1459,7 +1452,7 @@ def delta_wy_kernel(
                                                    LOW_RANK)
         L_inv = tl.load(inv_ptr + p_cc)
     else:
-        rows, m_t, r_k, m_k, p_cc, _, beta, _, _, _, _, A = _wy_chunk(
+        rows, m_t, r_k, m_k, p_cc, beta, A = _wy_chunk(
             k_ptr, beta_ptr, lam_ptr, kk_ptr, chunk_table_ptr, H, K, BK, C, DECAY, DOT,
             LOW_RANK)
         if INVERSE == 1:

@@ -35,7 +35,7 @@ from .chunk import (DOT_BF16, DOT_IEEE, DOT_TF32, DOT_TF32X3, chunk_cumsum_kerne
                     low_rank_state_grads_kernel)
 from . import chunk as chunk_core
 from . import ops
-from .launch import Launcher, apply, for_device, interpreting, targets_gpu
+from .launch import Launcher, apply, for_device, targets_gpu
 from .maps import _given_name, fused_map, fused_sum, map_of, run_l2norm, run_map
 
 SUPPORTED = (TransitionClass.IDENTITY, TransitionClass.SCALAR, TransitionClass.DIAGONAL)
