@@ -30,9 +30,9 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import linforge  # noqa: E402
-import linforge.codegen.chunk_op as chunk_op  # noqa: E402
 import linforge.codegen.launch as launch  # noqa: E402
 from bench_chunk import B, H, T, V, inputs  # noqa: E402
+from switches import apply_settings  # noqa: E402
 
 
 def _where() -> str:
@@ -102,9 +102,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
     ap.add_argument("--trace", action="store_true", help="list what is live at the peak")
     args = ap.parse_args()
-    for item in args.set:
-        name, value = item.split("=")
-        setattr(chunk_op, name, type(getattr(chunk_op, name))(int(value)))
+    apply_settings(args.set)
     launch.PREFLIGHT = lambda *a: None      # kernels compiled and run by no one
     launch._INTERPRETING = False            # the GPU's choices (dot precisions, buffers)
     for name in args.ops.split(","):

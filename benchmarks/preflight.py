@@ -5,7 +5,8 @@ Usage (no GPU needed; use the device's Triton, 3.6, whose wheel is on this machi
 a virtualenv with torch==2.13.0 triton==3.6.0 numpy lark sympy):
 
     python benchmarks/preflight.py [--ops gla,deltanet] [--forms chunk] [--T 256] \
-        [--out benchmarks/results] [--ir DIR]
+        [--out benchmarks/results] [--ir DIR] [--set DELTA_HALF_DOT=0] \
+        [--set delta_states.num_warps=4]
 
 Each op runs in a fresh process with an empty Triton cache, with the benchmark's head and
 state sizes (H=16, K=V=128, bf16) but a short sequence (the kernels are the same for any
@@ -154,14 +155,18 @@ class Recorder:
 
 
 def run_op(name: str, forms: list[str], T: int, K: int | None = None, V: int | None = None,
-           ir_dir: str | None = None) -> list[dict]:
+           ir_dir: str | None = None, settings: list[str] = ()) -> list[dict]:
     """Compile every kernel of ``name``'s calls in ``forms``, forward then backward (with
-    ``ir_dir``: each kernel's TTGIR and SASS written there)."""
+    ``ir_dir``: each kernel's TTGIR and SASS written there), with ``settings`` applied
+    (``switches.apply_settings``)."""
     import torch
 
     import linforge
     import linforge.codegen.launch as launch
     import triton
+    from switches import apply_settings
+
+    apply_settings(list(settings))
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
     from spec_inputs import make_inputs, spec_sizes
@@ -225,11 +230,13 @@ def main() -> None:
     ap.add_argument("--V", type=int, default=None, help="value size (default 128)")
     ap.add_argument("--out", default=None, help="write preflight.json and preflight.md here")
     ap.add_argument("--ir", default=None, help="write each kernel's TTGIR and SASS here")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="a chunk_op switch or KERNEL.OPTION for the run (repeatable)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)   # (the child process)
     args = ap.parse_args()
     if args.one:
         print(json.dumps(run_op(args.one, args.forms.split(","), args.T, args.K, args.V,
-                                args.ir)))
+                                args.ir, args.set)))
         return
     results = []
     for name in args.ops.split(","):
@@ -238,7 +245,8 @@ def main() -> None:
         sizes = [a for d in ("K", "V", "ir") if getattr(args, d)
                  for a in (f"--{d}", str(getattr(args, d)))]
         proc = subprocess.run([sys.executable, __file__, "--one", name, "--forms", args.forms,
-                               "--T", str(args.T), *sizes], env=env, capture_output=True,
+                               "--T", str(args.T), *sizes,
+                              *[a for item in args.set for a in ("--set", item)]], env=env, capture_output=True,
                               text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
         if proc.returncode:
             print(f"{name}: FAILED\n{proc.stderr[-4000:]}", flush=True)

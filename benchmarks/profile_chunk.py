@@ -22,9 +22,9 @@ import torch
 import triton
 
 import linforge
-import linforge.codegen.chunk_op as chunk_op
 from bench_chunk import B, H, T, V, _grads, inputs, train
 from bench_recurrent import peak_mib, rel_err
+from switches import apply_settings
 from tune_chunk import kernel_times
 
 
@@ -87,18 +87,6 @@ def profile_op(name: str, form: str) -> list[dict]:
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
-
-
-def apply_settings(settings: list[str]) -> dict:
-    """Set ``chunk_op`` switches from ``NAME=VALUE`` strings (integer values); returns them."""
-    applied = {}
-    for item in settings:
-        name, _, value = item.partition("=")
-        if not hasattr(chunk_op, name):
-            raise SystemExit(f"--set: linforge.codegen.chunk_op has no switch {name!r}")
-        setattr(chunk_op, name, type(getattr(chunk_op, name))(int(value)))
-        applied[name] = getattr(chunk_op, name)
-    return applied
 
 
 def main() -> None:

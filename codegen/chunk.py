@@ -370,6 +370,30 @@ def _key_decay(k, lam_ptr, rows, m_t, r_k, m_k, K: tl.constexpr, DECAY: tl.const
 
 
 @triton.jit
+def _decayed_t_mm(x, factor, y, DECAY: tl.constexpr, DOT: tl.constexpr):
+    """(x * factor)^T @ y for a per-token factor ([C, 1], or 1) or a per-lane one ([C, BK],
+    DECAY 2). A per-token factor scales y's rows instead: y is the narrower tile ([C, BV]
+    against [C, K]), and x goes to the dot as it was loaded (no register re-layout of it)."""
+    if DECAY == 2:
+        return _mm(tl.trans(x.to(tl.float32) * factor), y, DOT)
+    elif DECAY == 1:
+        return _mm(tl.trans(x), y * factor, DOT)
+    else:   # (no factor: the interpreter gets a half tensor times a Python float wrong)
+        return _mm(tl.trans(x), y, DOT)
+
+
+@triton.jit
+def _decayed_mm(x, factor, y, DECAY: tl.constexpr, DOT: tl.constexpr):
+    """(x * factor) @ y, as ``_decayed_t_mm``: a per-token factor scales the product's rows."""
+    if DECAY == 2:
+        return _mm(x.to(tl.float32) * factor, y, DOT)
+    elif DECAY == 1:
+        return _mm(x, y, DOT) * factor
+    else:
+        return _mm(x, y, DOT)
+
+
+@triton.jit
 def _lane_decay(decay_last, DECAY: tl.constexpr):
     """A chunk's total decay per K lane ([BK]) from ``_key_factor``'s [BK, 1] (diagonal
     decays), or as it is (a scalar, or 1)."""
@@ -506,20 +530,19 @@ def chunk_states_kernel(
             tl.store(u_ptr + p_u, u, mask=m_u)
         tl.store(ckpt_ptr + ((ck_base + i_c) * H + i_h) * K * V + p_kv,
                  S.to(ckpt_ptr.dtype.element_ty), mask=m_kv)
-        k_dec, decay_last = _key_decay(k, lam_ptr, rows, m_t, r_k, m_k, K, DECAY, False, H)
+        factor, decay_last = _key_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, H)
         if LOW_RANK:
-            x_dec, _ = _key_decay(_rows_of(x_ptr, rows, m_t, r_k, m_k, K), lam_ptr, rows, m_t,
-                                  r_k, m_k, K, DECAY, False, H)
-            S = (S * decay_last + _mm(tl.trans(x_dec), u, DOT)
-                 + _mm(tl.trans(k_dec), _rows_of(v_ptr, rows, m_t, r_v, m_v, V), DOT))
-        elif DELTA:
-            S = S * decay_last + _mm(tl.trans(k_dec), u, DOT)
+            x = _rows_of(x_ptr, rows, m_t, r_k, m_k, K)
+            S = (S * decay_last + _mm(tl.trans(x.to(tl.float32) * factor), u, DOT)
+                 + _mm(tl.trans(k.to(tl.float32) * factor),
+                       _rows_of(v_ptr, rows, m_t, r_v, m_v, V), DOT))
         else:
-            S = S * decay_last + _mm(tl.trans(k_dec), _rows_of(v_ptr, rows, m_t, r_v, m_v, V),
-                                     DOT)
+            if not DELTA:
+                u = _rows_of(v_ptr, rows, m_t, r_v, m_v, V)
+            S = S * decay_last + _decayed_t_mm(k, factor, u, DECAY, DOT)
         if NORM:
             tl.store(zckpt_ptr + ((ck_base + i_c) * H + i_h) * K + r_k, z, mask=m_z)
-            z = z * _lane_decay(decay_last, DECAY) + tl.sum(k_dec, axis=0)
+            z = z * _lane_decay(decay_last, DECAY) + tl.sum(k.to(tl.float32) * factor, axis=0)
     if STORE_FINAL:
         tl.store(sT_ptr + i_nh * K * V + p_kv, S, mask=m_kv)
     if NORM:
@@ -859,22 +882,20 @@ def chunk_dstates_kernel(
                 A, _ = _chunk_scores(q_ptr, k_ptr, lam_ptr, rows, m_t, r_c, K, BK, 1, C,
                                      DECAY, STRICT, DOT)
                 dU = _mm(tl.trans(A), dy, DOT)
-            k_dec, _ = _key_decay(_rows_of(k_ptr, rows, m_t, r_k, m_k, K), lam_ptr, rows,
-                                  m_t, r_k, m_k, K, DECAY, False, H)
-            dU += _mm(k_dec, dS, DOT)
+            k_factor, _ = _key_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, H)
+            dU += _decayed_mm(_rows_of(k_ptr, rows, m_t, r_k, m_k, K), k_factor, dS, DECAY,
+                              DOT)
             tl.store(du_ptr + p_u, dU, mask=m_u)
-            # (the query side after dU: fewer [C, K] tiles live at once)
-            q_dec, decay_last = _query_decay(_rows_of(q_ptr, rows, m_t, r_k, m_k, K), lam_ptr,
-                                             rows, m_t, r_k, m_k, K, DECAY, STRICT, H)
-            dS = (dS * decay_last + _mm(tl.trans(q_dec), dy, DOT)
-                  - _mm(tl.trans(_rows_of(w_ptr, rows, m_t, r_k, m_k, K)), dU, DOT))
-        else:
-            q_dec, decay_last = _query_decay(_rows_of(q_ptr, rows, m_t, r_k, m_k, K), lam_ptr,
-                                             rows, m_t, r_k, m_k, K, DECAY, STRICT, H)
-            dS = dS * decay_last + _mm(tl.trans(q_dec), dy, DOT)
+        # (the query side after dU: fewer [C, K] tiles live at once)
+        q = _rows_of(q_ptr, rows, m_t, r_k, m_k, K)
+        q_factor, decay_last = _query_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT, H)
+        dS = dS * decay_last + _decayed_t_mm(q, q_factor, dy, DECAY, DOT)
+        if DELTA:
+            dS -= _mm(tl.trans(_rows_of(w_ptr, rows, m_t, r_k, m_k, K)), dU, DOT)
         if NORM:
             dz = dz * _lane_decay(decay_last, DECAY) + tl.sum(
-                q_dec * tl.load(dycol_ptr + rows, mask=m_t, other=0.0)[:, None], axis=0)
+                q.to(tl.float32) * q_factor
+                * tl.load(dycol_ptr + rows, mask=m_t, other=0.0)[:, None], axis=0)
     tl.store(ds0_ptr + i_nh * K * V + p_kv, dS, mask=m_kv)
     if NORM:
         tl.store(dz0_ptr + i_nh * K + r_k, dz, mask=m_z)
