@@ -377,10 +377,19 @@ DELTA_LOCAL_DU = True
 #: unchanged; forward+backward peak 1097 -> 969 MiB).
 #: The updates u stay fp32 (in bf16 the output's error went from 1.3e-2 to 2.1e-2, kda).
 DELTA_HALF_BUFFERS = True
-#: the delta rules' dot precision for half inputs: tf32 (verified on the GPU), or, as an
-#: experiment not yet run on one, DOT_BF16 (bf16 operands as fla's: half the tensor-core
-#: time and operand memory, the operands that are not inputs rounded to 8 bits)
+#: the delta rules' dot precision for half inputs: tf32 (verified on the GPU), or DOT_BF16
+#: (bf16 operands as fla's: half the tensor-core time and operand memory, the operands
+#: that are not inputs rounded to 8 bits). In every kernel, bf16 about doubles the bf16
+#: errors against float64 on the CPU (B=2, T=150, K=16, V=32, dot operands rounded as the
+#: tensor cores do): gated_deltanet's output 9.8e-3 -> 2.1e-2, kda's 1.0e-2 -> 2.5e-2,
+#: deltanet's dbeta 1.1e-2 -> 2.5e-2, rwkv7's db 3.7e-3 -> 2.1e-2.
 DELTA_HALF_DOT = DOT_TF32
+#: ... but the ordered kernels (the states forward, the state gradients backward: the
+#: serial part) take bf16 operands: there it costs little (gated_deltanet's output error
+#: unchanged at 9.8e-3, dv 3.3e-3 -> 5.2e-3, dbeta 9.0e-3 -> 1.1e-2; kda's output 1.0e-2
+#: unchanged, dv 3.5e-3 -> 5.9e-3), and it halves their tensor-core work and lets them
+#: run at 4 warps without spills (``KERNEL_OPTIONS``). Since session 12, not yet timed.
+DELTA_ORDERED_HALF_DOT = DOT_BF16
 #: per-token maps of inputs (feature maps, gates, decays) as generated kernels (codegen/maps.py);
 #: False: torch ops (for comparisons)
 FUSE_MAPS = True
@@ -664,7 +673,11 @@ def _for(kernel: str, blocks: dict) -> dict:
     launch whose grid runs over V tiles takes its count from the result."""
     out = dict(blocks, DOT=KERNEL_DOT[kernel]) if kernel in KERNEL_DOT else dict(blocks)
     if "num_warps" in blocks:       # a GPU launch (the interpreter takes no options)
-        for key, value in KERNEL_OPTIONS.get(kernel, {}).items():
+        options = dict(KERNEL_OPTIONS.get(kernel, {}))
+        fp32_options = options.pop("fp32_operands", {})
+        if out.get("DOT", DOT_BF16) != DOT_BF16:
+            options.update(fp32_options)
+        for key, value in options.items():
             if key in ("BV", "BK"):
                 dim = key[1]
                 value = min(value, _pow2(out[dim]))     # never wider than the dim itself
@@ -685,6 +698,11 @@ def _for(kernel: str, blocks: dict) -> dict:
 #: The WY kernels run at 4 warps all the same, two programs per SM: on an H200
 #: (results/sweep_wy_h200_session9.jsonl) gated_deltanet's WY kernel took 1.99 ms per
 #: forward+backward at 4 warps against 3.37 at 8, kda's WY backward 2.06 against 2.58.
+#: With bf16 operands (``DELTA_ORDERED_HALF_DOT``) the delta rule's ordered kernels fit 4
+#: warps without spills (gated_deltanet, sm_90: the state step 166 registers, 16 HGMMA, 19
+#: barriers, three programs per SM, so the 256 programs of B=4, H=16, V/32 run in one
+#: wave; at 8 warps with tf32 operands it was 242 registers, 40 HGMMA, 23 barriers, one
+#: program per SM); fp32 operands keep 8 (``fp32_operands``). Not yet timed.
 #: The delta rule's gradient kernel (chunk_grads_kernel on u, fp32 states) spills 0.2-1 KB
 #: per thread at V tiles of 64 and 0.1-0.5 KB at 32 (benchmarks/preflight.py, sm_90; not
 #: yet timed).
@@ -692,8 +710,10 @@ KERNEL_OPTIONS: dict[str, dict] = {"states": {"num_stages": 3}, "dstates": {"num
                                    "scores": {"num_stages": 2},
                                    "diag_grads": {"BK": 32, "num_stages": 2},
                                    "wy": {"num_warps": 4}, "wy_bwd": {"num_warps": 4},
-                                   "delta_states": {"num_warps": 8},
-                                   "delta_dstates": {"num_warps": 8},
+                                   "delta_states": {"num_warps": 4,
+                                                    "fp32_operands": {"num_warps": 8}},
+                                   "delta_dstates": {"num_warps": 4,
+                                                     "fp32_operands": {"num_warps": 8}},
                                    "delta_local_du": {"num_warps": 4},
                                    "delta_grads": {"BV": 32},
                                    "low_rank_grads": {"num_warps": 8}}
@@ -1030,7 +1050,8 @@ class DeltaChunkCore(torch.autograd.Function):
                            dtype=torch.bfloat16 if half else torch.float32)
         lam_ = _or(lam, beta)
         unread = u      # (pointer arguments the kernels do not read)
-        sb = _for("delta_states", _without(blocks, "NK", "STRICT"))
+        sb = _for("delta_states", dict(_without(blocks, "NK", "STRICT"),
+                                       DOT=cfg["ordered_dot"]))
         for_device(_STATES, dev)((sb["NV"], cfg["N"] * H), k, v, lam_, _or(s0, unread),
                                  _or(sT, unread), ckpt, _or(cu, unread), _or(offsets, unread),
                                  T, wy, u, _or(x, unread), unread, unread, unread,
@@ -1092,7 +1113,7 @@ class DeltaChunkCore(torch.autograd.Function):
             for_device(_LOCAL_DU, dev)((cfg["n_chunks"], H), q, written, lam_, qk, dy, du,
                                        cfg["table"],
                                        **_for("delta_local_du", _without(blocks, "NK")))
-        db = _for("delta_dstates", _without(blocks, "NK"))
+        db = _for("delta_dstates", dict(_without(blocks, "NK"), DOT=cfg["ordered_dot"]))
         for_device(_DSTATES, dev)((db["NV"], N * H), q, lam_, dy, dsT.contiguous(), ds0,
                                   dckpt, _or(cu, dy), _or(offsets, dy), T, written, wy, qk, du,
                                   dy, dy, dy, dy,
@@ -1277,7 +1298,10 @@ def _delta_forward(q, k, v, beta, lam, s0, cu_seqlens, batch: int, chunk_size: i
     final state None unless ``final_state``."""
     cfg = _core_config(batch, q.shape[1], q.shape[-1], v.shape[-1], cu_seqlens, chunk_size,
                        False, dot, q.device)
-    cfg.update(decay=decay, y_dtype=y_dtype, final_state=final_state)
+    half = cfg["dot"] == DOT_BF16     # (not with partial tiles: _core_config)
+    cfg["dot"] = DELTA_HALF_DOT if half else cfg["dot"]
+    cfg.update(decay=decay, y_dtype=y_dtype, final_state=final_state,
+               ordered_dot=DELTA_ORDERED_HALF_DOT if half else cfg["dot"])
     return apply(DeltaChunkCore, q, k, v, beta, lam, s0, cfg, *(low_rank or ()))
 
 
@@ -1385,10 +1409,8 @@ def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *
                     low_rank = (ev.operand(sp.low_rank[1], low), ev.operand(sp.low_rank[0], low))
                 else:
                     beta = _lambdified(sp.beta, sp.beta_symbols, ev, (), (B, T, H))
-                # the delta kernels are verified on the GPU with tf32 dots only
                 y, sT = _delta_forward(q, k, v, beta, lam, s0, cu_seqlens, batch, chunk_size,
-                                       DELTA_HALF_DOT if dot == DOT_BF16 else dot, sp.decay,
-                                       low_rank,
+                                       dot, sp.decay, low_rank,
                                        out_dtype if direct else torch.float32,
                                        output_final_state)
             y_cols, y = y[..., V:], y[..., :V]

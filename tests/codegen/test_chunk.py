@@ -45,6 +45,21 @@ def test_chunk_matches_reference(name, dtype):
     check_against_reference(attn, x, init, dtype, form="chunk")
 
 
+@pytest.mark.parametrize("name", [n for n in CHUNKED if n != "based"]
+                         + ["deltanet", "gated_deltanet", "kda", "rwkv7"])
+def test_chunk_bf16_dots_match_reference(name):
+    """bf16 inputs at power-of-two sizes (K = 16, V = 32), where the kernels take bf16 dot
+    operands as on a GPU (the other tests' K = 12 and V = 10 make partial tiles, which run
+    tf32 dots), the interpreter rounding them as the tensor cores do: forward, final state
+    and every gradient against the float64 reference. (Based's feature dim, 1 + K + K^2,
+    is never a power of two.)"""
+    attn = linforge.library.get(name)
+    sizes = spec_sizes(attn, K=16, V=32)
+    x = make_inputs(attn, B=2, T=150, H=2, sizes=sizes, seed=26)
+    init = make_state(attn, N=2, H=2, sizes=sizes)
+    check_against_reference(attn, x, init, torch.bfloat16, form="chunk")
+
+
 @pytest.mark.parametrize("name", ["retnet", "linear_attention", "mamba2"])
 def test_chunk_matches_recurrent_without_initial_state(name):
     attn = linforge.library.get(name)
@@ -304,24 +319,26 @@ def test_delta_rule_inverses_at_other_chunk_sizes_without_grad(chunk_size, inver
     assert rel_err(o, o_ref) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("switch,value", [("DELTA_HALF_BUFFERS", False),
+                                          ("DELTA_ORDERED_HALF_DOT", 1)])
 @pytest.mark.parametrize("name", ["gated_deltanet", "kda", "rwkv7"])
-def test_chunked_delta_rule_with_fp32_buffers(name, monkeypatch):
-    """bf16 inputs with W and the chunk states kept in fp32 (DELTA_HALF_BUFFERS = False; bf16
-    by default, which the other bf16 tests check) against the reference, forward and every
-    gradient; the switch changes the output (the default rounds the buffers), so the path
-    is the one tested."""
+def test_chunked_delta_rule_non_default_half_paths(name, switch, value, monkeypatch):
+    """bf16 inputs through the delta rules' non-default half paths against the reference,
+    forward and every gradient: W and the chunk states kept in fp32 (DELTA_HALF_BUFFERS =
+    False), tf32 dot operands in the ordered kernels (DELTA_ORDERED_HALF_DOT = DOT_TF32 =
+    1; bf16 by default). Power-of-two sizes, so bf16 dots run where they are the default.
+    Each switch changes the output, so the path is the one tested."""
     import linforge.codegen.chunk_op as chunk_op
     attn = linforge.library.get(name)
-    sizes = kernel_sizes(attn)
+    sizes = spec_sizes(attn, K=16, V=32)
     x = {n: t.to(torch.bfloat16) if n in attn.program.inputs else t
-         for n, t in make_inputs(attn, B=1, T=100, H=2, sizes=sizes, seed=22).items()}
+         for n, t in make_inputs(attn, B=2, T=150, H=2, sizes=sizes, seed=22).items()}
     before = attn(**x, form="chunk")[0]
-    monkeypatch.setattr(chunk_op, "DELTA_HALF_BUFFERS", False)
+    monkeypatch.setattr(chunk_op, switch, value)
     o = attn(**x, form="chunk")[0]
     assert not torch.equal(o, before)
-    o_ref = attn(**{n: t.double() for n, t in x.items()}, form="reference")[0]
-    assert rel_err(o, o_ref) < TOL[torch.bfloat16]
-    _check_chunked_delta_rule(name, torch.bfloat16)
+    init = make_state(attn, N=2, H=2, sizes=sizes)
+    check_against_reference(attn, x, init, torch.bfloat16, form="chunk")
 
 
 @pytest.mark.parametrize("name,form", [("mamba2", "parallel"), ("gla", "parallel"),

@@ -42,3 +42,17 @@ def test_launch_options_set_tiles_within_the_dim_and_the_tile_count_follows(monk
     assert chunk_op._for("delta_states", blocks)["NV"] == 7
     cpu = dict(V=100, BV=128, NV=1)
     assert chunk_op._for("delta_states", cpu) == cpu
+
+
+def test_launch_options_for_fp32_operands_apply_to_non_bf16_dots_only():
+    """The delta rule's ordered kernels run 4 warps with bf16 dot operands and 8 with fp32
+    ones (``fp32_operands``: tf32, tf32x3 or ieee), which would spill at 4."""
+    import linforge.codegen.chunk_op as chunk_op
+    from linforge.codegen.chunk import DOT_BF16, DOT_IEEE, DOT_TF32, DOT_TF32X3
+
+    for kernel in ("delta_states", "delta_dstates"):
+        blocks = dict(V=128, BV=32, NV=4, num_warps=4)
+        assert chunk_op._for(kernel, dict(blocks, DOT=DOT_BF16))["num_warps"] == 4
+        for dot in (DOT_TF32, DOT_IEEE, DOT_TF32X3):
+            out = chunk_op._for(kernel, dict(blocks, DOT=dot))
+            assert out["num_warps"] == 8 and "fp32_operands" not in out
