@@ -475,9 +475,11 @@ class ChunkCore(torch.autograd.Function):
         dev = q.device
         N, n_chunks = cfg["N"], cfg["n_chunks"]
         cu, offsets = cfg["cu"], cfg["offsets"]
-        # gradients are stored in their inputs' dtypes (the parallel form's diagonal decay
-        # gradient sums q.dq and k.dk afterwards: fp32 there)
-        exact = cfg["parallel"] and cfg["decay"] == 2
+        # gradients are stored in their inputs' dtypes, but for diagonal decays: their
+        # decay gradient sums q.dq - k.dk afterwards (chunk_diag_grads_kernel, or the
+        # parallel form's sums), terms that cancel; from dq and dk rounded to bf16, rwkv5's
+        # domega error against float64 was 2.3e-2 with tf32 dots, its recurrent form's 3e-3
+        exact = cfg["decay"] == 2
         dq = torch.empty(q.shape, dtype=torch.float32 if exact else q.dtype, device=dev)
         dk = torch.empty(k.shape, dtype=torch.float32 if exact else k.dtype, device=dev)
         dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
@@ -589,6 +591,10 @@ def _diagonal_grads(q, k, cumulative, dA, last, cfg: dict, blocks: dict, scale: 
     dlam with the b_last terms in ``last`` (``chunk_diag_grads_kernel``)."""
     H, K = q.shape[2], q.shape[3]
     diag = _for("diag_grads", _without(blocks, "V", "BV", "NK", "NV", "DECAY"))
+    if diag["DOT"] == DOT_BF16:
+        # the decay gradient's intra-chunk pair sums cancel: with bf16 operands rwkv5's
+        # domega error against float64 was 2.9e-2, with tf32 6.0e-3 (B=2, T=150, K=16, V=32)
+        diag["DOT"] = DOT_TF32
     for_device(_DIAG_GRADS, q.device)((cfg["n_chunks"], _cdiv(K, diag["BK"]), H),
         q, k, cumulative, dA, last, cfg["table"], scale, dq, dk, dlam, SUB=_SUB,
         SPREAD=chunk_core.SPREAD_FOR_DOT, **diag)
