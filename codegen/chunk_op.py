@@ -292,7 +292,14 @@ class _Tokens:
         device = x0.device
         self.inputs = inputs
         self.leaf = Op.INPUT if kind == "input" else Op.MEMORY
-        lazy = {(kind, n): (lambda x=x: x.float().reshape(self.B * self.T, *x.shape[2:]))
+        self.tensors = {**{(kind, n): x for n, x in inputs.items()},
+                        **{("param", n): x for n, x in params.items()}}
+        # fp32 copies of the inputs, each made when first read: by torch evaluations and
+        # by the map kernels of fp32 operands (``map_tensors``), so gradients meet in fp32
+        self.fp32 = _OnFirstUse({key: (lambda x=x: x.float())
+                                 for key, x in self.tensors.items()})
+        lazy = {(kind, n): (lambda n=n, x=x: self.fp32[(kind, n)]
+                            .reshape(self.B * self.T, *x.shape[2:]))
                 for n, x in inputs.items()}
         lazy["t"] = lambda: _positions(self.B, self.T, cu_seqlens, device).float().reshape(-1, 1)
         lazy["T"] = lambda: _lengths(self.B, self.T, cu_seqlens, device).reshape(-1, 1)
@@ -301,8 +308,6 @@ class _Tokens:
         values["h"] = _head_index(H, device)
         self.ev = StepEvaluator(values, sizes, torch.float32, device)
         self.sizes = sizes
-        self.tensors = {**{(kind, n): x for n, x in inputs.items()},
-                        **{("param", n): x for n, x in params.items()}}
 
     def shape(self, dims: tuple[str, ...]) -> tuple[int, ...]:
         """``[B, T, H, *dims]`` as sizes."""
@@ -315,13 +320,20 @@ class _Tokens:
             return self.inputs[n.attr].contiguous()
         plan = fused_map(n, self.sizes) if FUSE_MAPS else None
         if plan is not None:    # one generated kernel instead of a chain of torch ops
-            return run_map(plan, self.tensors, self.shape(n.dims), dtype)
+            return run_map(plan, self.map_tensors(dtype), self.shape(n.dims), dtype)
         scale, rest = _split_scale(n, self.sizes)
         if (FUSE_MAPS and rest.op is Op.L2NORM and rest.args[0].op is self.leaf
                 and rest.args[0].dims == rest.dims == (rest.attr,)):
             # an input normalized over its dim (the delta rules' q and k): one kernel
             return run_l2norm(self.inputs[rest.args[0].attr], scale, dtype)
         return self(n).to(dtype).contiguous()
+
+    def map_tensors(self, dtype: torch.dtype) -> dict:
+        """The tensors map kernels read for operands in ``dtype``: for fp32 ones, half inputs
+        as fp32 copies made once per call (``fp32``), so that the gradients of several maps
+        and torch evaluations reading one input add in fp32 and are rounded once (gated_rfa's v feeds two states: its
+        two bf16-rounded parts cancelled, dv's error against float64 was 2.2e-2)."""
+        return self.fp32 if dtype is torch.float32 else self.tensors
 
     def aligned(self, n: Node, dims: tuple[str, ...]) -> torch.Tensor:
         """``n`` over all tokens, its dims permuted and unsqueezed to broadcast as ``dims``."""

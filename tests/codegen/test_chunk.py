@@ -47,9 +47,6 @@ def test_chunk_matches_reference(name, dtype):
 
 #: known gaps of the bf16 path at power-of-two sizes (session 12, not yet fixed):
 BF16_GAPS = {
-    # dv 2.2e-2 against float64 (the recurrent form: 3.9e-3), at token 7, where q.z is
-    # small; unchanged with fp32 (ieee) dots, so from a bf16 rounding outside the dots
-    "gated_rfa": "dv 2.2e-2 (recurrent 3.9e-3): a bf16 rounding outside the dots",
     # dlam (one number per head, sums that cancel) 2.4e-2; the recurrent form's 1.2e-2
     "lightning_attention": "dlam 2.4e-2 with bf16 dots, 1.2e-2 with tf32 (recurrent 1.2e-2)",
 }
