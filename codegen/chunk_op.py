@@ -720,7 +720,11 @@ def _for(kernel: str, blocks: dict) -> dict:
 #: warps without spills (gated_deltanet, sm_90: the state step 166 registers, 16 HGMMA, 19
 #: barriers, three programs per SM, so the 256 programs of B=4, H=16, V/32 run in one
 #: wave; at 8 warps with tf32 operands it was 242 registers, 40 HGMMA, 23 barriers, one
-#: program per SM); fp32 operands keep 8 (``fp32_operands``). Not yet timed.
+#: program per SM); fp32 operands keep 8 (``fp32_operands``). The states kernel loads the
+#: next chunk's k, W and u while it works on this one (2 stages: 139 registers, 80 KiB of
+#: shared memory, still two programs per SM), as the other state kernels' stages did
+#: (above); the state gradients' 2 stages would take 120 KiB, one program per SM. Not yet
+#: timed.
 #: The delta rule's gradient kernel (chunk_grads_kernel on u, fp32 states) spills 0.2-1 KB
 #: per thread at V tiles of 64 and 0.1-0.5 KB at 32 (benchmarks/preflight.py, sm_90; not
 #: yet timed).
@@ -728,7 +732,7 @@ KERNEL_OPTIONS: dict[str, dict] = {"states": {"num_stages": 3}, "dstates": {"num
                                    "scores": {"num_stages": 2},
                                    "diag_grads": {"BK": 32, "num_stages": 2},
                                    "wy": {"num_warps": 4}, "wy_bwd": {"num_warps": 4},
-                                   "delta_states": {"num_warps": 4,
+                                   "delta_states": {"num_warps": 4, "num_stages": 2,
                                                     "fp32_operands": {"num_warps": 8}},
                                    "delta_dstates": {"num_warps": 4,
                                                      "fp32_operands": {"num_warps": 8}},
