@@ -4,7 +4,7 @@
 # compile on separate CPU cores), then the delta rules' profile with the new defaults of
 # session 11 (the inverse through memory, L^-1 kept for the backward, the WY backward by K
 # blocks, chunk_local_du_kernel, bf16 W, states and state gradients) and with the inverse
-# timed before (WY_INVERSE=0), and with bf16 dots at 4 warps in the ordered delta kernels.
+# timed before (WY_INVERSE=0), and the ordered delta kernels as session 11 left them.
 # The test summary goes to $OUT/gpu_tests.txt, every log to $OUT/gpu_logs.tgz, the profile
 # rows to $OUT/profile_chunk.json.
 # Then one call each: gpu_experiments.sh profile, gpu_experiments.sh sweep, then parallel.
@@ -24,7 +24,8 @@ OUT="$OUT" TEST_S="${TEST_S:-290}" bash gpu_tests.sh \
     "$F::parallel_gpu and mamba2" \
     "$F::chunk_gpu and (gla or retnet) and not long and not wide"
 tar czf "$OUT/gpu_logs.tgz" -C /tmp gpu_logs
-timeout 200 python profile_chunk.py --out "$OUT" --ops gated_deltanet,deltanet,kda,rwkv7
-timeout 90 python profile_chunk.py --out "$OUT" --ops gated_deltanet,kda --set DELTA_HALF_DOT=0 \
-    --set delta_states.num_warps=4 --set delta_dstates.num_warps=4
+timeout 150 python profile_chunk.py --out "$OUT" --ops gated_deltanet,deltanet,kda
+# the ordered delta kernels as session 11 left them (tf32 operands, 8 warps, no stages)
+timeout 60 python profile_chunk.py --out "$OUT" --ops gated_deltanet \
+    --set DELTA_ORDERED_HALF_DOT=1 --set delta_states.num_stages=1
 timeout 50 python profile_chunk.py --out "$OUT" --ops gated_deltanet --set WY_INVERSE=0

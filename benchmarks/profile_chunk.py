@@ -98,13 +98,13 @@ def main() -> None:
                     help="a chunk_op switch for this run (repeatable)")
     args = ap.parse_args()
     settings = apply_settings(args.set)
-    rows = []
     for name in args.ops.split(","):
-        rows += profile_op(name, args.form)
-    with open(os.path.join(args.out, "profile_chunk.json"), "a") as f:
-        for r in rows:
-            f.write(json.dumps(dict(r, settings=settings,
-                                    device=torch.cuda.get_device_name())) + "\n")
+        rows = profile_op(name, args.form)
+        # (appended op by op: a run cut by its time limit keeps what it measured)
+        with open(os.path.join(args.out, "profile_chunk.json"), "a") as f:
+            for r in rows:
+                f.write(json.dumps(dict(r, settings=settings,
+                                        device=torch.cuda.get_device_name())) + "\n")
 
 
 if __name__ == "__main__":
