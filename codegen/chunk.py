@@ -347,6 +347,14 @@ def _key_factor(lam_ptr, rows, m_t, r_k, m_k, K: tl.constexpr, DECAY: tl.constex
 
 
 @triton.jit
+def _scalar_factors(lam_ptr, rows, m_t, STRICT: tl.constexpr):
+    """A scalar decay's ``_key_factor`` and ``_query_factor`` from one scan: exp(b_last - b)
+    and exp(bq) ([C, 1] each) and exp(b_last)."""
+    b, bq, b_last = _decays(lam_ptr, rows, m_t, 0, 0, 1, 1, STRICT)
+    return tl.exp(b_last - b)[:, None], tl.exp(bq)[:, None], tl.exp(b_last)
+
+
+@triton.jit
 def _query_factor(lam_ptr, rows, m_t, r_k, m_k, K: tl.constexpr, DECAY: tl.constexpr,
                   STRICT: tl.constexpr, H: tl.constexpr):
     """exp(bq), how a query sees the chunk's start state ([C, BK], [C, 1] or 1), and
@@ -882,13 +890,18 @@ def chunk_dstates_kernel(
                 A, _ = _chunk_scores(q_ptr, k_ptr, lam_ptr, rows, m_t, r_c, K, BK, 1, C,
                                      DECAY, STRICT, DOT)
                 dU = _mm(tl.trans(A), dy, DOT)
-            k_factor, _ = _key_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, H)
+            if DECAY == 1:  # (one scan of the chunk's log decays for both sides)
+                k_factor, q_factor, decay_last = _scalar_factors(lam_ptr, rows, m_t, STRICT)
+            else:
+                k_factor, _ = _key_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, H)
             dU += _decayed_mm(_rows_of(k_ptr, rows, m_t, r_k, m_k, K), k_factor, dS, DECAY,
                               DOT)
             tl.store(du_ptr + p_u, dU, mask=m_u)
         # (the query side after dU: fewer [C, K] tiles live at once)
         q = _rows_of(q_ptr, rows, m_t, r_k, m_k, K)
-        q_factor, decay_last = _query_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT, H)
+        if not DELTA or DECAY != 1:
+            q_factor, decay_last = _query_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY,
+                                                 STRICT, H)
         dS = dS * decay_last + _decayed_t_mm(q, q_factor, dy, DECAY, DOT)
         if DELTA:
             dS -= _mm(tl.trans(_rows_of(w_ptr, rows, m_t, r_k, m_k, K)), dU, DOT)

@@ -1107,8 +1107,12 @@ class DeltaChunkCore(torch.autograd.Function):
         # (taken off ctx, so that it is freed after its last read; a second backward, with
         # retain_graph, makes it again)
         inverse, ctx.inverse = ctx.inverse, None
+        # W in bf16 where only the state gradients read it, through bf16 dots (the same
+        # rounding, half the bytes, and the kernel takes it to the dot as loaded)
+        w_half = w is None and cfg["ordered_dot"] == DOT_BF16
         wy, u, inverse = _wy_form(q, k, v, beta, lam, ckpt, cfg, products, w,
-                                  from_states=True, inverse=inverse, store_inverse=True)
+                                  from_states=True, inverse=inverse, store_inverse=True,
+                                  w_dtype=torch.bfloat16 if w_half else torch.float32)
         B, T, H, K = q.shape
         V = v.shape[-1]
         dev = q.device
