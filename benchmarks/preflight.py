@@ -244,10 +244,11 @@ def main() -> None:
                    TRITON_CACHE_DIR=tempfile.mkdtemp(prefix="preflight-"))
         sizes = [a for d in ("K", "V", "ir") if getattr(args, d)
                  for a in (f"--{d}", str(getattr(args, d)))]
+        settings = [a for item in args.set for a in ("--set", item)]
         proc = subprocess.run([sys.executable, __file__, "--one", name, "--forms", args.forms,
-                               "--T", str(args.T), *sizes,
-                              *[a for item in args.set for a in ("--set", item)]], env=env, capture_output=True,
-                              text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+                               "--T", str(args.T), *sizes, *settings], env=env,
+                              capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)))
         if proc.returncode:
             print(f"{name}: FAILED\n{proc.stderr[-4000:]}", flush=True)
             results.append(dict(op=name, form=args.forms, error=proc.stderr[-4000:],

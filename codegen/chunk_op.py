@@ -331,8 +331,9 @@ class _Tokens:
     def map_tensors(self, dtype: torch.dtype) -> dict:
         """The tensors map kernels read for operands in ``dtype``: for fp32 ones, half inputs
         as fp32 copies made once per call (``fp32``), so that the gradients of several maps
-        and torch evaluations reading one input add in fp32 and are rounded once (gated_rfa's v feeds two states: its
-        two bf16-rounded parts cancelled, dv's error against float64 was 2.2e-2)."""
+        and torch evaluations reading one input add in fp32 and are rounded once
+        (gated_rfa's v feeds two states: its two bf16-rounded parts cancelled, dv's error
+        against float64 was 2.2e-2)."""
         return self.fp32 if dtype is torch.float32 else self.tensors
 
     def aligned(self, n: Node, dims: tuple[str, ...]) -> torch.Tensor:
