@@ -6,9 +6,9 @@
 # states in fp32 (DELTA_HALF_BUFFERS=0, the default until session 11), with bf16 dots in
 # every delta kernel as fla's (DELTA_HALF_DOT=0), and with the ordered kernels as session
 # 11 left them (tf32, 8 warps, one stage), each with its differences from the recurrent
-# form's output and gradients (the accuracy it costs). Part "sweep" (~6 minutes): the launch sweep of the WY (forward, backward) and
-# delta state kernels and of the gradient kernel of mamba2 and rwkv6. Part "parallel"
-# (~4 minutes): the parallel form's kernels.
+# form's output and gradients (the accuracy it costs). Part "sweep" (~6 minutes): the
+# launch sweep of the WY (forward, backward) and delta state kernels and of the gradient
+# kernel of mamba2 and rwkv6. Part "parallel" (~4 minutes): the parallel form's kernels.
 # Results: $OUT/profile_chunk.json (a row per op, direction and setting) and
 # $OUT/sweep_chunk_launch.jsonl (rows appended as they come: a cut run keeps them).
 # Usage: OUT=dir bash benchmarks/gpu_experiments.sh profile|sweep|parallel [ops]

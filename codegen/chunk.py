@@ -350,7 +350,7 @@ def _key_factor(lam_ptr, rows, m_t, r_k, m_k, K: tl.constexpr, DECAY: tl.constex
 def _scalar_factors(lam_ptr, rows, m_t, STRICT: tl.constexpr):
     """A scalar decay's ``_key_factor`` and ``_query_factor`` from one scan: exp(b_last - b)
     and exp(bq) ([C, 1] each) and exp(b_last)."""
-    b, bq, b_last = _decays(lam_ptr, rows, m_t, 0, 0, 1, 1, STRICT)
+    b, bq, b_last = _decays(lam_ptr, rows, m_t, 0, 0, K=1, DECAY=1, STRICT=STRICT)
     return tl.exp(b_last - b)[:, None], tl.exp(bq)[:, None], tl.exp(b_last)
 
 
@@ -540,10 +540,10 @@ def chunk_states_kernel(
                  S.to(ckpt_ptr.dtype.element_ty), mask=m_kv)
         factor, decay_last = _key_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, H)
         if LOW_RANK:
-            x = _rows_of(x_ptr, rows, m_t, r_k, m_k, K)
-            S = (S * decay_last + _mm(tl.trans(x.to(tl.float32) * factor), u, DOT)
-                 + _mm(tl.trans(k.to(tl.float32) * factor),
-                       _rows_of(v_ptr, rows, m_t, r_v, m_v, V), DOT))
+            S = (S * decay_last
+                 + _decayed_t_mm(_rows_of(x_ptr, rows, m_t, r_k, m_k, K), factor, u, DECAY, DOT)
+                 + _decayed_t_mm(k, factor, _rows_of(v_ptr, rows, m_t, r_v, m_v, V), DECAY,
+                                 DOT))
         else:
             if not DELTA:
                 u = _rows_of(v_ptr, rows, m_t, r_v, m_v, V)
@@ -877,6 +877,8 @@ def chunk_dstates_kernel(
         if NORM:
             tl.store(dzckpt_ptr + ((ck_base + i_c) * H + i_h) * K + r_k, dz, mask=m_z)
         dy = _rows_of(dy_ptr, rows, m_t, r_v, m_v, V)
+        if DECAY == 1:  # (one scan of the chunk's log decays for both sides)
+            k_factor, q_factor, decay_last = _scalar_factors(lam_ptr, rows, m_t, STRICT)
         if DELTA:
             p_u = rows[:, None] * V + r_v[None, :]
             m_u = m_t[:, None] & m_v[None, :]
@@ -890,16 +892,14 @@ def chunk_dstates_kernel(
                 A, _ = _chunk_scores(q_ptr, k_ptr, lam_ptr, rows, m_t, r_c, K, BK, 1, C,
                                      DECAY, STRICT, DOT)
                 dU = _mm(tl.trans(A), dy, DOT)
-            if DECAY == 1:  # (one scan of the chunk's log decays for both sides)
-                k_factor, q_factor, decay_last = _scalar_factors(lam_ptr, rows, m_t, STRICT)
-            else:
+            if DECAY != 1:
                 k_factor, _ = _key_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, H)
             dU += _decayed_mm(_rows_of(k_ptr, rows, m_t, r_k, m_k, K), k_factor, dS, DECAY,
                               DOT)
             tl.store(du_ptr + p_u, dU, mask=m_u)
         # (the query side after dU: fewer [C, K] tiles live at once)
         q = _rows_of(q_ptr, rows, m_t, r_k, m_k, K)
-        if not DELTA or DECAY != 1:
+        if DECAY != 1:
             q_factor, decay_last = _query_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY,
                                                  STRICT, H)
         dS = dS * decay_last + _decayed_t_mm(q, q_factor, dy, DECAY, DOT)

@@ -304,7 +304,7 @@ class _Tokens:
         lazy["t"] = lambda: _positions(self.B, self.T, cu_seqlens, device).float().reshape(-1, 1)
         lazy["T"] = lambda: _lengths(self.B, self.T, cu_seqlens, device).reshape(-1, 1)
         values = _OnFirstUse(lazy)
-        values.update({("param", n): x.float().unsqueeze(0) for n, x in params.items()})
+        values.update({("param", n): self.fp32[("param", n)].unsqueeze(0) for n in params})
         values["h"] = _head_index(H, device)
         self.ev = StepEvaluator(values, sizes, torch.float32, device)
         self.sizes = sizes
