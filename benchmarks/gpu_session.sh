@@ -22,10 +22,12 @@ OUT="$OUT" TEST_S="${TEST_S:-290}" bash gpu_tests.sh \
     "$F::long and (deltanet or kda or rwkv7)" \
     "$F::wide_heads and (gated_deltanet or kda or rwkv7)" \
     "$F::parallel_gpu and mamba2" \
-    "$F::chunk_gpu and (gla or retnet) and not long and not wide"
+    "$F::chunk_gpu and (gla or retnet or rwkv6) and not long and not wide"
 tar czf "$OUT/gpu_logs.tgz" -C /tmp gpu_logs
-timeout 150 python profile_chunk.py --out "$OUT" --ops gated_deltanet,deltanet,kda
+timeout 150 python profile_chunk.py --out "$OUT" --ops gated_deltanet,deltanet,kda,gla
 # the ordered delta kernels as session 11 left them (tf32 operands, 8 warps, no stages)
 timeout 60 python profile_chunk.py --out "$OUT" --ops gated_deltanet \
     --set DELTA_ORDERED_HALF_DOT=1 --set delta_states.num_stages=1
 timeout 50 python profile_chunk.py --out "$OUT" --ops gated_deltanet --set WY_INVERSE=0
+# diagonal decays' ordered kernels on predecayed keys and queries (session 13) and without
+timeout 90 python profile_chunk.py --out "$OUT" --ops gla,kda --set PREDECAY=0

@@ -513,7 +513,7 @@ def chunk_states_kernel(
     NV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT: tl.constexpr, DELTA: tl.constexpr = False,
     LOW_RANK: tl.constexpr = False, NORM: tl.constexpr = False,
-    STORE_FINAL: tl.constexpr = True,
+    STORE_FINAL: tl.constexpr = True, PREDECAYED: tl.constexpr = False,
 ):
     """Grid (K blocks * V blocks, sequences * heads): one state tile at every chunk start
     (ckpt) and after the last token (sT, unless not STORE_FINAL), in chunk order. DELTA (the
@@ -522,10 +522,13 @@ def chunk_states_kernel(
     start state. LOW_RANK (RWKV-7): u is written along x (``x_ptr``), and k v^T adds as
     well. NORM: the normalizer z (a column of ones as its value: z' = exp(b_last) z +
     sum_t k_dec_t) rides along, its K tile kept by the programs of the first V block
-    (``z0``, ``zT``, ``zckpt``: [N, H, K], [N, H, K], [chunks, H, K])."""
+    (``z0``, ``zT``, ``zckpt``: [N, H, K], [N, H, K], [chunks, H, K]). PREDECAYED (diagonal
+    decays, not LOW_RANK): ``k_ptr`` holds the keys decayed to their chunk's end already
+    (``chunk_cumsum_kernel``'s KEYS)."""
     i_nh, i_h, bos, eos, ck_base, r_c, r_k, r_v, m_k, m_v, m_kv, p_kv, S, z, m_z = \
         _state_walk(s0_ptr, z0_ptr, cu_seqlens_ptr, chunk_offsets_ptr, T, H, K, V, BK, BV, NV,
                     C, IS_VARLEN, USE_INITIAL_STATE, NORM)
+    KEY_DECAY: tl.constexpr = 0 if PREDECAYED else DECAY    # (what the kernel applies)
     for i_c in range(0, tl.cdiv(eos - bos, C)):
         m_t = bos + i_c * C + r_c < eos
         rows = (bos + i_c * C + r_c) * H + i_h
@@ -538,7 +541,12 @@ def chunk_states_kernel(
             tl.store(u_ptr + p_u, u, mask=m_u)
         tl.store(ckpt_ptr + ((ck_base + i_c) * H + i_h) * K * V + p_kv,
                  S.to(ckpt_ptr.dtype.element_ty), mask=m_kv)
-        factor, decay_last = _key_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, H)
+        if PREDECAYED:
+            factor = 1.0
+            decay_last = _chunk_end_decay(lam_ptr, _last_row(bos, eos, i_c, C, H, i_h), r_k,
+                                          m_k, K)
+        else:
+            factor, decay_last = _key_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, H)
         if LOW_RANK:
             S = (S * decay_last
                  + _decayed_t_mm(_rows_of(x_ptr, rows, m_t, r_k, m_k, K), factor, u, DECAY, DOT)
@@ -547,7 +555,7 @@ def chunk_states_kernel(
         else:
             if not DELTA:
                 u = _rows_of(v_ptr, rows, m_t, r_v, m_v, V)
-            S = S * decay_last + _decayed_t_mm(k, factor, u, DECAY, DOT)
+            S = S * decay_last + _decayed_t_mm(k, factor, u, KEY_DECAY, DOT)
         if NORM:
             tl.store(zckpt_ptr + ((ck_base + i_c) * H + i_h) * K + r_k, z, mask=m_z)
             z = z * _lane_decay(decay_last, DECAY) + tl.sum(k.to(tl.float32) * factor, axis=0)
@@ -558,19 +566,74 @@ def chunk_states_kernel(
 
 
 @triton.jit
-def chunk_cumsum_kernel(lam_ptr, b_ptr, chunk_table_ptr, H: tl.constexpr, K: tl.constexpr,
-                        BK: tl.constexpr, C: tl.constexpr):
+def chunk_cumsum_kernel(lam_ptr, b_ptr, chunk_table_ptr, k_ptr, kd_ptr, H: tl.constexpr,
+                        K: tl.constexpr, BK: tl.constexpr, C: tl.constexpr,
+                        KEYS: tl.constexpr = False):
     """Grid (chunks, K blocks, heads), diagonal decays: b = the in-chunk cumulative log decay
     (inclusive, fp32) of every token, [T*, H, K] like lam, run once per call: every diagonal
     decay kernel reads the rows it needs from it (``lam_ptr`` of the DECAY 2 kernels), so
-    both sides of a pair see the same numbers (an exponent b_t - b_t is exactly 0)."""
+    both sides of a pair see the same numbers (an exponent b_t - b_t is exactly 0). KEYS:
+    also the keys decayed to their chunk's end, k exp(b_last - b), to ``kd_ptr`` (as
+    ``chunk_predecay_kernel``)."""
     i_g, i_k, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     r_c = tl.arange(0, C)
     rows, m_t = _chunk(chunk_table_ptr, i_h, H, r_c)
     r_k, m_k = _block(i_k, BK, K)
     lam = _rows_of(lam_ptr, rows, m_t, r_k, m_k, K).to(tl.float32)
-    tl.store(b_ptr + rows[:, None] * K + r_k[None, :], tl.cumsum(lam, axis=0),
-             mask=m_t[:, None] & m_k[None, :])
+    b = tl.cumsum(lam, axis=0)
+    tl.store(b_ptr + rows[:, None] * K + r_k[None, :], b, mask=m_t[:, None] & m_k[None, :])
+    if KEYS:
+        _store_decayed(k_ptr, kd_ptr, rows, m_t, r_k, m_k, tl.exp(_at_last(b, rows, m_t) - b), K)
+
+
+@triton.jit
+def chunk_predecay_kernel(b_ptr, q_ptr, k_ptr, qd_ptr, kd_ptr, chunk_table_ptr,
+                          H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, C: tl.constexpr,
+                          STRICT: tl.constexpr, QUERIES: tl.constexpr, KEYS: tl.constexpr):
+    """Grid (chunks, K blocks, heads), diagonal decays: the queries decayed to their chunk's
+    start, q exp(bq), to ``qd_ptr`` (QUERIES) and the keys to its end, k exp(b_last - b), to
+    ``kd_ptr`` (KEYS), [T*, H, K] in those buffers' dtypes, from the cumulative log decays
+    ``b_ptr``. The ordered kernels take them (PREDECAYED) where their dots round the decayed
+    tiles to bf16 anyway: the same numbers, without an exp per token and lane in every V
+    block's program at every step of the walk."""
+    i_g, i_k, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    r_c = tl.arange(0, C)
+    rows, m_t = _chunk(chunk_table_ptr, i_h, H, r_c)
+    r_k, m_k = _block(i_k, BK, K)
+    b, bq, b_last = _decays(b_ptr, rows, m_t, r_k, m_k, K, 2, STRICT, H)
+    if QUERIES:
+        _store_decayed(q_ptr, qd_ptr, rows, m_t, r_k, m_k, tl.exp(bq), K)
+    if KEYS:
+        _store_decayed(k_ptr, kd_ptr, rows, m_t, r_k, m_k, tl.exp(b_last[None, :] - b), K)
+
+
+@triton.jit
+def _at_last(b, rows, m_t):
+    """b's row of the chunk's last token ([BK]), as ``_decays`` takes it."""
+    last = rows == tl.max(tl.where(m_t, rows, -1), axis=0)
+    return tl.sum(tl.where(last[:, None], b, 0.0), axis=0)[None, :]
+
+
+@triton.jit
+def _store_decayed(x_ptr, xd_ptr, rows, m_t, r_k, m_k, factor, K: tl.constexpr):
+    """x * factor (x's [C, BK] rows in fp32, times the decay factor) to ``xd_ptr``."""
+    p = rows[:, None] * K + r_k[None, :]
+    m = m_t[:, None] & m_k[None, :]
+    x = tl.load(x_ptr + p, mask=m, other=0.0).to(tl.float32)
+    tl.store(xd_ptr + p, (x * factor).to(xd_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _chunk_end_decay(lam_ptr, last_row, r_k, m_k, K: tl.constexpr):
+    """Diagonal decays: the whole chunk's decay per K lane, exp(b_last) ([BK, 1]), read
+    from the cumulative log decays at the chunk's last row."""
+    return tl.exp(tl.load(lam_ptr + last_row * K + r_k, mask=m_k, other=0.0))[:, None]
+
+
+@triton.jit
+def _last_row(bos, eos, i_c, C: tl.constexpr, H: tl.constexpr, i_h):
+    """The row ([T*, H] order) of chunk ``i_c``'s last token in the sequence [bos, eos)."""
+    return (tl.minimum(bos + i_c * C + C, eos) - 1) * H + i_h
 
 
 @triton.jit
@@ -855,6 +918,7 @@ def chunk_dstates_kernel(
     NV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr, STRICT: tl.constexpr,
     USE_FINAL_STATE_GRAD: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
     DELTA: tl.constexpr = False, NORM: tl.constexpr = False, LOCAL_DU: tl.constexpr = False,
+    PREDECAYED: tl.constexpr = False,
 ):
     """Grid (K blocks * V blocks, sequences * heads), chunks last to first: one tile of the
     gradient of every chunk's end state (dckpt) and of the initial state (ds0). DELTA (one
@@ -863,10 +927,13 @@ def chunk_dstates_kernel(
     start state's gradient gains -W^T dU (scores of diagonal decays from ``A_ptr``); with
     LOCAL_DU, ``du_ptr`` holds scores^T dy already (``chunk_local_du_kernel``). NORM:
     the normalizer's gradient dz rides along in the first V block's programs, from the
-    gradient of its reads (``dycol``, [T*, H]): dz = exp(b_last) dz' + q_dec^T dycol."""
+    gradient of its reads (``dycol``, [T*, H]): dz = exp(b_last) dz' + q_dec^T dycol.
+    PREDECAYED (diagonal decays): ``q_ptr`` holds the queries decayed to their chunk's start
+    and ``k_ptr`` the keys decayed to its end (``chunk_predecay_kernel``)."""
     i_nh, i_h, bos, eos, ck_base, r_c, r_k, r_v, m_k, m_v, m_kv, p_kv, dS, dz, m_z = \
         _state_walk(dsT_ptr, dzT_ptr, cu_seqlens_ptr, chunk_offsets_ptr, T, H, K, V, BK, BV,
                     NV, C, IS_VARLEN, USE_FINAL_STATE_GRAD, NORM)
+    KEY_DECAY: tl.constexpr = 0 if PREDECAYED else DECAY    # (what the kernel applies)
     n_chunks = tl.cdiv(eos - bos, C)
     for i_r in range(0, n_chunks):
         i_c = n_chunks - 1 - i_r
@@ -879,6 +946,11 @@ def chunk_dstates_kernel(
         dy = _rows_of(dy_ptr, rows, m_t, r_v, m_v, V)
         if DECAY == 1:  # (one scan of the chunk's log decays for both sides)
             k_factor, q_factor, decay_last = _scalar_factors(lam_ptr, rows, m_t, STRICT)
+        if PREDECAYED:
+            k_factor = 1.0
+            q_factor = 1.0
+            decay_last = _chunk_end_decay(lam_ptr, _last_row(bos, eos, i_c, C, H, i_h), r_k,
+                                          m_k, K)
         if DELTA:
             p_u = rows[:, None] * V + r_v[None, :]
             m_u = m_t[:, None] & m_v[None, :]
@@ -892,17 +964,17 @@ def chunk_dstates_kernel(
                 A, _ = _chunk_scores(q_ptr, k_ptr, lam_ptr, rows, m_t, r_c, K, BK, 1, C,
                                      DECAY, STRICT, DOT)
                 dU = _mm(tl.trans(A), dy, DOT)
-            if DECAY != 1:
+            if DECAY != 1 and not PREDECAYED:
                 k_factor, _ = _key_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, H)
-            dU += _decayed_mm(_rows_of(k_ptr, rows, m_t, r_k, m_k, K), k_factor, dS, DECAY,
-                              DOT)
+            dU += _decayed_mm(_rows_of(k_ptr, rows, m_t, r_k, m_k, K), k_factor, dS,
+                              KEY_DECAY, DOT)
             tl.store(du_ptr + p_u, dU, mask=m_u)
         # (the query side after dU: fewer [C, K] tiles live at once)
         q = _rows_of(q_ptr, rows, m_t, r_k, m_k, K)
-        if DECAY != 1:
+        if DECAY != 1 and not PREDECAYED:
             q_factor, decay_last = _query_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY,
                                                  STRICT, H)
-        dS = dS * decay_last + _decayed_t_mm(q, q_factor, dy, DECAY, DOT)
+        dS = dS * decay_last + _decayed_t_mm(q, q_factor, dy, KEY_DECAY, DOT)
         if DELTA:
             dS -= _mm(tl.trans(_rows_of(w_ptr, rows, m_t, r_k, m_k, K)), dU, DOT)
         if NORM:

@@ -30,9 +30,8 @@ from ..ir.transition import TransitionClass
 from .chunk import (DOT_BF16, DOT_IEEE, DOT_TF32, DOT_TF32X3, chunk_cumsum_kernel,
                     chunk_diag_grads_kernel, chunk_diag_scores_kernel, chunk_dstates_kernel,
                     chunk_grads_kernel, chunk_local_du_kernel, chunk_output_kernel,
-                    chunk_states_kernel,
-                    delta_wy_bwd_kernel, delta_wy_kernel, low_rank_pair_grads_kernel,
-                    low_rank_state_grads_kernel)
+                    chunk_predecay_kernel, chunk_states_kernel, delta_wy_bwd_kernel,
+                    delta_wy_kernel, low_rank_pair_grads_kernel, low_rank_state_grads_kernel)
 from . import chunk as chunk_core
 from . import ops
 from .launch import Launcher, apply, for_device, targets_gpu
@@ -403,6 +402,13 @@ DELTA_HALF_DOT = DOT_TF32
 #: unchanged, dv 3.5e-3 -> 5.9e-3), and it halves their tensor-core work and lets them
 #: run at 4 warps without spills (``KERNEL_OPTIONS``). Since session 12, not yet timed.
 DELTA_ORDERED_HALF_DOT = DOT_BF16
+#: diagonal decays: the ordered kernels (states, state gradients) read keys decayed to their
+#: chunk's end and queries to its start from a pass before them (``chunk_cumsum_kernel``'s
+#: KEYS, ``chunk_predecay_kernel``) where they round those tiles to bf16 for their dots
+#: anyway: the same numbers, without a [C, K] tile of exps per step in each V tile's
+#: program. kda's states step on sm_90 (Triton 3.6, benchmarks/preflight.py): 1436 -> {kda_states}
+#: instructions, 72 -> {kda_exp} exps. Not yet timed.
+PREDECAY = True
 #: per-token maps of inputs (feature maps, gates, decays) as generated kernels (codegen/maps.py);
 #: False: torch ops (for comparisons)
 FUSE_MAPS = True
@@ -432,7 +438,7 @@ class ChunkCore(torch.autograd.Function):
         dev = q.device
         N, n_chunks = cfg["N"], cfg["n_chunks"]
         cu, offsets = cfg["cu"], cfg["offsets"]
-        y = torch.empty(B, T, H, V, dtype=cfg["y_dtype"], device=dev)
+        unread = v      # (pointer arguments the kernels do not read)
         final = cfg.get("final_state", True)   # (None when the caller does not want it)
         sT = torch.empty(N, H, K, V, dtype=torch.float32, device=dev) if final else None
         # the output kernel's dots read the states in bf16 when they multiply in bf16:
@@ -441,26 +447,32 @@ class ChunkCore(torch.autograd.Function):
         ckpt = None if cfg["parallel"] else torch.empty(n_chunks, H, K, V, dtype=ckpt_dtype,
                                                          device=dev)
         blocks = _blocks(cfg, H, K, V)
+        sb = _for("states", _without(blocks, "NK", "STRICT"))
+        k_states = k
         if cfg["decay"] == 2:
             # every kernel reads the in-chunk cumulative log decays instead of summing lam
             # again (the backward keeps them in place of lam: dlam is still lam's gradient)
-            lam = _cumulative_decays(lam, cfg, blocks)
+            predecay = _predecays(cfg, sb["DOT"])
+            lam, k_states = _cumulative_decays(lam, cfg, blocks, k if predecay else None)
+            k_states = _or(k_states, k)
+            sb["PREDECAYED"] = predecay
         lam_ = lam if lam is not None else q
         norm = cfg.get("norm", False)
-        zT = zckpt = y_col = y
+        zT = zckpt = y_col = unread
         if norm:
             zT = torch.empty(N, H, K, dtype=torch.float32, device=dev)
             zckpt = torch.empty(n_chunks, H, K, dtype=torch.float32, device=dev)
             y_col = torch.empty(B, T, H, dtype=torch.float32, device=dev)
         if cfg["parallel"]:     # no states: every chunk reads the earlier ones directly
-            ckpt = y
+            ckpt = unread
         else:
-            sb = _for("states", _without(blocks, "NK", "STRICT"))
             for_device(_STATES, dev)((blocks["NK"] * sb["NV"], N * H),
-                k, v, lam_, s0 if s0 is not None else y, _or(sT, y), ckpt, _or(cu, y),
-                _or(offsets, y), T, y, y, y, _or(z0, y), zT, zckpt,
+                k_states, v, lam_, _or(s0, unread), _or(sT, unread), ckpt, _or(cu, unread),
+                _or(offsets, unread), T, unread, unread, unread, _or(z0, unread), zT, zckpt,
                 USE_INITIAL_STATE=s0 is not None, IS_VARLEN=cu is not None, NORM=norm,
                 STORE_FINAL=final, **sb)
+        del k_states    # (the output takes its memory: peak memory)
+        y = torch.empty(B, T, H, V, dtype=cfg["y_dtype"], device=dev)
         scores = y
         if cfg["decay"] == 2:   # diagonal decays: intra-chunk scores by sub-chunks first
             scores = _diagonal_scores(q, k, lam, cfg, blocks, ckpt_dtype)
@@ -526,11 +538,15 @@ class ChunkCore(torch.autograd.Function):
             ds0 = torch.empty(N, H, K, V, dtype=torch.float32, device=dev)
             dckpt = torch.empty(ckpt.shape, dtype=torch.float32, device=dev)
             db = _for("dstates", _without(blocks, "NK"))
+            db["PREDECAYED"] = _predecays(cfg, db["DOT"])
+            q_states, _ = _predecayed(q, None, lam, cfg, blocks) if db["PREDECAYED"] \
+                else (q, None)
             for_device(_DSTATES, dev)((blocks["NK"] * db["NV"], N * H),
-                q, lam_, dy, _or(dsT, dy), ds0, dckpt, _or(cu, dy), _or(offsets, dy), T,
+                q_states, lam_, dy, _or(dsT, dy), ds0, dckpt, _or(cu, dy), _or(offsets, dy), T,
                 dy, dy, dy, dy, _or(dy_col, dy), _or(dzT, dy), _or(dz0, dy), _or(dzckpt, dy),
                 USE_FINAL_STATE_GRAD=dsT is not None, IS_VARLEN=cu is not None, NORM=norm,
                 **db)
+            del q_states
         scores = last = dy
         if cfg["decay"] == 2:   # (lam holds the cumulative log decays: see forward)
             if ctx.scores is not None:      # the forward's scores (a first backward)
@@ -567,21 +583,45 @@ class ChunkCore(torch.autograd.Function):
 _STATES, _OUTPUT = Launcher(chunk_states_kernel), Launcher(chunk_output_kernel)
 _DSTATES, _GRADS = Launcher(chunk_dstates_kernel), Launcher(chunk_grads_kernel)
 _SCORES, _DIAG_GRADS = Launcher(chunk_diag_scores_kernel), Launcher(chunk_diag_grads_kernel)
-_CUMSUM = Launcher(chunk_cumsum_kernel)
+_CUMSUM, _PREDECAY = Launcher(chunk_cumsum_kernel), Launcher(chunk_predecay_kernel)
 #: sub-chunk of the diagonal-decay scores (pairs within one go through a [SUB, SUB, BK]
 #: broadcast)
 _SUB = 16
 
 
-def _cumulative_decays(lam, cfg: dict, blocks: dict) -> torch.Tensor:
+def _cumulative_decays(lam, cfg: dict, blocks: dict, keys=None) -> tuple:
     """Diagonal decays: every token's in-chunk cumulative log decay b, [T*, H, K] fp32
-    (``chunk_cumsum_kernel``)."""
+    (``chunk_cumsum_kernel``), and with ``keys`` those keys decayed to their chunk's end (in
+    their dtype; None without)."""
     C, n_chunks, H, K = cfg["C"], cfg["n_chunks"], lam.shape[2], lam.shape[3]
     cumulative = torch.empty(lam.shape, dtype=torch.float32, device=lam.device)
+    decayed = torch.empty_like(keys) if keys is not None else None
     sums = _for("cumsum", dict(H=H, K=K, BK=blocks["BK"], C=C, **cfg["options"]))
     for_device(_CUMSUM, lam.device)((n_chunks, _cdiv(K, sums["BK"]), H), lam,
-                                    cumulative, cfg["table"], **sums)
-    return cumulative
+                                    cumulative, cfg["table"], _or(keys, lam),
+                                    _or(decayed, lam), KEYS=keys is not None, **sums)
+    return cumulative, decayed
+
+
+def _predecays(cfg: dict, dot: int) -> bool:
+    """Whether an ordered kernel of dot precision ``dot`` reads predecayed keys and queries
+    (``PREDECAY``)."""
+    return PREDECAY and cfg["decay"] == 2 and dot == DOT_BF16 and not cfg["parallel"]
+
+
+def _predecayed(q, k, cumulative, cfg: dict, blocks: dict) -> tuple:
+    """Diagonal decays: the queries decayed to their chunk's start and the keys to its end
+    (``chunk_predecay_kernel``), in their dtypes; None for either not given."""
+    C, n_chunks, H, K = cfg["C"], cfg["n_chunks"], cumulative.shape[2], cumulative.shape[3]
+    qd = torch.empty_like(q) if q is not None else None
+    kd = torch.empty_like(k) if k is not None else None
+    any_ = q if q is not None else k
+    sums = _for("cumsum", dict(H=H, K=K, BK=blocks["BK"], C=C, **cfg["options"]))
+    for_device(_PREDECAY, any_.device)((n_chunks, _cdiv(K, sums["BK"]), H), cumulative,
+                                       _or(q, any_), _or(k, any_), _or(qd, any_),
+                                       _or(kd, any_), cfg["table"], STRICT=cfg["strict"],
+                                       QUERIES=q is not None, KEYS=k is not None, **sums)
+    return qd, kd
 
 
 def _diagonal_scores(q, k, cumulative, cfg: dict, blocks: dict, dtype) -> torch.Tensor:
@@ -1057,9 +1097,12 @@ class DeltaChunkCore(torch.autograd.Function):
         half = DELTA_HALF_BUFFERS and v.dtype in (torch.bfloat16, torch.float16)
         cu, offsets = cfg["cu"], cfg["offsets"]
         products = None
+        k_states, predecay = k, w is None and _predecays(cfg, cfg["ordered_dot"])
         if cfg["decay"] == 2:
             # the kernels read the in-chunk cumulative log decays (kept in place of lam)
-            lam = _cumulative_decays(lam, cfg, _blocks(cfg, H, K, K))
+            lam, k_states = _cumulative_decays(lam, cfg, _blocks(cfg, H, K, K),
+                                               k if predecay else None)
+            k_states = _or(k_states, k)
             # the decayed products by sub-chunks, as diagonal decays'
             products = _delta_products(q, k, lam, cfg, w, x)
         low_rank = w is not None
@@ -1068,6 +1111,8 @@ class DeltaChunkCore(torch.autograd.Function):
         wy, u, inverse = _wy_form(q, k, v, beta, lam, None, cfg, products, w,
                                   from_states=False, store_inverse=store,
                                   w_dtype=torch.bfloat16 if half else torch.float32)
+        if products is not None and not store:  # the WY form's products: done with
+            products = tuple(p if i in (0, 3) else None for i, p in enumerate(products))
         # (allocated after the WY form, whose buffers it would otherwise add to: peak memory)
         ckpt = torch.empty(cfg["n_chunks"], H, K, V, device=dev,
                            dtype=torch.bfloat16 if half else torch.float32)
@@ -1075,14 +1120,13 @@ class DeltaChunkCore(torch.autograd.Function):
         unread = u      # (pointer arguments the kernels do not read)
         sb = _for("delta_states", dict(_without(blocks, "NK", "STRICT"),
                                        DOT=cfg["ordered_dot"]))
-        for_device(_STATES, dev)((sb["NV"], cfg["N"] * H), k, v, lam_, _or(s0, unread),
+        for_device(_STATES, dev)((sb["NV"], cfg["N"] * H), k_states, v, lam_, _or(s0, unread),
                                  _or(sT, unread), ckpt, _or(cu, unread), _or(offsets, unread),
                                  T, wy, u, _or(x, unread), unread, unread, unread,
                                  USE_INITIAL_STATE=s0 is not None, IS_VARLEN=cu is not None,
-                                 DELTA=True, LOW_RANK=low_rank, STORE_FINAL=final, **sb)
-        del wy      # (read by the states kernel only: the output takes its memory)
-        if products is not None and not store:  # the WY form's products: done with
-            products = tuple(p if i in (0, 3) else None for i, p in enumerate(products))
+                                 DELTA=True, LOW_RANK=low_rank, STORE_FINAL=final,
+                                 PREDECAYED=predecay, **sb)
+        del wy, k_states    # (read by the states kernel only: the output takes their memory)
         y = torch.empty(B, T, H, V, dtype=cfg.get("y_dtype", torch.float32), device=dev)
         if low_rank:    # the state read along w, written along x; k v^T beside
             scores, second = products[0], dict(v2_ptr=v, A2_ptr=products[3])
@@ -1141,11 +1185,16 @@ class DeltaChunkCore(torch.autograd.Function):
                                        cfg["table"],
                                        **_for("delta_local_du", _without(blocks, "NK")))
         db = _for("delta_dstates", dict(_without(blocks, "NK"), DOT=cfg["ordered_dot"]))
-        for_device(_DSTATES, dev)((db["NV"], N * H), q, lam_, dy, dsT.contiguous(), ds0,
-                                  dckpt, _or(cu, dy), _or(offsets, dy), T, written, wy, qk, du,
-                                  dy, dy, dy, dy,
+        predecay = w is None and _predecays(cfg, cfg["ordered_dot"])
+        q_states, k_states = _predecayed(q, k, lam, cfg, _blocks(cfg, H, K, K)) if predecay \
+            else (q, written)
+        for_device(_DSTATES, dev)((db["NV"], N * H), q_states, lam_, dy, dsT.contiguous(), ds0,
+                                  dckpt, _or(cu, dy), _or(offsets, dy), T, k_states, wy, qk,
+                                  du, dy, dy, dy, dy,
                                   USE_FINAL_STATE_GRAD=True, IS_VARLEN=cu is not None,
-                                  DELTA=True, LOCAL_DU=DELTA_LOCAL_DU, **db)
+                                  DELTA=True, LOCAL_DU=DELTA_LOCAL_DU, PREDECAYED=predecay,
+                                  **db)
+        del q_states, k_states
         if w is not None:   # (the buffers go in a dict, so that it can drop them early)
             buffers = dict(dckpt=dckpt, du=du, wy=wy, u=u, inverse=inverse, products=products)
             del dckpt, du, wy, u, inverse, products, qk, written

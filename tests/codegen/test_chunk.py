@@ -351,6 +351,32 @@ def test_chunked_delta_rule_non_default_half_paths(name, switch, value, monkeypa
     check_against_reference(attn, x, init, torch.bfloat16, form="chunk")
 
 
+@pytest.mark.parametrize("name", ["gla", "rwkv6", "kda"])
+def test_predecayed_ordered_kernels_change_no_number(name, monkeypatch):
+    """Diagonal decays at bf16 dots: the ordered kernels read keys and queries decayed by a
+    pass before them (``PREDECAY``), rounded to bf16 there as their dots round them; the
+    output, final state and every gradient are those of the in-kernel decays, over a packed
+    batch whose chunks end mid-sequence (each chunk's total decay read at its last row), with
+    an initial state. rwkv6 reads the state before each token's update (STRICT queries)."""
+    import linforge.codegen.chunk_op as chunk_op
+    attn = linforge.library.get(name)
+    sizes = spec_sizes(attn, K=16, V=32)
+    cu = torch.tensor([0, 40, 41, 150])
+    x = make_inputs(attn, B=1, T=150, H=2, sizes=sizes, seed=27)
+    init = make_state(attn, N=3, H=2, sizes=sizes)
+    runs = []
+    for predecay in (True, False):
+        monkeypatch.setattr(chunk_op, "PREDECAY", predecay)
+        runs.append(run_with_grads(attn, x, init, dtype=torch.bfloat16, form="chunk",
+                                   cu_seqlens=cu))
+    (o, final, grads), (o_in, final_in, grads_in) = runs
+    assert rel_err(o, o_in) < 1e-6
+    for s in final_in:
+        assert rel_err(final[s], final_in[s]) < 1e-6, s
+    for n in grads_in:
+        assert rel_err(grads[n], grads_in[n]) < 1e-6, n
+
+
 @pytest.mark.parametrize("name,form", [("mamba2", "parallel"), ("gla", "parallel"),
                                        ("gated_deltanet", "chunk"), ("rwkv7", "chunk")])
 def test_varlen_with_empty_sequences(name, form):
