@@ -406,8 +406,10 @@ DELTA_ORDERED_HALF_DOT = DOT_BF16
 #: chunk's end and queries to its start from a pass before them (``chunk_cumsum_kernel``'s
 #: KEYS, ``chunk_predecay_kernel``) where they round those tiles to bf16 for their dots
 #: anyway: the same numbers, without a [C, K] tile of exps per step in each V tile's
-#: program. kda's states step on sm_90 (Triton 3.6, benchmarks/preflight.py): 1436 -> {kda_states}
-#: instructions, 72 -> {kda_exp} exps. Not yet timed.
+#: program. One step of the walk on sm_90 (Triton 3.6, benchmarks/preflight.py, SASS):
+#: kda's states 1436 -> 398 instructions (72 -> 1 exps, 255 -> 128 registers), its state
+#: gradients 2616 -> 606 (spills gone); gla's states 808 -> 228 (4 programs per SM instead
+#: of 2), its state gradients 798 -> 262. Forward peak memory unchanged. Not yet timed.
 PREDECAY = True
 #: per-token maps of inputs (feature maps, gates, decays) as generated kernels (codegen/maps.py);
 #: False: torch ops (for comparisons)
