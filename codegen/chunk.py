@@ -523,8 +523,8 @@ def chunk_states_kernel(
     well. NORM: the normalizer z (a column of ones as its value: z' = exp(b_last) z +
     sum_t k_dec_t) rides along, its K tile kept by the programs of the first V block
     (``z0``, ``zT``, ``zckpt``: [N, H, K], [N, H, K], [chunks, H, K]). PREDECAYED (diagonal
-    decays, not LOW_RANK): ``k_ptr`` holds the keys decayed to their chunk's end already
-    (``chunk_cumsum_kernel``'s KEYS)."""
+    decays): ``k_ptr`` (and ``x_ptr``) hold the keys (and x) decayed to their chunk's end
+    already (``chunk_cumsum_kernel``'s KEYS, ``chunk_predecay_kernel``)."""
     i_nh, i_h, bos, eos, ck_base, r_c, r_k, r_v, m_k, m_v, m_kv, p_kv, S, z, m_z = \
         _state_walk(s0_ptr, z0_ptr, cu_seqlens_ptr, chunk_offsets_ptr, T, H, K, V, BK, BV, NV,
                     C, IS_VARLEN, USE_INITIAL_STATE, NORM)
@@ -549,9 +549,10 @@ def chunk_states_kernel(
             factor, decay_last = _key_factor(lam_ptr, rows, m_t, r_k, m_k, K, DECAY, H)
         if LOW_RANK:
             S = (S * decay_last
-                 + _decayed_t_mm(_rows_of(x_ptr, rows, m_t, r_k, m_k, K), factor, u, DECAY, DOT)
-                 + _decayed_t_mm(k, factor, _rows_of(v_ptr, rows, m_t, r_v, m_v, V), DECAY,
-                                 DOT))
+                 + _decayed_t_mm(_rows_of(x_ptr, rows, m_t, r_k, m_k, K), factor, u,
+                                 KEY_DECAY, DOT)
+                 + _decayed_t_mm(k, factor, _rows_of(v_ptr, rows, m_t, r_v, m_v, V),
+                                 KEY_DECAY, DOT))
         else:
             if not DELTA:
                 u = _rows_of(v_ptr, rows, m_t, r_v, m_v, V)

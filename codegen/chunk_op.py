@@ -1099,7 +1099,7 @@ class DeltaChunkCore(torch.autograd.Function):
         half = DELTA_HALF_BUFFERS and v.dtype in (torch.bfloat16, torch.float16)
         cu, offsets = cfg["cu"], cfg["offsets"]
         products = None
-        k_states, predecay = k, w is None and _predecays(cfg, cfg["ordered_dot"])
+        k_states, x_states, predecay = k, x, _predecays(cfg, cfg["ordered_dot"])
         if cfg["decay"] == 2:
             # the kernels read the in-chunk cumulative log decays (kept in place of lam)
             lam, k_states = _cumulative_decays(lam, cfg, _blocks(cfg, H, K, K),
@@ -1115,6 +1115,9 @@ class DeltaChunkCore(torch.autograd.Function):
                                   w_dtype=torch.bfloat16 if half else torch.float32)
         if products is not None and not store:  # the WY form's products: done with
             products = tuple(p if i in (0, 3) else None for i, p in enumerate(products))
+        if predecay and x is not None:  # the low rank's x, decayed as the keys (after the
+            # WY form, whose buffers it would add to: peak memory)
+            x_states = _predecayed(None, x, lam, cfg, _blocks(cfg, H, K, K))[1]
         # (allocated after the WY form, whose buffers it would otherwise add to: peak memory)
         ckpt = torch.empty(cfg["n_chunks"], H, K, V, device=dev,
                            dtype=torch.bfloat16 if half else torch.float32)
@@ -1124,11 +1127,12 @@ class DeltaChunkCore(torch.autograd.Function):
                                        DOT=cfg["ordered_dot"]))
         for_device(_STATES, dev)((sb["NV"], cfg["N"] * H), k_states, v, lam_, _or(s0, unread),
                                  _or(sT, unread), ckpt, _or(cu, unread), _or(offsets, unread),
-                                 T, wy, u, _or(x, unread), unread, unread, unread,
+                                 T, wy, u, _or(x_states, unread), unread, unread, unread,
                                  USE_INITIAL_STATE=s0 is not None, IS_VARLEN=cu is not None,
                                  DELTA=True, LOW_RANK=low_rank, STORE_FINAL=final,
                                  PREDECAYED=predecay, **sb)
-        del wy, k_states    # (read by the states kernel only: the output takes their memory)
+        # (read by the states kernel only: the output takes their memory)
+        del wy, k_states, x_states
         y = torch.empty(B, T, H, V, dtype=cfg.get("y_dtype", torch.float32), device=dev)
         if low_rank:    # the state read along w, written along x; k v^T beside
             scores, second = products[0], dict(v2_ptr=v, A2_ptr=products[3])
@@ -1187,9 +1191,9 @@ class DeltaChunkCore(torch.autograd.Function):
                                        cfg["table"],
                                        **_for("delta_local_du", _without(blocks, "NK")))
         db = _for("delta_dstates", dict(_without(blocks, "NK"), DOT=cfg["ordered_dot"]))
-        predecay = w is None and _predecays(cfg, cfg["ordered_dot"])
-        q_states, k_states = _predecayed(q, k, lam, cfg, _blocks(cfg, H, K, K)) if predecay \
-            else (q, written)
+        predecay = _predecays(cfg, cfg["ordered_dot"])
+        q_states, k_states = _predecayed(q, written, lam, cfg, _blocks(cfg, H, K, K)) \
+            if predecay else (q, written)
         for_device(_DSTATES, dev)((db["NV"], N * H), q_states, lam_, dy, dsT.contiguous(), ds0,
                                   dckpt, _or(cu, dy), _or(offsets, dy), T, k_states, wy, qk,
                                   du, dy, dy, dy, dy,

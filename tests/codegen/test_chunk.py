@@ -351,13 +351,14 @@ def test_chunked_delta_rule_non_default_half_paths(name, switch, value, monkeypa
     check_against_reference(attn, x, init, torch.bfloat16, form="chunk")
 
 
-@pytest.mark.parametrize("name", ["gla", "rwkv6", "kda"])
+@pytest.mark.parametrize("name", ["gla", "rwkv6", "kda", "rwkv7"])
 def test_predecayed_ordered_kernels_change_no_number(name, monkeypatch):
     """Diagonal decays at bf16 dots: the ordered kernels read keys and queries decayed by a
     pass before them (``PREDECAY``), rounded to bf16 there as their dots round them; the
     output, final state and every gradient are those of the in-kernel decays, over a packed
     batch whose chunks end mid-sequence (each chunk's total decay read at its last row), with
-    an initial state. rwkv6 reads the state before each token's update (STRICT queries)."""
+    an initial state. rwkv6 reads the state before each token's update (STRICT queries);
+    rwkv7's state is written along x, decayed as its keys."""
     import linforge.codegen.chunk_op as chunk_op
     attn = linforge.library.get(name)
     sizes = spec_sizes(attn, K=16, V=32)
