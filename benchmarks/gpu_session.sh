@@ -1,33 +1,26 @@
 #!/usr/bin/env bash
-# The next GPU session's first call (the device tool, 10 minutes): the GPU tests of the
-# kernels changed since they last ran on a GPU, in 8 parallel processes (their kernels
-# compile on separate CPU cores), then the delta rules' profile with the new defaults of
-# session 11 (the inverse through memory, L^-1 kept for the backward, the WY backward by K
-# blocks, chunk_local_du_kernel, bf16 W, states and state gradients) and with the inverse
-# timed before (WY_INVERSE=0), and the ordered delta kernels as session 11 left them.
+# The next GPU session's first call (the device tool, 10 minutes): the GPU test groups that
+# session 13's call cut at 160 s (gated_deltanet's chunk tests, rwkv7's, gla / retnet /
+# rwkv6's), split finer, in 8 parallel processes (their kernels compile on separate CPU
+# cores; most of a group's time is compiling), then the profile of the ops not profiled
+# since session 8 (rwkv7, rwkv6, retnet, mamba2, linear_attention).
 # The test summary goes to $OUT/gpu_tests.txt, every log to $OUT/gpu_logs.tgz, the profile
 # rows to $OUT/profile_chunk.json.
-# Then one call each: gpu_experiments.sh profile, gpu_experiments.sh sweep, then parallel.
-# Later: bench_chunk.py (every op beside fla; fla autotunes 1-3 minutes per op and
-# direction), bench_forms.py --lengths 16,32,64,128,256 (the recurrent/chunk crossover).
+# Then: bench_chunk.py beside fla for kda, rwkv7, then gla, rwkv6, retnet, mamba2,
+# linear_attention (fla autotunes 1-3 minutes per op and direction: two or three calls);
+# then gpu_experiments.sh sweep.
 # Usage: OUT=dir TEST_S=290 bash benchmarks/gpu_session.sh
 set -u
 cd "$(dirname "$0")"
 F=tests/codegen/test_recurrent_gpu.py
 OUT="$OUT" TEST_S="${TEST_S:-290}" bash gpu_tests.sh \
-    "$F::chunk_gpu and deltanet and not gated and not wide and not long" \
-    "$F::chunk_gpu and gated_deltanet and not wide and not long" \
-    "$F::chunk_gpu and kda and not wide and not long" \
-    "$F::chunk_gpu and rwkv7 and not wide and not long" \
-    "$F::long and (deltanet or kda or rwkv7)" \
-    "$F::wide_heads and (gated_deltanet or kda or rwkv7)" \
-    "$F::parallel_gpu and mamba2" \
-    "$F::chunk_gpu and (gla or retnet or rwkv6) and not long and not wide"
+    "$F::chunk_gpu and gated_deltanet and fp32 and not wide and not long" \
+    "$F::chunk_gpu and gated_deltanet and bf16 and not wide and not long" \
+    "$F::chunk_gpu and rwkv7 and fp32 and not wide and not long" \
+    "$F::chunk_gpu and rwkv7 and bf16 and not wide and not long" \
+    "$F::chunk_gpu and (gla or retnet) and not long and not wide" \
+    "$F::chunk_gpu and (rwkv6 or mamba2) and not long and not wide" \
+    "$F::wide_heads and (gla or rwkv6 or retnet)" \
+    "$F::chunk_gpu and (linear_attention or hgrn2 or rwkv5) and not long and not wide"
 tar czf "$OUT/gpu_logs.tgz" -C /tmp gpu_logs
-timeout 150 python profile_chunk.py --out "$OUT" --ops gated_deltanet,deltanet,kda,gla
-# the ordered delta kernels as session 11 left them (tf32 operands, 8 warps, no stages)
-timeout 60 python profile_chunk.py --out "$OUT" --ops gated_deltanet \
-    --set DELTA_ORDERED_HALF_DOT=1 --set delta_states.num_stages=1
-timeout 50 python profile_chunk.py --out "$OUT" --ops gated_deltanet --set WY_INVERSE=0
-# diagonal decays' ordered kernels on predecayed keys and queries (session 13) and without
-timeout 90 python profile_chunk.py --out "$OUT" --ops gla,kda --set PREDECAY=0
+timeout 200 python profile_chunk.py --out "$OUT" --ops rwkv7,rwkv6,retnet,mamba2,linear_attention

@@ -402,6 +402,12 @@ DELTA_HALF_DOT = DOT_TF32
 #: unchanged, dv 3.5e-3 -> 5.9e-3), and it halves their tensor-core work and lets them
 #: run at 4 warps without spills (``KERNEL_OPTIONS``). Since session 12, not yet timed.
 DELTA_ORDERED_HALF_DOT = DOT_BF16
+#: RWKV-7's ordered kernels at K > 128 (all of K in one tile) take tf32 operands at 8 warps
+#: and one pipeline stage, as when they last passed the K = V = 256 GPU test (session 9). On
+#: an H100 (session 13) the bf16 ones at 4 warps hit illegal memory accesses there (the
+#: state gradients with predecayed inputs, the states at one stage), and without predecayed
+#: inputs the states kernel's two stages asked for 244 KiB of shared memory (232 KiB allowed).
+WIDE_LOW_RANK_ORDERED_DOT = DOT_TF32
 #: diagonal decays: the ordered kernels (states, state gradients) read keys decayed to their
 #: chunk's end and queries to its start from a pass before them (``chunk_cumsum_kernel``'s
 #: KEYS, ``chunk_predecay_kernel``) where they round those tiles to bf16 for their dots
@@ -409,7 +415,11 @@ DELTA_ORDERED_HALF_DOT = DOT_BF16
 #: program. One step of the walk on sm_90 (Triton 3.6, benchmarks/preflight.py, SASS):
 #: kda's states 1436 -> 398 instructions (72 -> 1 exps, 255 -> 128 registers), its state
 #: gradients 2616 -> 606 (spills gone); gla's states 808 -> 228 (4 programs per SM instead
-#: of 2), its state gradients 798 -> 262. Forward peak memory unchanged. Not yet timed.
+#: of 2), its state gradients 798 -> 262. Forward peak memory unchanged. On an H100
+#: (session 13, B=4, T=4096, H=16, K=V=128): kda's states 0.369 -> 0.233 ms and state
+#: gradients 0.786 -> 0.404, but the passes making the decayed inputs are memory-bound
+#: (cumsum +0.055 ms, the backward's predecay pass 0.151): kda's forward+backward 8.42 ->
+#: 8.12 ms, gla's unchanged (3.50 -> 3.52, forward 0.690 both).
 PREDECAY = True
 #: per-token maps of inputs (feature maps, gates, decays) as generated kernels (codegen/maps.py);
 #: False: torch ops (for comparisons)
@@ -1125,6 +1135,8 @@ class DeltaChunkCore(torch.autograd.Function):
         unread = u      # (pointer arguments the kernels do not read)
         sb = _for("delta_states", dict(_without(blocks, "NK", "STRICT"),
                                        DOT=cfg["ordered_dot"]))
+        if cfg.get("wide_low_rank") and "num_stages" in sb:   # (see WIDE_LOW_RANK_...)
+            sb["num_stages"] = 1
         for_device(_STATES, dev)((sb["NV"], cfg["N"] * H), k_states, v, lam_, _or(s0, unread),
                                  _or(sT, unread), ckpt, _or(cu, unread), _or(offsets, unread),
                                  T, wy, u, _or(x_states, unread), unread, unread, unread,
@@ -1382,8 +1394,12 @@ def _delta_forward(q, k, v, beta, lam, s0, cu_seqlens, batch: int, chunk_size: i
                        False, dot, q.device)
     half = cfg["dot"] == DOT_BF16     # (not with partial tiles: _core_config)
     cfg["dot"] = DELTA_HALF_DOT if half else cfg["dot"]
-    cfg.update(decay=decay, y_dtype=y_dtype, final_state=final_state,
-               ordered_dot=DELTA_ORDERED_HALF_DOT if half else cfg["dot"])
+    ordered = DELTA_ORDERED_HALF_DOT if half else cfg["dot"]
+    wide_low_rank = low_rank is not None and q.shape[-1] > 128
+    if wide_low_rank and half:
+        ordered = WIDE_LOW_RANK_ORDERED_DOT
+    cfg.update(decay=decay, y_dtype=y_dtype, final_state=final_state, ordered_dot=ordered,
+               wide_low_rank=wide_low_rank)
     return apply(DeltaChunkCore, q, k, v, beta, lam, s0, cfg, *(low_rank or ()))
 
 
