@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The experiment switches, on the GPU.
-# Part "profile" (~6 minutes): per delta op, the forward and forward+backward wall time,
+# Part "profile" (~5 minutes): per delta op, the forward and forward+backward wall time,
 # every kernel's CUDA time and the peak memory (profile_chunk.py) with the defaults, with
-# the inverse by columns (WY_INVERSE=0, the default until session 11), with W and the chunk
-# states in fp32 (DELTA_HALF_BUFFERS=0, the default until session 11), with bf16 dots in
-# every delta kernel as fla's (DELTA_HALF_DOT=0), and with the ordered kernels as session
-# 11 left them (tf32, 8 warps, one stage), each with its differences from the recurrent
-# form's output and gradients (the accuracy it costs). Part "sweep" (~6 minutes): the
+# W and the chunk states in fp32 (DELTA_HALF_BUFFERS=0, the default until session 11), with
+# bf16 dots in every delta kernel as fla's (DELTA_HALF_DOT=0: the tf32 ones of the WY,
+# output and gradient kernels are the candidates for deltanet's backward, 0.82x fla's in
+# session 13), and with the ordered kernels on in-kernel decays (PREDECAY=0), each with its
+# differences from the recurrent form's output and gradients (the accuracy it costs). Part "sweep" (~6 minutes): the
 # launch sweep of the WY (forward, backward) and delta state kernels and of the gradient
 # kernel of mamba2 and rwkv6. Part "parallel" (~4 minutes): the parallel form's kernels.
 # Results: $OUT/profile_chunk.json (a row per op, direction and setting) and
@@ -17,8 +17,8 @@ cd "$(dirname "$0")"
 PART="${1:-profile}"
 OPS="${2:-gated_deltanet,kda,rwkv7}"
 if [ "$PART" = profile ]; then
-for s in "" "--set WY_INVERSE=0" "--set DELTA_HALF_BUFFERS=0" "--set DELTA_HALF_DOT=0" \
-         "--set DELTA_ORDERED_HALF_DOT=1 --set delta_states.num_stages=1"; do
+# (WY_INVERSE=0 and the ordered kernels of session 11 were timed in session 13: slower)
+for s in "" "--set DELTA_HALF_BUFFERS=0" "--set DELTA_HALF_DOT=0" "--set PREDECAY=0"; do
     # shellcheck disable=SC2086
     python profile_chunk.py --out "$OUT" --ops "$OPS" $s
 done
