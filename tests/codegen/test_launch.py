@@ -56,3 +56,33 @@ def test_launch_options_for_fp32_operands_apply_to_non_bf16_dots_only():
         for dot in (DOT_TF32, DOT_IEEE, DOT_TF32X3):
             out = chunk_op._for(kernel, dict(blocks, DOT=dot))
             assert out["num_warps"] == 8 and "fp32_operands" not in out
+
+
+@pytest.mark.parametrize("K, expected", [
+    (128, dict(DOT=0, num_warps=4, PREDECAYED=True)),
+    (256, dict(DOT=1, num_warps=8, PREDECAYED=False))])
+def test_rwkv7_wide_heads_take_the_ordered_kernels_that_passed_on_the_gpu(K, expected,
+                                                                          monkeypatch):
+    """RWKV-7's ordered kernels (states, state gradients) at K > 128 take tf32 operands at
+    8 warps and the states one stage (``WIDE_LOW_RANK_ORDERED_DOT``): the bf16 ones hit an
+    illegal memory access on an H100 at K = V = 256. K = 128 keeps bf16 operands at 4 warps
+    on predecayed inputs. The launches as a GPU would make them (the preflight hook: nothing
+    runs), bf16 inputs."""
+    import torch
+
+    import linforge
+    import linforge.codegen.launch as launch
+    from spec_inputs import make_inputs, spec_sizes
+
+    seen = []
+    monkeypatch.setattr(launch, "PREFLIGHT",
+                        lambda fn, grid, args, constexprs: seen.append((fn.__name__, constexprs)))
+    attn = linforge.library.get("rwkv7")
+    x = make_inputs(attn, B=1, T=64, H=1, sizes=spec_sizes(attn, K=K, V=K), seed=0)
+    x = {n: t.to(torch.bfloat16).requires_grad_() for n, t in x.items()}
+    attn(**x, form="chunk")[0].float().sum().backward()
+    ordered = {n: c for n, c in seen if n in ("chunk_states_kernel", "chunk_dstates_kernel")}
+    assert len(ordered) == 2
+    for name, constexprs in ordered.items():
+        assert {k: constexprs[k] for k in expected} == expected, name
+    assert ordered["chunk_states_kernel"]["num_stages"] == (2 if K == 128 else 1)
