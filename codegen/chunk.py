@@ -1586,21 +1586,20 @@ def delta_wy_kernel(
 
 
 @triton.jit
-def _wy_bwd_of_v_block(i_v, dA, dbeta, L_inv, beta, rows, m_t, v_ptr, du_ptr, dv_ptr,
+def _wy_bwd_of_v_block(i_v, dRR, dbeta, L_inv, beta, rows, m_t, v_ptr, du_ptr, dv_ptr,
                        V: tl.constexpr, BV: tl.constexpr, DOT: tl.constexpr):
     """``delta_wy_bwd_kernel`` through U0 = L^-1 (beta V) on V block ``i_v``: dR_u = L^-T dU,
-    dv = beta dR_u (stored); dA and dbeta gain this block's terms."""
+    dv = beta dR_u (stored); dR_u (beta V)^T (dA's term but for the final L^-T) and dbeta
+    gain this block's terms."""
     r_v, m_v = _block(i_v, BV, V)
     m_tv = m_t[:, None] & m_v[None, :]
     dU = tl.load(du_ptr + rows[:, None] * V + r_v[None, :], mask=m_tv, other=0.0)
     v = _rows_of(v_ptr, rows, m_t, r_v, m_v, V).to(tl.float32)
     dR_u = _mm(tl.trans(L_inv), dU, DOT)
-    # U0^T = (beta V)^T L^-T from loaded tiles: no transpose of a dot's result (fla #640:
-    # that miscompiles on Hopper with Triton 3.4 to 3.7.0)
-    dA -= _mm(dR_u, _mm(tl.trans(v * beta[:, None]), tl.trans(L_inv), DOT), DOT)
+    dRR += _mm(dR_u, tl.trans(v * beta[:, None]), DOT)
     dbeta += tl.sum(dR_u * v, axis=1)
     tl.store(dv_ptr + rows[:, None] * V + r_v[None, :], dR_u * beta[:, None], mask=m_tv)
-    return dA, dbeta
+    return dRR, dbeta
 
 
 @triton.jit
@@ -1641,15 +1640,19 @@ def delta_wy_bwd_kernel(
     rows, m_t, _, _, p_cc, beta = _wy_rows(beta_ptr, chunk_table_ptr, H, K, BK, C, False)
     L_inv = tl.load(inv_ptr + p_cc)
     i_state = i_g * H + i_h
-    dA = tl.zeros([C, C], dtype=tl.float32)
+    # dA = -(dR_w R_w^T + dR_u (beta V)^T) L^-T: the sum over the V and K blocks first, one
+    # product with L^-T at the end (not one per block), from loaded tiles only: no
+    # transpose of a dot's result (fla #640: that miscompiles on Hopper with Triton 3.4 to
+    # 3.7.0)
+    dRR = tl.zeros([C, C], dtype=tl.float32)
     dbeta = tl.zeros([C], dtype=tl.float32)
     UNROLL_V: tl.constexpr = NV if NV <= MAX_UNROLLED_V else 0
     for i_v in tl.static_range(UNROLL_V):
-        dA, dbeta = _wy_bwd_of_v_block(i_v, dA, dbeta, L_inv, beta, rows, m_t, v_ptr, du_ptr,
-                                       dv_ptr, V, BV, DOT)
+        dRR, dbeta = _wy_bwd_of_v_block(i_v, dRR, dbeta, L_inv, beta, rows, m_t, v_ptr,
+                                        du_ptr, dv_ptr, V, BV, DOT)
     for i_v in range(UNROLL_V, NV):
-        dA, dbeta = _wy_bwd_of_v_block(i_v, dA, dbeta, L_inv, beta, rows, m_t, v_ptr, du_ptr,
-                                       dv_ptr, V, BV, DOT)
+        dRR, dbeta = _wy_bwd_of_v_block(i_v, dRR, dbeta, L_inv, beta, rows, m_t, v_ptr,
+                                        du_ptr, dv_ptr, V, BV, DOT)
     NKW: tl.constexpr = (K + BKW - 1) // BKW
     db_w = tl.zeros([C], dtype=tl.float32)      # scalar decays: d / d b_t through R_w
     for i_k in range(NKW):
@@ -1667,8 +1670,7 @@ def delta_wy_bwd_kernel(
         k = _rows_of(k_ptr, rows, m_t, r_k, m_k, K).to(tl.float32)
         e_b = _wy_key_decay(lam_ptr, rows, m_t, r_k, m_k, H, K, DECAY, False)
         R_w = k * e_b * beta[:, None]
-        # W^T = R_w^T L^-T from its factors: no transpose of a dot's result (fla #640)
-        dA -= _mm(dR_w, _mm(tl.trans(R_w), tl.trans(L_inv), DOT), DOT)
+        dRR += _mm(dR_w, tl.trans(R_w), DOT)
         dbeta += tl.sum(dR_w * k * e_b, axis=1)
         tl.store(dk_ptr + p_tk, tl.load(dk_ptr + p_tk, mask=m_tk, other=0.0)
                  + dR_w * e_b * beta[:, None], mask=m_tk)
@@ -1680,7 +1682,7 @@ def delta_wy_bwd_kernel(
         else:
             db_w += tl.sum(dR_w * R_w, axis=1)
     earlier = tl.arange(0, C)[:, None] > tl.arange(0, C)[None, :]
-    dA = tl.where(earlier, dA, 0.0)
+    dA = tl.where(earlier, -_mm(dRR, tl.trans(L_inv), DOT), 0.0)
     G = dA * beta[:, None]                      # d loss / d KK[t, s], s < t
     if DECAY == 2:      # KK's own gradients follow in chunk_diag_grads_kernel
         KK = tl.load(kk_ptr + p_cc).to(tl.float32)
