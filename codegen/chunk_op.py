@@ -778,9 +778,13 @@ def _for(kernel: str, blocks: dict) -> dict:
 #: shared memory, still two programs per SM), as the other state kernels' stages did
 #: (above); the state gradients' 2 stages would take 120 KiB, one program per SM. Not yet
 #: timed.
-#: The delta rule's gradient kernel (chunk_grads_kernel on u, fp32 states) spills 0.2-1 KB
-#: per thread at V tiles of 64 and 0.1-0.5 KB at 32 (benchmarks/preflight.py, sm_90; not
-#: yet timed).
+#: The delta rule's gradient kernel (chunk_grads_kernel on u) at K tiles of 32 instead of
+#: the core's 64 (V tiles of 32): on sm_90 (Triton 3.6, 4 warps, benchmarks/preflight.py)
+#: gated_deltanet's spilled 488 bytes per thread (332 local loads and stores) and now 8 (4),
+#: kda's 256 (90) and now none, deltanet's 64 (18) and now none, 3 programs per SM instead
+#: of 2. On an H100 (session 13) that kernel took 0.80 ms of gated_deltanet's 4.03 ms
+#: forward+backward, 0.54 of deltanet's 3.50 and 0.83 of kda's 8.12; at K tiles of 32 it is
+#: not yet timed.
 KERNEL_OPTIONS: dict[str, dict] = {"states": {"num_stages": 3}, "dstates": {"num_stages": 2},
                                    "scores": {"num_stages": 2},
                                    "diag_grads": {"BK": 32, "num_stages": 2},
@@ -790,7 +794,7 @@ KERNEL_OPTIONS: dict[str, dict] = {"states": {"num_stages": 3}, "dstates": {"num
                                    "delta_dstates": {"num_warps": 4,
                                                      "fp32_operands": {"num_warps": 8}},
                                    "delta_local_du": {"num_warps": 4},
-                                   "delta_grads": {"BV": 32},
+                                   "delta_grads": {"BK": 32, "BV": 32},
                                    "low_rank_grads": {"num_warps": 8}}
 
 
