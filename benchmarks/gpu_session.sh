@@ -28,4 +28,6 @@ tar czf "$OUT/gpu_logs.tgz" -C /tmp gpu_logs
 timeout 100 python profile_chunk.py --out "$OUT" --ops deltanet,gated_deltanet,kda
 # the gradient kernel at session 13's first K tiles (64), for the comparison
 timeout 60 python profile_chunk.py --out "$OUT" --ops gated_deltanet --set delta_grads.BK=64
-timeout 150 python profile_chunk.py --out "$OUT" --ops rwkv7,rwkv6,retnet,mamba2,linear_attention
+timeout 150 python profile_chunk.py --out "$OUT" --ops gla,rwkv7,rwkv6,retnet,mamba2,linear_attention
+# the scalar and diagonal decays' gradient kernel at its K tiles before session 13's end (64)
+timeout 60 python profile_chunk.py --out "$OUT" --ops gla,mamba2 --set grads.BK=64

@@ -53,7 +53,7 @@ GRID = {"states": dict(BV=[32, 64], num_stages=[1, 2, 3], num_warps=[4]),
         "delta_states": dict(BV=[32, 64], num_stages=[1, 2, 3], num_warps=[4, 8]),
         "delta_dstates": dict(BV=[32, 64], num_stages=[1, 2], num_warps=[4, 8]),
         # V tiles of 32 by default (spills 0.2-1 KB -> 0.1-0.5 KB per thread), not yet timed
-        "delta_grads": dict(BV=[32, 64], num_stages=[1], num_warps=[4, 8]),
+        "delta_grads": dict(BK=[32, 64], BV=[32, 64], num_stages=[1], num_warps=[4, 8]),
         "low_rank_grads": dict(num_stages=[1, 2], num_warps=[4, 8]),
         # whole K and V tiles: the scores of a block pair made once, not once per V tile
         # (no spills on sm_90 at 4 or 8 warps, session 10)

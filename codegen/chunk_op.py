@@ -763,7 +763,11 @@ def _for(kernel: str, blocks: dict) -> dict:
 #: Measured on an NVIDIA H200 (benchmarks/sweep_chunk_launch.py, retnet B=4 T=4096 H=16
 #: K=V=128 bf16, results/sweep_chunk_launch_h200.jsonl): prefetching the next chunk's k and
 #: v in the ordered state loops took states 0.189 -> 0.116 ms (3 stages) and dstates
-#: 0.207 -> 0.134 ms (2 stages); the output and gradient kernels are fastest as they are.
+#: 0.207 -> 0.134 ms (2 stages); the output and gradient kernels are fastest as they are
+#: (warps and stages). The gradient kernel runs K tiles of 32 instead of the core's 64: on
+#: sm_90 (Triton 3.6, 4 warps, benchmarks/preflight.py) it spilled 360 bytes per thread for
+#: gla, 736 for rwkv6, 416 for mamba2 and 64 for retnet, and at 32 none (2 programs per
+#: SM all the same); not yet timed (the launch sweep varies BK).
 #: The delta rule's kernels hold all of K (128 lanes) per program: at 4 warps Triton 3.6
 #: spills 0.4-5 KB per thread in them, at 8 warps 0.07-2 KB (benchmarks/compile_check.py).
 #: The WY kernels run at 4 warps all the same, two programs per SM: on an H200
@@ -786,6 +790,7 @@ def _for(kernel: str, blocks: dict) -> dict:
 #: forward+backward, 0.54 of deltanet's 3.50 and 0.83 of kda's 8.12; at K tiles of 32 it is
 #: not yet timed.
 KERNEL_OPTIONS: dict[str, dict] = {"states": {"num_stages": 3}, "dstates": {"num_stages": 2},
+                                   "grads": {"BK": 32},
                                    "scores": {"num_stages": 2},
                                    "diag_grads": {"BK": 32, "num_stages": 2},
                                    "wy": {"num_warps": 4}, "wy_bwd": {"num_warps": 4},
