@@ -402,6 +402,11 @@ DELTA_HALF_DOT = DOT_TF32
 #: unchanged, dv 3.5e-3 -> 5.9e-3), and it halves their tensor-core work and lets them
 #: run at 4 warps without spills (``KERNEL_OPTIONS``). Since session 12, not yet timed.
 DELTA_ORDERED_HALF_DOT = DOT_BF16
+#: the K block of RWKV-7's ``low_rank_state_grads_kernel`` (at most the core's): at 64 it
+#: spilled 416 bytes per thread on sm_90 (Triton 3.6, 8 warps, benchmarks/preflight.py), at
+#: 32 none. Not yet timed (it took 2.07 ms of rwkv7's 18.5 ms forward+backward on an H200
+#: in session 8).
+LOW_RANK_GRADS_BLOCK_K = 32
 #: RWKV-7's ordered kernels at K > 128 (all of K in one tile) take tf32 operands at 8 warps
 #: and one pipeline stage, as when they last passed the K = V = 256 GPU test (session 9). On
 #: an H100 (session 13) the bf16 ones at 4 warps hit illegal memory accesses there (the
@@ -1352,8 +1357,8 @@ def _low_rank_backward(ctx, dy, ds0, buffers: dict):
     blocks = _delta_blocks(cfg, H, K, V)
     sizes = _without(blocks, "NK", "STRICT", "DECAY")
     d_wx.zero_()
-    # the K side in K blocks of the core's width (fewer live [C, K] tiles per program)
-    bk = min(cfg["BK"], sizes["BK"])
+    # the K side in K blocks (fewer live [C, K] tiles per program)
+    bk = min(cfg["BK"], sizes["BK"], LOW_RANK_GRADS_BLOCK_K)
     for_device(_LOW_RANK_STATE_GRADS, dev)((cfg["n_chunks"], H, _cdiv(K, bk)),
         q, k, v, x, lam, dy, ckpt, dckpt, wy, u, du, inverse, cfg["table"], dq, dk, dw, dx,
         last, d_wx, **_for("low_rank_grads", dict(sizes, BK=bk)))

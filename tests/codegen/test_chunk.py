@@ -351,6 +351,19 @@ def test_chunked_delta_rule_non_default_half_paths(name, switch, value, monkeypa
     check_against_reference(attn, x, init, torch.bfloat16, form="chunk")
 
 
+def test_rwkv7_state_gradients_by_narrow_k_blocks(monkeypatch):
+    """RWKV-7's low-rank state-gradient kernel walks K in blocks (``LOW_RANK_GRADS_BLOCK_K``,
+    32 on a GPU at K = 128): at K = 16 in blocks of 8, two programs per chunk, bf16, every
+    gradient against the float64 reference."""
+    import linforge.codegen.chunk_op as chunk_op
+    monkeypatch.setattr(chunk_op, "LOW_RANK_GRADS_BLOCK_K", 8)
+    attn = linforge.library.get("rwkv7")
+    sizes = spec_sizes(attn, K=16, V=16)
+    x = make_inputs(attn, B=1, T=100, H=2, sizes=sizes, seed=28)
+    init = make_state(attn, N=1, H=2, sizes=sizes)
+    check_against_reference(attn, x, init, torch.bfloat16, form="chunk")
+
+
 @pytest.mark.parametrize("name", ["gla", "rwkv6", "kda", "rwkv7"])
 def test_predecayed_ordered_kernels_change_no_number(name, monkeypatch):
     """Diagonal decays at bf16 dots: the ordered kernels read keys and queries decayed by a
