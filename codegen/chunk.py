@@ -145,8 +145,7 @@ def _decays(lam_ptr, rows, m_t, r_k, m_k, K: tl.constexpr, DECAY: tl.constexpr,
             bq = tl.load(p - H * K, mask=m & later, other=0.0)
         else:
             bq = b
-        last = rows == tl.max(tl.where(m_t, rows, -1), axis=0)
-        b_last = tl.sum(tl.where(last[:, None], b, 0.0), axis=0)
+        b_last = _at_last(b, rows, m_t)
     else:
         lam = tl.load(lam_ptr + rows, mask=m_t, other=0.0).to(tl.float32)
         b = tl.cumsum(lam, axis=0)
@@ -584,7 +583,8 @@ def chunk_cumsum_kernel(lam_ptr, b_ptr, chunk_table_ptr, k_ptr, kd_ptr, H: tl.co
     b = tl.cumsum(lam, axis=0)
     tl.store(b_ptr + rows[:, None] * K + r_k[None, :], b, mask=m_t[:, None] & m_k[None, :])
     if KEYS:
-        _store_decayed(k_ptr, kd_ptr, rows, m_t, r_k, m_k, tl.exp(_at_last(b, rows, m_t) - b), K)
+        _store_decayed(k_ptr, kd_ptr, rows, m_t, r_k, m_k,
+                       tl.exp(_at_last(b, rows, m_t)[None, :] - b), K)
 
 
 @triton.jit
@@ -610,9 +610,9 @@ def chunk_predecay_kernel(b_ptr, q_ptr, k_ptr, qd_ptr, kd_ptr, chunk_table_ptr,
 
 @triton.jit
 def _at_last(b, rows, m_t):
-    """b's row of the chunk's last token ([BK]), as ``_decays`` takes it."""
+    """b's row ([BK]) at the chunk's last token (its last row in ``m_t``)."""
     last = rows == tl.max(tl.where(m_t, rows, -1), axis=0)
-    return tl.sum(tl.where(last[:, None], b, 0.0), axis=0)[None, :]
+    return tl.sum(tl.where(last[:, None], b, 0.0), axis=0)
 
 
 @triton.jit
