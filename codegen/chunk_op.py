@@ -407,8 +407,9 @@ DELTA_ORDERED_HALF_DOT = DOT_BF16
 #: 32 none. Not yet timed (it took 2.07 ms of rwkv7's 18.5 ms forward+backward on an H200
 #: in session 8).
 LOW_RANK_GRADS_BLOCK_K = 32
-#: RWKV-7's ordered kernels at K > 128 (all of K in one tile) take tf32 operands at 8 warps
-#: and one pipeline stage, as when they last passed the K = V = 256 GPU test (session 9). On
+#: RWKV-7's ordered kernels at K > 128 (all of K in one tile) take tf32 operands, and so
+#: (``KERNEL_OPTIONS``' ``fp32_operands``) 8 warps and one pipeline stage, as when they last
+#: passed the K = V = 256 GPU test (session 9). On
 #: an H100 (session 13) the bf16 ones at 4 warps hit illegal memory accesses there (the
 #: state gradients with predecayed inputs, the states at one stage), and without predecayed
 #: inputs the states kernel's two stages asked for 244 KiB of shared memory (232 KiB allowed).
@@ -610,14 +611,20 @@ def _cumulative_decays(lam, cfg: dict, blocks: dict, keys=None) -> tuple:
     """Diagonal decays: every token's in-chunk cumulative log decay b, [T*, H, K] fp32
     (``chunk_cumsum_kernel``), and with ``keys`` those keys decayed to their chunk's end (in
     their dtype; None without)."""
-    C, n_chunks, H, K = cfg["C"], cfg["n_chunks"], lam.shape[2], lam.shape[3]
     cumulative = torch.empty(lam.shape, dtype=torch.float32, device=lam.device)
     decayed = torch.empty_like(keys) if keys is not None else None
-    sums = _for("cumsum", dict(H=H, K=K, BK=blocks["BK"], C=C, **cfg["options"]))
-    for_device(_CUMSUM, lam.device)((n_chunks, _cdiv(K, sums["BK"]), H), lam,
-                                    cumulative, cfg["table"], _or(keys, lam),
+    grid, sums = _per_lane_pass(cfg, lam, blocks)
+    for_device(_CUMSUM, lam.device)(grid, lam, cumulative, cfg["table"], _or(keys, lam),
                                     _or(decayed, lam), KEYS=keys is not None, **sums)
     return cumulative, decayed
+
+
+def _per_lane_pass(cfg: dict, per_lane: torch.Tensor, blocks: dict) -> tuple:
+    """The grid (chunks, K blocks, heads) and constexprs of the elementwise passes over
+    [T*, H, K] per-lane decays (``chunk_cumsum_kernel``, ``chunk_predecay_kernel``)."""
+    H, K = per_lane.shape[2], per_lane.shape[3]
+    sums = _for("cumsum", dict(H=H, K=K, BK=blocks["BK"], C=cfg["C"], **cfg["options"]))
+    return (cfg["n_chunks"], _cdiv(K, sums["BK"]), H), sums
 
 
 def _predecays(cfg: dict, dot: int) -> bool:
@@ -629,15 +636,14 @@ def _predecays(cfg: dict, dot: int) -> bool:
 def _predecayed(q, k, cumulative, cfg: dict, blocks: dict) -> tuple:
     """Diagonal decays: the queries decayed to their chunk's start and the keys to its end
     (``chunk_predecay_kernel``), in their dtypes; None for either not given."""
-    C, n_chunks, H, K = cfg["C"], cfg["n_chunks"], cumulative.shape[2], cumulative.shape[3]
     qd = torch.empty_like(q) if q is not None else None
     kd = torch.empty_like(k) if k is not None else None
     any_ = q if q is not None else k
-    sums = _for("cumsum", dict(H=H, K=K, BK=blocks["BK"], C=C, **cfg["options"]))
-    for_device(_PREDECAY, any_.device)((n_chunks, _cdiv(K, sums["BK"]), H), cumulative,
-                                       _or(q, any_), _or(k, any_), _or(qd, any_),
-                                       _or(kd, any_), cfg["table"], STRICT=cfg["strict"],
-                                       QUERIES=q is not None, KEYS=k is not None, **sums)
+    grid, sums = _per_lane_pass(cfg, cumulative, blocks)
+    for_device(_PREDECAY, any_.device)(grid, cumulative, _or(q, any_), _or(k, any_),
+                                       _or(qd, any_), _or(kd, any_), cfg["table"],
+                                       STRICT=cfg["strict"], QUERIES=q is not None,
+                                       KEYS=k is not None, **sums)
     return qd, kd
 
 
@@ -782,11 +788,13 @@ def _for(kernel: str, blocks: dict) -> dict:
 #: warps without spills (gated_deltanet, sm_90: the state step 166 registers, 16 HGMMA, 19
 #: barriers, three programs per SM, so the 256 programs of B=4, H=16, V/32 run in one
 #: wave; at 8 warps with tf32 operands it was 242 registers, 40 HGMMA, 23 barriers, one
-#: program per SM); fp32 operands keep 8 (``fp32_operands``). The states kernel loads the
-#: next chunk's k, W and u while it works on this one (2 stages: 139 registers, 80 KiB of
-#: shared memory, still two programs per SM), as the other state kernels' stages did
-#: (above); the state gradients' 2 stages would take 120 KiB, one program per SM. Not yet
-#: timed.
+#: program per SM); fp32 operands keep 8 warps and one stage (``fp32_operands``: session
+#: 11's timed configuration; their two stages asked for more shared memory than an H100
+#: has at K = 256, session 13). With bf16 operands the states kernel loads the next
+#: chunk's k, W and u while it works on this one (2 stages: 139 registers, 80 KiB of shared
+#: memory, still two programs per SM), as the other state kernels' stages did (above); the
+#: state gradients' 2 stages would take 120 KiB, one program per SM. On an H100 (session
+#: 13) gated_deltanet's states took 0.232 ms so, against 0.615 with tf32 at 8 warps.
 #: The delta rule's gradient kernel (chunk_grads_kernel on u) at K tiles of 32 instead of
 #: the core's 64 (V tiles of 32): on sm_90 (Triton 3.6, 4 warps, benchmarks/preflight.py)
 #: gated_deltanet's spilled 488 bytes per thread (332 local loads and stores) and now 8 (4),
@@ -800,7 +808,8 @@ KERNEL_OPTIONS: dict[str, dict] = {"states": {"num_stages": 3}, "dstates": {"num
                                    "diag_grads": {"BK": 32, "num_stages": 2},
                                    "wy": {"num_warps": 4}, "wy_bwd": {"num_warps": 4},
                                    "delta_states": {"num_warps": 4, "num_stages": 2,
-                                                    "fp32_operands": {"num_warps": 8}},
+                                                    "fp32_operands": {"num_warps": 8,
+                                                                      "num_stages": 1}},
                                    "delta_dstates": {"num_warps": 4,
                                                      "fp32_operands": {"num_warps": 8}},
                                    "delta_local_du": {"num_warps": 4},
@@ -1149,8 +1158,6 @@ class DeltaChunkCore(torch.autograd.Function):
         unread = u      # (pointer arguments the kernels do not read)
         sb = _for("delta_states", dict(_without(blocks, "NK", "STRICT"),
                                        DOT=cfg["ordered_dot"]))
-        if cfg.get("wide_low_rank") and "num_stages" in sb:   # (see WIDE_LOW_RANK_...)
-            sb["num_stages"] = 1
         for_device(_STATES, dev)((sb["NV"], cfg["N"] * H), k_states, v, lam_, _or(s0, unread),
                                  _or(sT, unread), ckpt, _or(cu, unread), _or(offsets, unread),
                                  T, wy, u, _or(x_states, unread), unread, unread, unread,
@@ -1409,11 +1416,9 @@ def _delta_forward(q, k, v, beta, lam, s0, cu_seqlens, batch: int, chunk_size: i
     half = cfg["dot"] == DOT_BF16     # (not with partial tiles: _core_config)
     cfg["dot"] = DELTA_HALF_DOT if half else cfg["dot"]
     ordered = DELTA_ORDERED_HALF_DOT if half else cfg["dot"]
-    wide_low_rank = low_rank is not None and q.shape[-1] > 128
-    if wide_low_rank and half:
+    if half and low_rank is not None and q.shape[-1] > 128:
         ordered = WIDE_LOW_RANK_ORDERED_DOT
-    cfg.update(decay=decay, y_dtype=y_dtype, final_state=final_state, ordered_dot=ordered,
-               wide_low_rank=wide_low_rank)
+    cfg.update(decay=decay, y_dtype=y_dtype, final_state=final_state, ordered_dot=ordered)
     return apply(DeltaChunkCore, q, k, v, beta, lam, s0, cfg, *(low_rank or ()))
 
 
