@@ -126,6 +126,21 @@ def warm_fla(name: str, forward_only: bool) -> None:
         print(f"warm fla {name}: {type(e).__name__}: {e}"[:300], flush=True)
 
 
+def fla_configs() -> dict:
+    """The config each of fla's autotuned kernels chose, per autotuning key (for the record:
+    fla's times move with these choices)."""
+    import sys
+    from triton.runtime.autotuner import Autotuner
+    chosen = {}
+    for mod_name, mod in list(sys.modules.items()):
+        if not mod_name.startswith("fla.") or mod is None:
+            continue
+        for attr, obj in vars(mod).items():
+            if isinstance(obj, Autotuner) and obj.cache:
+                chosen[f"{mod_name}.{attr}"] = {str(k): str(c) for k, c in obj.cache.items()}
+    return chosen
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
@@ -179,6 +194,8 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
         write_report(rows, args.out, "chunk")
+        with open(f"{args.out}/fla_configs.json", "w") as f:
+            json.dump(fla_configs(), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@
 # fla autotunes 1-3 minutes per op and direction on a fresh machine, most of it compiling
 # its candidates one after another; in parallel they land in Triton's cache on all CPU
 # cores at once. TESTS=1 runs the chunk GPU test groups beside them (gpu_tests.sh; their
-# kernels compile on the same cores). Then the timed run (one process, alone on the GPU):
+# kernels compile on the same cores). The warm processes keep fla's autotuning choices to
+# themselves (FLA_CACHE_RESULTS=0): made under contention, they would be noise.
+# Then the timed run (one process, alone on the GPU):
 # fla autotunes again, on cached binaries, and the timing is as in a plain bench_chunk.py
 # run; linforge's first call there is a cold one (its benchmark shapes are not warmed).
 # Usage: OUT=dir OPS=a,b WARM_OPS=a,b,c TESTS=1 WARM_S=240 BENCH_S=330 bash gpu_bench.sh
@@ -14,7 +16,7 @@ OPS="${OPS:-deltanet,kda,rwkv7,gated_deltanet}"
 WARM_OPS="${WARM_OPS:-$OPS}"
 mkdir -p "$OUT/warm"
 for op in ${WARM_OPS//,/ }; do
-    timeout "${WARM_S:-240}" python bench_chunk.py --warm-fla --ops "$op" \
+    FLA_CACHE_RESULTS=0 timeout "${WARM_S:-240}" python bench_chunk.py --warm-fla --ops "$op" \
         > "$OUT/warm/$op.log" 2>&1 &
 done
 if [ "${TESTS:-0}" = 1 ]; then
