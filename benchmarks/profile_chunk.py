@@ -22,7 +22,7 @@ import torch
 import triton
 
 import linforge
-from bench_chunk import B, H, T, V, _grads, inputs, train
+from bench_chunk import B, H, T, V, _grads, fla_op, inputs, train
 from bench_recurrent import peak_mib, rel_err
 from switches import apply_settings
 from tune_chunk import kernel_times
@@ -60,13 +60,15 @@ def against_recurrent(attn, x: dict, do: torch.Tensor, form: str) -> dict:
 
 
 def profile_op(name: str, form: str) -> list[dict]:
+    """Rows for op ``name`` in ``form``, or of fla's op computing the same (form "fla")."""
     attn = linforge.library.get(name)
+    op = fla_op(name) if form == "fla" else (lambda x: attn(**x, form=form)[0])
     x = inputs(name)
     rows = []
-    fwd = torch.no_grad()(lambda: attn(**x, form=form))
+    fwd = torch.no_grad()(lambda: op(x))
     xg = {k: v.detach().requires_grad_() for k, v in x.items()}
     do = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
-    step = train(lambda x: attn(**x, form=form)[0], xg, do)
+    step = train(op, xg, do)
     for kind, fn in (("fwd", fwd), ("fwd+bwd", step)):
         row = {"op": name, "form": form, "kind": kind}
         try:
@@ -80,7 +82,7 @@ def profile_op(name: str, form: str) -> list[dict]:
             row["peak_mib"] = round(peak_mib(fn), 1)
             row["kernels"] = kernel_times(fn)
             row["kernel_sum_ms"] = round(sum(row["kernels"].values()), 4)
-            if kind == "fwd+bwd" and form != "recurrent":
+            if kind == "fwd+bwd" and form not in ("recurrent", "fla"):
                 row["vs_recurrent"] = against_recurrent(attn, x, do, form)
         except Exception as e:  # report and go on
             row["error"] = f"{type(e).__name__}: {e}"[:400]
@@ -93,7 +95,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--ops", default="retnet,linear_attention,mamba2,gla,rwkv6")
-    ap.add_argument("--form", default="chunk")
+    ap.add_argument("--form", default="chunk", help="chunk, recurrent, ..., or fla (fla's op "
+                    "for the same math, for its kernels' times)")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="a chunk_op switch for this run (repeatable)")
     args = ap.parse_args()

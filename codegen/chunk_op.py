@@ -369,7 +369,7 @@ WY_INVERSE = 3
 #: sm_90 with Triton 3.6 at 4 warps (benchmarks/preflight.py, K = V = 128): all of K at once
 #: (before session 11) spilled 2.0-2.4 KB per thread, blocks of 64 0.2-0.35 KB, of 32
 #: 8-80 bytes. Not yet timed on a GPU (the launch sweep varies it).
-WY_BWD_BLOCK_K = 32
+WY_BWD_BLOCK_K = 64
 #: the delta backward makes dU's state-free part A^T dy for every chunk at once
 #: (``chunk_local_du_kernel``, as fla's chunk_bwd_dv_local) before the ordered state
 #: gradients, which then skip the scores: on sm_90 (Triton 3.6, 8 warps) one chunk step
@@ -813,7 +813,7 @@ KERNEL_OPTIONS: dict[str, dict] = {"states": {"num_stages": 3}, "dstates": {"num
                                    "delta_dstates": {"num_warps": 4,
                                                      "fp32_operands": {"num_warps": 8}},
                                    "delta_local_du": {"num_warps": 4},
-                                   "delta_grads": {"BK": 32, "BV": 32},
+                                   "delta_grads": {"BK": 32, "BV": 64},
                                    "low_rank_grads": {"num_warps": 8}}
 
 
