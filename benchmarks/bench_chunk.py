@@ -2,7 +2,10 @@
 
 Usage (CUDA): python benchmarks/bench_chunk.py --out DIR. Writes DIR/chunk.json and
 DIR/chunk.md: median ms (triton.testing.do_bench) of forward and forward+backward, peak
-memory above the inputs, first call. fla's ops get the same math: the per-token maps a
+memory above the inputs, first call, and apart from the wall time the GPU time (every
+kernel's CUDA time, summed) and the host time of a call: fla's forwards are host-bound on
+some machines, and their wall time then moves with the CPU (0.69 to 1.29 ms for
+gated_deltanet on H100s in sessions 13-14, at 0.61 ms of GPU time). fla's ops get the same math: the per-token maps a
 linforge spec contains (feature maps, gates) run as torch ops inside fla's timed call.
 """
 
@@ -166,9 +169,9 @@ def main() -> None:
         ours = lambda x: attn(**x, form="chunk")[0]  # noqa: E731
         fla = fla_op(name)
         row = {"op": name, "kind": "chunk fwd", "shape": shape,
-               "linforge": measure(torch.no_grad()(lambda: ours(x)))}
+               "linforge": measure(torch.no_grad()(lambda: ours(x)), gpu_and_host=True)}
         try:
-            row["fla"] = measure(torch.no_grad()(lambda: fla(x)))
+            row["fla"] = measure(torch.no_grad()(lambda: fla(x)), gpu_and_host=True)
             with torch.no_grad():
                 a, b = ours(x).float(), fla(x).float()
             row["max_rel_diff_vs_fla"] = ((a - b).abs().max() / b.abs().max()).item()
@@ -182,9 +185,9 @@ def main() -> None:
         xg = {k: v.detach().requires_grad_() for k, v in x.items()}
         do = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
         row = {"op": name, "kind": "chunk fwd+bwd", "shape": shape,
-               "linforge": measure(train(ours, xg, do))}
+               "linforge": measure(train(ours, xg, do), gpu_and_host=True)}
         try:
-            row["fla"] = measure(train(fla, xg, do))
+            row["fla"] = measure(train(fla, xg, do), gpu_and_host=True)
             g_ours, g_fla = _grads(ours, xg, do), _grads(fla, xg, do)
             row["max_rel_grad_diff_vs_fla"] = {
                 k: round(((g_ours[k] - g_fla[k]).abs().max() / g_fla[k].abs().max()).item(), 5)

@@ -79,7 +79,34 @@ def peak_mib(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def measure(fn) -> dict:
+def host_ms(fn, n: int = 20) -> float:
+    """The host time of one call of ``fn`` (launches queued without synchronising), ms."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) * 1e3 / n
+
+
+def cuda_ms(fn) -> float:
+    """The GPU time of one call of ``fn``: every kernel's CUDA time summed (torch profiler).
+    A wall time (``do_bench``) well above it means the call is host-bound."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+               for e in prof.key_averages()) / 1e3
+
+
+def measure(fn, gpu_and_host: bool = False) -> dict:
+    """Wall time (median of do_bench), peak memory and first call of ``fn``; with
+    ``gpu_and_host`` also its GPU time (``cuda_ms``) and host time (``host_ms``)."""
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     out = fn()
@@ -88,7 +115,10 @@ def measure(fn) -> dict:
     del out
     peak = peak_mib(fn)
     ms = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
-    return {"ms": ms, "peak_mib": peak, "first_call_s": first}
+    row = {"ms": ms, "peak_mib": peak, "first_call_s": first}
+    if gpu_and_host:
+        row.update(cuda_ms=cuda_ms(fn), host_ms=host_ms(fn))
+    return row
 
 
 def rel_err(a, b) -> float:
@@ -110,7 +140,7 @@ def with_grads(x: dict) -> dict:
 
 
 def cell(r: dict | None, key: str, fmt: str) -> str:
-    return format(r[key], fmt) if r else "-"
+    return format(r[key], fmt) if r and key in r else "-"
 
 
 def main() -> None:
@@ -191,14 +221,25 @@ def write_report(rows: list[dict], out: str, tag: str) -> None:
              "| op | kind | shape | linforge ms | fla ms | fla / linforge | linforge peak MiB | "
              "fla peak MiB | linforge first call s | fla first call s | floor ms |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    gpu = any("cuda_ms" in r["linforge"] for r in rows)
+    if gpu:     # GPU time apart from wall time: a host-bound call's wall time is its host's
+        lines[2] += " linforge GPU ms | fla GPU ms | fla / linforge GPU | linforge host ms | " \
+                    "fla host ms |"
+        lines[3] += "---|---|---|---|---|"
     for r in rows:
         ours, theirs, fl = r["linforge"], r.get("fla"), r.get("state_rw_floor")
         ratio = f"{theirs['ms'] / ours['ms']:.2f}x" if theirs else "-"
-        lines.append(
-            f"| {r['op']} | {r['kind']} | {r['shape']} | {ours['ms']:.3f} | "
-            f"{cell(theirs, 'ms', '.3f')} | {ratio} | {ours['peak_mib']:.0f} | "
-            f"{cell(theirs, 'peak_mib', '.0f')} | {ours['first_call_s']:.1f} | "
-            f"{cell(theirs, 'first_call_s', '.1f')} | {cell(fl, 'ms', '.3f')} |")
+        line = (f"| {r['op']} | {r['kind']} | {r['shape']} | {ours['ms']:.3f} | "
+                f"{cell(theirs, 'ms', '.3f')} | {ratio} | {ours['peak_mib']:.0f} | "
+                f"{cell(theirs, 'peak_mib', '.0f')} | {ours['first_call_s']:.1f} | "
+                f"{cell(theirs, 'first_call_s', '.1f')} | {cell(fl, 'ms', '.3f')} |")
+        if gpu:
+            gpu_ratio = (f"{theirs['cuda_ms'] / ours['cuda_ms']:.2f}x"
+                         if theirs and "cuda_ms" in theirs and "cuda_ms" in ours else "-")
+            line += (f" {cell(ours, 'cuda_ms', '.3f')} | {cell(theirs, 'cuda_ms', '.3f')} | "
+                     f"{gpu_ratio} | {cell(ours, 'host_ms', '.3f')} | "
+                     f"{cell(theirs, 'host_ms', '.3f')} |")
+        lines.append(line)
     with open(f"{out}/{tag}.md", "w") as fh:
         fh.write("\n".join(lines) + "\n")
     print("\n".join(lines))

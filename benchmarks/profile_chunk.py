@@ -23,20 +23,9 @@ import triton
 
 import linforge
 from bench_chunk import B, H, T, V, _grads, fla_op, inputs, train
-from bench_recurrent import peak_mib, rel_err
+from bench_recurrent import host_ms, peak_mib, rel_err
 from switches import apply_settings
 from tune_chunk import kernel_times
-
-
-def host_ms(fn, n: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) * 1e3 / n
 
 
 _REFERENCE: dict = {}
