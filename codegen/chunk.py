@@ -84,6 +84,16 @@ def _mm(a, b, DOT: tl.constexpr):
 
 
 @triton.jit
+def _mm_of_loaded(a, b, DOT: tl.constexpr):
+    """``_mm`` for operands as loaded from memory: two bf16 tiles take bf16 operands whatever
+    ``DOT``, since tf32 or fp32 operands would hold the same values (the products of bf16
+    numbers are exact in fp32) at two to four times the tensor cores' time."""
+    if a.dtype == tl.bfloat16 and b.dtype == tl.bfloat16:
+        return _mm(a, b, 0)
+    return _mm(a, b, DOT)
+
+
+@triton.jit
 def _sequence(cu_seqlens_ptr, chunk_offsets_ptr, i_n, T, C: tl.constexpr,
             IS_VARLEN: tl.constexpr):
     if IS_VARLEN:
@@ -469,7 +479,7 @@ def _chunk_scores(q_ptr, k_ptr, lam_ptr, rows, m_t, r_c, K: tl.constexpr, BK: tl
         r_k, m_k = _block(i_k, BK, K)
         q = _rows_of(q_ptr, rows, m_t, r_k, m_k, K)
         k = _rows_of(k_ptr, rows, m_t, r_k, m_k, K)
-        A += _mm(q, tl.trans(k), DOT)
+        A += _mm_of_loaded(q, tl.trans(k), DOT)
     mask = 1.0
     if DECAY == 1:
         b, bq, _ = _decays(lam_ptr, rows, m_t, r_c, m_t, K, DECAY, STRICT)
@@ -810,7 +820,9 @@ def _output_of_v_block(
             q = _rows_of(q_ptr, rows, m_t, r_k, m_k, K)
             if DECAY == 2:  # the query decayed to the chunk start, per channel
                 q, _ = _query_decay(q, lam_ptr, rows, m_t, r_k, m_k, K, DECAY, STRICT, H)
-            y += _mm(q, S, DOT)
+            # (bf16 queries and states, as the delta rules' half path stores them, multiply
+            # exactly in bf16 where the scores' dot below takes tf32)
+            y += _mm_of_loaded(q, S, DOT)
         if DECAY == 1:
             q_factor, _ = _query_factor(lam_ptr, rows, m_t, r_c, m_t, K, DECAY, STRICT, H)
             y = y * q_factor
@@ -1123,13 +1135,13 @@ def _state_grads_of_v_block(i_k, i_v, dq, dk, last, decay_last, v_ptr, dy_ptr, c
     """dq += dy S^T and dk += v dS^T on K block ``i_k`` from V block ``i_v`` of the chunk's
     start state S and end state gradient dS, and (decays) each lane's sum of S * dS."""
     r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
-    S = tl.load(ckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0).to(tl.float32)
-    dS = tl.load(dckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0).to(tl.float32)
+    S = tl.load(ckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0)
+    dS = tl.load(dckpt_ptr + p_state + p_kv, mask=m_kv, other=0.0)
     v = _rows_of(v_ptr, rows, m_t, r_v, m_v, V)
-    dq += _mm(_rows_of(dy_ptr, rows, m_t, r_v, m_v, V), tl.trans(S), DOT)
-    dk += _mm(v, tl.trans(dS), DOT)
+    dq += _mm_of_loaded(_rows_of(dy_ptr, rows, m_t, r_v, m_v, V), tl.trans(S), DOT)
+    dk += _mm_of_loaded(v, tl.trans(dS), DOT)
     if DECAY > 0:
-        last += tl.sum(S * dS * decay_last, axis=1)
+        last += tl.sum(S.to(tl.float32) * dS.to(tl.float32) * decay_last, axis=1)
     return dq, dk, last
 
 

@@ -1536,9 +1536,12 @@ def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *
             def run(v, s0, direct, z0=None, norm=False):
                 cfg = _core_config(batch, T, q.shape[-1], v.shape[-1], cu_seqlens, chunk_size,
                                    sp.strict, dot, q.device)
+                # a normalizer's numerator in half precision when its operands are: the
+                # readout divides it (no cancellation after it), and its fp32 copy was the
+                # largest buffer of linear_attention's forward peak (3 MiB above fla's)
+                y_dtype = out_dtype if direct else low if norm else torch.float32
                 cfg.update(decay=sp.decay, parallel=parallel, scale=q_scale * k_scale,
-                           y_dtype=out_dtype if direct else torch.float32, norm=norm,
-                           final_state=output_final_state)
+                           y_dtype=y_dtype, norm=norm, final_state=output_final_state)
                 if s0 is not None and k_scale != 1.0:
                     s0 = s0 / k_scale   # the core's state is the spec's over k's factor
                     z0 = z0 / k_scale if z0 is not None else None
