@@ -2,11 +2,12 @@
 
 Usage (CUDA): python benchmarks/bench_chunk.py --out DIR. Writes DIR/chunk.json and
 DIR/chunk.md: median ms (triton.testing.do_bench) of forward and forward+backward, peak
-memory above the inputs, first call, and apart from the wall time the GPU time (every
-kernel's CUDA time, summed) and the host time of a call: fla's forwards are host-bound on
-some machines, and their wall time then moves with the CPU (0.69 to 1.29 ms for
-gated_deltanet on H100s in sessions 13-14, at 0.61 ms of GPU time). fla's ops get the same math: the per-token maps a
-linforge spec contains (feature maps, gates) run as torch ops inside fla's timed call.
+memory above the inputs, first call, the forward's memory floor (``io_floor``), and apart
+from the wall time the GPU time (every kernel's CUDA time, summed) and the host time of a
+call: fla's forwards are host-bound on some machines, and their wall time then moves with
+the CPU (0.69 to 1.29 ms for gated_deltanet on H100s in sessions 13-14, at 0.61 ms of GPU
+time). fla's ops get the same math: the per-token maps a linforge spec contains (feature
+maps, gates) run as torch ops inside fla's timed call.
 """
 
 from __future__ import annotations
@@ -96,6 +97,16 @@ def fla_op(name: str):
     raise KeyError(name)
 
 
+def io_floor(x: dict) -> dict:
+    """The forward's memory floor: a device copy moving as many bytes as reading every input
+    once and writing the [B, T, H, V] bf16 output once (a copy of n/2 bytes reads and
+    writes n/2 each)."""
+    n = sum(t.numel() * t.element_size() for t in x.values()) + B * T * H * V * 2
+    src = torch.empty(n // 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return measure(lambda: dst.copy_(src))
+
+
 def train(f, x: dict, do: torch.Tensor):
     def run():
         o = f(x)
@@ -169,7 +180,8 @@ def main() -> None:
         ours = lambda x: attn(**x, form="chunk")[0]  # noqa: E731
         fla = fla_op(name)
         row = {"op": name, "kind": "chunk fwd", "shape": shape,
-               "linforge": measure(torch.no_grad()(lambda: ours(x)), gpu_and_host=True)}
+               "linforge": measure(torch.no_grad()(lambda: ours(x)), gpu_and_host=True),
+               "io_floor": io_floor(x)}
         try:
             row["fla"] = measure(torch.no_grad()(lambda: fla(x)), gpu_and_host=True)
             with torch.no_grad():

@@ -227,7 +227,8 @@ def write_report(rows: list[dict], out: str, tag: str) -> None:
                     "fla host ms |"
         lines[3] += "---|---|---|---|---|"
     for r in rows:
-        ours, theirs, fl = r["linforge"], r.get("fla"), r.get("state_rw_floor")
+        ours, theirs = r["linforge"], r.get("fla")
+        fl = r.get("state_rw_floor") or r.get("io_floor")
         ratio = f"{theirs['ms'] / ours['ms']:.2f}x" if theirs else "-"
         line = (f"| {r['op']} | {r['kind']} | {r['shape']} | {ours['ms']:.3f} | "
                 f"{cell(theirs, 'ms', '.3f')} | {ratio} | {ours['peak_mib']:.0f} | "

@@ -1017,7 +1017,9 @@ def chunk_diag_grads_kernel(
     q_ptr, k_ptr, b_ptr, dA_ptr, last_ptr, chunk_table_ptr, scale, dq_ptr, dk_ptr, dlam_ptr,
     H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, C: tl.constexpr,
     STRICT: tl.constexpr, DOT: tl.constexpr, SUB: tl.constexpr = 16,
-    SPREAD: tl.constexpr = SPREAD_FOR_DOT,
+    SPREAD: tl.constexpr = SPREAD_FOR_DOT, Q_HELD_IN_DLAM: tl.constexpr = True,
+    K_HELD_IN_DLAM: tl.constexpr = True, ADD_DLAM: tl.constexpr = False,
+    ONE_SIDE: tl.constexpr = False,
 ):
     """Grid (chunks, K blocks, heads), diagonal decays, after ``chunk_grads_kernel``: adds the
     intra-chunk parts to dq and dk (which hold the parts through the chunk's states), then
@@ -1027,7 +1029,13 @@ def chunk_diag_grads_kernel(
     between them (exponents <= 0); pairs within a sub-chunk through dots as well when the
     sub-chunk's decay spread is below ``SPREAD`` (as in the scores kernel), else row by row
     (``_subchunk_grads``). dlam's sums over later tokens run last sub-chunk first;
-    ``last_ptr`` holds each lane's sum over V of S_next * dS."""
+    ``last_ptr`` holds each lane's sum over V of S_next * dS.
+    A backward with several products (KK beside QK, RWKV-7's four) adds each product's parts
+    to the same buffers, with no zeroed buffers and adds between the calls: without
+    Q_HELD_IN_DLAM (K_HELD_IN_DLAM) the dq (dk) it is given holds parts whose dlam terms
+    are stored already, so dlam takes only this product's; ADD_DLAM adds to ``dlam_ptr``
+    instead of storing; ONE_SIDE (a product of the keys with themselves): ``dq_ptr`` is
+    ``dk_ptr``, which gains both sides' parts."""
     i_g, i_k, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     t0, eos, bos = _span(chunk_table_ptr)
     r_s = tl.arange(0, SUB)
@@ -1069,22 +1077,30 @@ def chunk_diag_grads_kernel(
                         DOT)
         m_ik = m_i[:, None] & m_k[None, :]
         p_ik = rows_i[:, None] * K + r_k[None, :]
-        dq_i = (dq_i * tl.exp(tl.minimum(bq_i - b_ref[None, :], 0.0))
-                + tl.load(dq_ptr + p_ik, mask=m_ik, other=0.0).to(tl.float32))
-        dk_i = (dk_i * tl.exp(tl.minimum(b_low[None, :] - b_i, 0.0))
-                + tl.load(dk_ptr + p_ik, mask=m_ik, other=0.0).to(tl.float32))
+        dq_i = dq_i * tl.exp(tl.minimum(bq_i - b_ref[None, :], 0.0))
+        dk_i = dk_i * tl.exp(tl.minimum(b_low[None, :] - b_i, 0.0))
         if spread >= SPREAD:    # steep decays: the sub-chunk's own pairs row by row
-            dq_in, dk_in = _subchunk_grads(bq_i, b_i, q_ptr, k_ptr, b_ptr, dA_ptr,
-                                           (i_g * C + start) * H * C + i_h * C, t0, eos, start,
-                                           i_h, r_k, m_k, H, K, C, SUB, STRICT)
-            dq_i += dq_in
-            dk_i += dk_in
-        tl.store(dq_ptr + p_ik, (dq_i * scale).to(dq_ptr.dtype.element_ty), mask=m_ik)
-        tl.store(dk_ptr + p_ik, (dk_i * scale).to(dk_ptr.dtype.element_ty), mask=m_ik)
-        qdq = q_i * dq_i
-        kdk = k_i * dk_i
-        dlam = _dlam(qdq, kdk, last[None, :], STRICT) + (later_q - later_k)[None, :]
-        tl.store(dlam_ptr + p_ik, dlam * scale, mask=m_ik)
+            dq_own, dk_own = _subchunk_grads(bq_i, b_i, q_ptr, k_ptr, b_ptr, dA_ptr,
+                                             (i_g * C + start) * H * C + i_h * C, t0, eos,
+                                             start, i_h, r_k, m_k, H, K, C, SUB, STRICT)
+            dq_i += dq_own
+            dk_i += dk_own
+        # what the buffers held: the states' parts, or earlier products'
+        dk_total = dk_i + tl.load(dk_ptr + p_ik, mask=m_ik, other=0.0).to(tl.float32)
+        if ONE_SIDE:
+            tl.store(dk_ptr + p_ik, ((dq_i + dk_total) * scale).to(dk_ptr.dtype.element_ty),
+                     mask=m_ik)
+            qdq = q_i * dq_i
+        else:
+            dq_total = dq_i + tl.load(dq_ptr + p_ik, mask=m_ik, other=0.0).to(tl.float32)
+            tl.store(dq_ptr + p_ik, (dq_total * scale).to(dq_ptr.dtype.element_ty), mask=m_ik)
+            tl.store(dk_ptr + p_ik, (dk_total * scale).to(dk_ptr.dtype.element_ty), mask=m_ik)
+            qdq = q_i * (dq_total if Q_HELD_IN_DLAM else dq_i)
+        kdk = k_i * (dk_total if K_HELD_IN_DLAM and not ONE_SIDE else dk_i)
+        dlam = (_dlam(qdq, kdk, last[None, :], STRICT) + (later_q - later_k)[None, :]) * scale
+        if ADD_DLAM:
+            dlam += tl.load(dlam_ptr + p_ik, mask=m_ik, other=0.0)
+        tl.store(dlam_ptr + p_ik, dlam, mask=m_ik)
         later_q += tl.sum(qdq, axis=0)
         later_k += tl.sum(kdk, axis=0)
 

@@ -661,10 +661,14 @@ def _diagonal_scores(q, k, cumulative, cfg: dict, blocks: dict, dtype) -> torch.
 
 
 def _diagonal_grads(q, k, cumulative, dA, last, cfg: dict, blocks: dict, scale: float, dq, dk,
-                    dlam) -> None:
+                    dlam, held_in_dlam=(True, True), add_dlam: bool = False) -> None:
     """Diagonal decays, through the scores A[t, s] = q_t . k_s exp(b_t - b_s) given dA:
     adds their parts to dq and dk (which hold the parts through the states) and stores
-    dlam with the b_last terms in ``last`` (``chunk_diag_grads_kernel``)."""
+    dlam with the b_last terms in ``last`` (``chunk_diag_grads_kernel``). A later product
+    of the same backward adds to the buffers of the earlier ones: ``held_in_dlam`` says
+    whether what dq and dk hold still owes its dlam terms (False: stored already),
+    ``add_dlam`` adds to dlam instead of storing it; dq may be dk itself (the keys'
+    product with themselves)."""
     H, K = q.shape[2], q.shape[3]
     diag = _for("diag_grads", _without(blocks, "V", "BV", "NK", "NV", "DECAY"))
     if diag["DOT"] == DOT_BF16:
@@ -673,7 +677,8 @@ def _diagonal_grads(q, k, cumulative, dA, last, cfg: dict, blocks: dict, scale: 
         diag["DOT"] = DOT_TF32
     for_device(_DIAG_GRADS, q.device)((cfg["n_chunks"], _cdiv(K, diag["BK"]), H),
         q, k, cumulative, dA, last, cfg["table"], scale, dq, dk, dlam, SUB=_SUB,
-        SPREAD=chunk_core.SPREAD_FOR_DOT, **diag)
+        SPREAD=chunk_core.SPREAD_FOR_DOT, Q_HELD_IN_DLAM=held_in_dlam[0],
+        K_HELD_IN_DLAM=held_in_dlam[1], ADD_DLAM=add_dlam, ONE_SIDE=dq is dk, **diag)
 
 
 def _blocks(cfg: dict, H: int, K: int, V: int) -> dict:
@@ -1266,16 +1271,10 @@ class DeltaChunkCore(torch.autograd.Function):
                                                        BKW=min(WY_BWD_BLOCK_K, blocks["BK"]))))
         del inverse, du
         dv = dv.to(v.dtype)
-        if per_row:     # through k_t . k_s exp(b_t - b_s), s < t (the kernel's dlam reads
-            # the dq and dk it is given: zeros here, added to dk in place after)
-            dlam_kk = torch.empty_like(dlam)
-            dk_rows, dk_cols = torch.zeros_like(dk), torch.zeros_like(dk)
-            _diagonal_grads(k, k, lam, dkk, torch.zeros_like(last), cfg, out, 1.0,
-                            dk_rows, dk_cols, dlam_kk)
-            dk += dk_rows
-            dk += dk_cols
-            del dk_rows, dk_cols
-            dlam += dlam_kk
+        if per_row:     # through k_t . k_s exp(b_t - b_s), s < t: both sides added to dk,
+            # their dlam terms to dlam (what dk holds has its terms there already)
+            _diagonal_grads(k, k, lam, dkk, torch.zeros_like(last), cfg, out, 1.0, dk, dk,
+                            dlam, held_in_dlam=(False, False), add_dlam=True)
         dk = dk.to(k.dtype)
         dbeta = dbeta.to(beta.dtype)
         return dq, dk, dv, dbeta, dlam, ds0 if ctx.has_s0 else None, None, None, None
@@ -1376,32 +1375,24 @@ def _low_rank_backward(ctx, dy, ds0, buffers: dict):
     blocks = _blocks(cfg, H, K, V)
     before = dict(blocks, STRICT=True)     # w's products see the decay before the token
     cumulative = lam    # (the forward kept the cumulative log decays in place of lam)
-    # one product at a time, each buffer freed when done (peak memory). The kernel's dlam
-    # reads the dq and dk it is given: the state parts where they belong (q.x: q's and
-    # x's, q.k: k's, w.x: w's), zeros (``part``, added after) elsewhere
+    # one product at a time, each buffer freed when done (peak memory), each adding to the
+    # gradients of the ones before. dlam takes the terms of what dq, dk, dw and dx hold
+    # once: the state parts with the first product that reads each (q.x: q's and x's, q.k:
+    # k's, w.x: w's)
     none = torch.zeros_like(last)
     dlam = torch.empty(lam.shape, dtype=torch.float32, device=dev)
-    dlam_part = torch.empty_like(dlam)
     _diagonal_grads(q, x, cumulative, d_qx, last, cfg, blocks, 1.0, dq, dx, dlam)
     del d_qx
-    part = torch.zeros_like(dq)
-    _diagonal_grads(q, k, cumulative, d_qk, none, cfg, blocks, 1.0, part, dk, dlam_part)
-    dq += part
-    dlam += dlam_part
+    _diagonal_grads(q, k, cumulative, d_qk, none, cfg, blocks, 1.0, dq, dk, dlam,
+                    held_in_dlam=(False, True), add_dlam=True)
     del d_qk
-    part.zero_()
-    _diagonal_grads(w, x, cumulative, d_wx, none, cfg, before, 1.0, dw, part, dlam_part)
-    dx += part
-    dlam += dlam_part
+    _diagonal_grads(w, x, cumulative, d_wx, none, cfg, before, 1.0, dw, dx, dlam,
+                    held_in_dlam=(True, False), add_dlam=True)
     del d_wx
     dq, dx = dq.to(q.dtype), dx.to(x.dtype)
-    part.zero_()
-    part_k = torch.zeros_like(dk)
-    _diagonal_grads(w, k, cumulative, d_wk, none, cfg, before, 1.0, part, part_k, dlam_part)
-    dw += part
-    dk += part_k
-    dlam += dlam_part
-    del d_wk, part, part_k, dlam_part
+    _diagonal_grads(w, k, cumulative, d_wk, none, cfg, before, 1.0, dw, dk, dlam,
+                    held_in_dlam=(False, False), add_dlam=True)
+    del d_wk
     return (dq, dk.to(k.dtype), dv.to(v.dtype), None, dlam, ds0 if ctx.has_s0 else None, None,
             dw.to(w.dtype), dx)
 
