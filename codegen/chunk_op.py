@@ -1529,7 +1529,9 @@ def chunk_forward(analysis: Analysis, inputs: dict, params: dict, sizes: dict, *
                                    sp.strict, dot, q.device)
                 # a normalizer's numerator in half precision when its operands are: the
                 # readout divides it (no cancellation after it), and its fp32 copy was the
-                # largest buffer of linear_attention's forward peak (3 MiB above fla's)
+                # largest buffer of linear_attention's forward peak (3 MiB above fla's).
+                # Errors against float64 (bf16, K = V = 64, T = 256 / 1024): o 0.95 /
+                # 0.57 % -> 1.10 / 0.80 %, dq 1.13 / 1.18 % -> 1.67 / 0.79 %
                 y_dtype = out_dtype if direct else low if norm else torch.float32
                 cfg.update(decay=sp.decay, parallel=parallel, scale=q_scale * k_scale,
                            y_dtype=y_dtype, norm=norm, final_state=output_final_state)
