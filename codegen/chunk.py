@@ -1790,14 +1790,15 @@ def low_rank_state_grads_kernel(
         r_k, r_v, m_k, m_v, m_kv, p_kv = _tile(i_k, i_v, K, V, BK, BV)
         m_tv = m_t[:, None] & m_v[None, :]
         p_tv = rows[:, None] * V + r_v[None, :]
-        S = tl.load(ckpt_ptr + i_state * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
-        dS = tl.load(dckpt_ptr + i_state * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
+        S = tl.load(ckpt_ptr + i_state * K * V + p_kv, mask=m_kv, other=0.0)
+        dS = tl.load(dckpt_ptr + i_state * K * V + p_kv, mask=m_kv, other=0.0)
         U = tl.load(u_ptr + p_tv, mask=m_tv, other=0.0)
-        dq_dec += _mm(tl.load(dy_ptr + p_tv, mask=m_tv, other=0.0), tl.trans(S), DOT)
-        dx_dec += _mm(U, tl.trans(dS), DOT)
-        dk_dec += _mm(tl.load(v_ptr + p_tv, mask=m_tv, other=0.0), tl.trans(dS), DOT)
+        dq_dec += _mm_of_loaded(tl.load(dy_ptr + p_tv, mask=m_tv, other=0.0), tl.trans(S), DOT)
+        dx_dec += _mm_of_loaded(U, tl.trans(dS), DOT)
+        dk_dec += _mm_of_loaded(tl.load(v_ptr + p_tv, mask=m_tv, other=0.0), tl.trans(dS),
+                                DOT)
         dW -= _mm(tl.load(du_ptr + p_tv, mask=m_tv, other=0.0), tl.trans(S), DOT)
-        last += tl.sum(S * dS, axis=1)
+        last += tl.sum(S.to(tl.float32) * dS.to(tl.float32), axis=1)
     dR = _mm(tl.trans(tl.load(inv_ptr + p_cc)), dW, DOT)      # d (-w exp(bq))
     tl.atomic_add(dwx_ptr + p_cc,
                   _mm(dR, tl.trans(tl.load(wy_ptr + p_tk, mask=m_tk, other=0.0)), DOT))
