@@ -45,14 +45,15 @@ GRID = {"states": dict(BV=[32, 64], num_stages=[1, 2, 3], num_warps=[4]),
         # the delta kernels hold all of K per program (WY at 4 warps since session 9, the
         # others at 8); INVERSE: the WY kernel's inverse (delta_wy_kernel)
         "wy": dict(num_stages=[1], num_warps=[4, 8], INVERSE=[0, 1, 2, 3]),
-        # BKW: the K block its passes walk (32 by default: no spills on sm_90 at 4 warps,
-        # 64: 0.2-0.35 KB per thread; all of K at once spilled 2-2.4 KB before session 11)
+        # BKW: the K block its passes walk (64 by default since session 14's sweep on an
+        # H100, though 32 spills less on sm_90; all of K at once spilled 2-2.4 KB)
         "wy_bwd": dict(BKW=[32, 64], num_stages=[1, 2], num_warps=[4, 8]),
         # (4 warps: two programs per SM, all 256 of them in one wave, no spills in the
         # states kernel on sm_90 since session 10; BV 64: half the programs, W read twice)
         "delta_states": dict(BV=[32, 64], num_stages=[1, 2, 3], num_warps=[4, 8]),
         "delta_dstates": dict(BV=[32, 64], num_stages=[1, 2], num_warps=[4, 8]),
-        # V tiles of 32 by default (spills 0.2-1 KB -> 0.1-0.5 KB per thread), not yet timed
+        # K 32 / V 64 by default (session 14's sweep on an H100: best for gated_deltanet and
+        # kda; deltanet's best is K 64 / V 64)
         "delta_grads": dict(BK=[32, 64], BV=[32, 64], num_stages=[1], num_warps=[4, 8]),
         "low_rank_grads": dict(num_stages=[1, 2], num_warps=[4, 8]),
         # whole K and V tiles: the scores of a block pair made once, not once per V tile
