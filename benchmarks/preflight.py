@@ -75,17 +75,21 @@ def sass_instructions(cubin: bytes) -> list[tuple[int, str, str]]:
     return out
 
 
-def _families(ops: list[str]) -> dict:
-    counts = {"all": len(ops)}
+def _families(ins: list[tuple[int, str, str]]) -> dict:
+    counts = {"all": len(ins)}
     for family, prefixes in SASS_FAMILIES.items():
-        counts[family] = sum(op in prefixes for op in ops)
+        counts[family] = sum(op in prefixes for _, op, _ in ins)
+    # the MMAs' operand type: bf16 ones run at twice tf32's rate
+    counts["mma_bf16"] = sum(op in SASS_FAMILIES["mma"] and ".BF16" in text
+                             for _, op, text in ins)
     return counts
 
 
 def sass_counts(cubin: bytes) -> dict:
     """Instruction counts of a compiled kernel's SASS: all, and per family (tensor-core
-    MMAs, MUFU (exp), barriers, shared, global and local (spill) loads and stores)."""
-    return _families([op for _, op, _ in sass_instructions(cubin)])
+    MMAs, of them those on bf16 operands, MUFU (exp), barriers, shared, global and local
+    (spill) loads and stores)."""
+    return _families(sass_instructions(cubin))
 
 
 def sass_loops(cubin: bytes) -> list[dict]:
@@ -99,7 +103,7 @@ def sass_loops(cubin: bytes) -> list[dict]:
         if targets and int(targets[-1], 16) < addr:
             start = int(targets[-1], 16)
             loops.append(dict(start=start, **_families(
-                [o for a, o, _ in ins if start <= a <= addr])))
+                [i for i in ins if start <= i[0] <= addr])))
     return loops
 
 

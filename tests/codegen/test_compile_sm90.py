@@ -35,16 +35,21 @@ def _ptxas() -> bool:
     return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
 
 
-@pytest.mark.skipif(not _ptxas(), reason="Triton without its bundled ptxas")
-@pytest.mark.parametrize("op,forms,K,V", CASES)
-def test_every_kernel_compiles_for_sm90(op, forms, K, V, tmp_path):
+def _preflight(op: str, forms: str, K: int, V: int, tmp_path) -> list[dict]:
+    """preflight.py's rows for one op: every kernel its calls launch, compiled for sm_90."""
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
     proc = subprocess.run([sys.executable, str(PREFLIGHT), "--one", op, "--forms", forms,
                            "--T", "64", "--K", str(K), "--V", str(V)], env=env,
                           capture_output=True, text=True,
                           cwd=PREFLIGHT.parent, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not _ptxas(), reason="Triton without its bundled ptxas")
+@pytest.mark.parametrize("op,forms,K,V", CASES)
+def test_every_kernel_compiles_for_sm90(op, forms, K, V, tmp_path):
+    rows = _preflight(op, forms, K, V, tmp_path)
     assert [r["form"] for r in rows] == forms.split(",")
     for r in rows:
         names = {k["kernel"] for k in r["kernels"]}
@@ -53,3 +58,18 @@ def test_every_kernel_compiles_for_sm90(op, forms, K, V, tmp_path):
         assert {k["phase"] for k in r["kernels"]} == {"fwd", "bwd"}
         over = [(k["kernel"], k["shared"]) for k in r["kernels"] if k["over_shared"]]
         assert not over, f"{op} {r['form']}: shared memory over the H100/H200 limit: {over}"
+
+
+@pytest.mark.skipif(not _ptxas(), reason="Triton without its bundled ptxas")
+def test_delta_rule_multiplies_tiles_loaded_in_bf16_in_bf16(tmp_path):
+    """The delta rules' half path takes tf32 dots, but a dot of two tiles that are bf16 as
+    loaded takes bf16 operands (``_mm_of_loaded``): the same numbers, since bf16 products
+    are exact in fp32, at half the tensor cores' time. Counted in deltanet's sm_90 SASS: the
+    output kernel's q.k and q S in bf16 and its scores times u in tf32 (none of its MMAs
+    were bf16 before), and the bf16 q.k of the local dU and gradient kernels."""
+    kernels = {(k["kernel"], k["phase"]): k["sass"]
+               for k in _preflight("deltanet", "chunk", 128, 128, tmp_path)[0]["kernels"]}
+    output = kernels[("chunk_output_kernel", "fwd")]
+    assert 0 < output["mma_bf16"] < output["mma"], output
+    assert kernels[("chunk_local_du_kernel", "bwd")]["mma_bf16"] > 0
+    assert kernels[("chunk_grads_kernel", "bwd")]["mma_bf16"] > 0
