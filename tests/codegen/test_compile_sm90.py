@@ -5,7 +5,7 @@ constexpr branch was one), and shared memory past the GPU's limit only shows whe
 Each case runs ``benchmarks/preflight.py`` for one op in a fresh process (the compiler, not
 the interpreter, must be selected before triton is imported) at the benchmark's head and
 state sizes (H=16, K=V=128, bf16), forward and backward. It is skipped where Triton has no
-bundled ptxas.
+bundled ptxas. gated_deltanet's case also checks which of its MMAs take bf16 operands.
 """
 
 import json
@@ -58,18 +58,19 @@ def test_every_kernel_compiles_for_sm90(op, forms, K, V, tmp_path):
         assert {k["phase"] for k in r["kernels"]} == {"fwd", "bwd"}
         over = [(k["kernel"], k["shared"]) for k in r["kernels"] if k["over_shared"]]
         assert not over, f"{op} {r['form']}: shared memory over the H100/H200 limit: {over}"
+        if op == "gated_deltanet":
+            _check_bf16_tiles_multiply_in_bf16(r["kernels"])
 
 
-@pytest.mark.skipif(not _ptxas(), reason="Triton without its bundled ptxas")
-def test_delta_rule_multiplies_tiles_loaded_in_bf16_in_bf16(tmp_path):
+def _check_bf16_tiles_multiply_in_bf16(kernels: list[dict]) -> None:
     """The delta rules' half path takes tf32 dots, but a dot of two tiles that are bf16 as
     loaded takes bf16 operands (``_mm_of_loaded``): the same numbers, since bf16 products
-    are exact in fp32, at half the tensor cores' time. Counted in deltanet's sm_90 SASS: the
-    output kernel's q.k and q S in bf16 and its scores times u in tf32 (none of its MMAs
-    were bf16 before), and the bf16 q.k of the local dU and gradient kernels."""
-    kernels = {(k["kernel"], k["phase"]): k["sass"]
-               for k in _preflight("deltanet", "chunk", 128, 128, tmp_path)[0]["kernels"]}
-    output = kernels[("chunk_output_kernel", "fwd")]
+    are exact in fp32, at half the tensor cores' time. In the SASS: the output kernel's
+    q.k and q S in bf16 beside its scores times u in tf32 (none of its MMAs were bf16
+    before), and the bf16 q.k of the local dU and gradient kernels."""
+    sass = {(k["kernel"], k["phase"]): k["sass"] for k in kernels}
+    output = sass[("chunk_output_kernel", "fwd")]
     assert 0 < output["mma_bf16"] < output["mma"], output
-    assert kernels[("chunk_local_du_kernel", "bwd")]["mma_bf16"] > 0
-    assert kernels[("chunk_grads_kernel", "bwd")]["mma_bf16"] > 0
+    assert sass[("chunk_local_du_kernel", "bwd")]["mma_bf16"] > 0
+    assert sass[("chunk_grads_kernel", "bwd")]["mma_bf16"] > 0
+
