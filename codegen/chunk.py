@@ -1626,7 +1626,8 @@ def _wy_bwd_of_v_block(i_v, dRR, dbeta, L_inv, beta, rows, m_t, v_ptr, du_ptr, d
     dR_u = _mm(tl.trans(L_inv), dU, DOT)
     dRR += _mm(dR_u, tl.trans(v * beta[:, None]), DOT)
     dbeta += tl.sum(dR_u * v, axis=1)
-    tl.store(dv_ptr + rows[:, None] * V + r_v[None, :], dR_u * beta[:, None], mask=m_tv)
+    tl.store(dv_ptr + rows[:, None] * V + r_v[None, :],
+             (dR_u * beta[:, None]).to(dv_ptr.dtype.element_ty), mask=m_tv)
     return dRR, dbeta
 
 

@@ -1263,14 +1263,14 @@ class DeltaChunkCore(torch.autograd.Function):
             _diagonal_grads(q, k, lam, qk, last, cfg, out, 1.0, dq, dk, dlam)
         dq = dq.to(q.dtype)     # (final: each fp32 buffer freed as soon as it is)
         dkk = kk if per_row else dy    # (d loss / d KK replaces KK, which is read first)
-        dv = torch.empty(v.shape, dtype=torch.float32, device=dev)
+        # dv in v's dtype: this kernel is its only writer (no fp32 copy and conversion)
+        dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
         dbeta = torch.empty(beta.shape, dtype=torch.float32, device=dev)
         for_device(_WY_BWD, dev)((cfg["n_chunks"], H), k, v, beta, lam_, kk, inverse, du,
                                  ckpt, cfg["table"], dk, dv, dbeta, _or(dlam, dk), dkk,
                                  **_for("wy_bwd", dict(_without(blocks, "NK", "STRICT"),
                                                        BKW=min(WY_BWD_BLOCK_K, blocks["BK"]))))
         del inverse, du
-        dv = dv.to(v.dtype)
         if per_row:     # through k_t . k_s exp(b_t - b_s), s < t: both sides added to dk,
             # their dlam terms to dlam (what dk holds has its terms there already)
             _diagonal_grads(k, k, lam, dkk, torch.zeros_like(last), cfg, out, 1.0, dk, dk,
