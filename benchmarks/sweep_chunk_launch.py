@@ -28,7 +28,8 @@ KERNELS = {"states": "chunk_states_kernel", "output": "chunk_output_kernel",
            # the delta rule's (deltanet, gated_deltanet, kda) and the low rank's (rwkv7)
            "wy": "delta_wy_kernel", "wy_bwd": "delta_wy_bwd_kernel",
            "delta_states": "chunk_states_kernel", "delta_dstates": "chunk_dstates_kernel",
-           "delta_grads": "chunk_grads_kernel", "low_rank_grads": "low_rank_",
+           "delta_grads": "chunk_grads_kernel", "delta_grads_no_decay": "chunk_grads_kernel",
+           "low_rank_grads": "low_rank_",
            # the causal parallel form's forward (identity, scalar and diagonal decays)
            "parallel_output": "chunk_output_kernel", "parallel_grads": "chunk_grads_kernel"}
 #: the form each kernel runs in (chunk unless named here)
@@ -55,6 +56,8 @@ GRID = {"states": dict(BV=[32, 64], num_stages=[1, 2, 3], num_warps=[4]),
         # K 32 / V 64 by default (session 14's sweep on an H100: best for gated_deltanet and
         # kda; deltanet's best is K 64 / V 64)
         "delta_grads": dict(BK=[32, 64], BV=[32, 64], num_stages=[1], num_warps=[4, 8]),
+        "delta_grads_no_decay": dict(BK=[32, 64], BV=[32, 64], num_stages=[1],
+                                     num_warps=[4, 8]),
         "low_rank_grads": dict(num_stages=[1, 2], num_warps=[4, 8]),
         # whole K and V tiles: the scores of a block pair made once, not once per V tile
         # (no spills on sm_90 at 4 or 8 warps, session 10)

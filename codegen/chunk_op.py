@@ -801,12 +801,13 @@ def _for(kernel: str, blocks: dict) -> dict:
 #: state gradients' 2 stages would take 120 KiB, one program per SM. On an H100 (session
 #: 13) gated_deltanet's states took 0.232 ms so, against 0.615 with tf32 at 8 warps.
 #: The delta rule's gradient kernel (chunk_grads_kernel on u) at K tiles of 32 instead of
-#: the core's 64 (V tiles of 32): on sm_90 (Triton 3.6, 4 warps, benchmarks/preflight.py)
-#: gated_deltanet's spilled 488 bytes per thread (332 local loads and stores) and now 8 (4),
-#: kda's 256 (90) and now none, deltanet's 64 (18) and now none, 3 programs per SM instead
-#: of 2. On an H100 (session 13) that kernel took 0.80 ms of gated_deltanet's 4.03 ms
-#: forward+backward, 0.54 of deltanet's 3.50 and 0.83 of kda's 8.12; at K tiles of 32 it is
-#: not yet timed.
+#: the core's 64: on sm_90 (Triton 3.6, 4 warps, benchmarks/preflight.py) gated_deltanet's
+#: spilled 488 bytes per thread (332 local loads and stores) and now 8 (4), kda's 256 (90)
+#: and now none, deltanet's 64 (18) and now none. Session 14's sweep on an H100 (the
+#: kernel's CUDA ms in a forward+backward, B=4, T=4096, H=16, K=V=128): with decays K 32 /
+#: V 64 is best (gated_deltanet 0.659 ms, kda 0.642; at K 64 / V 64 1.00 and 0.93); without
+#: (deltanet) K 64 / V 64 is (0.484 against 0.564; no spills on sm_90):
+#: ``delta_grads_no_decay``.
 KERNEL_OPTIONS: dict[str, dict] = {"states": {"num_stages": 3}, "dstates": {"num_stages": 2},
                                    "grads": {"BK": 32},
                                    "scores": {"num_stages": 2},
@@ -819,6 +820,7 @@ KERNEL_OPTIONS: dict[str, dict] = {"states": {"num_stages": 3}, "dstates": {"num
                                                      "fp32_operands": {"num_warps": 8}},
                                    "delta_local_du": {"num_warps": 4},
                                    "delta_grads": {"BK": 32, "BV": 64},
+                                   "delta_grads_no_decay": {"BK": 64, "BV": 64},
                                    "low_rank_grads": {"num_warps": 8}}
 
 
@@ -1257,7 +1259,9 @@ class DeltaChunkCore(torch.autograd.Function):
         # (diagonal decays: the state parts, and dA in place of the scores q.k)
         for_device(_GRADS, dev)((cfg["n_chunks"], H), q, k, u, lam_, dy, ckpt, dckpt,
                                 cfg["table"], qk, last, 1.0, dq, dk, dq, _or(dlam, dq), dq, dq,
-                                dq, STORE_DV=False, **_for("delta_grads", out))
+                                dq, STORE_DV=False,
+                                **_for("delta_grads" if cfg["decay"] else
+                                       "delta_grads_no_decay", out))
         del u, dckpt
         if per_row:     # through q_t . k_s exp(b_t - b_s) (lam: the cumulative log decays)
             _diagonal_grads(q, k, lam, qk, last, cfg, out, 1.0, dq, dk, dlam)

@@ -86,3 +86,29 @@ def test_rwkv7_wide_heads_take_the_ordered_kernels_that_passed_on_the_gpu(K, exp
     for name, constexprs in ordered.items():
         assert {k: constexprs[k] for k in expected} == expected, name
     assert ordered["chunk_states_kernel"]["num_stages"] == (2 if K == 128 else 1)
+
+
+@pytest.mark.parametrize("name, expected", [("deltanet", dict(BK=64, BV=64)),
+                                            ("gated_deltanet", dict(BK=32, BV=64)),
+                                            ("kda", dict(BK=32, BV=64))])
+def test_delta_gradient_kernel_tiles_follow_the_decay(name, expected, monkeypatch):
+    """The delta rule's gradient kernel launches at K 32 / V 64 with decays and at K 64 /
+    V 64 without (``delta_grads_no_decay``): the tiles session 14's H100 sweep found
+    fastest for each. The launches as a GPU would make them (the preflight hook: nothing
+    runs), bf16 inputs at K = V = 128."""
+    import torch
+
+    import linforge
+    import linforge.codegen.launch as launch
+    from spec_inputs import make_inputs, spec_sizes
+
+    seen = []
+    monkeypatch.setattr(launch, "PREFLIGHT",
+                        lambda fn, grid, args, constexprs: seen.append((fn.__name__, constexprs)))
+    attn = linforge.library.get(name)
+    x = make_inputs(attn, B=1, T=64, H=1, sizes=spec_sizes(attn, K=128, V=128), seed=0)
+    x = {n: t.to(torch.bfloat16).requires_grad_() for n, t in x.items()}
+    attn(**x, form="chunk")[0].float().sum().backward()
+    grads = [c for n, c in seen if n == "chunk_grads_kernel"]
+    assert len(grads) == 1
+    assert {k: grads[0][k] for k in expected} == expected
