@@ -91,17 +91,27 @@ def host_ms(fn, n: int = 20) -> float:
     return (t1 - t0) * 1e3 / n
 
 
-def cuda_ms(fn) -> float:
-    """The GPU time of one call of ``fn``: every kernel's CUDA time summed (torch profiler).
-    A wall time (``do_bench``) well above it means the call is host-bound."""
+def device_times(fn) -> dict:
+    """CUDA time per kernel name (ms) over one call of ``fn`` (torch profiler), every
+    kernel, after a call that compiles and warms."""
     from torch.profiler import ProfilerActivity, profile
     fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return sum(getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-               for e in prof.key_averages()) / 1e3
+    out = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t:
+            out[e.key] = out.get(e.key, 0.0) + t / 1e3
+    return out
+
+
+def cuda_ms(fn) -> float:
+    """The GPU time of one call of ``fn``: every kernel's CUDA time summed. A wall time
+    (``do_bench``) well above it means the call is host-bound."""
+    return sum(device_times(fn).values())
 
 
 def measure(fn, gpu_and_host: bool = False) -> dict:

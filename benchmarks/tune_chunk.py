@@ -20,6 +20,7 @@ import linforge
 import linforge.codegen.chunk_op as chunk_op
 import linforge.codegen.ops as ops
 from bench_chunk import B, H, T, V, inputs, train
+from bench_recurrent import device_times
 
 
 def bench(fn) -> float:
@@ -29,19 +30,11 @@ def bench(fn) -> float:
 
 
 def kernel_times(fn) -> dict:
-    """CUDA time per kernel name (ms) over one call of ``fn``."""
-    from torch.profiler import ProfilerActivity, profile
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
+    """CUDA time per kernel name (ms) over one call of ``fn``: the 12 longest."""
     out = {}
-    for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if t:
-            out[e.key[:60]] = round(t / 1000, 4)
-    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:12])
+    for name, ms in device_times(fn).items():
+        out[name[:60]] = out.get(name[:60], 0.0) + ms
+    return {k: round(v, 4) for k, v in sorted(out.items(), key=lambda kv: -kv[1])[:12]}
 
 
 def main() -> None:
