@@ -142,14 +142,17 @@ def warm_fla(name: str, forward_only: bool) -> None:
 
 def fla_configs() -> dict:
     """The config each of fla's autotuned kernels chose, per autotuning key (for the record:
-    fla's times move with these choices)."""
+    fla's times move with these choices). Most of fla's op kernels are heuristics wrapped
+    around the autotuner: each module attribute is unwrapped down to it."""
     import sys
-    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.autotuner import Autotuner, Heuristics
     chosen = {}
     for mod_name, mod in list(sys.modules.items()):
         if not mod_name.startswith("fla.") or mod is None:
             continue
         for attr, obj in vars(mod).items():
+            while isinstance(obj, Heuristics):
+                obj = obj.fn
             if isinstance(obj, Autotuner) and obj.cache:
                 chosen[f"{mod_name}.{attr}"] = {str(k): str(c) for k, c in obj.cache.items()}
     return chosen
