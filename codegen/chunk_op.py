@@ -368,7 +368,9 @@ WY_INVERSE = 3
 #: the K block of the delta rule's WY backward (``delta_wy_bwd_kernel``'s BKW). Compiled for
 #: sm_90 with Triton 3.6 at 4 warps (benchmarks/preflight.py, K = V = 128): all of K at once
 #: (before session 11) spilled 2.0-2.4 KB per thread, blocks of 64 0.2-0.35 KB, of 32
-#: 8-80 bytes. Not yet timed on a GPU (the launch sweep varies it).
+#: 8-80 bytes. Timed all the same, 64 is faster (session 14, H100, B=4, T=4096, H=16,
+#: K=V=128, the kernel's CUDA ms in a forward+backward): deltanet 0.709 -> 0.619,
+#: gated_deltanet 0.789 -> 0.745, kda 0.931 -> 0.836.
 WY_BWD_BLOCK_K = 64
 #: the delta backward makes dU's state-free part A^T dy for every chunk at once
 #: (``chunk_local_du_kernel``, as fla's chunk_bwd_dv_local) before the ordered state
@@ -783,7 +785,8 @@ def _for(kernel: str, blocks: dict) -> dict:
 #: (warps and stages). The gradient kernel runs K tiles of 32 instead of the core's 64: on
 #: sm_90 (Triton 3.6, 4 warps, benchmarks/preflight.py) it spilled 360 bytes per thread for
 #: gla, 736 for rwkv6, 416 for mamba2 and 64 for retnet, and at 32 none (2 programs per
-#: SM all the same); not yet timed (the launch sweep varies BK).
+#: SM all the same). Timed in session 14 (H100): K 32 / V 64 at 4 warps is best or within
+#: 5 % of it for gla (0.836 ms), rwkv6 (0.927) and mamba2 (0.790).
 #: The delta rule's kernels hold all of K (128 lanes) per program: at 4 warps Triton 3.6
 #: spills 0.4-5 KB per thread in them, at 8 warps 0.07-2 KB (benchmarks/compile_check.py).
 #: The WY kernels run at 4 warps all the same, two programs per SM: on an H200
